@@ -1,0 +1,555 @@
+//! `ramster bench`: stores every page, loads them all back in random order,
+//! verifies every byte, and reports throughput, latency and memory.
+//!
+//! `--embedded` drives a page store in this process on one thread (the
+//! store's own speed); `--socket` drives a running node through the native
+//! API with `--depth` requests of `--batch` pages in flight.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use ramster_protocol::v1;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
+use serde::Serialize;
+
+use super::corpus::Pages;
+use super::size::{format_size, parse_size};
+use crate::frontend::client::Client;
+use crate::frontend::{Frontend, LoadResult, StoreResult};
+use crate::store::{PAGE_BYTES, PageStore, StoreConfig};
+
+/// Synthetic pages when `--pages` is not given: 128 MiB, the corpus's size.
+const SYNTHETIC_PAGES_DEFAULT: usize = 32 * 1024;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Drive a page store inside this process, on one thread (the default).
+    #[arg(long, conflicts_with = "socket")]
+    pub embedded: bool,
+    /// Drive a running node through its API socket.
+    #[arg(long, env = "RAMSTER_API_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// A corpus of real memory pages (see shared/corpus).
+    #[arg(long, conflicts_with = "synthetic")]
+    pub corpus: Option<PathBuf>,
+    /// Synthetic pages with the corpus's mix (the default).
+    #[arg(long)]
+    pub synthetic: bool,
+    /// Pages to store (a corpus is repeated or cut to this count).
+    #[arg(long)]
+    pub pages: Option<usize>,
+    /// Requests in flight (socket mode).
+    #[arg(long, default_value_t = 16)]
+    pub depth: usize,
+    /// Pages per request (socket mode).
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Capacity of the embedded store [default: room for every page].
+    #[arg(long, value_parser = parse_size)]
+    pub capacity: Option<u64>,
+    /// The frontswap area to use (socket mode: it is re-initialised).
+    #[arg(long, default_value_t = 1)]
+    pub area: u32,
+    /// Seed for synthetic pages and the load order.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What a bench run measured.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub mode: String,
+    pub source: String,
+    pub pages: usize,
+    pub batch: usize,
+    pub depth: usize,
+    pub accepted: usize,
+    pub rejected: usize,
+    pub rejected_no_capacity: usize,
+    pub rejected_incompressible: usize,
+    pub store_pages_per_sec: f64,
+    pub store_mb_per_sec: f64,
+    pub load_pages_per_sec: f64,
+    pub load_mb_per_sec: f64,
+    /// Latency of one op (embedded) or one request (socket), microseconds.
+    pub latency_unit: String,
+    pub store_p50_us: f64,
+    pub store_p99_us: f64,
+    pub load_p50_us: f64,
+    pub load_p99_us: f64,
+    /// Bytes of the accepted pages / bytes the store holds for them.
+    pub compression_ratio: f64,
+    /// LZ4 alone: bytes of the compressed pages / their compressed bytes.
+    pub payload_ratio: f64,
+    /// Store memory (slabs + index) per stored page.
+    pub bytes_per_page: f64,
+    pub payload_bytes_per_page: f64,
+    pub slack_bytes_per_page: f64,
+    pub index_bytes_per_page: f64,
+    /// Free slot bytes / slab bytes.
+    pub fragmentation: f64,
+    pub used_bytes: u64,
+    pub capacity_bytes: u64,
+    pub mismatches: usize,
+    /// True only if every accepted page loaded back byte-identical and every
+    /// refused one was a miss.
+    pub verified: bool,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let (pages, source) = match &args.corpus {
+        Some(path) => (
+            Pages::from_file(path, args.pages)?,
+            path.display().to_string(),
+        ),
+        None => {
+            let n = args.pages.unwrap_or(SYNTHETIC_PAGES_DEFAULT);
+            (
+                Pages::synthetic(n, args.seed),
+                format!("synthetic (seed {})", args.seed),
+            )
+        }
+    };
+    if pages.is_empty() {
+        bail!("no pages to bench");
+    }
+    if args.batch == 0 || args.depth == 0 {
+        bail!("--batch and --depth must be at least 1");
+    }
+    let progress = !args.json && std::io::stderr().is_terminal();
+    let report = match &args.socket {
+        Some(path) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(run_socket(&args, path.clone(), &pages, source, progress))?
+        }
+        None => run_embedded(&args, &pages, source, progress),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_table(&report);
+    }
+    if !report.verified {
+        bail!(
+            "verification failed: {} pages did not load back as stored",
+            report.mismatches
+        );
+    }
+    Ok(())
+}
+
+fn bar(len: usize, what: &str, show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:>6} [{bar:40}] {pos}/{len} pages {per_sec} {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(what.to_string());
+    pb
+}
+
+fn percentile_us(lat: &mut [Duration], q: f64) -> f64 {
+    if lat.is_empty() {
+        return 0.0;
+    }
+    lat.sort_unstable();
+    let i = ((lat.len() as f64 - 1.0) * q).round() as usize;
+    lat[i].as_secs_f64() * 1e6
+}
+
+/// Load order: every page once, shuffled.
+fn load_order(n: usize, seed: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut SmallRng::seed_from_u64(seed ^ 0x5eed));
+    order
+}
+
+struct Tally {
+    accepted: Vec<bool>,
+    rejected_no_capacity: usize,
+    rejected_incompressible: usize,
+    mismatches: usize,
+}
+
+fn run_embedded(args: &BenchArgs, pages: &Pages, source: String, progress: bool) -> Report {
+    let n = pages.len();
+    // Room for every page uncompressed plus the index, unless told otherwise.
+    let capacity = args
+        .capacity
+        .unwrap_or((n as u64) * (PAGE_BYTES as u64 + 256) + (64 << 20));
+    let store = Arc::new(PageStore::new(StoreConfig::with_capacity(capacity)));
+    let fe = Frontend::new("bench", store);
+    let area = args.area;
+    fe.init_area(area, false).expect("area id in range");
+    let mut tally = Tally {
+        accepted: vec![false; n],
+        rejected_no_capacity: 0,
+        rejected_incompressible: 0,
+        mismatches: 0,
+    };
+
+    let mut store_lat = Vec::with_capacity(n);
+    let pb = bar(n, "store", progress);
+    let t0 = Instant::now();
+    for i in 0..n {
+        let s = Instant::now();
+        let r = fe
+            .store_page(area, i as u64, pages.page(i))
+            .expect("valid op");
+        store_lat.push(s.elapsed());
+        match r {
+            StoreResult::Accepted => tally.accepted[i] = true,
+            StoreResult::Rejected(crate::frontend::Reject::NoCapacity) => {
+                tally.rejected_no_capacity += 1
+            }
+            StoreResult::Rejected(_) => tally.rejected_incompressible += 1,
+        }
+        if i % 1024 == 1023 {
+            pb.inc(1024);
+        }
+    }
+    let store_secs = t0.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    let stats = fe.store().stats();
+
+    let order = load_order(n, args.seed);
+    let mut load_lat = Vec::with_capacity(n);
+    let mut out = Box::new([0u8; PAGE_BYTES]);
+    let pb = bar(n, "load", progress);
+    let t0 = Instant::now();
+    for (k, &i) in order.iter().enumerate() {
+        let s = Instant::now();
+        let r = fe.load_page(area, i as u64, &mut out).expect("valid op");
+        load_lat.push(s.elapsed());
+        let good = match r {
+            LoadResult::Hit => tally.accepted[i] && out[..] == pages.page(i)[..],
+            LoadResult::NotFound => !tally.accepted[i],
+            LoadResult::Unavailable | LoadResult::Corrupt => false,
+        };
+        tally.mismatches += !good as usize;
+        if k % 1024 == 1023 {
+            pb.inc(1024);
+        }
+    }
+    let load_secs = t0.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+
+    report(
+        args,
+        "embedded",
+        "op",
+        source,
+        n,
+        &tally,
+        (store_secs, &mut store_lat),
+        (load_secs, &mut load_lat),
+        &wire_store_stats(&stats),
+    )
+}
+
+fn wire_store_stats(s: &crate::store::StoreStats) -> v1::StoreStats {
+    v1::StoreStats {
+        capacity_bytes: s.capacity_bytes,
+        used_bytes: s.used_bytes,
+        pages: s.pages,
+        same_filled_pages: s.same_filled_pages,
+        compressed_pages: s.compressed_pages,
+        payload_bytes: s.payload_bytes,
+        slot_bytes: s.slot_bytes,
+        slab_bytes: s.slab_bytes,
+        index_bytes: s.index_bytes,
+        evicted_pages: s.evicted_pages,
+    }
+}
+
+async fn run_socket(
+    args: &BenchArgs,
+    path: PathBuf,
+    pages: &Pages,
+    source: String,
+    progress: bool,
+) -> anyhow::Result<Report> {
+    let n = pages.len();
+    let client = Arc::new(
+        Client::connect(&path)
+            .await
+            .with_context(|| format!("connecting to the node at {}", path.display()))?,
+    );
+    let area = args.area;
+    client.init_area(area, false).await?;
+    let batch = args
+        .batch
+        .min(client.welcome().max_batch_ops as usize)
+        .max(1);
+
+    // Stores: `depth` workers take batches of offsets off a shared cursor.
+    let pb = bar(n, "store", progress);
+    let t0 = Instant::now();
+    let stored = pipeline(args.depth, n, batch, &pb, {
+        let (client, pages) = (client.clone(), pages.clone());
+        move |range: std::ops::Range<usize>| {
+            let (client, pages) = (client.clone(), pages.clone());
+            async move {
+                let batch: Vec<_> = range
+                    .clone()
+                    .map(|i| (i as u64, pages.page_bytes(i)))
+                    .collect();
+                let statuses = client.store_pages(area, &batch).await?;
+                Ok(range
+                    .zip(statuses)
+                    .map(|(i, s)| (i, Outcome::Stored(s)))
+                    .collect())
+            }
+        }
+    })
+    .await?;
+    let store_secs = t0.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+
+    let mut tally = Tally {
+        accepted: vec![false; n],
+        rejected_no_capacity: 0,
+        rejected_incompressible: 0,
+        mismatches: 0,
+    };
+    for (i, o) in &stored.outcomes {
+        match o {
+            Outcome::Stored(v1::Status::Ok) => tally.accepted[*i] = true,
+            Outcome::Stored(v1::Status::RejectedNoCapacity) => tally.rejected_no_capacity += 1,
+            Outcome::Stored(_) => tally.rejected_incompressible += 1,
+            Outcome::Loaded(_) => unreachable!("store phase"),
+        }
+    }
+    let stats = client.stats().await?.store.unwrap_or_default();
+
+    // Loads, in random order, verified against the source pages.
+    let order = Arc::new(load_order(n, args.seed));
+    let pb = bar(n, "load", progress);
+    let t0 = Instant::now();
+    let loaded = pipeline(args.depth, n, batch, &pb, {
+        let (client, order) = (client.clone(), order.clone());
+        move |range: std::ops::Range<usize>| {
+            let (client, order) = (client.clone(), order.clone());
+            async move {
+                let idx: Vec<usize> = order[range].to_vec();
+                let offsets: Vec<u64> = idx.iter().map(|&i| i as u64).collect();
+                let pages = client.load_pages(area, &offsets).await?;
+                Ok(idx
+                    .into_iter()
+                    .zip(pages)
+                    .map(|(i, p)| (i, Outcome::Loaded(p)))
+                    .collect())
+            }
+        }
+    })
+    .await?;
+    let load_secs = t0.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    for (i, o) in loaded.outcomes {
+        let good = match o {
+            Outcome::Loaded(Ok(p)) => tally.accepted[i] && p[..] == pages.page(i)[..],
+            Outcome::Loaded(Err(v1::Status::NotFound)) => !tally.accepted[i],
+            _ => false,
+        };
+        tally.mismatches += !good as usize;
+    }
+
+    let (mut store_lat, mut load_lat) = (stored.latencies, loaded.latencies);
+    Ok(report(
+        args,
+        "socket",
+        "request",
+        source,
+        n,
+        &tally,
+        (store_secs, &mut store_lat),
+        (load_secs, &mut load_lat),
+        &stats,
+    ))
+}
+
+enum Outcome {
+    Stored(v1::Status),
+    Loaded(Result<bytes::Bytes, v1::Status>),
+}
+
+#[derive(Default)]
+struct Pipelined {
+    outcomes: Vec<(usize, Outcome)>,
+    latencies: Vec<Duration>,
+}
+
+/// Runs `call` over `0..n` in batches, `depth` at a time.
+async fn pipeline<F, Fut>(
+    depth: usize,
+    n: usize,
+    batch: usize,
+    pb: &ProgressBar,
+    call: F,
+) -> anyhow::Result<Pipelined>
+where
+    F: Fn(std::ops::Range<usize>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<Vec<(usize, Outcome)>>> + Send,
+{
+    let cursor = Arc::new(AtomicUsize::new(0));
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..depth {
+        let (cursor, call, pb) = (cursor.clone(), call.clone(), pb.clone());
+        set.spawn(async move {
+            let mut mine = Pipelined::default();
+            loop {
+                let start = cursor.fetch_add(batch, Ordering::Relaxed);
+                if start >= n {
+                    return anyhow::Ok(mine);
+                }
+                let range = start..(start + batch).min(n);
+                let len = range.len();
+                let t = Instant::now();
+                mine.outcomes.extend(call(range).await?);
+                mine.latencies.push(t.elapsed());
+                pb.inc(len as u64);
+            }
+        });
+    }
+    let mut all = Pipelined::default();
+    while let Some(r) = set.join_next().await {
+        let part = r??;
+        all.outcomes.extend(part.outcomes);
+        all.latencies.extend(part.latencies);
+    }
+    Ok(all)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    args: &BenchArgs,
+    mode: &str,
+    latency_unit: &str,
+    source: String,
+    n: usize,
+    tally: &Tally,
+    (store_secs, store_lat): (f64, &mut [Duration]),
+    (load_secs, load_lat): (f64, &mut [Duration]),
+    st: &v1::StoreStats,
+) -> Report {
+    let mb = (n * PAGE_BYTES) as f64 / 1e6;
+    let accepted = tally.accepted.iter().filter(|a| **a).count();
+    let per_page = |b: u64| {
+        if st.pages == 0 {
+            0.0
+        } else {
+            b as f64 / st.pages as f64
+        }
+    };
+    let held = st.slab_bytes + st.index_bytes;
+    Report {
+        mode: mode.into(),
+        source,
+        pages: n,
+        batch: if mode == "embedded" { 1 } else { args.batch },
+        depth: if mode == "embedded" { 1 } else { args.depth },
+        accepted,
+        rejected: n - accepted,
+        rejected_no_capacity: tally.rejected_no_capacity,
+        rejected_incompressible: tally.rejected_incompressible,
+        store_pages_per_sec: n as f64 / store_secs,
+        store_mb_per_sec: mb / store_secs,
+        load_pages_per_sec: n as f64 / load_secs,
+        load_mb_per_sec: mb / load_secs,
+        latency_unit: latency_unit.into(),
+        store_p50_us: percentile_us(store_lat, 0.50),
+        store_p99_us: percentile_us(store_lat, 0.99),
+        load_p50_us: percentile_us(load_lat, 0.50),
+        load_p99_us: percentile_us(load_lat, 0.99),
+        compression_ratio: if held == 0 {
+            0.0
+        } else {
+            (st.pages * PAGE_BYTES as u64) as f64 / held as f64
+        },
+        payload_ratio: if st.payload_bytes == 0 {
+            0.0
+        } else {
+            (st.compressed_pages * PAGE_BYTES as u64) as f64 / st.payload_bytes as f64
+        },
+        bytes_per_page: per_page(held),
+        payload_bytes_per_page: per_page(st.payload_bytes),
+        slack_bytes_per_page: per_page(st.slot_bytes - st.payload_bytes),
+        index_bytes_per_page: per_page(st.index_bytes),
+        fragmentation: if st.slab_bytes == 0 {
+            0.0
+        } else {
+            (st.slab_bytes - st.slot_bytes) as f64 / st.slab_bytes as f64
+        },
+        used_bytes: st.used_bytes,
+        capacity_bytes: st.capacity_bytes,
+        mismatches: tally.mismatches,
+        verified: tally.mismatches == 0,
+    }
+}
+
+fn print_table(r: &Report) {
+    println!(
+        "ramster bench: {} pages from {} ({} mode)",
+        r.pages, r.source, r.mode
+    );
+    if r.mode == "socket" {
+        println!("  {} requests of {} pages in flight", r.depth, r.batch);
+    }
+    println!(
+        "  accepted {} / refused {} (no_capacity {}, incompressible {})",
+        r.accepted, r.rejected, r.rejected_no_capacity, r.rejected_incompressible
+    );
+    println!(
+        "  {:<6} {:>12} {:>10} {:>10} {:>10}",
+        "", "pages/s", "MB/s", "p50 µs", "p99 µs"
+    );
+    println!(
+        "  {:<6} {:>12.0} {:>10.1} {:>10.2} {:>10.2}",
+        "store", r.store_pages_per_sec, r.store_mb_per_sec, r.store_p50_us, r.store_p99_us
+    );
+    println!(
+        "  {:<6} {:>12.0} {:>10.1} {:>10.2} {:>10.2}",
+        "load", r.load_pages_per_sec, r.load_mb_per_sec, r.load_p50_us, r.load_p99_us
+    );
+    println!("  (latency per {})", r.latency_unit);
+    println!(
+        "  memory: {:.0} B per stored page (payload {:.0}, slack {:.0}, index {:.0}); compression {:.2}x (lz4 alone {:.2}x); fragmentation {:.1}%",
+        r.bytes_per_page,
+        r.payload_bytes_per_page,
+        r.slack_bytes_per_page,
+        r.index_bytes_per_page,
+        r.compression_ratio,
+        r.payload_ratio,
+        r.fragmentation * 100.0
+    );
+    println!(
+        "  store holds {} of {}",
+        format_size(r.used_bytes),
+        format_size(r.capacity_bytes)
+    );
+    println!(
+        "  verified: {}",
+        if r.verified {
+            "every page byte-identical".to_string()
+        } else {
+            format!("{} MISMATCHES", r.mismatches)
+        }
+    );
+}

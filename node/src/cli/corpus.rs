@@ -1,0 +1,143 @@
+//! Pages to benchmark on: a corpus file of real memory pages (made by
+//! `shared/corpus/make-corpus.py`), or synthetic pages drawn with the same
+//! mix (zero pages, incompressible pages, heap-like pages compressing ~2.3×).
+
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use rand::rngs::SmallRng;
+use rand::{Rng, RngCore, SeedableRng};
+
+use crate::store::PAGE_BYTES;
+
+/// Pages back to back in one buffer.
+#[derive(Clone)]
+pub struct Pages {
+    bytes: Bytes,
+}
+
+impl Pages {
+    pub fn len(&self) -> usize {
+        self.bytes.len() / PAGE_BYTES
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    pub fn page(&self, i: usize) -> &[u8; PAGE_BYTES] {
+        self.bytes[i * PAGE_BYTES..(i + 1) * PAGE_BYTES]
+            .try_into()
+            .expect("page-sized")
+    }
+
+    /// Page `i` as a zero-copy slice, for requests.
+    pub fn page_bytes(&self, i: usize) -> Bytes {
+        self.bytes.slice(i * PAGE_BYTES..(i + 1) * PAGE_BYTES)
+    }
+
+    /// Reads a corpus file; with `count`, repeats or truncates it to that many pages.
+    pub fn from_file(path: &Path, count: Option<usize>) -> anyhow::Result<Pages> {
+        let bytes =
+            std::fs::read(path).with_context(|| format!("reading corpus {}", path.display()))?;
+        if bytes.len() < PAGE_BYTES || bytes.len() % PAGE_BYTES != 0 {
+            bail!(
+                "corpus {} is {} bytes: not a whole number of {PAGE_BYTES}-byte pages",
+                path.display(),
+                bytes.len()
+            );
+        }
+        let have = bytes.len() / PAGE_BYTES;
+        let want = count.unwrap_or(have);
+        let bytes = if want == have {
+            bytes
+        } else {
+            bytes
+                .chunks_exact(PAGE_BYTES)
+                .cycle()
+                .take(want)
+                .flatten()
+                .copied()
+                .collect()
+        };
+        Ok(Pages {
+            bytes: Bytes::from(bytes),
+        })
+    }
+
+    /// `count` synthetic pages from `seed`, with the corpus's mix: about 5%
+    /// zero pages, 0.5% other same-filled pages, 12% incompressible (random)
+    /// pages, and heap-like pages for the rest.
+    pub fn synthetic(count: usize, seed: u64) -> Pages {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut bytes = vec![0u8; count * PAGE_BYTES];
+        for page in bytes.chunks_exact_mut(PAGE_BYTES) {
+            let roll: f64 = rng.random();
+            if roll < 0.05 {
+                // zero page: already zero
+            } else if roll < 0.055 {
+                let word: u64 = rng.random();
+                for w in page.chunks_exact_mut(8) {
+                    w.copy_from_slice(&word.to_ne_bytes());
+                }
+            } else if roll < 0.175 {
+                rng.fill_bytes(page);
+            } else {
+                heap_like(&mut rng, page);
+            }
+        }
+        Pages {
+            bytes: Bytes::from(bytes),
+        }
+    }
+}
+
+const WORDS: &[&str] = &[
+    "user", "session", "id", "name", "email", "created", "updated", "status", "active", "value",
+    "count", "index", "the", "of", "and", "token", "expires", "true", "false", "null", "item",
+    "price", "order", "address", "city", "country", "payload", "type", "object", "string",
+];
+
+/// A page that looks like a program's heap: objects with headers, pointers
+/// into a few regions, small integers, text and hash-like values.
+fn heap_like(rng: &mut SmallRng, page: &mut [u8]) {
+    let region: u64 = 0x0000_7f00_0000_0000 | ((rng.random::<u64>() & 0xff_ffff) << 16);
+    let mut at = 0;
+    while at < page.len() {
+        let room = page.len() - at;
+        let kind = rng.random_range(0..100);
+        let written = if kind < 30 {
+            // a pointer into the same region, 16-byte aligned
+            let p = region | (rng.random::<u64>() & 0xfff0);
+            put(page, at, &p.to_le_bytes())
+        } else if kind < 52 {
+            // a small integer or a header word
+            let v: u64 = rng.random_range(0..512);
+            put(page, at, &v.to_le_bytes())
+        } else if kind < 72 {
+            // a short text field
+            let mut n = 0;
+            for _ in 0..rng.random_range(1..5) {
+                let w = WORDS[rng.random_range(0..WORDS.len())];
+                n += put(page, at + n, w.as_bytes());
+                n += put(page, at + n, b" ");
+            }
+            n
+        } else if kind < 90 {
+            // hash-like or floating-point noise
+            let v: u64 = rng.random();
+            put(page, at, &v.to_le_bytes()[..rng.random_range(4..=8)])
+        } else {
+            // padding
+            rng.random_range(8..48).min(room)
+        };
+        at += written.max(1);
+    }
+}
+
+fn put(page: &mut [u8], at: usize, bytes: &[u8]) -> usize {
+    let n = bytes.len().min(page.len().saturating_sub(at));
+    page[at..at + n].copy_from_slice(&bytes[..n]);
+    n
+}

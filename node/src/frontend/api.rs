@@ -1,0 +1,375 @@
+//! The native API server: protobuf frames on a Unix socket.
+//!
+//! Per connection: a handshake, then requests decoded by one reader and
+//! executed concurrently (at most [`REQUESTS_IN_FLIGHT_MAX`] at a time), with
+//! responses queued to one writer. A request that cannot be decoded gets an
+//! error response; a broken frame (bad length) gets one and the connection
+//! is closed, since the stream position is lost. Nothing a client sends can
+//! stop the server from serving its other connections.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use ramster_protocol::v1::{self, op::Kind};
+use ramster_protocol::{BATCH_OPS_MAX, FRAME_BYTES_MAX, frame, handshake};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, watch};
+use tracing::{debug, info, warn};
+
+use super::conn::{ConnError, FrameReader, encode_frame, spawn_writer};
+use super::{Frontend, LoadResult, OpError, Reject, StoreResult};
+use crate::store::{PAGE_BYTES, Page};
+
+/// Requests of one connection executing at once.
+pub const REQUESTS_IN_FLIGHT_MAX: usize = 64;
+/// Connections served at once.
+pub const CONNECTIONS_MAX: usize = 1024;
+
+/// Serves the API on `listener` until `shutdown` turns true.
+pub async fn serve(
+    listener: UnixListener,
+    frontend: Arc<Frontend>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let limit = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = shutdown.changed() => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let frontend = frontend.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_connection(stream, frontend).await {
+                debug!(error = %e, "connection ended");
+            }
+            drop(permit);
+        });
+    }
+    info!("api server stopped accepting");
+}
+
+/// Binds the socket, replacing a stale one left by a previous run.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if path.exists() {
+        // A live node would still answer; a dead one left its socket file.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("{} is in use by a running node", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    UnixListener::bind(path)
+}
+
+fn error_response(id: u64, code: v1::ErrorCode, message: impl Into<String>) -> v1::Response {
+    v1::Response {
+        id,
+        results: Vec::new(),
+        error: Some(v1::Error {
+            code: code as i32,
+            message: message.into(),
+        }),
+    }
+}
+
+async fn serve_connection(stream: UnixStream, frontend: Arc<Frontend>) -> Result<(), ConnError> {
+    let (rd, wr) = stream.into_split();
+    let mut reader = FrameReader::new(rd, FRAME_BYTES_MAX);
+    let writer = spawn_writer(wr);
+    let send = |resp: v1::Response| {
+        let writer = writer.clone();
+        async move {
+            let frame = encode_frame(&resp).expect("responses stay under the frame limit");
+            let _ = writer.send(frame).await;
+        }
+    };
+
+    // Handshake.
+    let hello = match reader.read_frame().await {
+        Ok(Some(body)) => frame::decode::<v1::Hello>(body),
+        Ok(None) => return Ok(()),
+        Err(ConnError::Frame(e)) => Err(e),
+        Err(e) => return Err(e),
+    };
+    let welcome = hello
+        .map_err(|e| {
+            error_response(
+                0,
+                v1::ErrorCode::HandshakeRequired,
+                format!("expected Hello: {e}"),
+            )
+        })
+        .and_then(|h| {
+            handshake::accept(&h, frontend.name())
+                .map_err(|e| error_response(0, v1::ErrorCode::UnsupportedVersion, e.to_string()))
+        });
+    match welcome {
+        Ok(w) => {
+            let _ = writer.send(encode_frame(&w).expect("small")).await;
+        }
+        Err(resp) => {
+            send(resp).await;
+            return Ok(());
+        }
+    }
+
+    let in_flight = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
+    loop {
+        let body = match reader.read_frame().await {
+            Ok(Some(body)) => body,
+            Ok(None) => break,
+            Err(ConnError::Frame(e)) => {
+                let code = match e {
+                    frame::FrameError::TooLarge { .. } => v1::ErrorCode::FrameTooLarge,
+                    _ => v1::ErrorCode::MalformedFrame,
+                };
+                send(error_response(0, code, e.to_string())).await;
+                break;
+            }
+            Err(e) => return Err(e),
+        };
+        let request: v1::Request = match frame::decode(body) {
+            Ok(r) => r,
+            Err(e) => {
+                // Framing is intact: answer and keep serving.
+                send(error_response(
+                    0,
+                    v1::ErrorCode::MalformedFrame,
+                    e.to_string(),
+                ))
+                .await;
+                continue;
+            }
+        };
+        if request.ops.len() > BATCH_OPS_MAX {
+            send(error_response(
+                request.id,
+                v1::ErrorCode::TooManyOps,
+                format!(
+                    "{} ops in one request; the limit is {BATCH_OPS_MAX}",
+                    request.ops.len()
+                ),
+            ))
+            .await;
+            continue;
+        }
+        let permit = in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
+        let frontend = frontend.clone();
+        let writer = writer.clone();
+        tokio::spawn(async move {
+            let resp = execute(&frontend, request);
+            let frame = encode_frame(&resp).expect("responses stay under the frame limit");
+            let _ = writer.send(frame).await;
+            drop(permit);
+        });
+    }
+    Ok(())
+}
+
+/// Applies one request to the front end. Pure and synchronous: the socket
+/// plumbing above only moves bytes.
+pub fn execute(frontend: &Frontend, request: v1::Request) -> v1::Response {
+    let results = request
+        .ops
+        .into_iter()
+        .map(|op| match op.kind {
+            Some(kind) => execute_op(frontend, kind),
+            None => invalid("empty op"),
+        })
+        .collect();
+    v1::Response {
+        id: request.id,
+        results,
+        error: None,
+    }
+}
+
+fn status(s: v1::Status) -> v1::OpResult {
+    v1::OpResult {
+        status: s as i32,
+        ..Default::default()
+    }
+}
+
+fn invalid(detail: &str) -> v1::OpResult {
+    v1::OpResult {
+        detail: detail.to_string(),
+        ..status(v1::Status::InvalidArgument)
+    }
+}
+
+fn value(v: u64) -> v1::OpResult {
+    v1::OpResult {
+        value: v,
+        ..status(v1::Status::Ok)
+    }
+}
+
+fn op_error(e: OpError) -> v1::OpResult {
+    let s = match e {
+        OpError::UnknownArea(_) => v1::Status::UnknownArea,
+        OpError::UnknownPool(_) => v1::Status::UnknownPool,
+        OpError::PageSize(_) | OpError::AreaOutOfRange(_) => v1::Status::InvalidArgument,
+    };
+    v1::OpResult {
+        detail: e.to_string(),
+        ..status(s)
+    }
+}
+
+pub fn reject_status(r: Reject) -> v1::Status {
+    match r {
+        Reject::NoCapacity => v1::Status::RejectedNoCapacity,
+        Reject::Incompressible => v1::Status::RejectedIncompressible,
+        Reject::Quota => v1::Status::RejectedQuota,
+        Reject::AreaInvalidated => v1::Status::RejectedAreaInvalidated,
+        Reject::Unavailable => v1::Status::RejectedUnavailable,
+    }
+}
+
+/// A store's result; a refused cleancache put is reported as `DROPPED`
+/// (the contract allows it silently), with the reason in `detail`.
+fn stored(r: StoreResult, ephemeral: bool) -> v1::OpResult {
+    match r {
+        StoreResult::Accepted => status(v1::Status::Ok),
+        StoreResult::Rejected(reason) => v1::OpResult {
+            detail: reason.as_str().to_string(),
+            ..status(if ephemeral {
+                v1::Status::Dropped
+            } else {
+                reject_status(reason)
+            })
+        },
+    }
+}
+
+fn loaded(r: LoadResult, page: Vec<u8>) -> v1::OpResult {
+    match r {
+        LoadResult::Hit => v1::OpResult {
+            page: Bytes::from(page),
+            ..status(v1::Status::Ok)
+        },
+        LoadResult::NotFound => status(v1::Status::NotFound),
+        LoadResult::Unavailable => status(v1::Status::Unavailable),
+        LoadResult::Corrupt => v1::OpResult {
+            detail: "stored copy failed its checksum".into(),
+            ..status(v1::Status::Corrupt)
+        },
+    }
+}
+
+/// Loads into a fresh buffer that becomes the response's `Bytes` (no copy).
+fn load_with(f: impl FnOnce(&mut Page) -> Result<LoadResult, OpError>) -> v1::OpResult {
+    let mut buf = vec![0u8; PAGE_BYTES];
+    let page: &mut Page = buf.as_mut_slice().try_into().expect("page-sized");
+    match f(page) {
+        Ok(r) => loaded(r, buf),
+        Err(e) => op_error(e),
+    }
+}
+
+fn execute_op(fe: &Frontend, kind: Kind) -> v1::OpResult {
+    let ok = |_| status(v1::Status::Ok);
+    let res: Result<v1::OpResult, OpError> = match kind {
+        Kind::InitArea(o) => fe.init_area(o.area, o.writethrough).map(ok),
+        Kind::Store(o) => fe
+            .store_page(o.area, o.offset, &o.page)
+            .map(|r| stored(r, false)),
+        Kind::Load(o) => return load_with(|p| fe.load_page(o.area, o.offset, p)),
+        Kind::InvalidatePage(o) => fe
+            .invalidate_page(o.area, o.offset)
+            .map(|d| value(d as u64)),
+        Kind::InvalidateArea(o) => fe.invalidate_area(o.area).map(value),
+        Kind::Shrink(o) => {
+            let max = (o.max_pages as usize).min(BATCH_OPS_MAX);
+            fe.shrink(o.area, o.target_pages, max)
+                .map(|s| v1::OpResult {
+                    value: s.curr_pages,
+                    returned: s
+                        .returned
+                        .into_iter()
+                        .map(|r| v1::ReturnedPage {
+                            offset: r.offset,
+                            page: Bytes::copy_from_slice(&r.page[..]),
+                        })
+                        .collect(),
+                    detail: if s.corrupt > 0 {
+                        format!("{} pages failed their checksum and were dropped", s.corrupt)
+                    } else {
+                        String::new()
+                    },
+                    ..status(v1::Status::Ok)
+                })
+        }
+        Kind::CurrPages(o) => fe.curr_pages(o.area).map(value),
+        Kind::NewPool(o) => Ok(value(fe.new_pool(o.shared) as u64)),
+        Kind::Put(o) => fe
+            .put_page(o.pool, o.object, o.index, &o.page)
+            .map(|r| stored(r, true)),
+        Kind::Get(o) => return load_with(|p| fe.get_page(o.pool, o.object, o.index, p)),
+        Kind::InvalidatePoolPage(o) => fe
+            .invalidate_pool_page(o.pool, o.object, o.index)
+            .map(|d| value(d as u64)),
+        Kind::InvalidateObject(o) => fe.invalidate_object(o.pool, o.object).map(value),
+        Kind::InvalidatePool(o) => fe.invalidate_pool(o.pool).map(value),
+        Kind::GetStats(_) => Ok(v1::OpResult {
+            stats: Some(fe.stats()),
+            ..status(v1::Status::Ok)
+        }),
+    };
+    res.unwrap_or_else(op_error)
+}
+
+impl Frontend {
+    /// Node, area and store figures, as the API reports them.
+    pub fn stats(&self) -> v1::Stats {
+        let s = self.store().stats();
+        v1::Stats {
+            node: self.name().to_string(),
+            counters: Some(self.counters().to_wire()),
+            areas: self
+                .area_summaries()
+                .into_iter()
+                .map(|a| v1::AreaStats {
+                    area: a.area,
+                    writethrough: a.writethrough,
+                    invalidated: a.invalidated,
+                    curr_pages: a.curr_pages,
+                    counters: Some(a.counters),
+                })
+                .collect(),
+            store: Some(v1::StoreStats {
+                capacity_bytes: s.capacity_bytes,
+                used_bytes: s.used_bytes,
+                pages: s.pages,
+                same_filled_pages: s.same_filled_pages,
+                compressed_pages: s.compressed_pages,
+                payload_bytes: s.payload_bytes,
+                slot_bytes: s.slot_bytes,
+                slab_bytes: s.slab_bytes,
+                index_bytes: s.index_bytes,
+                evicted_pages: s.evicted_pages,
+            }),
+        }
+    }
+}

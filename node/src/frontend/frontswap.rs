@@ -1,0 +1,256 @@
+//! frontswap: persistent areas. Key = (area, offset).
+//!
+//! - `init_area` (re)creates an area empty; stores are accepted again.
+//! - `store` may be refused for any reason; an accepted page loads back
+//!   byte-identical until invalidated. A refused duplicate store drops the
+//!   old copy: a load never returns stale data.
+//! - `invalidate_area` drops everything and refuses stores until the next
+//!   `init_area`.
+//! - `shrink` hands pages back until at most a target remains.
+//! - A writethrough area is a cache: the client keeps its own copy, so the
+//!   node may drop its pages under pressure and answer a miss.
+
+use hashbrown::HashMap;
+use parking_lot::RwLock;
+
+use super::counters::{Counters, Event};
+use super::{Frontend, LoadResult, OpError, Reject, StoreResult, as_page};
+use crate::store::{LoadOutcome, Page, PageKey, Retention, StoreOutcome};
+
+pub type AreaId = u32;
+
+/// Area ids use the lower half of the store's key spaces; pools the upper.
+pub const AREA_ID_MAX: AreaId = (1 << 31) - 1;
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+enum Mode {
+    Active {
+        writethrough: bool,
+    },
+    /// After `invalidate_area`: every store is refused until `init_area`.
+    Invalidated,
+}
+
+pub(super) struct Area {
+    /// Held shared by every page op and exclusively by init/invalidate, so an
+    /// invalidation never races a store into leaving a page behind.
+    mode: RwLock<Mode>,
+    counters: Counters,
+}
+
+#[derive(Default)]
+pub(super) struct Areas {
+    map: RwLock<HashMap<AreaId, Area>>,
+}
+
+fn key(area: AreaId, offset: u64) -> PageKey {
+    PageKey {
+        space: area,
+        object: 0,
+        index: offset,
+    }
+}
+
+/// A page handed back by `shrink`.
+#[derive(Debug, Clone)]
+pub struct ReturnedPage {
+    pub offset: u64,
+    pub page: Box<Page>,
+}
+
+/// What `shrink` did.
+#[derive(Debug, Default)]
+pub struct Shrunk {
+    pub returned: Vec<ReturnedPage>,
+    /// Pages whose copy failed its checksum and could not be handed back.
+    pub corrupt: u64,
+    /// Pages left in the area.
+    pub curr_pages: u64,
+}
+
+/// Per-area figures for stats.
+#[derive(Debug, Clone)]
+pub struct AreaSummary {
+    pub area: AreaId,
+    pub writethrough: bool,
+    pub invalidated: bool,
+    pub curr_pages: u64,
+    pub counters: ramster_protocol::v1::Counters,
+}
+
+impl Frontend {
+    fn with_area<R>(&self, area: AreaId, f: impl FnOnce(&Area) -> R) -> Result<R, OpError> {
+        if area > AREA_ID_MAX {
+            return Err(OpError::AreaOutOfRange(area));
+        }
+        let map = self.areas.map.read();
+        let a = map.get(&area).ok_or(OpError::UnknownArea(area))?;
+        Ok(f(a))
+    }
+
+    fn record(&self, a: &Area, event: Event) {
+        a.counters.record(event);
+        self.counters.record(event);
+    }
+
+    /// (Re)creates `area` empty. Later stores are accepted again.
+    pub fn init_area(&self, area: AreaId, writethrough: bool) -> Result<(), OpError> {
+        if area > AREA_ID_MAX {
+            return Err(OpError::AreaOutOfRange(area));
+        }
+        let fresh = Mode::Active { writethrough };
+        {
+            let map = self.areas.map.read();
+            if let Some(a) = map.get(&area) {
+                let mut mode = a.mode.write();
+                self.store.invalidate_matching(area, None);
+                *mode = fresh;
+                return Ok(());
+            }
+        }
+        let mut map = self.areas.map.write();
+        let a = map.entry(area).or_insert_with(|| Area {
+            mode: RwLock::new(fresh),
+            counters: Counters::default(),
+        });
+        // Another init may have created it meanwhile: re-create it empty.
+        let mut mode = a.mode.write();
+        self.store.invalidate_matching(area, None);
+        *mode = fresh;
+        Ok(())
+    }
+
+    pub fn store_page(
+        &self,
+        area: AreaId,
+        offset: u64,
+        page: &[u8],
+    ) -> Result<StoreResult, OpError> {
+        let page = as_page(page)?;
+        self.with_area(area, |a| {
+            let mode = a.mode.read();
+            let result = match *mode {
+                Mode::Invalidated => StoreResult::Rejected(Reject::AreaInvalidated),
+                Mode::Active { writethrough } => {
+                    let retention = if writethrough {
+                        Retention::Writethrough
+                    } else {
+                        Retention::Persistent
+                    };
+                    match self.store.store(key(area, offset), page, retention) {
+                        StoreOutcome::Accepted => StoreResult::Accepted,
+                        StoreOutcome::Rejected(r) => StoreResult::Rejected(r.into()),
+                    }
+                }
+            };
+            drop(mode);
+            self.record(
+                a,
+                match result {
+                    StoreResult::Accepted => Event::Stored,
+                    StoreResult::Rejected(r) => Event::Failed(r),
+                },
+            );
+            result
+        })
+    }
+
+    pub fn load_page(
+        &self,
+        area: AreaId,
+        offset: u64,
+        out: &mut Page,
+    ) -> Result<LoadResult, OpError> {
+        self.with_area(area, |a| {
+            let _mode = a.mode.read();
+            let result = match self.store.load(key(area, offset), out) {
+                LoadOutcome::Hit => LoadResult::Hit,
+                LoadOutcome::Miss => LoadResult::NotFound,
+                LoadOutcome::Corrupt => LoadResult::Corrupt,
+            };
+            self.record(
+                a,
+                match result {
+                    LoadResult::Hit => Event::LoadHit,
+                    LoadResult::NotFound => Event::LoadMiss,
+                    LoadResult::Unavailable | LoadResult::Corrupt => Event::LoadError,
+                },
+            );
+            result
+        })
+    }
+
+    /// Drops one page; `true` if it was there.
+    pub fn invalidate_page(&self, area: AreaId, offset: u64) -> Result<bool, OpError> {
+        self.with_area(area, |a| {
+            let _mode = a.mode.read();
+            let dropped = self.store.invalidate(key(area, offset));
+            self.record(a, Event::Invalidated(dropped as u64));
+            dropped
+        })
+    }
+
+    /// Drops every page of `area` and refuses stores until the next init.
+    /// Returns the pages dropped.
+    pub fn invalidate_area(&self, area: AreaId) -> Result<u64, OpError> {
+        self.with_area(area, |a| {
+            let mut mode = a.mode.write();
+            *mode = Mode::Invalidated;
+            let dropped = self.store.invalidate_matching(area, None);
+            self.record(a, Event::Invalidated(dropped));
+            dropped
+        })
+    }
+
+    /// frontswap_shrink: hands back (and forgets) pages until at most
+    /// `target_pages` remain, at most `max_pages` in this call.
+    pub fn shrink(
+        &self,
+        area: AreaId,
+        target_pages: u64,
+        max_pages: usize,
+    ) -> Result<Shrunk, OpError> {
+        self.with_area(area, |a| {
+            let _mode = a.mode.read();
+            let curr = self.store.space_pages(area);
+            let want = (curr.saturating_sub(target_pages)).min(max_pages as u64) as usize;
+            let mut shrunk = Shrunk::default();
+            self.store.drain_space(area, want, |k, page| match page {
+                Ok(p) => shrunk.returned.push(ReturnedPage {
+                    offset: k.index,
+                    page: Box::new(*p),
+                }),
+                Err(()) => shrunk.corrupt += 1,
+            });
+            for _ in 0..shrunk.corrupt {
+                self.record(a, Event::LoadError);
+            }
+            shrunk.curr_pages = self.store.space_pages(area);
+            shrunk
+        })
+    }
+
+    /// Pages the node holds for `area`.
+    pub fn curr_pages(&self, area: AreaId) -> Result<u64, OpError> {
+        self.with_area(area, |_| self.store.space_pages(area))
+    }
+
+    pub fn area_summaries(&self) -> Vec<AreaSummary> {
+        let map = self.areas.map.read();
+        let mut v: Vec<AreaSummary> = map
+            .iter()
+            .map(|(&area, a)| {
+                let mode = *a.mode.read();
+                AreaSummary {
+                    area,
+                    writethrough: matches!(mode, Mode::Active { writethrough: true }),
+                    invalidated: mode == Mode::Invalidated,
+                    curr_pages: self.store.space_pages(area),
+                    counters: a.counters.to_wire(),
+                }
+            })
+            .collect();
+        v.sort_by_key(|s| s.area);
+        v
+    }
+}

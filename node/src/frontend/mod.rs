@@ -1,0 +1,124 @@
+//! Front ends: the frontswap and cleancache contracts on top of the page
+//! store, and the ways clients reach them (the native API).
+//!
+//! [`Frontend`] is where the contract of DESIGN §1 is kept exactly; the
+//! native API server and other front ends only translate to it.
+
+pub mod api;
+pub mod cleancache;
+pub mod client;
+mod conn;
+pub mod counters;
+pub mod frontswap;
+
+use std::sync::Arc;
+
+use crate::store::{PAGE_BYTES, Page, PageStore, RejectReason};
+
+pub use cleancache::PoolId;
+pub use counters::Counters;
+pub use frontswap::AreaId;
+
+/// Why a store was refused: the contract's reasons.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Reject {
+    NoCapacity,
+    Incompressible,
+    Quota,
+    AreaInvalidated,
+    Unavailable,
+}
+
+impl From<RejectReason> for Reject {
+    fn from(r: RejectReason) -> Self {
+        match r {
+            RejectReason::NoCapacity => Reject::NoCapacity,
+            RejectReason::Incompressible => Reject::Incompressible,
+        }
+    }
+}
+
+impl Reject {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reject::NoCapacity => "no_capacity",
+            Reject::Incompressible => "incompressible",
+            Reject::Quota => "quota",
+            Reject::AreaInvalidated => "area_invalidated",
+            Reject::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// The answer to a frontswap store or a cleancache put.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum StoreResult {
+    Accepted,
+    Rejected(Reject),
+}
+
+/// The answer to a load or get. Never wrong bytes: a page whose checksum
+/// fails is `Corrupt`, not data.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum LoadResult {
+    Hit,
+    NotFound,
+    Unavailable,
+    Corrupt,
+}
+
+/// An op the front end cannot carry out because it is wrong, not refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
+pub enum OpError {
+    #[error("page is {0} bytes; pages are exactly {PAGE_BYTES} bytes")]
+    PageSize(usize),
+    #[error("area {0} does not exist (init it first)")]
+    UnknownArea(u32),
+    #[error("area id {0} is out of range (0..2^31)")]
+    AreaOutOfRange(u32),
+    #[error("pool {0} does not exist")]
+    UnknownPool(u32),
+}
+
+/// Borrows a client's bytes as a page, or says why they are not one.
+pub fn as_page(bytes: &[u8]) -> Result<&Page, OpError> {
+    bytes.try_into().map_err(|_| OpError::PageSize(bytes.len()))
+}
+
+/// The contract, on one node: frontswap areas and cleancache pools over one
+/// page store.
+pub struct Frontend {
+    name: String,
+    store: Arc<PageStore>,
+    areas: frontswap::Areas,
+    pools: cleancache::Pools,
+    counters: Counters,
+}
+
+impl Frontend {
+    pub fn new(name: impl Into<String>, store: Arc<PageStore>) -> Self {
+        Frontend {
+            name: name.into(),
+            store,
+            areas: Default::default(),
+            pools: Default::default(),
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn store(&self) -> &PageStore {
+        &self.store
+    }
+
+    /// Node-wide counters (all areas and pools).
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+}
+
+#[cfg(test)]
+mod tests;

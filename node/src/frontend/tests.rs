@@ -1,0 +1,341 @@
+//! The frontswap and cleancache contracts, checked against plain models:
+//! random op sequences under capacity pressure; a load returns exactly the
+//! last accepted page, or a miss after a refusal or invalidation — never
+//! stale bytes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::store::{PageStore, StoreConfig};
+
+/// Page contents by kind, so the mix has zero, same-filled, compressible and
+/// incompressible pages, and every version of a key differs.
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Zero,
+    SameFilled,
+    Compressible,
+    Incompressible,
+}
+
+fn make_page(kind: Kind, seed: u64) -> Vec<u8> {
+    let mut p = vec![0u8; PAGE_BYTES];
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    match kind {
+        Kind::Zero => {}
+        Kind::SameFilled => {
+            let w = next() | 1;
+            p.chunks_exact_mut(8)
+                .for_each(|c| c.copy_from_slice(&w.to_le_bytes()));
+        }
+        Kind::Compressible => {
+            let base = next();
+            for (i, c) in p.chunks_exact_mut(8).enumerate() {
+                let v = if i % 3 == 0 {
+                    base ^ (next() % 64)
+                } else {
+                    i as u64 % 11
+                };
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        Kind::Incompressible => p
+            .chunks_exact_mut(8)
+            .for_each(|c| c.copy_from_slice(&next().to_le_bytes())),
+    }
+    p
+}
+
+fn kind() -> impl Strategy<Value = Kind> {
+    prop_oneof![
+        1 => Just(Kind::Zero),
+        1 => Just(Kind::SameFilled),
+        5 => Just(Kind::Compressible),
+        2 => Just(Kind::Incompressible),
+    ]
+}
+
+#[derive(Clone, Debug)]
+enum FsOp {
+    Init(u32),
+    Store(u32, u64, Kind, u64),
+    Load(u32, u64),
+    InvalidatePage(u32, u64),
+    InvalidateArea(u32),
+    Shrink(u32, u64, usize),
+}
+
+/// Areas 0..=1 are persistent, 2 is writethrough, 3 is never initialised.
+const WRITETHROUGH_AREA: u32 = 2;
+const UNKNOWN_AREA: u32 = 3;
+
+fn fs_op() -> impl Strategy<Value = FsOp> {
+    let area = 0u32..4;
+    let offset = 0u64..48;
+    prop_oneof![
+        1 => area.clone().prop_map(FsOp::Init),
+        12 => (area.clone(), offset.clone(), kind(), any::<u64>()).prop_map(|(a, o, k, s)| FsOp::Store(a, o, k, s)),
+        8 => (area.clone(), offset.clone()).prop_map(|(a, o)| FsOp::Load(a, o)),
+        2 => (area.clone(), offset).prop_map(|(a, o)| FsOp::InvalidatePage(a, o)),
+        1 => area.clone().prop_map(FsOp::InvalidateArea),
+        1 => (area, 0u64..40, 1usize..20).prop_map(|(a, t, m)| FsOp::Shrink(a, t, m)),
+    ]
+}
+
+#[derive(PartialEq, Debug, Clone, Copy)]
+enum ModelArea {
+    Active,
+    Invalidated,
+}
+
+struct FsModel {
+    areas: HashMap<u32, ModelArea>,
+    pages: HashMap<(u32, u64), Vec<u8>>,
+}
+
+impl FsModel {
+    fn drop_area(&mut self, area: u32) {
+        self.pages.retain(|(a, _), _| *a != area);
+    }
+    fn count(&self, area: u32) -> u64 {
+        self.pages.keys().filter(|(a, _)| *a == area).count() as u64
+    }
+}
+
+fn frontend(capacity: u64) -> Frontend {
+    Frontend::new(
+        "test",
+        Arc::new(PageStore::new(StoreConfig {
+            capacity_bytes: capacity,
+            shards: 8,
+        })),
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn frontswap_matches_the_model(ops in prop::collection::vec(fs_op(), 1..300), capacity_kib in 96u64..1024) {
+        let fe = frontend(capacity_kib << 10);
+        let mut m = FsModel { areas: HashMap::new(), pages: HashMap::new() };
+        let mut out = Box::new([0u8; PAGE_BYTES]);
+        for op in ops {
+            match op {
+                FsOp::Init(area) => {
+                    let wt = area == WRITETHROUGH_AREA;
+                    if area == UNKNOWN_AREA { continue; }
+                    fe.init_area(area, wt).unwrap();
+                    m.drop_area(area);
+                    m.areas.insert(area, ModelArea::Active);
+                }
+                FsOp::Store(area, offset, kind, seed) => {
+                    let page = make_page(kind, seed);
+                    let r = fe.store_page(area, offset, &page);
+                    match m.areas.get(&area) {
+                        None => prop_assert_eq!(r, Err(OpError::UnknownArea(area))),
+                        Some(ModelArea::Invalidated) => {
+                            prop_assert_eq!(r, Ok(StoreResult::Rejected(Reject::AreaInvalidated)));
+                        }
+                        Some(ModelArea::Active) => match r.unwrap() {
+                            StoreResult::Accepted => {
+                                prop_assert!(!matches!(kind, Kind::Incompressible), "accepted a random page");
+                                m.pages.insert((area, offset), page);
+                            }
+                            StoreResult::Rejected(reason) => {
+                                prop_assert!(matches!(reason, Reject::NoCapacity | Reject::Incompressible));
+                                // Refused duplicate: the old copy is gone too.
+                                m.pages.remove(&(area, offset));
+                            }
+                        },
+                    }
+                }
+                FsOp::Load(area, offset) => {
+                    let r = fe.load_page(area, offset, &mut out);
+                    if !m.areas.contains_key(&area) {
+                        prop_assert_eq!(r, Err(OpError::UnknownArea(area)));
+                        continue;
+                    }
+                    match (r.unwrap(), m.pages.get(&(area, offset))) {
+                        (LoadResult::Hit, Some(want)) => prop_assert_eq!(&out[..], &want[..]),
+                        (LoadResult::Hit, None) => prop_assert!(false, "loaded a page that was never accepted or was invalidated"),
+                        (LoadResult::NotFound, None) => {}
+                        (LoadResult::NotFound, Some(_)) => {
+                            // Only a writethrough area may lose a page.
+                            prop_assert_eq!(area, WRITETHROUGH_AREA, "lost an accepted page");
+                            m.pages.remove(&(area, offset));
+                        }
+                        (other, _) => prop_assert!(false, "unexpected {:?}", other),
+                    }
+                }
+                FsOp::InvalidatePage(area, offset) => {
+                    let r = fe.invalidate_page(area, offset);
+                    if !m.areas.contains_key(&area) {
+                        prop_assert!(r.is_err());
+                        continue;
+                    }
+                    let had = m.pages.remove(&(area, offset)).is_some();
+                    if area != WRITETHROUGH_AREA {
+                        prop_assert_eq!(r.unwrap(), had);
+                    }
+                }
+                FsOp::InvalidateArea(area) => {
+                    let r = fe.invalidate_area(area);
+                    if !m.areas.contains_key(&area) {
+                        prop_assert!(r.is_err());
+                        continue;
+                    }
+                    m.drop_area(area);
+                    m.areas.insert(area, ModelArea::Invalidated);
+                }
+                FsOp::Shrink(area, target, max) => {
+                    let r = fe.shrink(area, target, max);
+                    if !m.areas.contains_key(&area) {
+                        prop_assert!(r.is_err());
+                        continue;
+                    }
+                    let s = r.unwrap();
+                    prop_assert_eq!(s.corrupt, 0);
+                    for p in &s.returned {
+                        let want = m.pages.remove(&(area, p.offset));
+                        if area == WRITETHROUGH_AREA && want.is_none() { continue; }
+                        prop_assert_eq!(Some(&p.page[..]), want.as_deref(), "shrink handed back a page not in the model");
+                    }
+                    if area != WRITETHROUGH_AREA {
+                        prop_assert_eq!(s.curr_pages, m.count(area));
+                        prop_assert!(s.returned.len() == max || s.curr_pages <= target);
+                    }
+                }
+            }
+            // curr_pages agrees with the model for persistent areas.
+            for area in [0u32, 1] {
+                if m.areas.contains_key(&area) {
+                    prop_assert_eq!(fe.curr_pages(area).unwrap(), m.count(area));
+                }
+            }
+            let st = fe.store().stats();
+            prop_assert!(st.used_bytes <= st.capacity_bytes);
+        }
+        fe.store().audit();
+    }
+}
+
+#[derive(Clone, Debug)]
+enum CcOp {
+    Put(bool, u64, u64, Kind, u64),
+    Get(bool, u64, u64),
+    InvalidatePage(bool, u64, u64),
+    InvalidateObject(bool, u64),
+}
+
+fn cc_op() -> impl Strategy<Value = CcOp> {
+    let shared = any::<bool>();
+    let obj = 0u64..4;
+    let idx = 0u64..16;
+    prop_oneof![
+        10 => (shared.clone(), obj.clone(), idx.clone(), kind(), any::<u64>()).prop_map(|(s, o, i, k, x)| CcOp::Put(s, o, i, k, x)),
+        8 => (shared.clone(), obj.clone(), idx.clone()).prop_map(|(s, o, i)| CcOp::Get(s, o, i)),
+        2 => (shared.clone(), obj.clone(), idx).prop_map(|(s, o, i)| CcOp::InvalidatePage(s, o, i)),
+        1 => (shared, obj).prop_map(|(s, o)| CcOp::InvalidateObject(s, o)),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn cleancache_never_returns_stale_pages(ops in prop::collection::vec(cc_op(), 1..300), capacity_kib in 96u64..1024) {
+        let fe = frontend(capacity_kib << 10);
+        let private = fe.new_pool(false);
+        let shared = fe.new_pool(true);
+        let pool = |s: bool| if s { shared } else { private };
+        let mut m: HashMap<(bool, u64, u64), Vec<u8>> = HashMap::new();
+        let mut out = Box::new([0u8; PAGE_BYTES]);
+        for op in ops {
+            match op {
+                CcOp::Put(s, o, i, kind, seed) => {
+                    let page = make_page(kind, seed);
+                    match fe.put_page(pool(s), o, i, &page).unwrap() {
+                        StoreResult::Accepted => { m.insert((s, o, i), page); }
+                        StoreResult::Rejected(_) => { m.remove(&(s, o, i)); }
+                    }
+                }
+                CcOp::Get(s, o, i) => match fe.get_page(pool(s), o, i, &mut out).unwrap() {
+                    LoadResult::Hit => {
+                        let want = if s { m.get(&(s, o, i)).cloned() } else { m.remove(&(s, o, i)) };
+                        prop_assert_eq!(Some(&out[..]), want.as_deref(), "stale or phantom page");
+                        if !s {
+                            // Private gets are exclusive: a second get misses.
+                            prop_assert_eq!(fe.get_page(pool(s), o, i, &mut out).unwrap(), LoadResult::NotFound);
+                        }
+                    }
+                    LoadResult::NotFound => { m.remove(&(s, o, i)); }
+                    other => prop_assert!(false, "unexpected {:?}", other),
+                },
+                CcOp::InvalidatePage(s, o, i) => {
+                    fe.invalidate_pool_page(pool(s), o, i).unwrap();
+                    m.remove(&(s, o, i));
+                }
+                CcOp::InvalidateObject(s, o) => {
+                    fe.invalidate_object(pool(s), o).unwrap();
+                    m.retain(|(ms, mo, _), _| !(*ms == s && *mo == o));
+                }
+            }
+        }
+        fe.invalidate_pool(shared).unwrap();
+        prop_assert_eq!(fe.get_page(shared, 0, 0, &mut out), Err(OpError::UnknownPool(shared)));
+        fe.store().audit();
+    }
+}
+
+#[test]
+fn wrong_page_sizes_and_unknown_areas_are_errors_not_refusals() {
+    let fe = frontend(1 << 20);
+    assert_eq!(
+        fe.store_page(0, 0, &[0u8; 4095]),
+        Err(OpError::PageSize(4095))
+    );
+    assert_eq!(
+        fe.store_page(9, 0, &[0u8; PAGE_BYTES]),
+        Err(OpError::UnknownArea(9))
+    );
+    assert_eq!(
+        fe.init_area(u32::MAX, false),
+        Err(OpError::AreaOutOfRange(u32::MAX))
+    );
+    assert_eq!(
+        fe.put_page(77, 0, 0, &[0u8; PAGE_BYTES]),
+        Err(OpError::UnknownPool(77))
+    );
+}
+
+#[test]
+fn invalidated_area_refuses_until_init_then_accepts() {
+    let fe = frontend(8 << 20);
+    fe.init_area(0, false).unwrap();
+    let page = make_page(Kind::Compressible, 1);
+    assert_eq!(fe.store_page(0, 1, &page), Ok(StoreResult::Accepted));
+    assert_eq!(fe.invalidate_area(0), Ok(1));
+    assert_eq!(
+        fe.store_page(0, 1, &page),
+        Ok(StoreResult::Rejected(Reject::AreaInvalidated))
+    );
+    let mut out = Box::new([0u8; PAGE_BYTES]);
+    assert_eq!(fe.load_page(0, 1, &mut out), Ok(LoadResult::NotFound));
+    fe.init_area(0, false).unwrap();
+    assert_eq!(fe.store_page(0, 1, &page), Ok(StoreResult::Accepted));
+    let c = fe.counters();
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(c.succ_stores.load(Relaxed), 2);
+    assert_eq!(c.failed_stores_area_invalidated.load(Relaxed), 1);
+    assert_eq!(c.loads_miss.load(Relaxed), 1);
+}

@@ -1,0 +1,7 @@
+//! A ramster node: a compressed page store (the zcache part), the frontswap
+//! and cleancache contracts on top of it, and the native API through which
+//! clients reach them.
+
+pub mod cli;
+pub mod frontend;
+pub mod store;

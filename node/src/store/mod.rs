@@ -1,0 +1,635 @@
+//! The page store: the zcache part of a node. Sans-IO: synchronous, no
+//! sockets, no runtime; every front end and the cluster tasks sit on top.
+//!
+//! A page is kept one of two ways. A page made of one 8-byte word repeated
+//! (zero pages above all) is kept as that word. Any other page is LZ4
+//! compressed and its bytes go into the size-class [`arena`]; a page that
+//! compresses badly is refused ([`compress::AdmissionPolicy`]). Every page
+//! carries the xxh3 checksum of its bytes, checked on every load: the store
+//! answers a hit, a miss, or a corruption, never wrong bytes.
+//!
+//! The index is sharded by key hash; each shard has its own lock and its own
+//! recency lists, and the arena locks per size class, so there is no global
+//! lock on the store or load path. Every byte the store holds (slabs, index)
+//! is charged to a [`Budget`] before it is allocated: `used_bytes` never
+//! exceeds the capacity, and a store that does not fit is refused with
+//! `NoCapacity` after evicting what may be evicted.
+
+pub mod arena;
+pub mod compress;
+mod index;
+
+use parking_lot::{Mutex, MutexGuard};
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use xxhash_rust::xxh3::xxh3_64;
+
+pub use ramster_protocol::PAGE_BYTES;
+
+use arena::{Arena, Handle};
+use compress::{AdmissionPolicy, COMPRESS_BOUND_BYTES};
+use index::{Body, Entry, Shard, hash_key};
+
+/// One page of memory.
+pub type Page = [u8; PAGE_BYTES];
+
+/// Default number of index shards: enough that two threads rarely meet.
+pub const SHARDS_DEFAULT: usize = 64;
+
+/// How many droppable pages one store may evict to make room for itself.
+const EVICT_PER_STORE_MAX: usize = 64;
+
+/// A page's name in the store. Front ends map their keys onto it: frontswap
+/// `(area, offset)` and cleancache `(pool, object, index)` live in disjoint
+/// `space`s.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PageKey {
+    pub space: u32,
+    pub object: u64,
+    pub index: u64,
+}
+
+/// How strongly the store must keep a page. Droppable pages are evicted,
+/// coldest first, to make room: ephemeral ones before writethrough ones.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u8)]
+pub enum Retention {
+    /// Cleancache: may be dropped at any time.
+    Ephemeral = 0,
+    /// A writethrough frontswap area: the client has its own copy.
+    Writethrough = 1,
+    /// Frontswap: an accepted page must come back.
+    Persistent = 2,
+}
+
+impl Retention {
+    pub const COUNT: usize = 3;
+
+    fn droppable(self) -> bool {
+        self != Retention::Persistent
+    }
+}
+
+/// Why a store was refused.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    NoCapacity,
+    Incompressible,
+}
+
+/// The answer to a store. Either way no older copy of the key survives: a
+/// refused duplicate store drops the old page, so a load never sees it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum StoreOutcome {
+    Accepted,
+    Rejected(RejectReason),
+}
+
+/// The answer to a load.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum LoadOutcome {
+    Hit,
+    Miss,
+    /// The stored bytes failed their checksum; the output is not the page.
+    Corrupt,
+}
+
+/// A cold page, as handed to the remotify task.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct ColdPage {
+    pub key: PageKey,
+    pub stamp: u64,
+}
+
+/// Store configuration.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// Hard limit on the bytes the store holds (slabs + index).
+    pub capacity_bytes: u64,
+    /// Index shards (rounded up to a power of two).
+    pub shards: usize,
+}
+
+impl StoreConfig {
+    pub fn with_capacity(capacity_bytes: u64) -> Self {
+        StoreConfig {
+            capacity_bytes,
+            shards: SHARDS_DEFAULT,
+        }
+    }
+}
+
+/// The bytes a store may hold, and holds. Charged before allocating.
+#[derive(Debug)]
+pub struct Budget {
+    capacity: u64,
+    used: AtomicU64,
+}
+
+impl Budget {
+    pub fn new(capacity: u64) -> Self {
+        Budget {
+            capacity,
+            used: AtomicU64::new(0),
+        }
+    }
+
+    /// Charges `bytes` if they fit under the capacity.
+    pub fn try_charge(&self, bytes: u64) -> bool {
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                used.checked_add(bytes).filter(|&n| n <= self.capacity)
+            })
+            .is_ok()
+    }
+
+    /// Replaces a charge of `charged` bytes by the `actual` (smaller or equal) bytes.
+    pub fn adjust(&self, charged: u64, actual: u64) {
+        debug_assert!(actual <= charged, "allocated more than was charged");
+        self.release(charged - actual);
+    }
+
+    pub fn release(&self, bytes: u64) {
+        let prev = self.used.fetch_sub(bytes, Ordering::Relaxed);
+        debug_assert!(prev >= bytes, "released more than charged");
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// used / capacity, 0.0 ..= 1.0.
+    pub fn fill(&self) -> f64 {
+        if self.capacity == 0 {
+            return 1.0;
+        }
+        self.used() as f64 / self.capacity as f64
+    }
+}
+
+/// What the store holds, byte by byte.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StoreStats {
+    pub capacity_bytes: u64,
+    /// Everything charged: slabs + index. Never above `capacity_bytes`.
+    pub used_bytes: u64,
+    pub pages: u64,
+    pub same_filled_pages: u64,
+    pub compressed_pages: u64,
+    /// Compressed bytes of the compressed pages.
+    pub payload_bytes: u64,
+    /// Bytes of the slots holding them (payload + slack).
+    pub slot_bytes: u64,
+    /// Bytes of all slabs (slots in use + free slots).
+    pub slab_bytes: u64,
+    /// Bytes of the index (entries, hash tables, per-space counts).
+    pub index_bytes: u64,
+    /// Droppable pages evicted to make room.
+    pub evicted_pages: u64,
+}
+
+impl StoreStats {
+    /// Wasted in slots: rounding up to the size class.
+    pub fn slack_bytes(&self) -> u64 {
+        self.slot_bytes - self.payload_bytes
+    }
+    /// Free slots inside slabs, as a share of all slab bytes.
+    pub fn fragmentation(&self) -> f64 {
+        if self.slab_bytes == 0 {
+            return 0.0;
+        }
+        (self.slab_bytes - self.slot_bytes) as f64 / self.slab_bytes as f64
+    }
+    /// Memory per stored page, all overheads included.
+    pub fn bytes_per_page(&self) -> f64 {
+        if self.pages == 0 {
+            return 0.0;
+        }
+        (self.slab_bytes + self.index_bytes) as f64 / self.pages as f64
+    }
+}
+
+thread_local! {
+    /// Scratch for compressing and for reading compressed bytes out of the
+    /// arena: one per thread, not one per page.
+    static SCRATCH: RefCell<Box<[u8; COMPRESS_BOUND_BYTES]>> =
+        RefCell::new(Box::new([0u8; COMPRESS_BOUND_BYTES]));
+}
+
+/// The compressed page store.
+pub struct PageStore {
+    shards: Box<[Mutex<Shard>]>,
+    shard_shift: u32,
+    arena: Arena,
+    budget: Budget,
+    policy: AdmissionPolicy,
+    /// Logical clock for recency stamps.
+    clock: AtomicU64,
+    same_filled_pages: AtomicU64,
+    payload_bytes: AtomicU64,
+    evicted_pages: AtomicU64,
+    /// Shard where the next eviction starts, so evictions spread out.
+    evict_cursor: AtomicU64,
+}
+
+impl PageStore {
+    pub fn new(config: StoreConfig) -> Self {
+        let shards = config.shards.max(1).next_power_of_two();
+        PageStore {
+            shards: (0..shards).map(|_| Mutex::new(Shard::new())).collect(),
+            shard_shift: 64 - shards.trailing_zeros(),
+            arena: Arena::new(),
+            budget: Budget::new(config.capacity_bytes),
+            policy: AdmissionPolicy::default(),
+            clock: AtomicU64::new(1),
+            same_filled_pages: AtomicU64::new(0),
+            payload_bytes: AtomicU64::new(0),
+            evicted_pages: AtomicU64::new(0),
+            evict_cursor: AtomicU64::new(0),
+        }
+    }
+
+    fn shard_of(&self, hash: u64) -> usize {
+        if self.shards.len() == 1 {
+            0
+        } else {
+            // The table uses the low bits and the top 7; take the shard from
+            // the bits just below the top ones.
+            ((hash << 7) >> self.shard_shift) as usize
+        }
+    }
+
+    fn lock(&self, hash: u64) -> MutexGuard<'_, Shard> {
+        self.shards[self.shard_of(hash)].lock()
+    }
+
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Stores a page. On refusal any older copy of `key` is dropped.
+    pub fn store(&self, key: PageKey, page: &Page, retention: Retention) -> StoreOutcome {
+        let hash = hash_key(&key);
+        let checksum = xxh3_64(page);
+        let body = if let Some(word) = compress::same_filled_word(page) {
+            Body::SameFilled { word }
+        } else {
+            let placed = SCRATCH.with(|s| {
+                let mut s = s.borrow_mut();
+                let len = compress::compress(page, &mut s[..]);
+                if !self.policy.admit(len, self.budget.fill()) {
+                    return Err(RejectReason::Incompressible);
+                }
+                self.alloc_or_evict(&s[..len], retention)
+                    .map(|h| (h, len))
+                    .ok_or(RejectReason::NoCapacity)
+            });
+            match placed {
+                Ok((handle, len)) => Body::Compressed {
+                    handle: handle.to_bits(),
+                    len: len as u16,
+                },
+                Err(reason) => {
+                    self.invalidate(key);
+                    return StoreOutcome::Rejected(reason);
+                }
+            }
+        };
+        let mut entry = Entry {
+            key,
+            checksum,
+            body,
+            stamp: 0,
+            retention,
+            prev: index::NIL,
+            next: index::NIL,
+            vacant: false,
+        };
+        let mut evicted = 0;
+        let displaced = loop {
+            let mut shard = self.lock(hash);
+            entry.stamp = self.tick();
+            if let Some(i) = shard.find(&key, hash) {
+                let old = *shard.entry(i);
+                shard.replace(i, entry);
+                break Some(old);
+            }
+            if shard.insert(hash, entry, &self.budget).is_some() {
+                break None;
+            }
+            drop(shard);
+            // The index could not grow: make room, or give back what was placed.
+            if evicted >= EVICT_PER_STORE_MAX || !self.evict_one(retention, None) {
+                self.release_body(body);
+                return StoreOutcome::Rejected(RejectReason::NoCapacity);
+            }
+            evicted += 1;
+        };
+        self.count_body(body, 1);
+        if let Some(old) = displaced {
+            self.release(&old);
+        }
+        StoreOutcome::Accepted
+    }
+
+    /// Allocates arena space, evicting droppable pages that `retention` may
+    /// displace when the budget is exhausted.
+    fn alloc_or_evict(&self, bytes: &[u8], retention: Retention) -> Option<Handle> {
+        let mut evicted = 0;
+        loop {
+            if let Some(h) = self.arena.alloc_write(bytes, &self.budget) {
+                return Some(h);
+            }
+            let class = arena::class_of(bytes.len());
+            if evicted >= EVICT_PER_STORE_MAX || !self.evict_one(retention, Some(class)) {
+                return None;
+            }
+            evicted += 1;
+        }
+    }
+
+    /// Evicts a cold droppable page a store of `retention` may displace:
+    /// ephemeral pages first, then writethrough ones. Looks at one shard's
+    /// list tail per call, rotating over shards; among the few coldest there,
+    /// prefers a page of size class `class`, whose slot the caller can reuse
+    /// at once (freeing a slot of another class only helps once a whole slab
+    /// empties).
+    fn evict_one(&self, retention: Retention, class: Option<usize>) -> bool {
+        const CANDIDATES: usize = 8;
+        let start = self.evict_cursor.fetch_add(1, Ordering::Relaxed) as usize;
+        for list in [Retention::Ephemeral, Retention::Writethrough] {
+            if list > retention {
+                break;
+            }
+            debug_assert!(list.droppable());
+            for k in 0..self.shards.len() {
+                let shard_no = (start + k) % self.shards.len();
+                let mut shard = self.shards[shard_no].lock();
+                let mut tail = shard.coldest(list, CANDIDATES);
+                let Some(coldest) = tail.next() else {
+                    continue;
+                };
+                let same_class = class.and_then(|c| {
+                    std::iter::once(coldest).chain(tail).find(|&i| {
+                        matches!(shard.entry(i).body, Body::Compressed { len, .. } if arena::class_of(len as usize) == c)
+                    })
+                });
+                let victim = same_class.unwrap_or(coldest);
+                let hash = hash_key(&shard.entry(victim).key);
+                let e = shard.remove(victim, hash);
+                drop(shard);
+                self.release(&e);
+                self.evicted_pages.fetch_add(1, Ordering::Relaxed);
+                return true;
+            }
+        }
+        false
+    }
+
+    fn count_body(&self, body: Body, sign: i64) {
+        match body {
+            Body::SameFilled { .. } => {
+                add_signed(&self.same_filled_pages, sign);
+            }
+            Body::Compressed { len, .. } => {
+                add_signed(&self.payload_bytes, sign * len as i64);
+            }
+        }
+    }
+
+    fn release_body(&self, body: Body) {
+        if let Body::Compressed { handle, .. } = body {
+            self.arena.free(Handle::from_bits(handle), &self.budget);
+        }
+    }
+
+    /// Frees what a removed entry held.
+    fn release(&self, e: &Entry) {
+        self.count_body(e.body, -1);
+        self.release_body(e.body);
+    }
+
+    /// Loads a page into `out`, checking its checksum.
+    pub fn load(&self, key: PageKey, out: &mut Page) -> LoadOutcome {
+        self.load_inner(key, out, false)
+    }
+
+    /// Loads a page and removes it (a cleancache get from a private pool).
+    pub fn take(&self, key: PageKey, out: &mut Page) -> LoadOutcome {
+        self.load_inner(key, out, true)
+    }
+
+    fn load_inner(&self, key: PageKey, out: &mut Page, remove: bool) -> LoadOutcome {
+        let hash = hash_key(&key);
+        SCRATCH.with(|s| {
+            let mut s = s.borrow_mut();
+            let mut shard = self.lock(hash);
+            let Some(i) = shard.find(&key, hash) else {
+                return LoadOutcome::Miss;
+            };
+            let e = *shard.entry(i);
+            // Copy the compressed bytes out under the lock (a short memcpy),
+            // decompress after releasing it.
+            if let Body::Compressed { handle, len } = e.body {
+                self.arena
+                    .read(Handle::from_bits(handle), len as usize, &mut s[..]);
+            }
+            if remove {
+                shard.remove(i, hash);
+            } else {
+                let stamp = self.tick();
+                shard.touch(i, stamp);
+            }
+            drop(shard);
+            if remove {
+                self.release(&e);
+            }
+            let decoded = match e.body {
+                Body::SameFilled { word } => {
+                    compress::fill_page(word, out);
+                    true
+                }
+                Body::Compressed { len, .. } => compress::decompress(&s[..len as usize], out),
+            };
+            if decoded && xxh3_64(out) == e.checksum {
+                LoadOutcome::Hit
+            } else {
+                LoadOutcome::Corrupt
+            }
+        })
+    }
+
+    /// Whether the key is present (no checksum work, no recency change).
+    pub fn contains(&self, key: PageKey) -> bool {
+        let hash = hash_key(&key);
+        self.lock(hash).find(&key, hash).is_some()
+    }
+
+    /// Drops one page; `true` if it was there.
+    pub fn invalidate(&self, key: PageKey) -> bool {
+        let hash = hash_key(&key);
+        let mut shard = self.lock(hash);
+        let Some(i) = shard.find(&key, hash) else {
+            return false;
+        };
+        let e = shard.remove(i, hash);
+        drop(shard);
+        self.release(&e);
+        true
+    }
+
+    /// Drops every page of `space` (and, if given, of one object in it).
+    /// Walks every shard: for area and pool teardown, not the page path.
+    pub fn invalidate_matching(&self, space: u32, object: Option<u64>) -> u64 {
+        let mut dropped = 0;
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            if shard.space_pages(space) == 0 {
+                continue;
+            }
+            let doomed: Vec<u32> = shard
+                .live_from(0)
+                .filter(|&i| {
+                    let k = shard.entry(i).key;
+                    k.space == space && object.is_none_or(|o| k.object == o)
+                })
+                .collect();
+            let mut removed = Vec::with_capacity(doomed.len());
+            for i in doomed {
+                let hash = hash_key(&shard.entry(i).key);
+                removed.push(shard.remove(i, hash));
+            }
+            drop(shard);
+            for e in &removed {
+                self.release(e);
+            }
+            dropped += removed.len() as u64;
+        }
+        dropped
+    }
+
+    /// Hands back and removes up to `max` pages of `space`, calling `give`
+    /// with each key and its bytes (frontswap_shrink). A page whose checksum
+    /// fails is handed as `Err` and removed too: it can never be loaded.
+    pub fn drain_space(
+        &self,
+        space: u32,
+        max: usize,
+        mut give: impl FnMut(PageKey, Result<&Page, ()>),
+    ) -> usize {
+        let mut handed = 0;
+        let mut page = Box::new([0u8; PAGE_BYTES]);
+        for shard_no in 0..self.shards.len() {
+            // Entries never move, so a position cursor makes one pass per shard.
+            let mut pos = 0;
+            while handed < max {
+                let key = {
+                    let shard = self.shards[shard_no].lock();
+                    if shard.space_pages(space) == 0 {
+                        break;
+                    }
+                    let found = shard
+                        .live_from(pos)
+                        .find(|&i| shard.entry(i).key.space == space);
+                    match found {
+                        Some(i) => {
+                            pos = i as usize + 1;
+                            shard.entry(i).key
+                        }
+                        None => break,
+                    }
+                };
+                match self.take(key, &mut page) {
+                    LoadOutcome::Hit => give(key, Ok(&page)),
+                    LoadOutcome::Corrupt => give(key, Err(())),
+                    // Raced with an invalidation: nothing to hand back.
+                    LoadOutcome::Miss => continue,
+                }
+                handed += 1;
+            }
+        }
+        handed
+    }
+
+    /// Pages currently held for `space`.
+    pub fn space_pages(&self, space: u32) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| s.lock().space_pages(space))
+            .sum()
+    }
+
+    /// Up to `max` of the coldest compressed pages of a retention class,
+    /// coldest first. Looks at `max` list tails per shard, never the whole
+    /// index.
+    pub fn coldest(&self, retention: Retention, max: usize) -> Vec<ColdPage> {
+        let mut all = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.lock();
+            all.extend(shard.coldest(retention, max).map(|i| {
+                let e = shard.entry(i);
+                ColdPage {
+                    key: e.key,
+                    stamp: e.stamp,
+                }
+            }));
+        }
+        all.sort_unstable_by_key(|c| c.stamp);
+        all.truncate(max);
+        all
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let (pages, index_bytes) = self.shards.iter().fold((0u64, 0u64), |(p, b), s| {
+            let s = s.lock();
+            (p + s.len() as u64, b + s.index_bytes())
+        });
+        let arena = self.arena.totals();
+        StoreStats {
+            capacity_bytes: self.budget.capacity(),
+            used_bytes: self.budget.used(),
+            pages,
+            same_filled_pages: self.same_filled_pages.load(Ordering::Relaxed),
+            compressed_pages: arena.slots,
+            payload_bytes: self.payload_bytes.load(Ordering::Relaxed),
+            slot_bytes: arena.slot_bytes,
+            slab_bytes: arena.slab_bytes,
+            index_bytes,
+            evicted_pages: self.evicted_pages.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        self.budget.capacity()
+    }
+
+    /// Checks every invariant by walking the whole store; for tests.
+    #[cfg(test)]
+    pub fn audit(&self) {
+        for s in self.shards.iter() {
+            s.lock().audit();
+        }
+        let totals = self.arena.totals();
+        assert_eq!(totals, self.arena.audit());
+        let st = self.stats();
+        assert_eq!(st.pages, st.same_filled_pages + st.compressed_pages);
+        assert!(st.used_bytes <= st.capacity_bytes);
+        let index_charged: u64 = self.shards.iter().map(|s| s.lock().charged_bytes()).sum();
+        assert_eq!(st.used_bytes, st.slab_bytes + index_charged);
+    }
+}
+
+fn add_signed(counter: &AtomicU64, delta: i64) {
+    if delta >= 0 {
+        counter.fetch_add(delta as u64, Ordering::Relaxed);
+    } else {
+        counter.fetch_sub((-delta) as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests;

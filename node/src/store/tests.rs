@@ -1,0 +1,238 @@
+use super::*;
+use std::sync::Arc;
+
+fn page_of(seed: u64, compressible: bool) -> Box<Page> {
+    let mut p = Box::new([0u8; PAGE_BYTES]);
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    for (i, chunk) in p.chunks_exact_mut(8).enumerate() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // Compressible: one random word in sixteen, the rest a repeated pattern.
+        let v = if !compressible || i % 16 == 0 {
+            x
+        } else {
+            0x6c6c_6568_0000_0000 | (i as u64 % 4)
+        };
+        chunk.copy_from_slice(&v.to_le_bytes());
+    }
+    p
+}
+
+fn key(i: u64) -> PageKey {
+    PageKey {
+        space: 1,
+        object: 0,
+        index: i,
+    }
+}
+
+#[test]
+fn stores_and_loads_every_kind_of_page() {
+    let s = PageStore::new(StoreConfig::with_capacity(64 << 20));
+    let zero = Box::new([0u8; PAGE_BYTES]);
+    let mut same = Box::new([0u8; PAGE_BYTES]);
+    compress::fill_page(0xdead_beef_0000_0001, &mut same);
+    let comp = page_of(1, true);
+    let pages: [&Page; 3] = [&zero, &same, &comp];
+    for (i, p) in pages.iter().enumerate() {
+        assert_eq!(
+            s.store(key(i as u64), p, Retention::Persistent),
+            StoreOutcome::Accepted
+        );
+    }
+    let mut out = Box::new([0u8; PAGE_BYTES]);
+    for (i, p) in pages.iter().enumerate() {
+        assert_eq!(s.load(key(i as u64), &mut out), LoadOutcome::Hit);
+        assert_eq!(&out[..], &p[..]);
+    }
+    let st = s.stats();
+    assert_eq!(
+        (st.pages, st.same_filled_pages, st.compressed_pages),
+        (3, 2, 1)
+    );
+    s.audit();
+}
+
+#[test]
+fn incompressible_pages_are_refused_and_drop_the_old_copy() {
+    let s = PageStore::new(StoreConfig::with_capacity(64 << 20));
+    assert_eq!(
+        s.store(key(1), &page_of(1, true), Retention::Persistent),
+        StoreOutcome::Accepted
+    );
+    assert_eq!(
+        s.store(key(1), &page_of(2, false), Retention::Persistent),
+        StoreOutcome::Rejected(RejectReason::Incompressible)
+    );
+    let mut out = Box::new([0u8; PAGE_BYTES]);
+    assert_eq!(s.load(key(1), &mut out), LoadOutcome::Miss);
+    s.audit();
+}
+
+#[test]
+fn used_bytes_never_exceed_capacity_and_full_means_no_capacity() {
+    let cap = 1 << 20;
+    let s = PageStore::new(StoreConfig::with_capacity(cap));
+    let mut accepted = 0;
+    let mut refused = 0;
+    for i in 0..2000 {
+        match s.store(key(i), &page_of(i, true), Retention::Persistent) {
+            StoreOutcome::Accepted => accepted += 1,
+            StoreOutcome::Rejected(RejectReason::NoCapacity) => refused += 1,
+            StoreOutcome::Rejected(r) => panic!("unexpected {r:?}"),
+        }
+        assert!(s.stats().used_bytes <= cap);
+    }
+    assert!(
+        accepted > 0 && refused > 0,
+        "{accepted} accepted, {refused} refused"
+    );
+    s.audit();
+}
+
+#[test]
+fn persistent_stores_evict_ephemeral_pages_first_then_writethrough() {
+    let cap = 512 << 10;
+    let s = PageStore::new(StoreConfig {
+        capacity_bytes: cap,
+        shards: 4,
+    });
+    let eph = |i| PageKey {
+        space: 7,
+        object: 0,
+        index: i,
+    };
+    let wt = |i| PageKey {
+        space: 8,
+        object: 0,
+        index: i,
+    };
+    let mut n = 0;
+    while s.store(eph(n), &page_of(n, true), Retention::Ephemeral) == StoreOutcome::Accepted
+        && n < 10_000
+    {
+        n += 1;
+    }
+    for i in 0..20 {
+        assert_eq!(
+            s.store(wt(i), &page_of(1000 + i, true), Retention::Writethrough),
+            StoreOutcome::Accepted
+        );
+    }
+    // Persistent stores keep succeeding while there is anything to evict.
+    for i in 0..50 {
+        assert_eq!(
+            s.store(key(i), &page_of(5000 + i, true), Retention::Persistent),
+            StoreOutcome::Accepted
+        );
+    }
+    assert!(s.stats().evicted_pages > 0);
+    // Writethrough pages outlive ephemeral ones.
+    assert_eq!(s.space_pages(8), 20);
+    assert!(s.space_pages(7) < n);
+    let mut out = Box::new([0u8; PAGE_BYTES]);
+    for i in 0..50 {
+        assert_eq!(s.load(key(i), &mut out), LoadOutcome::Hit);
+        assert_eq!(&out[..], &page_of(5000 + i, true)[..]);
+    }
+    s.audit();
+}
+
+#[test]
+fn coldest_pages_come_oldest_first_and_loads_warm_them() {
+    let s = PageStore::new(StoreConfig::with_capacity(64 << 20));
+    for i in 0..100 {
+        s.store(key(i), &page_of(i, true), Retention::Persistent);
+    }
+    let mut out = Box::new([0u8; PAGE_BYTES]);
+    s.load(key(0), &mut out);
+    let cold = s.coldest(Retention::Persistent, 10);
+    let idx: Vec<u64> = cold.iter().map(|c| c.key.index).collect();
+    assert_eq!(idx, (1..11).collect::<Vec<_>>());
+    assert!(s.coldest(Retention::Ephemeral, 10).is_empty());
+}
+
+#[test]
+fn take_removes_and_invalidate_matching_drops_a_space() {
+    let s = PageStore::new(StoreConfig::with_capacity(64 << 20));
+    for i in 0..50 {
+        s.store(
+            PageKey {
+                space: 2,
+                object: i % 5,
+                index: i,
+            },
+            &page_of(i, true),
+            Retention::Ephemeral,
+        );
+        s.store(key(i), &page_of(i, true), Retention::Persistent);
+    }
+    let mut out = Box::new([0u8; PAGE_BYTES]);
+    assert_eq!(s.take(key(3), &mut out), LoadOutcome::Hit);
+    assert_eq!(s.load(key(3), &mut out), LoadOutcome::Miss);
+    assert_eq!(s.invalidate_matching(2, Some(1)), 10);
+    assert_eq!(s.space_pages(2), 40);
+    assert_eq!(s.invalidate_matching(2, None), 40);
+    assert_eq!(s.space_pages(2), 0);
+    assert_eq!(s.space_pages(1), 49);
+    s.audit();
+}
+
+#[test]
+fn drain_hands_back_each_page_once() {
+    let s = PageStore::new(StoreConfig::with_capacity(64 << 20));
+    for i in 0..300 {
+        s.store(
+            key(i),
+            &page_of(i, i % 3 != 0 || i % 2 == 0),
+            Retention::Persistent,
+        );
+    }
+    let held = s.space_pages(1);
+    let mut seen = std::collections::HashSet::new();
+    let handed = s.drain_space(1, 100, |k, p| {
+        assert_eq!(
+            &p.unwrap()[..],
+            &page_of(k.index, k.index % 3 != 0 || k.index % 2 == 0)[..]
+        );
+        assert!(seen.insert(k.index));
+    });
+    assert_eq!(handed, 100);
+    assert_eq!(s.space_pages(1), held - 100);
+    s.audit();
+}
+
+#[test]
+fn concurrent_stores_and_loads_see_their_own_pages() {
+    let s = Arc::new(PageStore::new(StoreConfig::with_capacity(256 << 20)));
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let mut out = Box::new([0u8; PAGE_BYTES]);
+                for round in 0..3u64 {
+                    for i in 0..500 {
+                        let k = PageKey {
+                            space: t as u32,
+                            object: 0,
+                            index: i,
+                        };
+                        let p = page_of(t * 1_000_000 + round * 1000 + i, true);
+                        assert_eq!(
+                            s.store(k, &p, Retention::Persistent),
+                            StoreOutcome::Accepted
+                        );
+                        assert_eq!(s.load(k, &mut out), LoadOutcome::Hit);
+                        assert_eq!(&out[..], &p[..]);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(s.stats().pages, 2000);
+    s.audit();
+}

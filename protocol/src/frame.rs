@@ -1,0 +1,128 @@
+//! Length-delimited frames: a 4-byte little-endian length, then that many
+//! bytes of one protobuf message.
+//!
+//! Decoding is split as in a parser over a buffer: [`split_frame`] looks at
+//! what has been read so far and either returns a complete frame, asks for
+//! more bytes, or fails; it never allocates beyond the frame itself and never
+//! trusts a length past [`FRAME_BYTES_MAX`](crate::FRAME_BYTES_MAX).
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use prost::Message;
+
+/// Bytes of the length prefix.
+pub const HEADER_BYTES: usize = 4;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+    #[error("empty frame")]
+    Empty,
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+/// Takes one complete frame body off the front of `buf`, or returns `Ok(None)`
+/// when more bytes are needed. On error the connection is beyond repair (the
+/// stream position is lost) and must be answered and closed.
+pub fn split_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, FrameError> {
+    if buf.len() < HEADER_BYTES {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    if len == 0 {
+        return Err(FrameError::Empty);
+    }
+    if buf.len() < HEADER_BYTES + len {
+        // Reserve once for the whole frame instead of growing piecemeal.
+        buf.reserve(HEADER_BYTES + len - buf.len());
+        return Ok(None);
+    }
+    buf.advance(HEADER_BYTES);
+    Ok(Some(buf.split_to(len).freeze()))
+}
+
+/// Decodes one message from a frame body. Byte fields slice `body` (no copy).
+pub fn decode<M: Message + Default>(body: Bytes) -> Result<M, FrameError> {
+    M::decode(body).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+/// Appends `msg` as one frame to `out`.
+pub fn encode<M: Message>(msg: &M, out: &mut BytesMut) -> Result<(), FrameError> {
+    let len = msg.encoded_len();
+    if len > crate::FRAME_BYTES_MAX {
+        return Err(FrameError::TooLarge {
+            len,
+            max: crate::FRAME_BYTES_MAX,
+        });
+    }
+    out.reserve(HEADER_BYTES + len);
+    out.put_u32_le(len as u32);
+    msg.encode(out)
+        .expect("reserved exactly encoded_len bytes above");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::v1;
+
+    #[test]
+    fn round_trips_a_request_in_pieces() {
+        let req = v1::Request {
+            id: 7,
+            ops: vec![v1::Op {
+                kind: Some(v1::op::Kind::Store(v1::Store {
+                    area: 1,
+                    offset: 42,
+                    page: Bytes::from(vec![9u8; crate::PAGE_BYTES]),
+                })),
+            }],
+        };
+        let mut wire = BytesMut::new();
+        encode(&req, &mut wire).unwrap();
+        // Feed the bytes one at a time: a frame is only returned when whole.
+        let mut buf = BytesMut::new();
+        let mut got = None;
+        for b in wire.iter() {
+            assert!(got.is_none());
+            buf.put_u8(*b);
+            got = split_frame(&mut buf, crate::FRAME_BYTES_MAX).unwrap();
+        }
+        let back: v1::Request = decode(got.unwrap()).unwrap();
+        assert_eq!(back, req);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn refuses_a_length_past_the_limit_before_reading_it() {
+        let mut buf = BytesMut::new();
+        buf.put_u32_le(u32::MAX);
+        assert_eq!(
+            split_frame(&mut buf, 1024),
+            Err(FrameError::TooLarge {
+                len: u32::MAX as usize,
+                max: 1024
+            })
+        );
+    }
+
+    #[test]
+    fn refuses_an_empty_frame() {
+        let mut buf = BytesMut::from(&[0u8, 0, 0, 0][..]);
+        assert_eq!(split_frame(&mut buf, 1024), Err(FrameError::Empty));
+    }
+
+    #[test]
+    fn garbage_body_is_a_malformed_error_not_a_panic() {
+        let body = Bytes::from_static(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+        assert!(matches!(
+            decode::<v1::Request>(body),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+}
