@@ -125,4 +125,86 @@ mod tests {
             Err(FrameError::Malformed(_))
         ));
     }
+
+    mod arbitrary_bytes {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A frame header claiming `len` bytes, then whatever follows: steers
+        /// the random inputs past the length check into the decoders.
+        fn framed() -> impl Strategy<Value = Vec<u8>> {
+            (0u32..2048, proptest::collection::vec(any::<u8>(), 0..2048)).prop_map(|(len, body)| {
+                let mut wire = len.to_le_bytes().to_vec();
+                wire.extend(body);
+                wire
+            })
+        }
+
+        proptest! {
+            /// Whatever arrives, in whatever pieces, the decoder answers with
+            /// frames, "need more" or an error: never a panic, never a frame
+            /// past the limit, never more bytes than were given.
+            #[test]
+            fn split_and_decode_never_panic(
+                wire in prop_oneof![proptest::collection::vec(any::<u8>(), 0..4096), framed()],
+                cuts in proptest::collection::vec(1usize..512, 1..16),
+                max in 1usize..4096,
+            ) {
+                let mut buf = BytesMut::new();
+                let mut fed = 0;
+                let mut taken = 0;
+                let mut pieces = cuts.iter().cycle();
+                'feed: while fed < wire.len() {
+                    let n = (*pieces.next().expect("cycle")).min(wire.len() - fed);
+                    buf.extend_from_slice(&wire[fed..fed + n]);
+                    fed += n;
+                    // Each frame consumes at least a header, so this ends.
+                    loop {
+                        match split_frame(&mut buf, max) {
+                            Ok(Some(body)) => {
+                                prop_assert!(!body.is_empty() && body.len() <= max);
+                                taken += HEADER_BYTES + body.len();
+                                let _ = decode::<v1::Request>(body.clone());
+                                let _ = decode::<v1::Hello>(body);
+                            }
+                            Ok(None) => break,
+                            Err(_) => break 'feed,
+                        }
+                    }
+                }
+                prop_assert!(taken <= fed);
+                prop_assert_eq!(taken + buf.len(), fed);
+            }
+
+            /// A message that was encoded decodes back whole, however the
+            /// stream is cut.
+            #[test]
+            fn encoded_requests_come_back_whole(
+                id in any::<u64>(),
+                offsets in proptest::collection::vec(any::<u64>(), 0..32),
+                cut in 1usize..64,
+            ) {
+                let req = v1::Request {
+                    id,
+                    ops: offsets
+                        .iter()
+                        .map(|&offset| v1::Op {
+                            kind: Some(v1::op::Kind::Load(v1::Load { area: 1, offset })),
+                        })
+                        .collect(),
+                };
+                let mut wire = BytesMut::new();
+                encode(&req, &mut wire).unwrap();
+                let mut buf = BytesMut::new();
+                let mut got = Vec::new();
+                for piece in wire.chunks(cut) {
+                    buf.extend_from_slice(piece);
+                    while let Some(body) = split_frame(&mut buf, crate::FRAME_BYTES_MAX).unwrap() {
+                        got.push(decode::<v1::Request>(body).unwrap());
+                    }
+                }
+                prop_assert_eq!(got, vec![req]);
+            }
+        }
+    }
 }

@@ -3,7 +3,11 @@
 //!
 //! `--embedded` drives a page store in this process on one thread (the
 //! store's own speed); `--socket` drives a running node through the native
-//! API with `--depth` requests of `--batch` pages in flight.
+//! API with `--depth` requests of `--batch` pages in flight; `--peer` runs
+//! the same pages, order and checks against zram, memcached or Redis
+//! ([`peers`]), so the figures can be set side by side.
+
+mod peers;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -20,6 +24,8 @@ use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use serde::Serialize;
 
+pub use peers::Peer;
+
 use super::corpus::Pages;
 use super::size::{format_size, parse_size};
 use crate::frontend::client::Client;
@@ -32,11 +38,20 @@ const SYNTHETIC_PAGES_DEFAULT: usize = 32 * 1024;
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Drive a page store inside this process, on one thread (the default).
-    #[arg(long, conflicts_with = "socket")]
+    #[arg(long, conflicts_with_all = ["socket", "peer"])]
     pub embedded: bool,
     /// Drive a running node through its API socket.
-    #[arg(long, env = "RAMSTER_API_SOCKET")]
+    #[arg(long, env = "RAMSTER_API_SOCKET", conflicts_with = "peer")]
     pub socket: Option<PathBuf>,
+    /// Run the same bench against another system instead of ramster.
+    #[arg(long, value_enum)]
+    pub peer: Option<Peer>,
+    /// The zram block device (`--peer zram`); it is reset, used and reset again.
+    #[arg(long, default_value = "/dev/zram0")]
+    pub peer_device: PathBuf,
+    /// host:port of memcached or Redis [default: 127.0.0.1:11211 or 127.0.0.1:6379].
+    #[arg(long)]
+    pub peer_addr: Option<String>,
     /// A corpus of real memory pages (see shared/corpus).
     #[arg(long, conflicts_with = "synthetic")]
     pub corpus: Option<PathBuf>,
@@ -46,10 +61,10 @@ pub struct BenchArgs {
     /// Pages to store (a corpus is repeated or cut to this count).
     #[arg(long)]
     pub pages: Option<usize>,
-    /// Requests in flight (socket mode).
+    /// Requests in flight (socket mode, memcached, Redis).
     #[arg(long, default_value_t = 16)]
     pub depth: usize,
-    /// Pages per request (socket mode).
+    /// Pages per request (socket mode; peers take one page per request).
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
     /// Capacity of the embedded store [default: room for every page].
@@ -69,6 +84,8 @@ pub struct BenchArgs {
 /// What a bench run measured.
 #[derive(Debug, Serialize)]
 pub struct Report {
+    /// What was measured: `ramster`, `zram`, `memcached` or `redis`.
+    pub system: String,
     pub mode: String,
     pub source: String,
     pub pages: usize,
@@ -92,8 +109,17 @@ pub struct Report {
     pub compression_ratio: f64,
     /// LZ4 alone: bytes of the compressed pages / their compressed bytes.
     pub payload_ratio: f64,
-    /// Store memory (slabs + index) per stored page.
+    /// Memory held per stored page: for ramster the store's slabs + index;
+    /// for a peer, see `memory_basis`.
     pub bytes_per_page: f64,
+    /// Memory per page counting only the pages kept compressed or
+    /// same-filled: ramster refuses incompressible pages (they go to the
+    /// client's swap device) while zram keeps them whole, so this is the
+    /// like-for-like figure. Equal to `bytes_per_page` where nothing is
+    /// kept whole.
+    pub bytes_per_compressed_page: f64,
+    /// Where `bytes_per_page` comes from.
+    pub memory_basis: String,
     pub payload_bytes_per_page: f64,
     pub slack_bytes_per_page: f64,
     pub index_bytes_per_page: f64,
@@ -128,14 +154,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         bail!("--batch and --depth must be at least 1");
     }
     let progress = !args.json && std::io::stderr().is_terminal();
-    let report = match &args.socket {
-        Some(path) => {
+    let report = match (&args.peer, &args.socket) {
+        (Some(peer), _) => peers::run(&args, *peer, &pages, source, progress)?,
+        (None, Some(path)) => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(run_socket(&args, path.clone(), &pages, source, progress))?
         }
-        None => run_embedded(&args, &pages, source, progress),
+        (None, None) => run_embedded(&args, &pages, source, progress),
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -460,6 +487,7 @@ fn report(
     };
     let held = st.slab_bytes + st.index_bytes;
     Report {
+        system: "ramster".into(),
         mode: mode.into(),
         source,
         pages: n,
@@ -489,6 +517,8 @@ fn report(
             (st.compressed_pages * PAGE_BYTES as u64) as f64 / st.payload_bytes as f64
         },
         bytes_per_page: per_page(held),
+        bytes_per_compressed_page: per_page(held),
+        memory_basis: "store slabs + index / pages held".into(),
         payload_bytes_per_page: per_page(st.payload_bytes),
         slack_bytes_per_page: per_page(st.slot_bytes - st.payload_bytes),
         index_bytes_per_page: per_page(st.index_bytes),
@@ -506,11 +536,12 @@ fn report(
 
 fn print_table(r: &Report) {
     println!(
-        "ramster bench: {} pages from {} ({} mode)",
-        r.pages, r.source, r.mode
+        "{} bench: {} pages from {} ({} mode)",
+        r.system, r.pages, r.source, r.mode
     );
-    if r.mode == "socket" {
-        println!("  {} requests of {} pages in flight", r.depth, r.batch);
+    if r.depth > 1 {
+        let unit = if r.batch == 1 { "page" } else { "pages" };
+        println!("  {} requests of {} {unit} in flight", r.depth, r.batch);
     }
     println!(
         "  accepted {} / refused {} (no_capacity {}, incompressible {})",
@@ -530,7 +561,7 @@ fn print_table(r: &Report) {
     );
     println!("  (latency per {})", r.latency_unit);
     println!(
-        "  memory: {:.0} B per stored page (payload {:.0}, slack {:.0}, index {:.0}); compression {:.2}x (lz4 alone {:.2}x); fragmentation {:.1}%",
+        "  memory: {:.0} B per stored page (payload {:.0}, slack {:.0}, index {:.0}); compression {:.2}x (payload alone {:.2}x); fragmentation {:.1}%",
         r.bytes_per_page,
         r.payload_bytes_per_page,
         r.slack_bytes_per_page,
@@ -539,10 +570,15 @@ fn print_table(r: &Report) {
         r.payload_ratio,
         r.fragmentation * 100.0
     );
+    println!("  memory basis: {}", r.memory_basis);
     println!(
         "  store holds {} of {}",
         format_size(r.used_bytes),
-        format_size(r.capacity_bytes)
+        if r.capacity_bytes == 0 {
+            "no set limit".to_string()
+        } else {
+            format_size(r.capacity_bytes)
+        }
     );
     println!(
         "  verified: {}",
