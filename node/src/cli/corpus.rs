@@ -53,13 +53,13 @@ impl Pages {
         let bytes = if want == have {
             bytes
         } else {
-            bytes
-                .chunks_exact(PAGE_BYTES)
-                .cycle()
-                .take(want)
-                .flatten()
-                .copied()
-                .collect()
+            let total = want * PAGE_BYTES;
+            let mut out = Vec::with_capacity(total);
+            while out.len() < total {
+                let take = (total - out.len()).min(bytes.len());
+                out.extend_from_slice(&bytes[..take]);
+            }
+            out
         };
         Ok(Pages {
             bytes: Bytes::from(bytes),
