@@ -213,11 +213,18 @@ impl StoreStats {
     }
 }
 
+/// Per-thread scratch: one per thread, not one per page.
+struct Scratch {
+    /// Compressed bytes: compressor output, or a copy read out of the arena.
+    bytes: Box<[u8; COMPRESS_BOUND_BYTES]>,
+    table: compress::CompressTable,
+}
+
 thread_local! {
-    /// Scratch for compressing and for reading compressed bytes out of the
-    /// arena: one per thread, not one per page.
-    static SCRATCH: RefCell<Box<[u8; COMPRESS_BOUND_BYTES]>> =
-        RefCell::new(Box::new([0u8; COMPRESS_BOUND_BYTES]));
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch {
+        bytes: Box::new([0u8; COMPRESS_BOUND_BYTES]),
+        table: compress::CompressTable::default(),
+    });
 }
 
 /// The compressed page store.
@@ -279,12 +286,12 @@ impl PageStore {
             Body::SameFilled { word }
         } else {
             let placed = SCRATCH.with(|s| {
-                let mut s = s.borrow_mut();
-                let len = compress::compress(page, &mut s[..]);
+                let s = &mut *s.borrow_mut();
+                let len = compress::compress(page, &mut s.bytes[..], &mut s.table);
                 if !self.policy.admit(len, self.budget.fill()) {
                     return Err(RejectReason::Incompressible);
                 }
-                self.alloc_or_evict(&s[..len], retention)
+                self.alloc_or_evict(&s.bytes[..len], retention)
                     .map(|h| (h, len))
                     .ok_or(RejectReason::NoCapacity)
             });
@@ -436,7 +443,7 @@ impl PageStore {
             // decompress after releasing it.
             if let Body::Compressed { handle, len } = e.body {
                 self.arena
-                    .read(Handle::from_bits(handle), len as usize, &mut s[..]);
+                    .read(Handle::from_bits(handle), len as usize, &mut s.bytes[..]);
             }
             if remove {
                 shard.remove(i, hash);
@@ -453,7 +460,9 @@ impl PageStore {
                     compress::fill_page(word, out);
                     true
                 }
-                Body::Compressed { len, .. } => compress::decompress(&s[..len as usize], out),
+                Body::Compressed { len, .. } => {
+                    compress::decompress(&s.bytes[..len as usize], out)
+                }
             };
             if decoded && xxh3_64(out) == e.checksum {
                 LoadOutcome::Hit
