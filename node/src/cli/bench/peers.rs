@@ -201,11 +201,13 @@ impl ZramDevice {
             sys.display()
         );
         refuse_if_in_use(device, &sys)?;
+        // Resetting also proves nobody holds the device open (EBUSY); only
+        // once it succeeded is the device ours to reset again on drop.
+        reset(device, &sys)?;
         let zram = ZramDevice {
             device: device.to_path_buf(),
             sys,
         };
-        zram.reset()?;
         zram.write_attr("comp_algorithm", "lz4")
             .context("setting comp_algorithm lz4 (is lz4 built into this kernel?)")?;
         let algorithms = zram.read_attr("comp_algorithm")?;
@@ -218,18 +220,11 @@ impl ZramDevice {
     }
 
     fn reset(&self) -> anyhow::Result<()> {
-        self.write_attr("reset", "1").with_context(|| {
-            format!(
-                "resetting {} (is it open, mounted or swapped on?)",
-                self.device.display()
-            )
-        })
+        reset(&self.device, &self.sys)
     }
 
     fn write_attr(&self, attr: &str, value: &str) -> anyhow::Result<()> {
-        let path = self.sys.join(attr);
-        std::fs::write(&path, value)
-            .with_context(|| format!("writing {value:?} to {}", path.display()))
+        write_attr(&self.sys, attr, value)
     }
 
     fn read_attr(&self, attr: &str) -> anyhow::Result<String> {
@@ -268,6 +263,20 @@ impl Drop for ZramDevice {
     }
 }
 
+fn write_attr(sys: &Path, attr: &str, value: &str) -> anyhow::Result<()> {
+    let path = sys.join(attr);
+    std::fs::write(&path, value).with_context(|| format!("writing {value:?} to {}", path.display()))
+}
+
+fn reset(device: &Path, sys: &Path) -> anyhow::Result<()> {
+    write_attr(sys, "reset", "1").with_context(|| {
+        format!(
+            "resetting {} (is it open, mounted or swapped on?)",
+            device.display()
+        )
+    })
+}
+
 struct MmStat {
     compr_data_size: u64,
     mem_used_total: u64,
@@ -278,14 +287,8 @@ struct MmStat {
 /// A device that is swapped on or mounted must never be reset under its user.
 fn refuse_if_in_use(device: &Path, sys: &Path) -> anyhow::Result<()> {
     let real = std::fs::canonicalize(device).unwrap_or_else(|_| device.to_path_buf());
-    let same = |name: &str| Path::new(name) == device || Path::new(name) == real;
     let swaps = std::fs::read_to_string("/proc/swaps").unwrap_or_default();
-    if swaps
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_whitespace().next())
-        .any(same)
-    {
+    if names_device(&swaps, 1, &[device, &real]) {
         bail!(
             "{} is an active swap device (see /proc/swaps); refusing to reset it. \
              Run `swapoff {}` first or pick another device with --peer-device",
@@ -294,11 +297,7 @@ fn refuse_if_in_use(device: &Path, sys: &Path) -> anyhow::Result<()> {
         );
     }
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    if mounts
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .any(same)
-    {
+    if names_device(&mounts, 0, &[device, &real]) {
         bail!(
             "{} is mounted (see /proc/mounts); refusing to reset it",
             device.display()
@@ -315,6 +314,16 @@ fn refuse_if_in_use(device: &Path, sys: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Whether a table such as /proc/swaps or /proc/mounts (after `header`
+/// lines) has a line whose first field is one of `names`.
+fn names_device(table: &str, header: usize, names: &[&Path]) -> bool {
+    table
+        .lines()
+        .skip(header)
+        .filter_map(|l| l.split_whitespace().next())
+        .any(|first| names.iter().any(|n| Path::new(first) == *n))
 }
 
 fn run_zram(
@@ -805,6 +814,24 @@ mod tests {
         assert_eq!(stat(redis, "used_memory").unwrap(), 1234);
         assert_eq!(stat(redis, "maxmemory").unwrap(), 0);
         assert!(stat(redis, "used").is_err());
+    }
+
+    #[test]
+    fn a_swapped_on_zram_device_is_recognised() {
+        let swaps = "Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n\
+                     /dev/zram0                              partition\t4194300\t\t0\t\t100\n";
+        let zram0 = Path::new("/dev/zram0");
+        assert!(names_device(swaps, 1, &[zram0]));
+        assert!(!names_device(swaps, 1, &[Path::new("/dev/zram1")]));
+        // The header line is never taken for a device.
+        assert!(!names_device(
+            "Filename Type\n",
+            1,
+            &[Path::new("Filename")]
+        ));
+        let mounts = "/dev/vda / ext4 rw 0 0\n/dev/zram1 /tmp ext4 rw 0 0\n";
+        assert!(names_device(mounts, 0, &[Path::new("/dev/zram1")]));
+        assert!(!names_device(mounts, 0, &[zram0]));
     }
 
     #[test]
