@@ -167,7 +167,11 @@ mod tests {
         }
         let ratio = (pages.len() * PAGE_BYTES) as f64 / compressed_bytes as f64;
         let share = |n: usize| n as f64 / pages.len() as f64;
-        eprintln!("zero {:.3} incompressible {:.3} ratio {ratio:.2}", share(zero), share(incompressible));
+        eprintln!(
+            "zero {:.3} incompressible {:.3} ratio {ratio:.2}",
+            share(zero),
+            share(incompressible)
+        );
         assert!((0.04..0.06).contains(&share(zero)));
         assert!((0.10..0.14).contains(&share(incompressible)));
         assert!((2.1..2.5).contains(&ratio), "ratio {ratio}");

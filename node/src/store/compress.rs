@@ -48,7 +48,8 @@ pub type CompressTable = lz4_flex::block::CompressTable;
 /// Compresses `page` into `out` (at least [`COMPRESS_BOUND_BYTES`]); returns
 /// the compressed length.
 pub fn compress(page: &Page, out: &mut [u8], table: &mut CompressTable) -> usize {
-    lz4_flex::block::compress_into_with_table(page, out, table).expect("output sized to the LZ4 bound")
+    lz4_flex::block::compress_into_with_table(page, out, table)
+        .expect("output sized to the LZ4 bound")
 }
 
 /// Decompresses into a full page; `false` when the bytes do not decode to

@@ -460,9 +460,7 @@ impl PageStore {
                     compress::fill_page(word, out);
                     true
                 }
-                Body::Compressed { len, .. } => {
-                    compress::decompress(&s.bytes[..len as usize], out)
-                }
+                Body::Compressed { len, .. } => compress::decompress(&s.bytes[..len as usize], out),
             };
             if decoded && xxh3_64(out) == e.checksum {
                 LoadOutcome::Hit
