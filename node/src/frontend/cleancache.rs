@@ -118,6 +118,8 @@ impl Frontend {
                 LoadOutcome::Hit => (LoadResult::Hit, Event::LoadHit),
                 LoadOutcome::Miss => (LoadResult::NotFound, Event::LoadMiss),
                 LoadOutcome::Corrupt => (LoadResult::Corrupt, Event::LoadError),
+                // Ephemeral pages are never sent to donors.
+                LoadOutcome::Remote(_) => (LoadResult::Unavailable, Event::LoadError),
             };
             self.record_pool(p, event);
             result

@@ -167,6 +167,8 @@ impl Frontend {
                 LoadOutcome::Hit => LoadResult::Hit,
                 LoadOutcome::Miss => LoadResult::NotFound,
                 LoadOutcome::Corrupt => LoadResult::Corrupt,
+                // Held by donors: reachable only through the cluster.
+                LoadOutcome::Remote(_) => LoadResult::Unavailable,
             };
             self.record(
                 a,

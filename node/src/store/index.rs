@@ -1,14 +1,14 @@
 //! One shard of the page index: a hash table of entry numbers into a slab of
-//! entries, and intrusive recency lists (one per retention class) threaded
-//! through the entries, so the coldest pages are found at the list tails
-//! without scanning.
+//! entries, and intrusive recency lists threaded through the entries (one per
+//! retention class for pages held here, one for pages held on donors), so
+//! the coldest pages are found at the list tails without scanning.
 //!
 //! Every byte the shard allocates is charged to the store's [`Budget`] before
 //! it is allocated, like the arena's slabs.
 
 use hashbrown::{HashMap, HashTable};
 
-use super::{Budget, PageKey, Retention};
+use super::{Budget, PageKey, Replicas, Retention};
 
 pub(super) const NIL: u32 = u32::MAX;
 
@@ -19,7 +19,13 @@ pub(super) enum Body {
     SameFilled { word: u64 },
     /// LZ4-compressed bytes in the arena.
     Compressed { handle: u64, len: u16 },
+    /// LZ4-compressed bytes held by donors; only the descriptor is here.
+    Remote { replicas: Replicas, len: u16 },
 }
+
+/// Recency list of pages held on donors (after the retention classes).
+pub(super) const REMOTE_LIST: usize = Retention::COUNT;
+const LISTS: usize = Retention::COUNT + 1;
 
 #[derive(Copy, Clone, Debug)]
 pub(super) struct Entry {
@@ -29,12 +35,30 @@ pub(super) struct Entry {
     pub body: Body,
     /// Logical time of the last store or load: smaller is colder.
     pub stamp: u64,
+    /// Logical time of the store that wrote these bytes: names this version
+    /// of the page on donors, so a late answer about an older version is
+    /// recognised as stale.
+    pub version: u64,
     pub retention: Retention,
-    /// Recency list links (compressed pages only) or, for a vacant entry,
-    /// `next` is the free list.
+    /// Recency list links or, for a vacant entry, `next` is the free list.
     pub prev: u32,
     pub next: u32,
     pub vacant: bool,
+    /// Its bytes are on their way to donors; off the lists meanwhile so it is
+    /// not picked twice.
+    pub remotifying: bool,
+}
+
+impl Entry {
+    /// The recency list the entry belongs on, if any. Same-filled pages are
+    /// on none: they cost no arena bytes and never move.
+    pub fn list(&self) -> Option<usize> {
+        match self.body {
+            Body::Compressed { .. } if !self.remotifying => Some(self.retention as usize),
+            Body::Remote { .. } => Some(REMOTE_LIST),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Copy, Clone, Debug)]
@@ -54,7 +78,7 @@ pub(super) struct Shard {
     table: HashTable<u32>,
     entries: Vec<Entry>,
     free_head: u32,
-    lists: [List; Retention::COUNT],
+    lists: [List; LISTS],
     /// Pages per space (area or pool), so `curr_pages` needs no scan.
     space_pages: HashMap<u32, u64>,
     live: usize,
@@ -79,7 +103,7 @@ impl Shard {
             table: HashTable::new(),
             entries: Vec::new(),
             free_head: NIL,
-            lists: [EMPTY; Retention::COUNT],
+            lists: [EMPTY; LISTS],
             space_pages: HashMap::new(),
             live: 0,
             charged: 0,
@@ -163,7 +187,7 @@ impl Shard {
         let entries = &self.entries;
         self.table
             .insert_unique(hash, i, |&j| hash_key(&entries[j as usize].key));
-        if matches!(e.body, Body::Compressed { .. }) {
+        if e.list().is_some() {
             self.push_head(i);
         }
         *self.space_pages.entry(e.key.space).or_insert(0) += 1;
@@ -171,20 +195,28 @@ impl Shard {
         Some(i)
     }
 
-    /// Replaces what entry `i` holds (a duplicate store), making it hottest.
-    pub fn replace(&mut self, i: u32, e: Entry) {
-        let old = self.entries[i as usize];
-        if matches!(old.body, Body::Compressed { .. }) {
+    /// Changes entry `i` with `f`, keeping its list membership right; the
+    /// entry ends up hottest on whichever list it now belongs to.
+    pub fn relink(&mut self, i: u32, f: impl FnOnce(&mut Entry)) {
+        if self.entries[i as usize].list().is_some() {
             self.unlink(i);
         }
-        let slot = &mut self.entries[i as usize];
-        slot.checksum = e.checksum;
-        slot.body = e.body;
-        slot.stamp = e.stamp;
-        slot.retention = e.retention;
-        if matches!(e.body, Body::Compressed { .. }) {
+        f(&mut self.entries[i as usize]);
+        if self.entries[i as usize].list().is_some() {
             self.push_head(i);
         }
+    }
+
+    /// Replaces what entry `i` holds (a duplicate store), making it hottest.
+    pub fn replace(&mut self, i: u32, e: Entry) {
+        self.relink(i, |slot| {
+            slot.checksum = e.checksum;
+            slot.body = e.body;
+            slot.stamp = e.stamp;
+            slot.version = e.version;
+            slot.retention = e.retention;
+            slot.remotifying = false;
+        });
     }
 
     /// Removes entry `i`, returning it.
@@ -195,7 +227,7 @@ impl Shard {
             .find_entry(hash, |&j| j == i)
             .expect("entry is in the table")
             .remove();
-        if matches!(e.body, Body::Compressed { .. }) {
+        if e.list().is_some() {
             self.unlink(i);
         }
         let count = self
@@ -216,28 +248,38 @@ impl Shard {
 
     /// Marks entry `i` as just used.
     pub fn touch(&mut self, i: u32, stamp: u64) {
-        let e = &mut self.entries[i as usize];
-        e.stamp = stamp;
-        if matches!(e.body, Body::Compressed { .. }) {
-            self.unlink(i);
-            self.push_head(i);
-        }
+        self.relink(i, |e| e.stamp = stamp);
     }
 
     pub fn space_pages(&self, space: u32) -> u64 {
         self.space_pages.get(&space).copied().unwrap_or(0)
     }
 
-    /// Entry numbers of up to `max` of the coldest compressed pages of one
-    /// retention class, coldest first.
-    pub fn coldest(&self, retention: Retention, max: usize) -> impl Iterator<Item = u32> + '_ {
-        let mut i = self.lists[retention as usize].tail;
+    /// Entry numbers of up to `max` of the coldest entries on `list`,
+    /// coldest first.
+    pub fn coldest(&self, list: usize, max: usize) -> impl Iterator<Item = u32> + '_ {
+        let mut i = self.lists[list].tail;
         std::iter::from_fn(move || {
             if i == NIL {
                 return None;
             }
             let cur = i;
             i = self.entries[cur as usize].prev;
+            Some(cur)
+        })
+        .take(max)
+    }
+
+    /// Entry numbers of up to `max` of the hottest entries on `list`,
+    /// hottest first.
+    pub fn hottest(&self, list: usize, max: usize) -> impl Iterator<Item = u32> + '_ {
+        let mut i = self.lists[list].head;
+        std::iter::from_fn(move || {
+            if i == NIL {
+                return None;
+            }
+            let cur = i;
+            i = self.entries[cur as usize].next;
             Some(cur)
         })
         .take(max)
@@ -253,7 +295,9 @@ impl Shard {
     }
 
     fn push_head(&mut self, i: u32) {
-        let r = self.entries[i as usize].retention as usize;
+        let r = self.entries[i as usize]
+            .list()
+            .expect("linking an entry that belongs on a list");
         let old_head = self.lists[r].head;
         {
             let e = &mut self.entries[i as usize];
@@ -269,13 +313,9 @@ impl Shard {
     }
 
     fn unlink(&mut self, i: u32) {
-        let Entry {
-            prev,
-            next,
-            retention,
-            ..
-        } = self.entries[i as usize];
-        let r = retention as usize;
+        let e = self.entries[i as usize];
+        let (prev, next) = (e.prev, e.next);
+        let r = e.list().expect("unlinking an entry that is on a list");
         if prev != NIL {
             self.entries[prev as usize].next = next;
         } else {
@@ -303,7 +343,7 @@ impl Shard {
             while i != NIL {
                 let e = &self.entries[i as usize];
                 assert!(!e.vacant);
-                assert_eq!(e.retention as usize, r);
+                assert_eq!(e.list(), Some(r));
                 assert_eq!(e.prev, prev);
                 assert!(prev == NIL || self.entries[prev as usize].stamp >= e.stamp);
                 prev = i;
@@ -312,12 +352,12 @@ impl Shard {
             }
             assert_eq!(list.tail, prev);
         }
-        let compressed = self
+        let listed = self
             .entries
             .iter()
-            .filter(|e| !e.vacant && matches!(e.body, Body::Compressed { .. }))
+            .filter(|e| !e.vacant && e.list().is_some())
             .count();
-        assert_eq!(in_lists, compressed);
+        assert_eq!(in_lists, listed);
         assert_eq!(self.table.len(), self.live);
         assert_eq!(self.space_pages.values().sum::<u64>(), self.live as u64);
     }

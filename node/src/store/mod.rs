@@ -92,6 +92,10 @@ pub enum LoadOutcome {
     Miss,
     /// The stored bytes failed their checksum; the output is not the page.
     Corrupt,
+    /// The page is held by donors: fetch it from one of them, check it
+    /// against the checksum, and (if there is room) bring it home with
+    /// [`PageStore::install_fetched`].
+    Remote(RemoteRef),
 }
 
 /// A cold page, as handed to the remotify task.
@@ -99,6 +103,68 @@ pub enum LoadOutcome {
 pub struct ColdPage {
     pub key: PageKey,
     pub stamp: u64,
+}
+
+/// Most donors holding copies of one page.
+pub const REPLICAS_MAX: usize = 3;
+
+/// A donor's node id, as page descriptors record it (cluster node ids are
+/// assigned below 2^32 so a descriptor stays within the index entry).
+pub type DonorId = u32;
+
+/// The donors holding a page's compressed bytes.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Replicas {
+    ids: [DonorId; REPLICAS_MAX],
+    count: u8,
+}
+
+impl Replicas {
+    /// `None` if there are no donors or more than [`REPLICAS_MAX`].
+    pub fn new(donors: &[DonorId]) -> Option<Replicas> {
+        if donors.is_empty() || donors.len() > REPLICAS_MAX {
+            return None;
+        }
+        let mut ids = [0; REPLICAS_MAX];
+        ids[..donors.len()].copy_from_slice(donors);
+        Some(Replicas {
+            ids,
+            count: donors.len() as u8,
+        })
+    }
+
+    pub fn as_slice(&self) -> &[DonorId] {
+        &self.ids[..self.count as usize]
+    }
+}
+
+/// A page's compressed bytes on their way to donors (remotify).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outbound {
+    pub key: PageKey,
+    pub version: u64,
+    /// xxh3-64 of the uncompressed page: donors store it, loads check it.
+    pub checksum: u64,
+    pub compressed: Vec<u8>,
+}
+
+/// Where a page held on donors is, as a load finds it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct RemoteRef {
+    pub key: PageKey,
+    pub version: u64,
+    pub checksum: u64,
+    pub len: u16,
+    pub replicas: Replicas,
+}
+
+/// Copies on donors that are no longer wanted (the page was overwritten,
+/// invalidated, or brought home): the cluster tells the donors to drop them.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Released {
+    pub key: PageKey,
+    pub version: u64,
+    pub replicas: Replicas,
 }
 
 /// Store configuration.
@@ -190,6 +256,9 @@ pub struct StoreStats {
     pub index_bytes: u64,
     /// Droppable pages evicted to make room.
     pub evicted_pages: u64,
+    /// Pages whose bytes are held by donors, and those bytes (compressed).
+    pub remote_pages: u64,
+    pub remote_bytes: u64,
 }
 
 impl StoreStats {
@@ -239,6 +308,10 @@ pub struct PageStore {
     same_filled_pages: AtomicU64,
     payload_bytes: AtomicU64,
     evicted_pages: AtomicU64,
+    remote_pages: AtomicU64,
+    remote_bytes: AtomicU64,
+    /// Donor copies to drop, collected for the cluster's release task.
+    released: Mutex<Vec<Released>>,
     /// Shard where the next eviction starts, so evictions spread out.
     evict_cursor: AtomicU64,
 }
@@ -256,6 +329,9 @@ impl PageStore {
             same_filled_pages: AtomicU64::new(0),
             payload_bytes: AtomicU64::new(0),
             evicted_pages: AtomicU64::new(0),
+            remote_pages: AtomicU64::new(0),
+            remote_bytes: AtomicU64::new(0),
+            released: Mutex::new(Vec::new()),
             evict_cursor: AtomicU64::new(0),
         }
     }
@@ -311,15 +387,18 @@ impl PageStore {
             checksum,
             body,
             stamp: 0,
+            version: 0,
             retention,
             prev: index::NIL,
             next: index::NIL,
             vacant: false,
+            remotifying: false,
         };
         let mut evicted = 0;
         let displaced = loop {
             let mut shard = self.lock(hash);
             entry.stamp = self.tick();
+            entry.version = entry.stamp;
             if let Some(i) = shard.find(&key, hash) {
                 let old = *shard.entry(i);
                 shard.replace(i, entry);
@@ -376,7 +455,7 @@ impl PageStore {
             for k in 0..self.shards.len() {
                 let shard_no = (start + k) % self.shards.len();
                 let mut shard = self.shards[shard_no].lock();
-                let mut tail = shard.coldest(list, CANDIDATES);
+                let mut tail = shard.coldest(list as usize, CANDIDATES);
                 let Some(coldest) = tail.next() else {
                     continue;
                 };
@@ -405,6 +484,10 @@ impl PageStore {
             Body::Compressed { len, .. } => {
                 add_signed(&self.payload_bytes, sign * len as i64);
             }
+            Body::Remote { len, .. } => {
+                add_signed(&self.remote_pages, sign);
+                add_signed(&self.remote_bytes, sign * len as i64);
+            }
         }
     }
 
@@ -414,10 +497,18 @@ impl PageStore {
         }
     }
 
-    /// Frees what a removed entry held.
+    /// Frees what a removed entry held; copies on donors are queued for
+    /// the cluster to drop.
     fn release(&self, e: &Entry) {
         self.count_body(e.body, -1);
         self.release_body(e.body);
+        if let Body::Remote { replicas, .. } = e.body {
+            self.released.lock().push(Released {
+                key: e.key,
+                version: e.version,
+                replicas,
+            });
+        }
     }
 
     /// Loads a page into `out`, checking its checksum.
@@ -439,6 +530,19 @@ impl PageStore {
                 return LoadOutcome::Miss;
             };
             let e = *shard.entry(i);
+            if let Body::Remote { replicas, len } = e.body {
+                // The bytes are on donors; a private get cannot hand over what
+                // is not here, so the entry stays until it is fetched.
+                let stamp = self.tick();
+                shard.touch(i, stamp);
+                return LoadOutcome::Remote(RemoteRef {
+                    key,
+                    version: e.version,
+                    checksum: e.checksum,
+                    len,
+                    replicas,
+                });
+            }
             // Copy the compressed bytes out under the lock (a short memcpy),
             // decompress after releasing it.
             if let Body::Compressed { handle, len } = e.body {
@@ -461,6 +565,7 @@ impl PageStore {
                     true
                 }
                 Body::Compressed { len, .. } => compress::decompress(&s.bytes[..len as usize], out),
+                Body::Remote { .. } => unreachable!("answered above"),
             };
             if decoded && xxh3_64(out) == e.checksum {
                 LoadOutcome::Hit
@@ -553,8 +658,9 @@ impl PageStore {
                 match self.take(key, &mut page) {
                     LoadOutcome::Hit => give(key, Ok(&page)),
                     LoadOutcome::Corrupt => give(key, Err(())),
-                    // Raced with an invalidation: nothing to hand back.
-                    LoadOutcome::Miss => continue,
+                    // Raced with an invalidation: nothing to hand back; or
+                    // held on donors: suction brings it home first.
+                    LoadOutcome::Miss | LoadOutcome::Remote(_) => continue,
                 }
                 handed += 1;
             }
@@ -577,7 +683,7 @@ impl PageStore {
         let mut all = Vec::new();
         for shard in self.shards.iter() {
             let shard = shard.lock();
-            all.extend(shard.coldest(retention, max).map(|i| {
+            all.extend(shard.coldest(retention as usize, max).map(|i| {
                 let e = shard.entry(i);
                 ColdPage {
                     key: e.key,
@@ -588,6 +694,154 @@ impl PageStore {
         all.sort_unstable_by_key(|c| c.stamp);
         all.truncate(max);
         all
+    }
+
+    /// Remotify, step one: takes up to `max` of the coldest persistent pages
+    /// held here and hands out copies of their compressed bytes. They stay
+    /// here, loadable, until [`finish_remotify`](Self::finish_remotify) says
+    /// donors hold them; meanwhile they are not handed out again.
+    pub fn begin_remotify(&self, max: usize) -> Vec<Outbound> {
+        let mut out = Vec::new();
+        for cold in self.coldest(Retention::Persistent, max) {
+            let hash = hash_key(&cold.key);
+            let mut shard = self.lock(hash);
+            let Some(i) = shard.find(&cold.key, hash) else {
+                continue;
+            };
+            let e = *shard.entry(i);
+            let Body::Compressed { handle, len } = e.body else {
+                continue;
+            };
+            if e.remotifying {
+                continue;
+            }
+            let mut compressed = vec![0u8; len as usize];
+            self.arena
+                .read(Handle::from_bits(handle), len as usize, &mut compressed);
+            shard.relink(i, |e| e.remotifying = true);
+            out.push(Outbound {
+                key: e.key,
+                version: e.version,
+                checksum: e.checksum,
+                compressed,
+            });
+        }
+        out
+    }
+
+    /// Remotify, step two: every replica acked. Frees the local copy and
+    /// keeps the descriptor. `false` if the page changed meanwhile (stored
+    /// again or invalidated): the donors' copies are stale and the caller
+    /// drops them.
+    pub fn finish_remotify(&self, key: PageKey, version: u64, replicas: Replicas) -> bool {
+        let hash = hash_key(&key);
+        let mut shard = self.lock(hash);
+        let Some(i) = shard.find(&key, hash) else {
+            return false;
+        };
+        let e = *shard.entry(i);
+        let Body::Compressed { len, .. } = e.body else {
+            return false;
+        };
+        if e.version != version || !e.remotifying {
+            return false;
+        }
+        let remote = Body::Remote { replicas, len };
+        shard.relink(i, |e| {
+            e.body = remote;
+            e.remotifying = false;
+        });
+        drop(shard);
+        self.count_body(e.body, -1);
+        self.release_body(e.body);
+        self.count_body(remote, 1);
+        true
+    }
+
+    /// Remotify failed (no donor, a timeout): the page stays here and may
+    /// be picked again later.
+    pub fn abort_remotify(&self, key: PageKey, version: u64) {
+        let hash = hash_key(&key);
+        let mut shard = self.lock(hash);
+        if let Some(i) = shard.find(&key, hash) {
+            let e = *shard.entry(i);
+            if e.version == version && e.remotifying {
+                shard.relink(i, |e| e.remotifying = false);
+            }
+        }
+    }
+
+    /// Up to `max` of the most recently used pages held on donors, hottest
+    /// first: suction brings these home first.
+    pub fn hottest_remote(&self, max: usize) -> Vec<RemoteRef> {
+        let mut all: Vec<(u64, RemoteRef)> = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.lock();
+            all.extend(shard.hottest(index::REMOTE_LIST, max).filter_map(|i| {
+                let e = shard.entry(i);
+                match e.body {
+                    Body::Remote { replicas, len } => Some((
+                        e.stamp,
+                        RemoteRef {
+                            key: e.key,
+                            version: e.version,
+                            checksum: e.checksum,
+                            len,
+                            replicas,
+                        },
+                    )),
+                    _ => None,
+                }
+            }));
+        }
+        all.sort_unstable_by_key(|(stamp, _)| std::cmp::Reverse(*stamp));
+        all.into_iter().take(max).map(|(_, r)| r).collect()
+    }
+
+    /// Brings a page fetched from a donor home (suction, or a remote load
+    /// with room to spare). The caller has checked the bytes against the
+    /// checksum. Returns the donors' copies to drop, or `None` if the page
+    /// changed meanwhile or there is no room (it then stays remote).
+    pub fn install_fetched(&self, remote: &RemoteRef, compressed: &[u8]) -> Option<Released> {
+        if compressed.len() != remote.len as usize
+            || compressed.is_empty()
+            || compressed.len() > arena::SLOT_BYTES_MAX
+        {
+            return None;
+        }
+        let handle = self.alloc_or_evict(compressed, Retention::Persistent)?;
+        let hash = hash_key(&remote.key);
+        let mut shard = self.lock(hash);
+        let current = shard.find(&remote.key, hash).map(|i| (i, *shard.entry(i)));
+        let Some((i, e)) = current
+            .filter(|(_, e)| e.version == remote.version && matches!(e.body, Body::Remote { .. }))
+        else {
+            drop(shard);
+            self.arena.free(handle, &self.budget);
+            return None;
+        };
+        let home = Body::Compressed {
+            handle: handle.to_bits(),
+            len: remote.len,
+        };
+        let stamp = self.tick();
+        shard.relink(i, |e| {
+            e.body = home;
+            e.stamp = stamp;
+        });
+        drop(shard);
+        self.count_body(e.body, -1);
+        self.count_body(home, 1);
+        Some(Released {
+            key: remote.key,
+            version: remote.version,
+            replicas: remote.replicas,
+        })
+    }
+
+    /// Takes the queue of donor copies to drop.
+    pub fn take_released(&self) -> Vec<Released> {
+        std::mem::take(&mut *self.released.lock())
     }
 
     pub fn stats(&self) -> StoreStats {
@@ -607,6 +861,8 @@ impl PageStore {
             slab_bytes: arena.slab_bytes,
             index_bytes,
             evicted_pages: self.evicted_pages.load(Ordering::Relaxed),
+            remote_pages: self.remote_pages.load(Ordering::Relaxed),
+            remote_bytes: self.remote_bytes.load(Ordering::Relaxed),
         }
     }
 
@@ -623,7 +879,10 @@ impl PageStore {
         let totals = self.arena.totals();
         assert_eq!(totals, self.arena.audit());
         let st = self.stats();
-        assert_eq!(st.pages, st.same_filled_pages + st.compressed_pages);
+        assert_eq!(
+            st.pages,
+            st.same_filled_pages + st.compressed_pages + st.remote_pages
+        );
         assert!(st.used_bytes <= st.capacity_bytes);
         let index_charged: u64 = self.shards.iter().map(|s| s.lock().charged_bytes()).sum();
         assert_eq!(st.used_bytes, st.slab_bytes + index_charged);

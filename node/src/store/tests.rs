@@ -236,3 +236,127 @@ fn concurrent_stores_and_loads_see_their_own_pages() {
     assert_eq!(s.stats().pages, 2000);
     s.audit();
 }
+
+fn donors(ids: &[DonorId]) -> Replicas {
+    Replicas::new(ids).unwrap()
+}
+
+#[test]
+fn replicas_hold_one_to_three_donors() {
+    assert!(Replicas::new(&[]).is_none());
+    assert!(Replicas::new(&[1, 2, 3, 4]).is_none());
+    assert_eq!(donors(&[4, 9]).as_slice(), &[4, 9]);
+}
+
+#[test]
+fn remotify_frees_the_local_copy_only_after_donors_ack() {
+    let s = PageStore::new(StoreConfig::with_capacity(64 << 20));
+    for i in 0..10 {
+        s.store(key(i), &page_of(i, true), Retention::Persistent);
+    }
+    let mut out = Box::new([0u8; PAGE_BYTES]);
+    s.load(key(0), &mut out); // page 0 is now the hottest
+    let outbound = s.begin_remotify(3);
+    let picked: Vec<u64> = outbound.iter().map(|o| o.key.index).collect();
+    assert_eq!(picked, vec![1, 2, 3]);
+    // Not handed out twice while in flight, and still loadable here.
+    assert!(s.begin_remotify(3).iter().all(|o| o.key.index > 3));
+    assert_eq!(s.load(key(1), &mut out), LoadOutcome::Hit);
+    s.audit();
+
+    // The bytes shipped decode to the page and match its checksum.
+    let o = &outbound[1];
+    let mut page = Box::new([0u8; PAGE_BYTES]);
+    assert!(compress::decompress(&o.compressed, &mut page));
+    assert_eq!(xxh3_64(&page[..]), o.checksum);
+
+    let before = s.stats();
+    assert!(s.finish_remotify(o.key, o.version, donors(&[7])));
+    let after = s.stats();
+    assert_eq!(after.remote_pages, before.remote_pages + 1);
+    assert_eq!(after.compressed_pages, before.compressed_pages - 1);
+    assert_eq!(after.pages, before.pages);
+    match s.load(o.key, &mut out) {
+        LoadOutcome::Remote(r) => {
+            assert_eq!(
+                (r.version, r.checksum, r.replicas),
+                (o.version, o.checksum, donors(&[7]))
+            );
+            assert_eq!(r.len as usize, o.compressed.len());
+        }
+        other => panic!("expected Remote, got {other:?}"),
+    }
+    s.audit();
+}
+
+#[test]
+fn a_page_stored_again_while_in_flight_makes_the_donor_copy_stale() {
+    let s = PageStore::new(StoreConfig::with_capacity(64 << 20));
+    s.store(key(1), &page_of(1, true), Retention::Persistent);
+    let o = s.begin_remotify(1).pop().unwrap();
+    s.store(key(1), &page_of(2, true), Retention::Persistent);
+    assert!(
+        !s.finish_remotify(o.key, o.version, donors(&[3])),
+        "a stale version was installed"
+    );
+    let mut out = Box::new([0u8; PAGE_BYTES]);
+    assert_eq!(s.load(key(1), &mut out), LoadOutcome::Hit);
+    assert_eq!(&out[..], &page_of(2, true)[..]);
+    // An aborted remotify puts a page back in line.
+    let o = s.begin_remotify(1).pop().unwrap();
+    s.abort_remotify(o.key, o.version);
+    assert_eq!(s.begin_remotify(1).pop().map(|p| p.key), Some(key(1)));
+    s.audit();
+}
+
+#[test]
+fn dropping_or_overwriting_a_remote_page_queues_its_donor_copies() {
+    let s = PageStore::new(StoreConfig::with_capacity(64 << 20));
+    for i in 0..3 {
+        s.store(key(i), &page_of(i, true), Retention::Persistent);
+    }
+    for o in s.begin_remotify(3) {
+        assert!(s.finish_remotify(o.key, o.version, donors(&[1, 2])));
+    }
+    assert!(s.take_released().is_empty());
+    s.invalidate(key(0));
+    s.store(key(1), &page_of(9, true), Retention::Persistent);
+    let released: Vec<u64> = s.take_released().iter().map(|r| r.key.index).collect();
+    assert_eq!(released, vec![0, 1]);
+    assert_eq!(s.stats().remote_pages, 1);
+    s.audit();
+}
+
+#[test]
+fn fetched_pages_come_home_hottest_first_unless_changed() {
+    let s = PageStore::new(StoreConfig::with_capacity(64 << 20));
+    let mut shipped = std::collections::HashMap::new();
+    for i in 0..5 {
+        s.store(key(i), &page_of(i, true), Retention::Persistent);
+    }
+    for o in s.begin_remotify(5) {
+        assert!(s.finish_remotify(o.key, o.version, donors(&[4])));
+        shipped.insert(o.key, o.compressed);
+    }
+    let mut out = Box::new([0u8; PAGE_BYTES]);
+    let LoadOutcome::Remote(_) = s.load(key(3), &mut out) else {
+        panic!()
+    };
+    let hot = s.hottest_remote(2);
+    assert_eq!(hot[0].key, key(3));
+    // Bring page 3 home: donors' copies are released, loads hit locally.
+    let released = s.install_fetched(&hot[0], &shipped[&key(3)]).unwrap();
+    assert_eq!(released.replicas, donors(&[4]));
+    assert_eq!(s.load(key(3), &mut out), LoadOutcome::Hit);
+    assert_eq!(&out[..], &page_of(3, true)[..]);
+    // A page stored again meanwhile is not overwritten by its old bytes.
+    let r = hot[1];
+    s.store(r.key, &page_of(77, true), Retention::Persistent);
+    assert!(s.install_fetched(&r, &shipped[&r.key]).is_none());
+    assert_eq!(s.load(r.key, &mut out), LoadOutcome::Hit);
+    assert_eq!(&out[..], &page_of(77, true)[..]);
+    // Wrong length is refused.
+    let r = s.hottest_remote(1)[0];
+    assert!(s.install_fetched(&r, &[1, 2, 3]).is_none());
+    s.audit();
+}

@@ -1,0 +1,175 @@
+//! When pages move: remotify above the high watermark until the stop
+//! watermark; suction below the low watermark until the suction stop, which
+//! sits under the remotify stop so a page brought home does not push the
+//! node back over the edge (no ping-pong).
+
+/// Fractions of capacity.
+#[derive(Copy, Clone, Debug, PartialEq)]
+pub struct Watermarks {
+    /// Remotify starts above this.
+    pub remotify_start: f64,
+    /// ...and runs until use is back down to this.
+    pub remotify_stop: f64,
+    /// Suction starts below this.
+    pub suction_start: f64,
+    /// ...and brings pages home until use reaches this.
+    pub suction_stop: f64,
+}
+
+impl Default for Watermarks {
+    fn default() -> Self {
+        Watermarks {
+            remotify_start: 0.85,
+            remotify_stop: 0.75,
+            suction_start: 0.60,
+            suction_stop: 0.70,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error(
+    "watermarks must satisfy 0 < suction_start < suction_stop < remotify_stop < remotify_start <= 1, got {0:?}"
+)]
+pub struct BadWatermarks(pub Watermarks);
+
+impl Watermarks {
+    pub fn validate(self) -> Result<Self, BadWatermarks> {
+        let ok = 0.0 < self.suction_start
+            && self.suction_start < self.suction_stop
+            && self.suction_stop < self.remotify_stop
+            && self.remotify_stop < self.remotify_start
+            && self.remotify_start <= 1.0;
+        ok.then_some(self).ok_or(BadWatermarks(self))
+    }
+}
+
+/// What the movers should do now.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Movement {
+    Idle,
+    /// Ship this many bytes of (compressed) pages to donors.
+    Remotify {
+        bytes: u64,
+    },
+    /// Bring up to this many bytes of pages home.
+    Suction {
+        bytes: u64,
+    },
+}
+
+/// The hysteresis state: which mover is running.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Pressure {
+    remotifying: bool,
+    sucking: bool,
+}
+
+impl Pressure {
+    /// Decides from the store's use and capacity; `remote_bytes` is what
+    /// donors hold for us (nothing to suck back when zero).
+    pub fn decide(
+        &mut self,
+        w: &Watermarks,
+        used: u64,
+        capacity: u64,
+        remote_bytes: u64,
+    ) -> Movement {
+        if capacity == 0 {
+            return Movement::Idle;
+        }
+        let fill = used as f64 / capacity as f64;
+        let at = |f: f64| (f * capacity as f64) as u64;
+        if fill > w.remotify_start {
+            self.remotifying = true;
+            self.sucking = false;
+        } else if fill <= w.remotify_stop {
+            self.remotifying = false;
+        }
+        if self.remotifying {
+            return Movement::Remotify {
+                bytes: used.saturating_sub(at(w.remotify_stop)),
+            };
+        }
+        if fill < w.suction_start && remote_bytes > 0 {
+            self.sucking = true;
+        } else if fill >= w.suction_stop || remote_bytes == 0 {
+            self.sucking = false;
+        }
+        if self.sucking {
+            return Movement::Suction {
+                bytes: at(w.suction_stop).saturating_sub(used).min(remote_bytes),
+            };
+        }
+        Movement::Idle
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CAP: u64 = 1000;
+
+    #[test]
+    fn remotify_runs_from_start_down_to_stop() {
+        let w = Watermarks::default();
+        let mut p = Pressure::default();
+        assert_eq!(p.decide(&w, 800, CAP, 0), Movement::Idle);
+        assert_eq!(p.decide(&w, 900, CAP, 0), Movement::Remotify { bytes: 150 });
+        // Still above stop: keeps going even below start.
+        assert_eq!(
+            p.decide(&w, 800, CAP, 100),
+            Movement::Remotify { bytes: 50 }
+        );
+        assert_eq!(p.decide(&w, 750, CAP, 150), Movement::Idle);
+        assert_eq!(p.decide(&w, 800, CAP, 150), Movement::Idle);
+    }
+
+    #[test]
+    fn suction_runs_from_low_up_to_its_stop_and_only_with_remote_pages() {
+        let w = Watermarks::default();
+        let mut p = Pressure::default();
+        assert_eq!(p.decide(&w, 500, CAP, 0), Movement::Idle);
+        assert_eq!(
+            p.decide(&w, 500, CAP, 300),
+            Movement::Suction { bytes: 200 }
+        );
+        assert_eq!(p.decide(&w, 650, CAP, 150), Movement::Suction { bytes: 50 });
+        assert_eq!(p.decide(&w, 700, CAP, 100), Movement::Idle);
+        assert_eq!(
+            p.decide(&w, 650, CAP, 100),
+            Movement::Idle,
+            "no restart above suction_start"
+        );
+    }
+
+    #[test]
+    fn a_page_sucked_home_never_triggers_remotify() {
+        // Walk use up and down through every level: suction never brings use
+        // past its stop, which is below where remotify starts.
+        let w = Watermarks::default();
+        let mut p = Pressure::default();
+        let mut used = 0;
+        let mut remote = 2000;
+        for _ in 0..100 {
+            match p.decide(&w, used, CAP, remote) {
+                Movement::Suction { bytes } => {
+                    used += bytes;
+                    remote -= bytes;
+                }
+                Movement::Remotify { .. } => panic!("ping-pong at {used}"),
+                Movement::Idle => break,
+            }
+        }
+        assert_eq!(used, 700);
+    }
+
+    #[test]
+    fn bad_watermarks_are_refused() {
+        let mut w = Watermarks::default();
+        assert!(w.validate().is_ok());
+        w.suction_stop = 0.8;
+        assert!(w.validate().is_err());
+    }
+}
