@@ -23,6 +23,9 @@ use crate::store::{PAGE_BYTES, Page};
 
 /// Requests of one connection executing at once.
 pub const REQUESTS_IN_FLIGHT_MAX: usize = 64;
+/// Requests with at most this many ops run in the reader itself: for a few
+/// pages, spawning a task costs more than it spreads.
+const INLINE_OPS_MAX: usize = 2;
 /// Connections served at once.
 pub const CONNECTIONS_MAX: usize = 1024;
 
@@ -167,6 +170,12 @@ async fn serve_connection(stream: UnixStream, frontend: Arc<Frontend>) -> Result
                 ),
             ))
             .await;
+            continue;
+        }
+        if request.ops.len() <= INLINE_OPS_MAX {
+            let frame = encode_frame(&execute(&frontend, request))
+                .expect("responses stay under the frame limit");
+            let _ = writer.send(frame).await;
             continue;
         }
         let permit = in_flight
