@@ -3,5 +3,6 @@
 //! clients reach them.
 
 pub mod cli;
+pub mod cluster;
 pub mod frontend;
 pub mod store;
