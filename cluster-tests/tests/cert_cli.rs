@@ -21,15 +21,30 @@ fn create_ca_then_create_node_writes_certificates_peers_accept() {
     let certs_arg = certs.to_str().unwrap();
 
     let out = ramster(&["cert", "create-ca", "--certs-dir", certs_arg]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(certs.join("ca.crt").is_file());
     assert!(certs.join("ca.key").is_file());
 
     let out = ramster(&[
-        "cert", "create-node", "node-1", "--certs-dir", certs_arg, "--host", "127.0.0.1", "--host",
+        "cert",
+        "create-node",
+        "node-1",
+        "--certs-dir",
+        certs_arg,
+        "--host",
+        "127.0.0.1",
+        "--host",
         "node-1.peers.local",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let node_dir = certs.join("node-1");
     for f in ["ca.crt", "node.crt", "node.key"] {
         assert!(node_dir.join(f).is_file(), "{f} missing");
@@ -38,7 +53,10 @@ fn create_ca_then_create_node_writes_certificates_peers_accept() {
     assert!(!node_dir.join("ca.key").exists());
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(node_dir.join("node.key")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(node_dir.join("node.key"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o077, 0, "node.key is readable by others: {mode:o}");
     }
 

@@ -38,7 +38,12 @@ fn cpu_secs() -> f64 {
     // 12th and 13th of them, in clock ticks (100 per second on Linux).
     let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / 100.0
 }
 
@@ -142,7 +147,10 @@ async fn run(corpus_pages: usize, gso: bool) {
     for t in 0..PUT_CONCURRENCY {
         let (session, pages) = (session.clone(), pages.clone());
         tasks.spawn(async move {
-            let batches = pages.chunks(PUT_BATCH_PAGES).skip(t).step_by(PUT_CONCURRENCY);
+            let batches = pages
+                .chunks(PUT_BATCH_PAGES)
+                .skip(t)
+                .step_by(PUT_CONCURRENCY);
             for batch in batches {
                 let st = session.put_pages(batch).await.expect("put");
                 assert!(st.iter().all(|s| *s == PageStatus::Ok), "put refused");

@@ -51,7 +51,9 @@ impl Cluster {
 }
 
 fn donor(bytes: u64) -> Arc<Mutex<DonorStore>> {
-    Arc::new(Mutex::new(DonorStore::new(DonorConfig::with_donation(bytes))))
+    Arc::new(Mutex::new(DonorStore::new(DonorConfig::with_donation(
+        bytes,
+    ))))
 }
 
 fn bind_with(
@@ -121,7 +123,11 @@ fn donated(n: u64, version: u64, raw: bool) -> DonatedPage {
 fn unpack(p: &DonatedPage) -> Box<Page> {
     let mut out = Box::new([0u8; PAGE_BYTES]);
     if p.compressed {
-        assert!(decompress(&p.data, &mut out), "page {:?} does not decode", p.key);
+        assert!(
+            decompress(&p.data, &mut out),
+            "page {:?} does not decode",
+            p.key
+        );
     } else {
         out.copy_from_slice(&p.data);
     }
@@ -130,7 +136,12 @@ fn unpack(p: &DonatedPage) -> Box<Page> {
 }
 
 fn refs(range: std::ops::Range<u64>, version: u64) -> Vec<PageRef> {
-    range.map(|n| PageRef { key: key(n), version }).collect()
+    range
+        .map(|n| PageRef {
+            key: key(n),
+            version,
+        })
+        .collect()
 }
 
 async fn guarded<F: std::future::Future>(f: F) -> F::Output {
@@ -156,7 +167,10 @@ async fn pages_put_on_a_peer_come_back_byte_identical_and_release_cleanly() {
         // Page 0 travels uncompressed, as an incompressible page would.
         let pages: Vec<DonatedPage> = (0..300).map(|n| donated(n, 1, n == 0)).collect();
         let statuses = session.put_pages(&pages).await.unwrap();
-        assert!(statuses.iter().all(|s| *s == PageStatus::Ok), "{statuses:?}");
+        assert!(
+            statuses.iter().all(|s| *s == PageStatus::Ok),
+            "{statuses:?}"
+        );
         let held = donor_store.lock().usage(Some("owner-b"));
         assert_eq!(held.pages, 300);
 
@@ -186,11 +200,9 @@ async fn pages_put_on_a_peer_come_back_byte_identical_and_release_cleanly() {
 
         assert_eq!(session.release_owner().await.unwrap(), Ok(0));
         assert_eq!(donor_store.lock().donated_bytes(), 0);
-        let beat = session
-            .heartbeat(Default::default())
-            .await
-            .unwrap();
+        let beat = session.heartbeat(Default::default()).await.unwrap();
         assert_eq!(beat.spare_bytes, 64 << 20);
+        assert_eq!(beat.load_permille, 0);
 
         // The accepting side reuses the connection for its own requests.
         let back = donor_ep
@@ -229,7 +241,10 @@ fn assert_untouched(donor_ep: &PeerEndpoint, store: &Mutex<DonorStore>) {
 fn refused_not_timed_out(e: &PeerError) {
     eprintln!("refused as expected: {e}");
     assert!(
-        matches!(e, PeerError::Connect { .. } | PeerError::ConnectionLost { .. }),
+        matches!(
+            e,
+            PeerError::Connect { .. } | PeerError::ConnectionLost { .. }
+        ),
         "expected a refusal, got {e}"
     );
 }
@@ -247,7 +262,10 @@ async fn a_peer_with_a_certificate_of_another_ca_is_refused_and_sees_no_page() {
             ca: cluster.identity("donor-a").ca,
             ..other.identity("owner-b")
         };
-        let tls = PeerTls::from_rustls(forged.server_config().unwrap(), forged.client_config().unwrap());
+        let tls = PeerTls::from_rustls(
+            forged.server_config().unwrap(),
+            forged.client_config().unwrap(),
+        );
         let err = intruder_put("owner-b", tls, donor_ep.local_addr()).await;
         refused_not_timed_out(&err);
         assert_untouched(&donor_ep, &store);
@@ -313,6 +331,51 @@ async fn a_donor_with_a_certificate_of_another_ca_is_not_trusted_with_pages() {
         assert_eq!(impostor_store.lock().donated_bytes(), 0);
         owner_ep.close().await;
         impostor.close().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insecure_nodes_talk_to_each_other_but_never_to_a_secure_donor() {
+    guarded(async {
+        tls::install_default_provider();
+        let insecure_store = donor(1 << 20);
+        let insecure_donor = bind_with(
+            "donor-a",
+            PeerTls::insecure("donor-a").unwrap(),
+            TransportConfig::default(),
+            insecure_store.clone(),
+        );
+        let owner = bind_with(
+            "owner-b",
+            PeerTls::insecure("owner-b").unwrap(),
+            TransportConfig::default(),
+            donor(0),
+        );
+        let s = owner
+            .session("donor-a", insecure_donor.local_addr())
+            .await
+            .unwrap();
+        assert_eq!(
+            s.put_pages(&[donated(1, 1, false)]).await.unwrap(),
+            [PageStatus::Ok]
+        );
+        assert_eq!(insecure_store.lock().usage(Some("owner-b")).pages, 1);
+
+        let cluster = Cluster::new(&["donor-a"]);
+        let secure_store = donor(1 << 20);
+        let secure_donor = bind(&cluster, "donor-a", secure_store.clone());
+        let err = intruder_put(
+            "owner-b",
+            PeerTls::insecure("owner-b").unwrap(),
+            secure_donor.local_addr(),
+        )
+        .await;
+        refused_not_timed_out(&err);
+        assert_untouched(&secure_donor, &secure_store);
+        owner.close().await;
+        insecure_donor.close().await;
+        secure_donor.close().await;
     })
     .await
 }
@@ -393,7 +456,11 @@ fn an_rpc_to_a_peer_that_stops_answering_fails_at_the_deadline() {
 
 /// A raw authenticated QUIC connection to `target` after a proper hello:
 /// lets a test send bytes no `PeerSession` would.
-async fn raw_connection(identity: &NodeIdentity, node: &str, target: SocketAddr) -> quinn::Connection {
+async fn raw_connection(
+    identity: &NodeIdentity,
+    node: &str,
+    target: SocketAddr,
+) -> quinn::Connection {
     let mut client = identity.client_config().unwrap();
     client.alpn_protocols = vec![PEER_ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client).unwrap();
@@ -429,7 +496,9 @@ async fn error_answer_to(conn: &quinn::Connection, bytes: &[u8]) -> (PeerErrorCo
     let resp: PeerResponse = frame::decode(read_one_frame(&mut recv).await).unwrap();
     assert_eq!(resp.id, 0);
     match resp.kind {
-        Some(peer_response::Kind::Error(e)) => (PeerErrorCode::try_from(e.code).unwrap(), e.message),
+        Some(peer_response::Kind::Error(e)) => {
+            (PeerErrorCode::try_from(e.code).unwrap(), e.message)
+        }
         other => panic!("expected an error answer, got {other:?}"),
     }
 }
@@ -440,7 +509,12 @@ async fn malformed_and_oversized_frames_get_a_clear_error() {
         let cluster = Cluster::new(&["donor-a", "owner-b"]);
         let store = donor(1 << 20);
         let donor_ep = bind(&cluster, "donor-a", store.clone());
-        let conn = raw_connection(&cluster.identity("owner-b"), "owner-b", donor_ep.local_addr()).await;
+        let conn = raw_connection(
+            &cluster.identity("owner-b"),
+            "owner-b",
+            donor_ep.local_addr(),
+        )
+        .await;
 
         let mut garbage = BytesMut::new();
         garbage.put_u32_le(5);

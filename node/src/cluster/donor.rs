@@ -214,6 +214,15 @@ impl DonorStore {
         self.config.donate_bytes.saturating_sub(self.used_bytes)
     }
 
+    /// How full the donation is, in thousandths (1000 when nothing is
+    /// donated at all: such a node takes no pages).
+    pub fn load_permille(&self) -> u32 {
+        if self.config.donate_bytes == 0 {
+            return 1000;
+        }
+        (u128::from(self.used_bytes) * 1000 / u128::from(self.config.donate_bytes)) as u32
+    }
+
     /// What the donor holds, for one owner or (None) for all.
     pub fn usage(&self, owner: Option<&str>) -> DonorUsage {
         let of = |o: &Owner| DonorUsage {
@@ -467,7 +476,10 @@ impl DonorStore {
             total += bytes;
         }
         assert_eq!(total, self.used_bytes, "donated bytes");
-        assert!(self.used_bytes <= self.config.donate_bytes, "over the donation");
+        assert!(
+            self.used_bytes <= self.config.donate_bytes,
+            "over the donation"
+        );
         assert!(self.owners.len() <= OWNERS_MAX);
     }
 }

@@ -144,12 +144,16 @@ pub fn heartbeat_of(donor: &DonorStore) -> wire::Heartbeat {
     wire::Heartbeat {
         spare_bytes: donor.spare_bytes(),
         donated_bytes: donor.donated_bytes(),
-        load_permille: 0,
+        load_permille: donor.load_permille(),
     }
 }
 
 /// Applies one request from the authenticated peer `peer` to the donor store.
-pub fn handle(donor: &parking_lot::Mutex<DonorStore>, peer: &str, req: PeerRequest) -> PeerResponse {
+pub fn handle(
+    donor: &parking_lot::Mutex<DonorStore>,
+    peer: &str,
+    req: PeerRequest,
+) -> PeerResponse {
     let id = req.id;
     let kind = match apply(donor, peer, req) {
         Ok(kind) => kind,

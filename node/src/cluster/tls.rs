@@ -142,9 +142,12 @@ pub fn create_ca(dir: &Path) -> Result<(), CertError> {
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "ramster cluster CA");
+    // A name of its own per CA: a certificate from another cluster's CA then
+    // fails as "unknown issuer" rather than as a bad signature.
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("ramster cluster CA {:016x}", rand::random::<u64>()),
+    );
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
@@ -172,16 +175,18 @@ pub fn create_node(dir: &Path, name: &str, hosts: &[String]) -> Result<PathBuf, 
         path: ca_key_path.clone(),
         reason: e.to_string(),
     })?;
-    let ca_params = CertificateParams::from_ca_cert_pem(&ca_pem).map_err(|e| CertError::BadFile {
-        path: ca_cert_path.clone(),
-        reason: e.to_string(),
-    })?;
+    let ca_params =
+        CertificateParams::from_ca_cert_pem(&ca_pem).map_err(|e| CertError::BadFile {
+            path: ca_cert_path.clone(),
+            reason: e.to_string(),
+        })?;
     // rcgen signs with an issuer `Certificate`; re-signing the CA's own
     // parameters with its key yields the same subject and key identifier.
     let issuer = ca_params.self_signed(&ca_key)?;
 
     let mut sans = vec![SanType::DnsName(
-        name.try_into().map_err(|_| CertError::BadName(name.into()))?,
+        name.try_into()
+            .map_err(|_| CertError::BadName(name.into()))?,
     )];
     for h in hosts {
         match h.parse::<IpAddr>() {
@@ -301,7 +306,11 @@ impl NodeIdentity {
                 None,
                 None,
             )
-            .map_err(|e| bad(format!("not valid as a {what} certificate under the CA: {e}")))?;
+            .map_err(|e| {
+                bad(format!(
+                    "not valid as a {what} certificate under the CA: {e}"
+                ))
+            })?;
         }
         if !cert_names_node(&self.chain[0], name) {
             return Err(bad(format!("not issued for node {name:?}")));
@@ -333,6 +342,83 @@ impl NodeIdentity {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(self.roots()?)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?)
+    }
+}
+
+/// TLS for `--insecure` clusters: a throwaway self-signed certificate, no
+/// client certificates, and a client that accepts any server. Traffic is
+/// still encrypted but nobody is authenticated: anyone who reaches the port
+/// can put, read and release pages. For a laptop demo only; the transport
+/// logs a warning whenever it is used.
+pub fn insecure_configs(node: &str) -> Result<(ServerConfig, ClientConfig), CertError> {
+    check_node_name(node)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec![node.to_string()])?;
+    validity(&mut params, NODE_VALIDITY_DAYS);
+    let cert = params.self_signed(&key)?;
+    let key = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| CertError::BadFile {
+        path: PathBuf::from("(generated key)"),
+        reason: e.to_string(),
+    })?;
+    let server = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key)?;
+    let client = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider())))
+        .with_no_client_auth();
+    Ok((server, client))
+}
+
+/// Accepts any server certificate (still checking that the server holds
+/// its key, so the session is at least encrypted to whoever answered).
+#[derive(Debug)]
+struct AnyServer(Arc<CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 

@@ -151,6 +151,7 @@ pub enum PeerError {
 pub struct PeerTls {
     server: rustls::ServerConfig,
     client: rustls::ClientConfig,
+    insecure: bool,
 }
 
 impl PeerTls {
@@ -164,13 +165,24 @@ impl PeerTls {
     }
 
     /// From configs built elsewhere; the ALPN is set here.
-    pub fn from_rustls(
-        mut server: rustls::ServerConfig,
-        mut client: rustls::ClientConfig,
-    ) -> Self {
+    pub fn from_rustls(mut server: rustls::ServerConfig, mut client: rustls::ClientConfig) -> Self {
         server.alpn_protocols = vec![PEER_ALPN.to_vec()];
         client.alpn_protocols = vec![PEER_ALPN.to_vec()];
-        PeerTls { server, client }
+        PeerTls {
+            server,
+            client,
+            insecure: false,
+        }
+    }
+
+    /// `--insecure`: encrypted but unauthenticated; any host that reaches
+    /// the port is taken for the node it claims to be. Logged loudly.
+    pub fn insecure(node: &str) -> Result<Self, CertError> {
+        let (server, client) = tls::insecure_configs(node)?;
+        Ok(PeerTls {
+            insecure: true,
+            ..PeerTls::from_rustls(server, client)
+        })
     }
 }
 
@@ -191,6 +203,8 @@ type SessionSlot = Arc<tokio::sync::Mutex<Option<Arc<PeerSession>>>>;
 
 struct Shared {
     node: String,
+    /// `--insecure`: peers present no certificate to check names against.
+    insecure: bool,
     incarnation: u64,
     config: TransportConfig,
     donor: Arc<Mutex<DonorStore>>,
@@ -199,11 +213,7 @@ struct Shared {
 
 impl Shared {
     fn slot(&self, peer: &str) -> SessionSlot {
-        self.sessions
-            .lock()
-            .entry_ref(peer)
-            .or_insert_with(Default::default)
-            .clone()
+        self.sessions.lock().entry_ref(peer).or_default().clone()
     }
 }
 
@@ -242,6 +252,14 @@ impl PeerEndpoint {
                 "in-flight requests must be at least 1".into(),
             ));
         }
+        if opts.tls.insecure {
+            warn!(
+                listen = %opts.listen,
+                "INSECURE peer transport: peers are NOT authenticated; anyone who reaches this \
+                 port can read, write and release pages. Never run a real cluster like this."
+            );
+        }
+        let insecure = opts.tls.insecure;
         let transport = Arc::new(quic_transport(cfg)?);
         let server_crypto = QuicServerConfig::try_from(opts.tls.server)
             .map_err(|e| TransportError::Config(e.to_string()))?;
@@ -270,6 +288,7 @@ impl PeerEndpoint {
         })?;
         let shared = Arc::new(Shared {
             node: opts.node,
+            insecure,
             incarnation: opts.incarnation,
             config: opts.transport,
             donor,
@@ -305,9 +324,10 @@ impl PeerEndpoint {
         let mut live: Vec<String> = slots
             .into_iter()
             .filter(|(_, slot)| {
+                // A slot held right now is being dialled: not live yet.
                 slot.try_lock()
                     .map(|s| s.as_ref().is_some_and(|s| s.is_alive()))
-                    .unwrap_or(true)
+                    .unwrap_or(false)
             })
             .map(|(k, _)| k)
             .collect();
@@ -386,7 +406,11 @@ impl PeerEndpoint {
             )));
         }
         debug!(peer, %addr, incarnation = welcome.incarnation, "peer session up");
-        tokio::spawn(serve_streams(conn.clone(), self.shared.clone(), peer.into()));
+        tokio::spawn(serve_streams(
+            conn.clone(),
+            self.shared.clone(),
+            peer.into(),
+        ));
         Ok(PeerSession::start(
             &self.shared,
             conn,
@@ -401,15 +425,16 @@ impl PeerEndpoint {
     /// were told (bounded by the idle timeout).
     pub async fn close(&self) {
         self.endpoint.close(CLOSE_DONE.into(), b"node stopping");
-        let _ = tokio::time::timeout(self.shared.config.idle_timeout, self.endpoint.wait_idle())
-            .await;
+        let _ =
+            tokio::time::timeout(self.shared.config.idle_timeout, self.endpoint.wait_idle()).await;
     }
 }
 
 fn quic_transport(cfg: &TransportConfig) -> Result<quinn::TransportConfig, TransportError> {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(Some(
-        IdleTimeout::try_from(cfg.idle_timeout).map_err(|e| TransportError::Config(e.to_string()))?,
+        IdleTimeout::try_from(cfg.idle_timeout)
+            .map_err(|e| TransportError::Config(e.to_string()))?,
     ));
     t.keep_alive_interval(Some(cfg.keep_alive_interval));
     t.max_concurrent_bidi_streams(VarInt::from_u32(PEER_STREAMS_MAX));
@@ -432,9 +457,7 @@ fn udp_socket(addr: SocketAddr, buffer_bytes: usize) -> std::io::Result<std::net
     if recv < buffer_bytes || send < buffer_bytes {
         warn!(
             wanted = buffer_bytes,
-            recv,
-            send,
-            "UDP socket buffers capped by the kernel; raise net.core.rmem_max/wmem_max"
+            recv, send, "UDP socket buffers capped by the kernel; raise net.core.rmem_max/wmem_max"
         );
     }
     socket.bind(&addr.into())?;
@@ -485,29 +508,35 @@ async fn accept_peer(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<(
         };
         let welcome = peer_handshake::accept(&hello, &shared.node, shared.incarnation)
             .map_err(|e| refuse(e.to_string()))?;
-        let certified = peer_certificate(&conn)
-            .is_some_and(|cert| tls::cert_names_node(&cert, &hello.node));
+        let certified = shared.insecure
+            || peer_certificate(&conn).is_some_and(|cert| tls::cert_names_node(&cert, &hello.node));
         if !certified {
             return Err(refuse(format!(
                 "the peer's certificate is not valid for the node {:?} it claims to be",
                 hello.node
             )));
         }
-        let writer = spawn_writer(send);
+        let mut send = send;
         let welcome = encode_frame(&welcome).map_err(|e| e.to_string())?;
-        writer
-            .send(welcome)
+        send.write_all(&welcome)
             .await
-            .map_err(|_| "stream closed before the welcome".to_string())?;
-        Ok::<_, String>((conn, hello, reader, writer))
+            .map_err(|e| format!("writing the welcome: {e}"))?;
+        Ok::<_, String>((conn, hello, reader, send))
     };
-    let (conn, hello, reader, writer) = tokio::time::timeout(deadline, handshake)
+    let (conn, hello, reader, send) = tokio::time::timeout(deadline, handshake)
         .await
         .map_err(|_| format!("no hello within {} ms", deadline.as_millis()))??;
     let peer: Arc<str> = hello.node.as_str().into();
     info!(peer = %peer, remote = %conn.remote_address(), incarnation = hello.incarnation, "peer connected");
     // The connection also carries our requests to this peer.
-    let session = PeerSession::start(&shared, conn.clone(), hello.node.clone(), hello.incarnation, None).await;
+    let session = PeerSession::start(
+        &shared,
+        conn.clone(),
+        hello.node.clone(),
+        hello.incarnation,
+        None,
+    )
+    .await;
     {
         let slot = shared.slot(&hello.node);
         let mut current = slot.lock().await;
@@ -515,7 +544,7 @@ async fn accept_peer(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<(
             *current = Some(session);
         }
     }
-    tokio::spawn(serve_stream(shared.clone(), peer.clone(), reader, writer));
+    tokio::spawn(serve_stream(shared.clone(), peer.clone(), reader, send));
     serve_streams(conn, shared, peer).await;
     Ok(())
 }
@@ -535,7 +564,7 @@ async fn serve_streams(conn: quinn::Connection, shared: Arc<Shared>, peer: Arc<s
         match conn.accept_bi().await {
             Ok((send, recv)) => {
                 let reader = FrameReader::new(recv, FRAME_BYTES_MAX);
-                tokio::spawn(serve_stream(shared.clone(), peer.clone(), reader, spawn_writer(send)));
+                tokio::spawn(serve_stream(shared.clone(), peer.clone(), reader, send));
             }
             Err(e) => {
                 debug!(peer = %peer, reason = %e, "peer connection closed");
@@ -548,16 +577,24 @@ async fn serve_streams(conn: quinn::Connection, shared: Arc<Shared>, peer: Arc<s
 /// Answers the requests on one stream, in order. A frame that cannot be
 /// read or decoded ends the stream (its position is lost) after an error
 /// answer with id 0 says why.
+///
+/// Each answer is written before the next request is read: a peer that
+/// stops reading answers stalls its own stream under QUIC flow control
+/// instead of making us queue answers (up to a full batch each) without
+/// bound.
 async fn serve_stream(
     shared: Arc<Shared>,
     peer: Arc<str>,
     mut reader: FrameReader<RecvStream>,
-    writer: mpsc::Sender<BytesMut>,
+    mut send: SendStream,
 ) {
     loop {
         let req = match reader.read_frame().await {
             Ok(Some(body)) => frame::decode::<PeerRequest>(body).map_err(|e| e.to_string()),
-            Ok(None) => return,
+            Ok(None) => {
+                let _ = send.finish();
+                return;
+            }
             Err(e) => Err(e.to_string()),
         };
         let resp = match req {
@@ -566,8 +603,9 @@ async fn serve_stream(
                 warn!(peer = %peer, %reason, "malformed frame from peer; closing the stream");
                 let resp = error_response(PeerErrorCode::Malformed, reason);
                 if let Ok(f) = encode_frame(&resp) {
-                    let _ = writer.send(f).await;
+                    let _ = send.write_all(&f).await;
                 }
+                let _ = send.finish();
                 return;
             }
         };
@@ -579,7 +617,7 @@ async fn serve_stream(
             })
             .expect("an error answer is small"),
         };
-        if writer.send(frame).await.is_err() {
+        if send.write_all(&frame).await.is_err() {
             return;
         }
     }
@@ -831,13 +869,11 @@ impl PeerSession {
             incarnation: self.incarnation,
         });
         match self.call(req).await? {
-            peer_response::Kind::ReleaseOwner(r) => {
-                match rpc::status_from_wire(r.status) {
-                    Some(PageStatus::Ok) => Ok(Ok(r.released_pages)),
-                    Some(s) => Ok(Err(s)),
-                    None => Err(self.bad_answer(format!("status {}", r.status))),
-                }
-            }
+            peer_response::Kind::ReleaseOwner(r) => match rpc::status_from_wire(r.status) {
+                Some(PageStatus::Ok) => Ok(Ok(r.released_pages)),
+                Some(s) => Ok(Err(s)),
+                None => Err(self.bad_answer(format!("status {}", r.status))),
+            },
             _ => Err(self.bad_answer("release-owner answered with another kind")),
         }
     }
@@ -855,7 +891,11 @@ impl PeerSession {
 /// stream ends the connection is of no further use: it is closed, which
 /// fails every waiting request at once instead of leaving it to its
 /// deadline.
-async fn read_answers(mut reader: FrameReader<RecvStream>, pending: Pending, conn: quinn::Connection) {
+async fn read_answers(
+    mut reader: FrameReader<RecvStream>,
+    pending: Pending,
+    conn: quinn::Connection,
+) {
     let why: String = loop {
         match reader.read_frame().await {
             Ok(Some(body)) => match frame::decode::<PeerResponse>(body) {

@@ -34,7 +34,10 @@ fn at(index: u64, version: u64) -> PageRef {
 fn a_put_page_comes_back_byte_identical_at_its_version_only() {
     let mut d = DonorStore::new(DonorConfig::with_donation(1 << 20));
     let p = page(1, 3, 1500);
-    assert_eq!(d.put("a", 1, &[p.clone()]).unwrap(), [PageStatus::Ok]);
+    assert_eq!(
+        d.put("a", 1, std::slice::from_ref(&p)).unwrap(),
+        [PageStatus::Ok]
+    );
     let got = d.get("a", 1, &[at(1, 3), at(1, 2), at(1, 4)]).unwrap();
     assert_eq!(got[0].as_ref().unwrap(), &p);
     assert_eq!(got[1], Err(PageStatus::StaleVersion));
@@ -51,7 +54,10 @@ fn a_release_that_overtakes_its_put_keeps_the_page_from_resurrecting() {
         d.put("a", 1, &[page(5, 2, 100), page(5, 1, 100)]).unwrap(),
         [PageStatus::StaleVersion, PageStatus::StaleVersion]
     );
-    assert_eq!(d.get("a", 1, &[at(5, 2)]).unwrap(), [Err(PageStatus::NotFound)]);
+    assert_eq!(
+        d.get("a", 1, &[at(5, 2)]).unwrap(),
+        [Err(PageStatus::NotFound)]
+    );
     // A newer version is a new page and replaces the tombstone.
     assert_eq!(d.put("a", 1, &[page(5, 3, 100)]).unwrap(), [PageStatus::Ok]);
     assert_eq!(d.usage(Some("a")).tombstones, 0);
@@ -89,7 +95,10 @@ fn an_older_incarnation_is_refused_and_a_newer_one_drops_the_old_pages() {
     assert_eq!(d.put("a", 6, &[page(2, 1, 300)]).unwrap(), [PageStatus::Ok]);
     assert_eq!(d.owner_incarnation("a"), Some(6));
     assert_eq!(d.usage(Some("a")).pages, 1);
-    assert_eq!(d.get("a", 6, &[at(1, 1)]).unwrap(), [Err(PageStatus::NotFound)]);
+    assert_eq!(
+        d.get("a", 6, &[at(1, 1)]).unwrap(),
+        [Err(PageStatus::NotFound)]
+    );
     d.check_invariants();
 }
 
@@ -99,10 +108,16 @@ fn the_donation_limit_and_the_owner_quota_are_never_exceeded() {
     let mut d = DonorStore::new(DonorConfig::with_donation(3 * cost));
     d.set_owner_quota("a", 2 * cost);
     let st = d
-        .put("a", 1, &[page(1, 1, 1000), page(2, 1, 1000), page(3, 1, 1000)])
+        .put(
+            "a",
+            1,
+            &[page(1, 1, 1000), page(2, 1, 1000), page(3, 1, 1000)],
+        )
         .unwrap();
     assert_eq!(st, [PageStatus::Ok, PageStatus::Ok, PageStatus::Quota]);
-    let st = d.put("b", 1, &[page(1, 1, 1000), page(2, 1, 1000)]).unwrap();
+    let st = d
+        .put("b", 1, &[page(1, 1, 1000), page(2, 1, 1000)])
+        .unwrap();
     assert_eq!(st, [PageStatus::Ok, PageStatus::NoCapacity]);
     assert_eq!(d.donated_bytes(), 3 * cost);
     assert_eq!(d.spare_bytes(), 0);
@@ -132,7 +147,10 @@ fn malformed_batches_are_refused_whole_before_anything_is_applied() {
     let mut bad = page(2, 1, 100);
     bad.data = Bytes::new();
     let err = d.put("a", 1, &[page(1, 1, 100), bad]).unwrap_err();
-    assert!(matches!(err, DonorError::InvalidPage { item: 1, .. }), "{err}");
+    assert!(
+        matches!(err, DonorError::InvalidPage { item: 1, .. }),
+        "{err}"
+    );
     let mut raw = page(3, 1, PAGE_BYTES);
     raw.data = Bytes::from(vec![0u8; PAGE_BYTES - 1]);
     assert!(d.put("a", 1, &[raw]).is_err());
@@ -266,7 +284,11 @@ impl Model {
     /// Whether replacing `owner`'s slot for `index` by one costing `new`
     /// fits the quota and the donation.
     fn fits(&self, owner: u8, index: u64, new: u64, quota: u64, donate: u64) -> Option<PageStatus> {
-        let old = self.owners[&owner].1.get(&index).map(model_cost).unwrap_or(0);
+        let old = self.owners[&owner]
+            .1
+            .get(&index)
+            .map(model_cost)
+            .unwrap_or(0);
         if new <= old {
             return None;
         }
