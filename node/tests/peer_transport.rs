@@ -219,6 +219,81 @@ async fn pages_put_on_a_peer_come_back_byte_identical_and_release_cleanly() {
     .await
 }
 
+fn bind_incarnation(cluster: &Cluster, node: &str, incarnation: u64) -> PeerEndpoint {
+    PeerEndpoint::bind(
+        EndpointOptions {
+            node: node.to_string(),
+            incarnation,
+            listen: LOCALHOST.parse().unwrap(),
+            tls: PeerTls::mutual(&cluster.identity(node)).unwrap(),
+            transport: TransportConfig::default(),
+        },
+        donor(0),
+    )
+    .unwrap()
+}
+
+/// Waits (bounded) until `session` has noticed its connection is gone.
+async fn until_dead(session: &ramster_node::cluster::transport::PeerSession) {
+    for _ in 0..500 {
+        if !session.is_alive() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the session never noticed its peer closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_redialled_after_a_peer_restarts_and_old_incarnations_are_dropped() {
+    guarded(async {
+        let cluster = Cluster::new(&["donor-a", "owner-b"]);
+        let store = donor(1 << 20);
+        let donor_ep = bind(&cluster, "donor-a", store.clone());
+
+        // The owner's first run leaves ten pages on the donor.
+        let first_run = bind_incarnation(&cluster, "owner-b", 1);
+        let s1 = first_run
+            .session("donor-a", donor_ep.local_addr())
+            .await
+            .unwrap();
+        let pages: Vec<_> = (0..10).map(|n| donated(n, 1, false)).collect();
+        s1.put_pages(&pages).await.unwrap();
+        assert_eq!(store.lock().usage(Some("owner-b")).pages, 10);
+
+        // The donor restarts elsewhere: the owner's session dies and the
+        // next one is a new connection to the new address.
+        let donor_again = bind(&cluster, "donor-a", store.clone());
+        donor_ep.close().await;
+        until_dead(&s1).await;
+        let err = s1.get_pages(&refs(0..1, 1)).await.unwrap_err();
+        assert!(matches!(err, PeerError::ConnectionLost { .. }), "{err}");
+        let s2 = first_run
+            .session("donor-a", donor_again.local_addr())
+            .await
+            .unwrap();
+        assert!(!Arc::ptr_eq(&s1, &s2));
+        let got = s2.get_pages(&refs(0..10, 1)).await.unwrap();
+        assert!(got.iter().all(|g| g.is_ok()));
+        first_run.close().await;
+
+        // The owner restarts with a new incarnation: its first put makes the
+        // donor drop what the old incarnation left.
+        let second_run = bind_incarnation(&cluster, "owner-b", 2);
+        let s3 = second_run
+            .session("donor-a", donor_again.local_addr())
+            .await
+            .unwrap();
+        let st = s3.put_pages(&[donated(99, 1, false)]).await.unwrap();
+        assert_eq!(st, [PageStatus::Ok]);
+        assert_eq!(store.lock().owner_incarnation("owner-b"), Some(2));
+        assert_eq!(store.lock().usage(Some("owner-b")).pages, 1);
+        second_run.close().await;
+        donor_again.close().await;
+    })
+    .await
+}
+
 /// Connects as `node` with `tls` and tries to put a page; returns the error.
 async fn intruder_put(node: &str, tls: PeerTls, target: SocketAddr) -> PeerError {
     let ep = bind_with(node, tls, TransportConfig::default(), donor(0));

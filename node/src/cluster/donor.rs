@@ -6,9 +6,10 @@
 //!
 //! - **Incarnation.** An owner gets a new incarnation every time it starts. A
 //!   request naming an older incarnation than the newest one seen is refused
-//!   (`WrongIncarnation`); one naming a newer incarnation drops everything the
-//!   older one left here first, since a restarted owner has lost its index and
-//!   can never ask for those pages again.
+//!   (`WrongIncarnation`); a put or release naming a newer incarnation drops
+//!   everything the older one left here first, since a restarted owner has
+//!   lost its index and can never ask for those pages again. A get (which
+//!   changes nothing) is answered only for the current incarnation.
 //! - **Version.** An owner bumps a page's version every time it rewrites it.
 //!   The donor keeps at most one version per key: a put of a newer version
 //!   replaces the older one; a put of an older version is refused

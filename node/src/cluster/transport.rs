@@ -633,7 +633,16 @@ fn error_response(code: PeerErrorCode, message: String) -> PeerResponse {
     }
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<PeerResponse>>>>;
+/// Requests waiting for their answers. `closed` is set, under the same lock,
+/// when the session's answers can no longer arrive: a request started after
+/// that fails at once instead of waiting out its deadline.
+#[derive(Default)]
+struct Waiters {
+    by_id: HashMap<u64, oneshot::Sender<PeerResponse>>,
+    closed: bool,
+}
+
+type Pending = Arc<Mutex<Waiters>>;
 
 /// Our side of a connection to one peer: requests out, answers matched back.
 pub struct PeerSession {
@@ -658,7 +667,7 @@ struct PendingGuard<'a> {
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        self.pending.lock().remove(&self.id);
+        self.pending.lock().by_id.remove(&self.id);
     }
 }
 
@@ -714,7 +723,9 @@ impl PeerSession {
     }
 
     pub fn is_alive(&self) -> bool {
-        self.conn.close_reason().is_none() && !self.streams.is_empty()
+        self.conn.close_reason().is_none()
+            && !self.streams.is_empty()
+            && !self.pending.lock().closed
     }
 
     /// Round-trip time estimate of the connection.
@@ -769,7 +780,13 @@ impl PeerSession {
             reason: e.to_string(),
         })?;
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().insert(id, tx);
+        {
+            let mut waiters = self.pending.lock();
+            if waiters.closed {
+                return Err(self.lost());
+            }
+            waiters.by_id.insert(id, tx);
+        }
         let _guard = PendingGuard {
             pending: &self.pending,
             id,
@@ -907,7 +924,7 @@ async fn read_answers(
                 }
                 Ok(resp) => {
                     // No waiter: the call gave up at its deadline.
-                    if let Some(tx) = pending.lock().remove(&resp.id) {
+                    if let Some(tx) = pending.lock().by_id.remove(&resp.id) {
                         let _ = tx.send(resp);
                     }
                 }
@@ -921,5 +938,7 @@ async fn read_answers(
         warn!(reason = %why, "peer stream lost; closing the connection");
         conn.close(CLOSE_PROTOCOL.into(), why.as_bytes());
     }
-    pending.lock().clear();
+    let mut waiters = pending.lock();
+    waiters.closed = true;
+    waiters.by_id.clear();
 }
