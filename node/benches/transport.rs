@@ -5,7 +5,8 @@
 //!
 //! `cargo bench -p ramster-node --bench transport`; `RAMSTER_BENCH_PAGES`
 //! sets the corpus size (default 65536 pages, 256 MiB before compression),
-//! `RAMSTER_BENCH_GSO=0` turns segmentation offload off.
+//! `RAMSTER_BENCH_GSO=0` turns segmentation offload off,
+//! `RAMSTER_BENCH_MTU=1452` sets the path-MTU discovery bound.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,12 +55,15 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(65_536);
     let gso = std::env::var("RAMSTER_BENCH_GSO").map_or(true, |v| v != "0");
+    let mtu: Option<u16> = std::env::var("RAMSTER_BENCH_MTU")
+        .ok()
+        .and_then(|s| s.parse().ok());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(run(pages, gso));
+    rt.block_on(run(pages, gso, mtu));
 }
 
 /// The pages remotify would ship: not same-filled (those stay local as one
@@ -91,7 +95,7 @@ fn remotable(corpus: &Pages) -> Vec<DonatedPage> {
     pages
 }
 
-async fn run(corpus_pages: usize, gso: bool) {
+async fn run(corpus_pages: usize, gso: bool, mtu: Option<u16>) {
     let dir = tempfile::tempdir().expect("temp dir");
     tls::create_ca(dir.path()).expect("CA");
     for n in ["donor-a", "owner-b"] {
@@ -101,6 +105,10 @@ async fn run(corpus_pages: usize, gso: bool) {
         segmentation_offload: gso,
         rpc_deadline: Duration::from_secs(30),
         ..TransportConfig::default()
+    };
+    let transport = TransportConfig {
+        mtu_upper_bound: mtu.unwrap_or(transport.mtu_upper_bound),
+        ..transport
     };
     let bind = |name: &str, donor| {
         let id = NodeIdentity::load(&dir.path().join(name)).expect("identity");
@@ -132,12 +140,13 @@ async fn run(corpus_pages: usize, gso: bool) {
     let pages = Arc::new(remotable(&Pages::synthetic(corpus_pages, 42)));
     let compressed: usize = pages.iter().map(|p| p.data.len()).sum();
     println!(
-        "corpus: {} pages drawn, {} remotable, {:.1} MiB compressed ({:.2}x), GSO {}",
+        "corpus: {} pages drawn, {} remotable, {:.1} MiB compressed ({:.2}x), GSO {}, MTU bound {}",
         corpus_pages,
         pages.len(),
         compressed as f64 / (1 << 20) as f64,
         (pages.len() * PAGE_BYTES) as f64 / compressed as f64,
-        if gso { "on" } else { "off" }
+        if gso { "on" } else { "off" },
+        transport.mtu_upper_bound
     );
 
     // Put: remotify's side.

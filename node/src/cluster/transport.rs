@@ -70,6 +70,11 @@ pub const IN_FLIGHT_REQUESTS_MAX: usize = 64;
 pub const PEER_STREAMS_MAX: u32 = 16;
 /// Incoming connections served at once.
 pub const SESSIONS_MAX: usize = 1024;
+/// Largest UDP payload path-MTU discovery probes for. Above quinn's 1452
+/// default so jumbo-frame networks and loopback get big packets (fewer
+/// packets, fewer per-packet costs); on a 1500-byte path the probes are lost
+/// and discovery settles lower by itself.
+pub const MTU_UPPER_BOUND_BYTES: u16 = 8952;
 /// Per-stream flow-control window: a few full page batches.
 const STREAM_RECEIVE_WINDOW_BYTES: u32 = 16 << 20;
 /// Per-connection flow-control window (the most one peer can make us buffer).
@@ -89,6 +94,8 @@ pub struct TransportConfig {
     pub udp_buffer_bytes: usize,
     pub page_streams: usize,
     pub in_flight_requests_max: usize,
+    /// Upper bound of path-MTU discovery (UDP payload bytes).
+    pub mtu_upper_bound: u16,
     /// UDP generic segmentation offload. Some virtual NICs and older kernels
     /// drop GSO batches; this turns it off.
     pub segmentation_offload: bool,
@@ -103,6 +110,7 @@ impl Default for TransportConfig {
             udp_buffer_bytes: UDP_BUFFER_BYTES,
             page_streams: PAGE_STREAMS_DEFAULT,
             in_flight_requests_max: IN_FLIGHT_REQUESTS_MAX,
+            mtu_upper_bound: MTU_UPPER_BOUND_BYTES,
             segmentation_offload: true,
         }
     }
@@ -443,6 +451,9 @@ fn quic_transport(cfg: &TransportConfig) -> Result<quinn::TransportConfig, Trans
     t.receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW_BYTES));
     t.send_window(u64::from(CONNECTION_RECEIVE_WINDOW_BYTES));
     t.enable_segmentation_offload(cfg.segmentation_offload);
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(cfg.mtu_upper_bound);
+    t.mtu_discovery_config(Some(mtu));
     Ok(t)
 }
 
