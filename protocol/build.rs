@@ -1,7 +1,10 @@
 //! Compiles the .proto files with protox (pure Rust), so a fresh machine needs
 //! no system `protoc`.
 fn main() {
-    let protos = ["proto/ramster/v1/client.proto"];
+    let protos = [
+        "proto/ramster/v1/client.proto",
+        "proto/ramster/v1/peer.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -1,17 +1,25 @@
 //! The ramster native API on the wire: protobuf messages (generated from
 //! `proto/`), length-delimited framing with an explicit size limit, the
-//! version handshake, and the limits both sides enforce.
+//! version handshake, the peer protocol between nodes, and the limits both
+//! sides enforce.
 //!
 //! There are no sockets here: every function works on byte buffers, so the
 //! decoders can be tested and fuzzed on plain slices.
 
 pub mod frame;
 pub mod handshake;
+pub mod peer_handshake;
 
 /// Generated protobuf types of the client API, version 1.
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]
     include!(concat!(env!("OUT_DIR"), "/ramster.v1.rs"));
+}
+
+/// Generated protobuf types of the peer protocol (owner ↔ donor), version 1.
+pub mod peer {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/ramster.peer.v1.rs"));
 }
 
 /// A page, as frontswap defines it. Anything else is rejected.
@@ -23,6 +31,10 @@ pub const BATCH_OPS_MAX: usize = 1024;
 /// Largest frame either side accepts: a full batch of pages plus encoding
 /// overhead (tags, lengths, keys: well under 64 bytes per op).
 pub const FRAME_BYTES_MAX: usize = BATCH_OPS_MAX * (PAGE_BYTES + 64) + 64 * 1024;
+
+/// Most pages in one peer batch (put, get or release). A full batch of
+/// uncompressed pages still fits in [`FRAME_BYTES_MAX`].
+pub const PEER_BATCH_PAGES_MAX: usize = BATCH_OPS_MAX;
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -1,6 +1,7 @@
 //! The `ramster` command line.
 
 pub mod bench;
+pub mod cert;
 pub mod corpus;
 pub mod node;
 pub mod size;
@@ -24,6 +25,8 @@ pub enum Command {
     Node(node::NodeArgs),
     /// Store pages, load them back in random order, verify every byte, report.
     Bench(bench::BenchArgs),
+    /// Create the cluster CA and node certificates for mutual TLS.
+    Cert(cert::CertArgs),
 }
 
 /// Runs the command line; the process exit code.
@@ -32,5 +35,6 @@ pub fn run() -> anyhow::Result<()> {
     match cli.command {
         Command::Node(a) => node::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Cert(a) => cert::run(a),
     }
 }

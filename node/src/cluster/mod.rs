@@ -1,7 +1,19 @@
-//! The cluster: who is in it (membership), when pages move (watermarks),
-//! where they go (placement), and what the host says about memory (pressure).
+//! The cluster layer: how a node keeps pages on its peers.
+//!
+//! - [`membership`]: who is in the cluster (openraft), persisted.
+//! - [`watermarks`]: when pages move; [`placement`]: where they go.
+//! - [`pressure`]: what the host says about memory (cgroups, PSI).
+//! - [`donor`]: peers' pages held here (sans-IO).
+//! - [`rpc`]: peer requests checked and applied to the donor (sans-IO).
+//! - [`tls`]: the cluster CA, node certificates and the mutual-TLS configs.
+//! - [`transport`]: QUIC connections between peers, page batches on
+//!   long-lived streams, the serve side that feeds the donor store.
 
+pub mod donor;
 pub mod membership;
 pub mod placement;
 pub mod pressure;
+pub mod rpc;
+pub mod tls;
+pub mod transport;
 pub mod watermarks;

@@ -7,7 +7,7 @@
 pub mod api;
 pub mod cleancache;
 pub mod client;
-mod conn;
+pub(crate) mod conn;
 pub mod counters;
 pub mod frontswap;
 

@@ -1,0 +1,64 @@
+//! `ramster cert`: the cluster CA and node certificates (see
+//! [`crate::cluster::tls`] for the file layout).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+use crate::cluster::tls;
+
+#[derive(Args, Debug)]
+pub struct CertArgs {
+    #[command(subcommand)]
+    pub command: CertCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CertCommand {
+    /// Create the cluster CA: DIR/ca.crt and DIR/ca.key (keep the key off the
+    /// nodes; only `create-node` needs it).
+    CreateCa {
+        /// Where the CA is written.
+        #[arg(long, env = "RAMSTER_CERTS_DIR")]
+        certs_dir: PathBuf,
+    },
+    /// Issue a node certificate from the CA in DIR: writes DIR/NAME/ca.crt,
+    /// node.crt and node.key; point the node's --certs-dir at DIR/NAME.
+    CreateNode {
+        /// The node's name (a DNS name): peers check its certificate
+        /// against it.
+        name: String,
+        /// Where the CA is, and where the node's directory is created.
+        #[arg(long, env = "RAMSTER_CERTS_DIR")]
+        certs_dir: PathBuf,
+        /// Another DNS name or IP address the node is reached at (repeat).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
+}
+
+pub fn run(args: CertArgs) -> anyhow::Result<()> {
+    match args.command {
+        CertCommand::CreateCa { certs_dir } => {
+            tls::create_ca(&certs_dir).context("creating the cluster CA")?;
+            println!(
+                "cluster CA written to {} ({}, {}); keep {} off the nodes",
+                certs_dir.display(),
+                tls::CA_CERT_FILE,
+                tls::CA_KEY_FILE,
+                tls::CA_KEY_FILE
+            );
+        }
+        CertCommand::CreateNode {
+            name,
+            certs_dir,
+            hosts,
+        } => {
+            let dir = tls::create_node(&certs_dir, &name, &hosts)
+                .with_context(|| format!("issuing a certificate for node {name:?}"))?;
+            println!("node {name}: certificate written to {}", dir.display());
+        }
+    }
+    Ok(())
+}

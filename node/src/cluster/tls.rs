@@ -1,0 +1,435 @@
+//! Identity between peers: a cluster CA, node certificates issued by it, and
+//! the rustls configs that make every peer connection mutually
+//! authenticated. A node's identity *is* its certificate: a peer that cannot
+//! present one issued by the cluster CA gets no connection at all.
+//!
+//! Files, as `ramster cert` writes them:
+//!
+//! ```text
+//! DIR/ca.crt            the cluster CA certificate
+//! DIR/ca.key            the CA's private key: only `cert create-node` needs
+//!                       it; keep it off the nodes
+//! DIR/NAME/ca.crt       copy of the CA certificate (what the node trusts)
+//! DIR/NAME/node.crt     the node's certificate: SAN = NAME + every --host,
+//!                       EKU = ServerAuth + ClientAuth
+//! DIR/NAME/node.key     the node's private key
+//! ```
+//!
+//! A node is pointed at `DIR/NAME` and never sees the CA key. Only the ring
+//! crypto provider is used; [`install_default_provider`] makes it the
+//! process default before anything else touches rustls.
+
+use std::fs;
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+/// File names inside a certs dir.
+pub const CA_CERT_FILE: &str = "ca.crt";
+pub const CA_KEY_FILE: &str = "ca.key";
+pub const NODE_CERT_FILE: &str = "node.crt";
+pub const NODE_KEY_FILE: &str = "node.key";
+
+/// How long a new CA is valid.
+pub const CA_VALIDITY_DAYS: u64 = 3650;
+/// How long a new node certificate is valid.
+pub const NODE_VALIDITY_DAYS: u64 = 825;
+/// Backdating of `not_before`, so peers whose clocks lag a little accept a
+/// certificate issued just now.
+const CLOCK_SKEW_SECS: u64 = 3600;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} exists already; refusing to overwrite it")]
+    Exists(PathBuf),
+    #[error("{path}: {reason}")]
+    BadFile { path: PathBuf, reason: String },
+    #[error("{0:?} is not a valid node name: it must be a DNS name (letters, digits, '-', '.')")]
+    BadName(String),
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("client verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
+/// Makes ring the process-wide rustls provider. Call first thing in `main`:
+/// with one provider in the tree rustls would pick it anyway, but being
+/// explicit keeps a second one pulled in by some future crate from silently
+/// changing the crypto.
+pub fn install_default_provider() {
+    // An error only means a provider is installed already (tests call this
+    // many times); the configs below name ring explicitly regardless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The provider every config here is built with.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CertError + '_ {
+    move |source| CertError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `contents` to a new file; `secret` files are readable by the owner
+/// only, from the moment they exist.
+fn write_new(path: &Path, contents: &str, secret: bool) -> Result<(), CertError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true)
+        .create_new(true)
+        .mode(if secret { 0o600 } else { 0o644 });
+    let mut f = opts.open(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            CertError::Exists(path.to_path_buf())
+        } else {
+            CertError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            }
+        }
+    })?;
+    f.write_all(contents.as_bytes()).map_err(io_err(path))
+}
+
+fn validity(params: &mut CertificateParams, days: u64) {
+    let now = SystemTime::now();
+    params.not_before = (now - Duration::from_secs(CLOCK_SKEW_SECS)).into();
+    params.not_after = (now + Duration::from_secs(days * 86_400)).into();
+}
+
+/// Checks that `name` can be a node name: it is what peers verify the
+/// node's certificate against, so it must be a DNS name.
+pub fn check_node_name(name: &str) -> Result<ServerName<'static>, CertError> {
+    match ServerName::try_from(name.to_string()) {
+        Ok(n @ ServerName::DnsName(_)) => Ok(n),
+        _ => Err(CertError::BadName(name.to_string())),
+    }
+}
+
+/// Creates the cluster CA in `dir` (`ca.crt`, `ca.key`). Refuses to replace
+/// an existing CA: every node certificate issued by it would stop working.
+pub fn create_ca(dir: &Path) -> Result<(), CertError> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let (cert_path, key_path) = (dir.join(CA_CERT_FILE), dir.join(CA_KEY_FILE));
+    for p in [&cert_path, &key_path] {
+        if p.exists() {
+            return Err(CertError::Exists(p.clone()));
+        }
+    }
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    // A name of its own per CA: a certificate from another cluster's CA then
+    // fails as "unknown issuer" rather than as a bad signature.
+    params.distinguished_name.push(
+        DnType::CommonName,
+        format!("ramster cluster CA {:016x}", rand::random::<u64>()),
+    );
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    validity(&mut params, CA_VALIDITY_DAYS);
+    let cert = params.self_signed(&key)?;
+    write_new(&key_path, &key.serialize_pem(), true)?;
+    write_new(&cert_path, &cert.pem(), false)?;
+    Ok(())
+}
+
+/// Issues a certificate for node `name` from the CA in `dir`, valid for the
+/// name and every host in `hosts` (DNS names or IP addresses), for both ends
+/// of a connection. Writes `dir/name/{ca.crt,node.crt,node.key}`; returns
+/// that directory.
+pub fn create_node(dir: &Path, name: &str, hosts: &[String]) -> Result<PathBuf, CertError> {
+    check_node_name(name)?;
+    let ca_cert_path = dir.join(CA_CERT_FILE);
+    let ca_key_path = dir.join(CA_KEY_FILE);
+    let ca_pem = fs::read_to_string(&ca_cert_path).map_err(io_err(&ca_cert_path))?;
+    let ca_key_pem = fs::read_to_string(&ca_key_path).map_err(io_err(&ca_key_path))?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| CertError::BadFile {
+        path: ca_key_path.clone(),
+        reason: e.to_string(),
+    })?;
+    let ca_params =
+        CertificateParams::from_ca_cert_pem(&ca_pem).map_err(|e| CertError::BadFile {
+            path: ca_cert_path.clone(),
+            reason: e.to_string(),
+        })?;
+    // rcgen signs with an issuer `Certificate`; re-signing the CA's own
+    // parameters with its key yields the same subject and key identifier.
+    let issuer = ca_params.self_signed(&ca_key)?;
+
+    let mut sans = vec![SanType::DnsName(
+        name.try_into()
+            .map_err(|_| CertError::BadName(name.into()))?,
+    )];
+    for h in hosts {
+        match h.parse::<IpAddr>() {
+            Ok(ip) => sans.push(SanType::IpAddress(ip)),
+            Err(_) => {
+                check_node_name(h)?;
+                sans.push(SanType::DnsName(
+                    h.as_str()
+                        .try_into()
+                        .map_err(|_| CertError::BadName(h.clone()))?,
+                ));
+            }
+        }
+    }
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.subject_alt_names = sans;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    validity(&mut params, NODE_VALIDITY_DAYS);
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer, &ca_key)?;
+
+    let node_dir = dir.join(name);
+    fs::create_dir_all(&node_dir).map_err(io_err(&node_dir))?;
+    write_new(&node_dir.join(NODE_KEY_FILE), &key.serialize_pem(), true)?;
+    write_new(&node_dir.join(NODE_CERT_FILE), &cert.pem(), false)?;
+    write_new(&node_dir.join(CA_CERT_FILE), &ca_pem, false)?;
+    Ok(node_dir)
+}
+
+/// What a node proves itself with and whom it trusts: its certificate chain
+/// and key, and the cluster CA.
+#[derive(Debug)]
+pub struct NodeIdentity {
+    pub ca: CertificateDer<'static>,
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Clone for NodeIdentity {
+    fn clone(&self) -> Self {
+        NodeIdentity {
+            ca: self.ca.clone(),
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl NodeIdentity {
+    /// Loads `ca.crt`, `node.crt` and `node.key` from a node's certs dir.
+    pub fn load(certs_dir: &Path) -> Result<Self, CertError> {
+        let bad = |path: PathBuf| {
+            move |e: rustls_pki_types::pem::Error| CertError::BadFile {
+                path,
+                reason: e.to_string(),
+            }
+        };
+        let ca_path = certs_dir.join(CA_CERT_FILE);
+        let cert_path = certs_dir.join(NODE_CERT_FILE);
+        let key_path = certs_dir.join(NODE_KEY_FILE);
+        for p in [&ca_path, &cert_path, &key_path] {
+            if !p.exists() {
+                return Err(CertError::Io {
+                    path: p.clone(),
+                    source: std::io::ErrorKind::NotFound.into(),
+                });
+            }
+        }
+        let ca = CertificateDer::from_pem_file(&ca_path).map_err(bad(ca_path.clone()))?;
+        let chain = CertificateDer::pem_file_iter(&cert_path)
+            .map_err(bad(cert_path.clone()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(bad(cert_path.clone()))?;
+        if chain.is_empty() {
+            return Err(CertError::BadFile {
+                path: cert_path,
+                reason: "no certificate in the file".into(),
+            });
+        }
+        let key = PrivateKeyDer::from_pem_file(&key_path).map_err(bad(key_path))?;
+        Ok(NodeIdentity { ca, chain, key })
+    }
+
+    /// Checks, as a peer would, that the node certificate chains to the CA,
+    /// is usable for both ends of a connection (ServerAuth and ClientAuth)
+    /// and is valid for `name`. A node runs this at start, so a wrong certs
+    /// dir fails there with a clear error rather than at every peer.
+    pub fn check(&self, name: &str) -> Result<(), CertError> {
+        let bad = |reason: String| CertError::BadFile {
+            path: PathBuf::from(NODE_CERT_FILE),
+            reason,
+        };
+        let ee = webpki::EndEntityCert::try_from(&self.chain[0])
+            .map_err(|e| bad(format!("not a usable certificate: {e}")))?;
+        let anchor = webpki::anchor_from_trusted_cert(&self.ca)
+            .map_err(|e| bad(format!("the CA certificate is not usable: {e}")))?;
+        let algs = provider().signature_verification_algorithms.all;
+        let now = rustls_pki_types::UnixTime::now();
+        for (usage, what) in [
+            (webpki::KeyUsage::server_auth(), "server"),
+            (webpki::KeyUsage::client_auth(), "client"),
+        ] {
+            ee.verify_for_usage(
+                algs,
+                std::slice::from_ref(&anchor),
+                &self.chain[1..],
+                now,
+                usage,
+                None,
+                None,
+            )
+            .map_err(|e| {
+                bad(format!(
+                    "not valid as a {what} certificate under the CA: {e}"
+                ))
+            })?;
+        }
+        if !cert_names_node(&self.chain[0], name) {
+            return Err(bad(format!("not issued for node {name:?}")));
+        }
+        Ok(())
+    }
+
+    fn roots(&self) -> Result<Arc<RootCertStore>, CertError> {
+        let mut roots = RootCertStore::empty();
+        roots.add(self.ca.clone())?;
+        Ok(Arc::new(roots))
+    }
+
+    /// The accepting side: TLS 1.3 only (QUIC requires it), and a client
+    /// certificate issued by the cluster CA is mandatory.
+    pub fn server_config(&self) -> Result<ServerConfig, CertError> {
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(self.roots()?, provider()).build()?;
+        Ok(ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?)
+    }
+
+    /// The dialling side: the server must prove the name we dial with a
+    /// certificate from the cluster CA, and we present ours.
+    pub fn client_config(&self) -> Result<ClientConfig, CertError> {
+        Ok(ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?)
+    }
+}
+
+/// TLS for `--insecure` clusters: a throwaway self-signed certificate, no
+/// client certificates, and a client that accepts any server. Traffic is
+/// still encrypted but nobody is authenticated: anyone who reaches the port
+/// can put, read and release pages. For a laptop demo only; the transport
+/// logs a warning whenever it is used.
+pub fn insecure_configs(node: &str) -> Result<(ServerConfig, ClientConfig), CertError> {
+    check_node_name(node)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec![node.to_string()])?;
+    validity(&mut params, NODE_VALIDITY_DAYS);
+    let cert = params.self_signed(&key)?;
+    let key = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| CertError::BadFile {
+        path: PathBuf::from("(generated key)"),
+        reason: e.to_string(),
+    })?;
+    let server = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.der().clone()], key)?;
+    let client = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider())))
+        .with_no_client_auth();
+    Ok((server, client))
+}
+
+/// Accepts any server certificate (still checking that the server holds
+/// its key, so the session is at least encrypted to whoever answered).
+#[derive(Debug)]
+struct AnyServer(Arc<CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Whether `cert` (DER) is valid for the node name `name`: the check that
+/// ties the name a peer claims in its hello to the certificate it proved.
+pub fn cert_names_node(cert: &CertificateDer<'_>, name: &str) -> bool {
+    let Ok(server_name) = check_node_name(name) else {
+        return false;
+    };
+    match webpki::EndEntityCert::try_from(cert) {
+        Ok(ee) => ee.verify_is_valid_for_subject_name(&server_name).is_ok(),
+        Err(_) => false,
+    }
+}
