@@ -10,6 +10,7 @@ pub mod client;
 mod conn;
 pub mod counters;
 pub mod frontswap;
+pub mod nbd;
 
 use std::sync::Arc;
 

@@ -242,9 +242,9 @@ fn cc_op() -> impl Strategy<Value = CcOp> {
     let obj = 0u64..4;
     let idx = 0u64..16;
     prop_oneof![
-        10 => (shared.clone(), obj.clone(), idx.clone(), kind(), any::<u64>()).prop_map(|(s, o, i, k, x)| CcOp::Put(s, o, i, k, x)),
-        8 => (shared.clone(), obj.clone(), idx.clone()).prop_map(|(s, o, i)| CcOp::Get(s, o, i)),
-        2 => (shared.clone(), obj.clone(), idx).prop_map(|(s, o, i)| CcOp::InvalidatePage(s, o, i)),
+        10 => (shared, obj.clone(), idx.clone(), kind(), any::<u64>()).prop_map(|(s, o, i, k, x)| CcOp::Put(s, o, i, k, x)),
+        8 => (shared, obj.clone(), idx.clone()).prop_map(|(s, o, i)| CcOp::Get(s, o, i)),
+        2 => (shared, obj.clone(), idx).prop_map(|(s, o, i)| CcOp::InvalidatePage(s, o, i)),
         1 => (shared, obj).prop_map(|(s, o)| CcOp::InvalidateObject(s, o)),
     ]
 }
