@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod corpus;
+pub mod nbd_bench;
 pub mod node;
 pub mod size;
 
@@ -24,6 +25,8 @@ pub enum Command {
     Node(node::NodeArgs),
     /// Store pages, load them back in random order, verify every byte, report.
     Bench(bench::BenchArgs),
+    /// Write and read back pages through any NBD server; pages/s, latency, memory per page.
+    BenchNbd(nbd_bench::BenchNbdArgs),
 }
 
 /// Runs the command line; the process exit code.
@@ -32,5 +35,6 @@ pub fn run() -> anyhow::Result<()> {
     match cli.command {
         Command::Node(a) => node::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::BenchNbd(a) => nbd_bench::run(a),
     }
 }

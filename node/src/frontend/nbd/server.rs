@@ -2,9 +2,11 @@
 //! [`Export`](super::export::Export).
 //!
 //! Per connection: the fixed newstyle handshake, then transmission. One
-//! reader parses requests; each is carried out by its own task (at most
-//! [`REQUESTS_IN_FLIGHT_MAX`] at a time), which writes its reply as soon as
-//! it is done, so replies may come back out of order, as NBD allows. A
+//! reader parses every request the client has pipelined; small requests are
+//! carried out in place and their replies leave together in one write;
+//! large ones run on tasks of their own (at most [`REQUESTS_IN_FLIGHT_MAX`]
+//! at a time) and reply when done, so replies may come back out of order,
+//! as NBD allows. A
 //! client that sends garbage or vanishes mid-request only ends its own
 //! connection: requests already received still complete, so nothing that
 //! was acknowledged, or could have been, is lost.
@@ -13,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
@@ -34,6 +36,10 @@ pub const HANDSHAKE_OPTIONS_MAX: usize = 256;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes read from the socket at a time (many requests per read).
 const READ_CHUNK_BYTES: usize = 256 << 10;
+/// Replies gathered before they are sent in one write.
+const REPLY_BATCH_BYTES_MAX: usize = 256 << 10;
+/// Requests at least this long run on a task of their own.
+pub const SPAWN_BYTES_MIN: usize = 64 << 10;
 
 /// The flags every export advertises. CAN_MULTI_CONN holds: all connections
 /// share one `Export` (one store area, one backing file), a completed write
@@ -265,8 +271,19 @@ fn info_reply(
     Some(export.clone())
 }
 
-/// Shared by the tasks of one connection: each writes its whole reply at once.
+/// Shared by the reader and the tasks of one connection: each writes whole
+/// replies at once.
 type ReplyWriter = Arc<Mutex<OwnedWriteHalf>>;
+
+/// Why the inner request loop stopped.
+enum Drained {
+    /// The buffer holds no complete request: read more.
+    NeedBytes,
+    /// The reply batch is full: send it, then go on.
+    BatchFull,
+    /// NBD_CMD_DISC.
+    Disconnect,
+}
 
 async fn transmission<R: AsyncReadExt + Unpin>(
     mut reader: Reader<R>,
@@ -275,29 +292,31 @@ async fn transmission<R: AsyncReadExt + Unpin>(
 ) -> Result<(), ConnError> {
     let writer: ReplyWriter = Arc::new(Mutex::new(wr));
     let in_flight = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
+    let mut replies = BytesMut::with_capacity(REPLY_BATCH_BYTES_MAX);
     let ended = loop {
-        let (req, frame) = match reader.next(proto::parse_request).await {
-            Ok(Some(r)) => r,
-            Ok(None) => break Ok(()),
-            Err(e) => break Err(e),
-        };
-        if req.command == Command::Disc {
-            break Ok(());
+        let drained =
+            drain_requests(&mut reader.buf, &export, &mut replies, &writer, &in_flight).await;
+        if !replies.is_empty() {
+            // A client that went away misses its replies; the requests'
+            // effects stand, as a disk's would.
+            if let Err(e) = writer.lock().await.write_all(&replies).await {
+                break Err(e.into());
+            }
+            replies.clear();
         }
-        let permit = in_flight
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
-        let export = export.clone();
-        let writer = writer.clone();
-        tokio::spawn(async move {
-            let reply = execute(&export, &req, frame);
-            // A client that went away misses its reply; the request's effect
-            // stands, as a disk's would.
-            let _ = writer.lock().await.write_all(&reply).await;
-            drop(permit);
-        });
+        match drained {
+            Ok(Drained::BatchFull) => continue,
+            Ok(Drained::Disconnect) => break Ok(()),
+            Ok(Drained::NeedBytes) => {}
+            Err(e) => break Err(e),
+        }
+        reader.buf.reserve(READ_CHUNK_BYTES);
+        match reader.io.read_buf(&mut reader.buf).await {
+            Ok(0) if reader.buf.is_empty() => break Ok(()),
+            Ok(0) => break Err(ConnError::Truncated),
+            Ok(_) => {}
+            Err(e) => break Err(e.into()),
+        }
     };
     // Let every request already received finish before the socket closes.
     let _all = in_flight
@@ -308,35 +327,81 @@ async fn transmission<R: AsyncReadExt + Unpin>(
     ended
 }
 
-/// Carries out one request; the whole reply (header, and data for a read).
-fn execute(export: &Export, req: &Request, frame: Bytes) -> Vec<u8> {
+/// Carries out the complete requests in `buf`, appending their replies to
+/// `replies`. Small requests run right here: a page costs about what
+/// handing it to another thread would, and their replies then leave in one
+/// write. Large ones get their own task, run alongside, and reply when done
+/// (out of order, as NBD allows).
+async fn drain_requests(
+    buf: &mut BytesMut,
+    export: &Arc<Export>,
+    replies: &mut BytesMut,
+    writer: &ReplyWriter,
+    in_flight: &Arc<Semaphore>,
+) -> Result<Drained, ConnError> {
+    // Each pass consumes one request from a finite buffer.
+    loop {
+        let Some((req, used)) = proto::parse_request(buf)? else {
+            return Ok(Drained::NeedBytes);
+        };
+        if req.command == Command::Disc {
+            buf.advance(used);
+            return Ok(Drained::Disconnect);
+        }
+        if req.length as usize >= SPAWN_BYTES_MIN {
+            let frame = buf.split_to(used).freeze();
+            let permit = in_flight
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore never closed");
+            let export = export.clone();
+            let writer = writer.clone();
+            tokio::spawn(async move {
+                let mut reply = BytesMut::new();
+                execute(
+                    &export,
+                    &req,
+                    &frame[proto::REQUEST_HEADER_BYTES..],
+                    &mut reply,
+                );
+                let _ = writer.lock().await.write_all(&reply).await;
+                drop(permit);
+            });
+        } else {
+            execute(
+                export,
+                &req,
+                &buf[proto::REQUEST_HEADER_BYTES..used],
+                replies,
+            );
+            buf.advance(used);
+            if replies.len() >= REPLY_BATCH_BYTES_MAX {
+                return Ok(Drained::BatchFull);
+            }
+        }
+    }
+}
+
+/// Carries out one request (`payload`: a WRITE's data) and appends its
+/// whole reply: header, and data for a successful read.
+fn execute(export: &Export, req: &Request, payload: &[u8], out: &mut BytesMut) {
+    let start = out.len();
     let mut header = [0u8; proto::SIMPLE_REPLY_HEADER_BYTES];
     let error = match proto::check_request(req, export.size_bytes()) {
         Err(e) => {
             debug!(export = %export.name(), ?req, error = e, "request refused");
             e
         }
-        Ok(()) if req.command == Command::Read && req.length > 0 => {
-            let mut reply = vec![0u8; proto::SIMPLE_REPLY_HEADER_BYTES + req.length as usize];
-            match export.read(req.offset, &mut reply[proto::SIMPLE_REPLY_HEADER_BYTES..]) {
-                Ok(()) => {
-                    proto::encode_simple_reply(&mut header, 0, req.handle);
-                    reply[..proto::SIMPLE_REPLY_HEADER_BYTES].copy_from_slice(&header);
-                    return reply;
-                }
-                Err(e) => {
-                    warn!(export = %export.name(), ?req, error = %e, "read failed");
-                    e.nbd_error()
-                }
-            }
-        }
         Ok(()) => {
             let len = u64::from(req.length);
             let done = match req.command {
-                Command::Read => Ok(()),
-                Command::Write => {
-                    export.write(req.offset, &frame[proto::REQUEST_HEADER_BYTES..], req.fua())
+                Command::Read => {
+                    let data = start + proto::SIMPLE_REPLY_HEADER_BYTES;
+                    out.resize(data + req.length as usize, 0);
+                    export.read(req.offset, &mut out[data..])
                 }
+                Command::Write => export.write(req.offset, payload, req.fua()),
                 Command::WriteZeroes => {
                     export.write_zeroes(req.offset, len, req.fua(), req.no_hole())
                 }
@@ -354,5 +419,13 @@ fn execute(export: &Export, req: &Request, frame: Bytes) -> Vec<u8> {
         }
     };
     proto::encode_simple_reply(&mut header, error, req.handle);
-    header.to_vec()
+    if error != 0 {
+        // No data follows an error.
+        out.truncate(start);
+    }
+    if out.len() == start {
+        out.extend_from_slice(&header);
+    } else {
+        out[start..start + proto::SIMPLE_REPLY_HEADER_BYTES].copy_from_slice(&header);
+    }
 }
