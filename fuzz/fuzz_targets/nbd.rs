@@ -31,15 +31,47 @@ fn drain<T>(
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(Some((_, used))) = proto::parse_client_flags(data) {
-        drain(&data[used..], proto::OPTION_HEADER_BYTES, proto::parse_option, |o| {
-            if let proto::OptionRequest::Info(r) | proto::OptionRequest::Go(r) = o {
-                assert!(r.name.len() <= proto::EXPORT_NAME_BYTES_MAX);
-            }
-        });
+        drain(
+            &data[used..],
+            proto::OPTION_HEADER_BYTES,
+            proto::parse_option,
+            |o| {
+                // Answering what was parsed must not panic either.
+                let mut out = bytes::BytesMut::new();
+                match o {
+                    proto::OptionRequest::Info(r) | proto::OptionRequest::Go(r) => {
+                        assert!(r.name.len() <= proto::EXPORT_NAME_BYTES_MAX);
+                        proto::encode_info_name(&mut out, proto::OPT_GO, &r.name);
+                    }
+                    proto::OptionRequest::ExportName(name) => {
+                        proto::encode_rep_server(&mut out, name)
+                    }
+                    proto::OptionRequest::Malformed { option, reason } => {
+                        proto::encode_option_error(
+                            &mut out,
+                            *option,
+                            proto::REP_ERR_INVALID,
+                            reason,
+                        )
+                    }
+                    _ => {}
+                }
+            },
+        );
     }
-    drain(data, proto::OPTION_HEADER_BYTES, proto::parse_option, |_| {});
-    drain(data, proto::REQUEST_HEADER_BYTES, proto::parse_request, |r| {
-        let _ = proto::check_request(r, 1 << 30);
-        let _ = proto::check_request(r, u64::MAX);
-    });
+    drain(
+        data,
+        proto::OPTION_HEADER_BYTES,
+        proto::parse_option,
+        |_| {},
+    );
+    drain(
+        data,
+        proto::REQUEST_HEADER_BYTES,
+        proto::parse_request,
+        |r| {
+            let _ = proto::check_request(r, 1 << 30);
+            let _ = proto::check_request(r, u64::MAX);
+        },
+    );
 });
