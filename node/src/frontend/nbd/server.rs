@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
@@ -30,6 +30,9 @@ use crate::store::PAGE_BYTES;
 pub const CONNECTIONS_MAX: usize = 256;
 /// Requests of one connection being carried out at once.
 pub const REQUESTS_IN_FLIGHT_MAX: usize = 64;
+/// Bytes of large requests being carried out at once, over all
+/// connections: what their buffers may take, whatever clients send.
+pub const SPAWNED_BYTES_MAX: usize = 256 << 20;
 /// Options one handshake may send before picking an export.
 pub const HANDSHAKE_OPTIONS_MAX: usize = 256;
 /// How long a client may take over the whole handshake.
@@ -89,6 +92,7 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let limit = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let spawned_bytes = Arc::new(Semaphore::new(SPAWNED_BYTES_MAX / SPAWN_BYTES_MIN));
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
@@ -107,8 +111,9 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         };
         let exports = exports.clone();
+        let spawned_bytes = spawned_bytes.clone();
         tokio::spawn(async move {
-            match serve_connection(stream, exports).await {
+            match serve_connection(stream, exports, spawned_bytes).await {
                 Ok(()) => debug!(%peer, "nbd connection closed"),
                 Err(e) => info!(%peer, error = %e, "nbd connection ended"),
             }
@@ -118,7 +123,7 @@ pub async fn serve(
     info!("nbd server stopped accepting");
 }
 
-/// A socket with its read buffer: the one place this module reads.
+/// A socket's read half with its buffer; requests are parsed in place.
 struct Reader<R> {
     io: R,
     buf: BytesMut,
@@ -130,12 +135,13 @@ impl<R: AsyncReadExt + Unpin> Reader<R> {
     async fn next<T>(
         &mut self,
         parse: impl Fn(&[u8]) -> Result<Option<(T, usize)>, ProtoError>,
-    ) -> Result<Option<(T, Bytes)>, ConnError> {
+    ) -> Result<Option<T>, ConnError> {
         // Each pass reads at least one byte, and the parsers bound how many
         // bytes a message may need, so this ends.
         loop {
             if let Some((value, used)) = parse(&self.buf)? {
-                return Ok(Some((value, self.buf.split_to(used).freeze())));
+                self.buf.advance(used);
+                return Ok(Some(value));
             }
             self.buf.reserve(READ_CHUNK_BYTES);
             if self.io.read_buf(&mut self.buf).await? == 0 {
@@ -149,7 +155,13 @@ impl<R: AsyncReadExt + Unpin> Reader<R> {
     }
 }
 
-async fn serve_connection(stream: TcpStream, exports: Arc<Exports>) -> Result<(), ConnError> {
+/// `spawned_bytes`: the server-wide budget of large requests, in units of
+/// [`SPAWN_BYTES_MIN`].
+async fn serve_connection(
+    stream: TcpStream,
+    exports: Arc<Exports>,
+    spawned_bytes: Arc<Semaphore>,
+) -> Result<(), ConnError> {
     // Replies are small and latency matters more than packet count.
     stream.set_nodelay(true)?;
     let (rd, mut wr) = stream.into_split();
@@ -167,7 +179,7 @@ async fn serve_connection(stream: TcpStream, exports: Arc<Exports>) -> Result<()
             Err(_) => return Err(ConnError::HandshakeTimeout),
         };
     debug!(export = %export.name(), "nbd transmission");
-    transmission(reader, wr, export).await
+    transmission(reader, wr, export, spawned_bytes).await
 }
 
 /// Runs the option haggling; the export picked, or `None` if the client
@@ -180,11 +192,11 @@ async fn handshake<R: AsyncReadExt + Unpin>(
     let mut out = BytesMut::with_capacity(256);
     proto::encode_greeting(&mut out);
     wr.write_all(&out).await?;
-    let Some((client, _)) = reader.next(proto::parse_client_flags).await? else {
+    let Some(client) = reader.next(proto::parse_client_flags).await? else {
         return Ok(None);
     };
     for _ in 0..HANDSHAKE_OPTIONS_MAX {
-        let Some((option, _)) = reader.next(proto::parse_option).await? else {
+        let Some(option) = reader.next(proto::parse_option).await? else {
             return Ok(None);
         };
         out.clear();
@@ -289,13 +301,21 @@ async fn transmission<R: AsyncReadExt + Unpin>(
     mut reader: Reader<R>,
     wr: OwnedWriteHalf,
     export: Arc<Export>,
+    spawned_bytes: Arc<Semaphore>,
 ) -> Result<(), ConnError> {
     let writer: ReplyWriter = Arc::new(Mutex::new(wr));
     let in_flight = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
     let mut replies = BytesMut::with_capacity(REPLY_BATCH_BYTES_MAX);
     let ended = loop {
-        let drained =
-            drain_requests(&mut reader.buf, &export, &mut replies, &writer, &in_flight).await;
+        let drained = drain_requests(
+            &mut reader.buf,
+            &export,
+            &mut replies,
+            &writer,
+            &in_flight,
+            &spawned_bytes,
+        )
+        .await;
         if !replies.is_empty() {
             // A client that went away misses its replies; the requests'
             // effects stand, as a disk's would.
@@ -338,6 +358,7 @@ async fn drain_requests(
     replies: &mut BytesMut,
     writer: &ReplyWriter,
     in_flight: &Arc<Semaphore>,
+    spawned_bytes: &Arc<Semaphore>,
 ) -> Result<Drained, ConnError> {
     // Each pass consumes one request from a finite buffer.
     loop {
@@ -348,11 +369,29 @@ async fn drain_requests(
             buf.advance(used);
             return Ok(Drained::Disconnect);
         }
-        if req.length as usize >= SPAWN_BYTES_MIN {
+        // A request refused by the checks costs nothing: answer it in place.
+        let large = req.length as usize >= SPAWN_BYTES_MIN
+            && proto::check_request(&req, export.size_bytes()).is_ok();
+        if large {
             let frame = buf.split_to(used).freeze();
             let permit = in_flight
                 .clone()
                 .acquire_owned()
+                .await
+                .expect("semaphore never closed");
+            // Only READ and WRITE hold buffers of their length; check_request
+            // bounds that by REQUEST_BYTES_MAX, far below the whole budget,
+            // so the grant always comes. TRIM and WRITE_ZEROES hold none.
+            let units = match req.command {
+                Command::Read | Command::Write => {
+                    (req.length as usize).div_ceil(SPAWN_BYTES_MIN) as u32
+                }
+                _ => 1,
+            };
+            debug_assert!(units as usize <= SPAWNED_BYTES_MAX / SPAWN_BYTES_MIN);
+            let budget = spawned_bytes
+                .clone()
+                .acquire_many_owned(units)
                 .await
                 .expect("semaphore never closed");
             let export = export.clone();
@@ -366,7 +405,7 @@ async fn drain_requests(
                     &mut reply,
                 );
                 let _ = writer.lock().await.write_all(&reply).await;
-                drop(permit);
+                drop((permit, budget));
             });
         } else {
             execute(
