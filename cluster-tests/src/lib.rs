@@ -110,3 +110,13 @@ impl Drop for NodeProcess {
         let _ = self.child.wait();
     }
 }
+
+/// A loopback TCP port that was free a moment ago (the OS picked it), for a
+/// node's listener. Another process could take it in between; on a test
+/// machine that is rare enough.
+pub fn free_loopback_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding a loopback port")
+        .port()
+}

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod cert;
 pub mod corpus;
+pub mod nbd_bench;
 pub mod node;
 pub mod size;
 
@@ -27,6 +28,8 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Create the cluster CA and node certificates for mutual TLS.
     Cert(cert::CertArgs),
+    /// Write and read back pages through any NBD server; pages/s, latency, memory per page.
+    BenchNbd(nbd_bench::BenchNbdArgs),
 }
 
 /// Runs the command line; the process exit code.
@@ -36,5 +39,6 @@ pub fn run() -> anyhow::Result<()> {
         Command::Node(a) => node::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Cert(a) => cert::run(a),
+        Command::BenchNbd(a) => nbd_bench::run(a),
     }
 }

@@ -297,7 +297,28 @@ fn load_with(f: impl FnOnce(&mut Page) -> Result<LoadResult, OpError>) -> v1::Op
     }
 }
 
+/// The area of a frontswap op, if it is one of the NBD exports' areas.
+fn export_area_of(kind: &Kind) -> Option<u32> {
+    let area = match kind {
+        Kind::InitArea(o) => o.area,
+        Kind::Store(o) => o.area,
+        Kind::Load(o) => o.area,
+        Kind::InvalidatePage(o) => o.area,
+        Kind::InvalidateArea(o) => o.area,
+        Kind::Shrink(o) => o.area,
+        Kind::CurrPages(o) => o.area,
+        _ => return None,
+    };
+    super::nbd::is_export_area(area).then_some(area)
+}
+
 fn execute_op(fe: &Frontend, kind: Kind) -> v1::OpResult {
+    if let Some(area) = export_area_of(&kind) {
+        return v1::OpResult {
+            detail: format!("area {area} belongs to an NBD export; API clients cannot use it"),
+            ..status(v1::Status::InvalidArgument)
+        };
+    }
     let ok = |_| status(v1::Status::Ok);
     let res: Result<v1::OpResult, OpError> = match kind {
         Kind::InitArea(o) => fe.init_area(o.area, o.writethrough).map(ok),

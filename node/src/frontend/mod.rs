@@ -10,6 +10,7 @@ pub mod client;
 pub(crate) mod conn;
 pub mod counters;
 pub mod frontswap;
+pub mod nbd;
 
 use std::sync::Arc;
 

@@ -1,0 +1,586 @@
+//! The NBD front end against real third-party clients (qemu-io, qemu-img,
+//! nbdinfo) and against a raw socket that misbehaves.
+//!
+//! The client tools must be installed (`apt-get install qemu-utils
+//! libnbd-bin`); a test fails, saying so, when one is missing.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use ramster_cluster_tests::{NodeProcess, free_loopback_port};
+use ramster_node::cli::corpus::Pages;
+use ramster_node::frontend::client::BlockingClient;
+use ramster_node::frontend::frontswap::AREA_ID_MAX;
+use ramster_node::frontend::nbd::proto::{self, REQUEST_MAGIC};
+
+const PAGE: usize = 4096;
+
+/// A node serving `exports` ("NAME:SIZE" each) on a free loopback port.
+fn node(capacity: &str, exports: &[&str]) -> (NodeProcess, u16) {
+    let port = free_loopback_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec!["--nbd-listen", &listen];
+    for e in exports {
+        args.extend(["--nbd-export", e]);
+    }
+    let node = NodeProcess::start("nbd-test", capacity, &args).unwrap();
+    (node, port)
+}
+
+fn uri(port: u16, export: &str) -> String {
+    format!("nbd://127.0.0.1:{port}/{export}")
+}
+
+/// Runs a client tool; its stdout. Panics (clearly) if the tool is missing
+/// or fails.
+fn tool(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {program} ({e}): install it (apt-get install qemu-utils libnbd-bin) \
+             to run the NBD tests"
+            )
+        });
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    stdout
+}
+
+/// Runs qemu-io commands against an export; every command must succeed and
+/// every pattern check must pass.
+fn qemu_io(port: u16, export: &str, commands: &[String]) -> String {
+    let target = uri(port, export);
+    let mut args = vec!["-f", "raw"];
+    for c in commands {
+        args.extend(["-c", c.as_str()]);
+    }
+    args.push(&target);
+    let out = tool("qemu-io", &args);
+    // qemu-io reports a failed command or pattern on stdout; make sure.
+    for bad in ["failed", "error", "Pattern verification"] {
+        assert!(
+            !out.contains(bad),
+            "qemu-io {commands:?} reported {bad:?}:\n{out}"
+        );
+    }
+    out
+}
+
+fn c(s: &str) -> String {
+    s.to_string()
+}
+
+fn write_file(path: &Path, bytes: &[u8]) {
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Reads the whole export back through qemu-img (a different client from
+/// the one that wrote it).
+fn read_export(port: u16, export: &str, dir: &Path) -> Vec<u8> {
+    let out = dir.join(format!("{export}-readback.raw"));
+    tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &uri(port, export),
+            out.to_str().unwrap(),
+        ],
+    );
+    std::fs::read(out).unwrap()
+}
+
+#[test]
+fn qemu_io_patterns_files_unaligned_and_sub_page_requests_zeroes_and_discard() {
+    let (node, port) = node("64MiB", &["disk:8MiB"]);
+    let dir = tempfile::tempdir().unwrap();
+    // A source file of noise (rejected by the store: goes to the backing
+    // file) and one of text (accepted into the store).
+    let noise: Vec<u8> = Pages::synthetic(64, 7)
+        .page(0)
+        .iter()
+        .cycle()
+        .take(3 * PAGE + 123)
+        .enumerate()
+        .map(|(i, b)| b.wrapping_add((i * 7919 % 253) as u8) ^ (i >> 3) as u8)
+        .collect();
+    let text: Vec<u8> = b"the quick brown fox jumps over the lazy dog; "
+        .iter()
+        .cycle()
+        .take(5 * PAGE + 77)
+        .copied()
+        .collect();
+    let noise_path = dir.path().join("noise.bin");
+    let text_path = dir.path().join("text.bin");
+    write_file(&noise_path, &noise);
+    write_file(&text_path, &text);
+
+    // The model of what the export must hold.
+    let mut model = vec![0u8; 8 << 20];
+    let mut cmds = Vec::new();
+    let mut write_pattern = |cmds: &mut Vec<String>, byte: u8, off: usize, len: usize| {
+        cmds.push(format!("write -P {byte:#x} {off} {len}"));
+        model[off..off + len].fill(byte);
+    };
+    write_pattern(&mut cmds, 0x11, 0, 1 << 20);
+    // Sub-page and unaligned, across page boundaries.
+    write_pattern(&mut cmds, 0x22, 4097, 1000);
+    write_pattern(&mut cmds, 0x33, 8190, 5);
+    write_pattern(&mut cmds, 0x44, 3 * PAGE + 1, 2 * PAGE + 17);
+    write_pattern(&mut cmds, 0x55, (1 << 20) - 3, 7);
+    qemu_io(port, "disk", &cmds);
+    model[(2 << 20) + 5..(2 << 20) + 5 + noise.len()].copy_from_slice(&noise);
+    model[(3 << 20) + 4096..(3 << 20) + 4096 + text.len()].copy_from_slice(&text);
+    qemu_io(
+        port,
+        "disk",
+        &[
+            format!(
+                "write -s {} {} {}",
+                noise_path.display(),
+                (2 << 20) + 5,
+                noise.len()
+            ),
+            format!(
+                "write -f -s {} {} {}",
+                text_path.display(),
+                (3 << 20) + 4096,
+                text.len()
+            ),
+        ],
+    );
+    // Reads checked against patterns, in other sizes and alignments than
+    // the writes.
+    qemu_io(
+        port,
+        "disk",
+        &[
+            c("read -P 0x11 0 4097"),
+            c("read -P 0x22 4097 1000"),
+            c("read -P 0x11 5097 3093"),
+            c("read -P 0x33 8190 5"),
+            c("read -P 0x44 12289 8209"),
+            c("read -P 0x11 20498 1028000"),
+            c("read -P 0x55 1048573 7"),
+            c("read -P 0 1048580 1048000"),
+        ],
+    );
+
+    // WRITE_ZEROES with and without permission to unmap, whole and partial
+    // pages; then a discard of whole pages (which then read as zeros).
+    qemu_io(
+        port,
+        "disk",
+        &[
+            c("write -z 100 20000"),
+            c("write -z -u 65536 65536"),
+            c("discard 262144 131072"),
+            c("read -P 0 100 20000"),
+            c("read -P 0x44 20100 398"),
+            c("read -P 0x11 20498 45038"),
+            c("read -P 0 65536 65536"),
+            c("read -P 0 262144 131072"),
+            c("read -P 0x11 393216 4096"),
+        ],
+    );
+    model[100..20100].fill(0);
+    model[65536..131072].fill(0);
+    model[262144..393216].fill(0);
+
+    // And everything, byte for byte, through another client.
+    let back = read_export(port, "disk", dir.path());
+    assert_eq!(back.len(), model.len());
+    let first_diff = back.iter().zip(&model).position(|(a, b)| a != b);
+    assert_eq!(first_diff, None, "export differs from the model");
+    assert!(node.log().contains("nbd export"), "{}", node.log());
+}
+
+/// Writes a corpus image into an export with qemu-img convert, compares it
+/// with qemu-img compare, and reads it back byte for byte. Returns the
+/// backing file's allocated bytes.
+fn convert_and_compare(capacity: &str) -> (u64, String) {
+    const PAGES: usize = 8192; // 32 MiB
+    let (node, port) = node(capacity, &["img:32MiB"]);
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("corpus.img");
+    let pages = Pages::synthetic(PAGES, 42);
+    let bytes: Vec<u8> = (0..PAGES).flat_map(|i| pages.page(i).to_vec()).collect();
+    write_file(&image, &bytes);
+    let target = uri(port, "img");
+    tool(
+        "qemu-img",
+        &[
+            "convert",
+            "-n",
+            "-W",
+            "-m",
+            "16",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            image.to_str().unwrap(),
+            &target,
+        ],
+    );
+    let out = tool(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            image.to_str().unwrap(),
+            &target,
+        ],
+    );
+    assert!(out.contains("Images are identical"), "{out}");
+    assert!(
+        read_export(port, "img", dir.path()) == bytes,
+        "read back differs"
+    );
+    let backing: PathBuf = node.dir.path().join("nbd").join("img.swap");
+    let allocated =
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&backing).unwrap()) * 512;
+    (allocated, node.log())
+}
+
+#[test]
+fn qemu_img_convert_of_a_corpus_compares_identical() {
+    let (allocated, log) = convert_and_compare("256MiB");
+    // Incompressible pages of the corpus are rejected by any store; the
+    // rest live in the store. The backing file holds only the former.
+    assert!(
+        allocated < 16 << 20,
+        "backing file has {allocated} bytes\n{log}"
+    );
+}
+
+#[test]
+fn qemu_img_convert_with_a_store_far_below_the_image_spills_to_the_backing_file() {
+    let (allocated, log) = convert_and_compare("2MiB");
+    // 2 MiB of store cannot hold 32 MiB of pages compressing ~2.3x: most
+    // pages must have landed in the backing file, and still read back.
+    assert!(
+        allocated > 16 << 20,
+        "backing file has {allocated} bytes\n{log}"
+    );
+}
+
+#[test]
+fn nbdinfo_lists_exports_and_sizes() {
+    let (_node, port) = node("64MiB", &["swap0:64MiB", "swap1:1GiB"]);
+    let list = tool("nbdinfo", &["--list", &format!("nbd://127.0.0.1:{port}")]);
+    assert!(list.contains("swap0") && list.contains("swap1"), "{list}");
+    assert!(
+        list.contains("67108864") && list.contains("1073741824"),
+        "{list}"
+    );
+    let size = tool("nbdinfo", &["--size", &uri(port, "swap1")]);
+    assert_eq!(size.trim(), "1073741824");
+    let info = tool("nbdinfo", &[&uri(port, "swap0")]);
+    assert!(info.contains("preferred: 4096"), "{info}");
+    assert!(info.contains("can_multi_conn: true"), "{info}");
+    // An export that does not exist is a clear error (NBD_REP_ERR_UNKNOWN,
+    // which libnbd words as ENOENT), not a hang.
+    let out = Command::new("nbdinfo")
+        .arg(uri(port, "nope"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("export: nope"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ------------------------------------------------------------- raw client
+
+/// A client that speaks the protocol by hand, to misbehave on purpose.
+struct Raw {
+    s: TcpStream,
+}
+
+impl Raw {
+    fn connect(port: u16) -> Raw {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut r = Raw { s };
+        let mut greeting = [0u8; proto::GREETING_BYTES];
+        r.s.read_exact(&mut greeting).unwrap();
+        assert_eq!(&greeting[..8], b"NBDMAGIC");
+        r
+    }
+
+    /// Handshake with NBD_OPT_GO; the export size.
+    fn go(port: u16, export: &str) -> (Raw, u64) {
+        let mut r = Raw::connect(port);
+        r.send(&3u32.to_be_bytes());
+        let mut data = (export.len() as u32).to_be_bytes().to_vec();
+        data.extend_from_slice(export.as_bytes());
+        data.extend_from_slice(&0u16.to_be_bytes());
+        r.option(proto::OPT_GO, &data);
+        let mut size = None;
+        loop {
+            let (reply, data) = r.option_reply();
+            match reply {
+                proto::REP_ACK => break,
+                proto::REP_INFO if data[..2] == [0, 0] => {
+                    size = Some(u64::from_be_bytes(data[2..10].try_into().unwrap()))
+                }
+                proto::REP_INFO => {}
+                other => panic!(
+                    "GO got reply {other:#x}: {}",
+                    String::from_utf8_lossy(&data)
+                ),
+            }
+        }
+        (r, size.expect("NBD_INFO_EXPORT"))
+    }
+
+    fn send(&mut self, b: &[u8]) {
+        self.s.write_all(b).unwrap();
+    }
+
+    fn option(&mut self, opt: u32, data: &[u8]) {
+        let mut b = proto::IHAVEOPT.to_be_bytes().to_vec();
+        b.extend_from_slice(&opt.to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(data);
+        self.send(&b);
+    }
+
+    fn option_reply(&mut self) -> (u32, Vec<u8>) {
+        let mut h = [0u8; 20];
+        self.s.read_exact(&mut h).unwrap();
+        assert_eq!(&h[..8], &proto::OPTION_REPLY_MAGIC.to_be_bytes());
+        let reply = u32::from_be_bytes(h[12..16].try_into().unwrap());
+        let mut data = vec![0u8; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
+        self.s.read_exact(&mut data).unwrap();
+        (reply, data)
+    }
+
+    fn request(&mut self, cmd: u16, handle: u64, offset: u64, len: u32, payload: &[u8]) {
+        let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
+        b.extend_from_slice(&0u16.to_be_bytes());
+        b.extend_from_slice(&cmd.to_be_bytes());
+        b.extend_from_slice(&handle.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(payload);
+        self.send(&b);
+    }
+
+    /// One simple reply: (handle, error, data of `read_len` if no error).
+    fn reply(&mut self, read_len: impl Fn(u64) -> usize) -> (u64, u32, Vec<u8>) {
+        let mut h = [0u8; proto::SIMPLE_REPLY_HEADER_BYTES];
+        self.s.read_exact(&mut h).unwrap();
+        assert_eq!(&h[..4], &proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
+        let error = u32::from_be_bytes(h[4..8].try_into().unwrap());
+        let handle = u64::from_be_bytes(h[8..16].try_into().unwrap());
+        let mut data = vec![0u8; if error == 0 { read_len(handle) } else { 0 }];
+        self.s.read_exact(&mut data).unwrap();
+        (handle, error, data)
+    }
+
+    /// Whether the server has closed the connection.
+    fn closed(&mut self) -> bool {
+        let mut b = [0u8; 64];
+        // Bounded: each read either ends the stream or drains some bytes.
+        for _ in 0..1000 {
+            match self.s.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+        false
+    }
+}
+
+fn page_of(seed: u8) -> Vec<u8> {
+    (0..PAGE).map(|i| (i / 16) as u8 ^ seed).collect()
+}
+
+#[test]
+fn pipelined_requests_on_several_connections_see_each_others_writes() {
+    let (_node, port) = node("64MiB", &["disk:1MiB"]);
+    let (mut a, size) = Raw::go(port, "disk");
+    assert_eq!(size, 1 << 20);
+    let (mut b, _) = Raw::go(port, "disk");
+    // 32 writes in flight on connection A, then their replies (any order).
+    for i in 0..32u64 {
+        a.request(
+            proto::CMD_WRITE,
+            1000 + i,
+            i * PAGE as u64,
+            PAGE as u32,
+            &page_of(i as u8),
+        );
+    }
+    let mut handles: Vec<u64> = (0..32)
+        .map(|_| {
+            let (h, e, _) = a.reply(|_| 0);
+            assert_eq!(e, 0);
+            h
+        })
+        .collect();
+    handles.sort();
+    assert_eq!(handles, (1000..1032).collect::<Vec<_>>());
+    // Connection B reads them all, pipelined too.
+    for i in 0..32u64 {
+        b.request(proto::CMD_READ, i, i * PAGE as u64, PAGE as u32, &[]);
+    }
+    for _ in 0..32 {
+        let (h, e, data) = b.reply(|_| PAGE);
+        assert_eq!(e, 0);
+        assert_eq!(data, page_of(h as u8), "page {h}");
+    }
+    // Large requests (run on tasks of their own) mixed with small ones
+    // (run in place): every reply comes, matched by handle, whatever the order.
+    let big: Vec<u8> = (0..(256 << 10))
+        .map(|i: usize| (i / 4096) as u8 ^ 0x3c)
+        .collect();
+    b.request(proto::CMD_WRITE, 100, 1 << 19, big.len() as u32, &big);
+    b.request(proto::CMD_READ, 101, 0, PAGE as u32, &[]);
+    b.request(proto::CMD_WRITE, 102, 40 * PAGE as u64, 100, &[0xcc; 100]);
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        let (h, e, data) = b.reply(|h| if h == 101 { PAGE } else { 0 });
+        assert_eq!(e, 0, "request {h}");
+        if h == 101 {
+            assert_eq!(data, page_of(0));
+        }
+        seen.push(h);
+    }
+    seen.sort();
+    assert_eq!(seen, [100, 101, 102]);
+    a.request(proto::CMD_READ, 200, 1 << 19, big.len() as u32, &[]);
+    a.request(proto::CMD_READ, 201, 40 * PAGE as u64, 200, &[]);
+    for _ in 0..2 {
+        let (h, e, data) = a.reply(|h| if h == 200 { big.len() } else { 200 });
+        assert_eq!(e, 0);
+        if h == 200 {
+            assert!(data == big, "big read differs");
+        } else {
+            assert_eq!(&data[..100], &[0xcc; 100]);
+            // Page 40 was never written before: the rest of it reads as zeros.
+            assert!(data[100..].iter().all(|&b| b == 0));
+        }
+    }
+    // Out of bounds, unknown commands and flags: errors, and the
+    // connection keeps serving.
+    b.request(proto::CMD_READ, 1, (1 << 20) - 1, 2, &[]);
+    assert_eq!(b.reply(|_| 0).1, proto::EINVAL);
+    b.request(proto::CMD_WRITE, 2, 1 << 20, 1, &[9]);
+    assert_eq!(b.reply(|_| 0).1, proto::ENOSPC);
+    b.request(42, 3, 0, 0, &[]);
+    assert_eq!(b.reply(|_| 0).1, proto::EINVAL);
+    b.request(proto::CMD_FLUSH, 4, 0, 0, &[]);
+    assert_eq!(b.reply(|_| 0).1, 0);
+    b.request(proto::CMD_READ, 5, 0, PAGE as u32, &[]);
+    assert_eq!(b.reply(|_| PAGE).2, page_of(0));
+    b.request(proto::CMD_DISC, 6, 0, 0, &[]);
+    assert!(b.closed());
+}
+
+#[test]
+fn garbage_and_mid_request_disconnects_leave_the_export_serving_and_lose_nothing() {
+    let (node, port) = node("64MiB", &["disk:4MiB"]);
+    // Acknowledged writes from a well-behaved client.
+    qemu_io(
+        port,
+        "disk",
+        &[c("write -P 0x5a 0 1M"), c("write -P 0xa5 2M 64k")],
+    );
+
+    // Garbage instead of client flags: the server closes.
+    let mut g = Raw::connect(port);
+    g.send(b"GET / HTTP/1.1\r\n\r\n");
+    assert!(g.closed());
+    // Garbage instead of an option.
+    let mut g = Raw::connect(port);
+    g.send(&1u32.to_be_bytes());
+    g.send(&[0xff; 64]);
+    assert!(g.closed());
+    // An option claiming to be huge.
+    let mut g = Raw::connect(port);
+    g.send(&1u32.to_be_bytes());
+    let mut h = proto::IHAVEOPT.to_be_bytes().to_vec();
+    h.extend_from_slice(&proto::OPT_GO.to_be_bytes());
+    h.extend_from_slice(&u32::MAX.to_be_bytes());
+    g.send(&h);
+    assert!(g.closed());
+    // A malformed GO and an unknown option get error replies, then a good GO works.
+    let mut g = Raw::connect(port);
+    g.send(&1u32.to_be_bytes());
+    g.option(proto::OPT_GO, &[0, 0, 0, 99, b'x']);
+    assert_eq!(g.option_reply().0, proto::REP_ERR_INVALID);
+    g.option(77, &[]);
+    assert_eq!(g.option_reply().0, proto::REP_ERR_UNSUP);
+    g.option(proto::OPT_ABORT, &[]);
+    assert_eq!(g.option_reply().0, proto::REP_ACK);
+    // Disconnect in the middle of the handshake.
+    let mut g = Raw::connect(port);
+    g.send(&[0, 0]);
+    drop(g);
+    // Garbage after a good handshake: the connection closes.
+    let (mut g, _) = Raw::go(port, "disk");
+    g.send(&[0x42; 100]);
+    assert!(g.closed());
+    // A write whose payload never fully arrives, then a disconnect.
+    let (mut g, _) = Raw::go(port, "disk");
+    g.request(proto::CMD_WRITE, 1, 0, 65536, &[0xee; 1000]);
+    drop(g);
+    // A write too large to accept.
+    let (mut g, _) = Raw::go(port, "disk");
+    g.request(proto::CMD_WRITE, 1, 0, u32::MAX, &[]);
+    assert!(g.closed());
+    // Reads in flight when the client vanishes.
+    let (mut g, _) = Raw::go(port, "disk");
+    for i in 0..16 {
+        g.request(proto::CMD_READ, i, 0, 1 << 20, &[]);
+    }
+    drop(g);
+
+    // Everything acknowledged is still there, and new clients are served.
+    qemu_io(
+        port,
+        "disk",
+        &[
+            c("read -P 0x5a 0 1M"),
+            c("read -P 0 1M 1M"),
+            c("read -P 0xa5 2M 64k"),
+            c("write -P 0x77 3M 4k"),
+            c("read -P 0x77 3M 4k"),
+        ],
+    );
+    let log = node.log();
+    assert!(log.contains("nbd connection ended"), "{log}");
+}
+
+#[test]
+fn api_clients_cannot_touch_an_exports_area() {
+    let (node, _port) = node("64MiB", &["disk:4MiB"]);
+    let client = BlockingClient::connect(&node.socket).unwrap();
+    let err = client.init_area(AREA_ID_MAX, false).unwrap_err();
+    assert!(err.to_string().contains("NBD export"), "{err}");
+    // Ordinary areas still work.
+    client.init_area(1, false).unwrap();
+}

@@ -1,0 +1,470 @@
+//! The NBD server: tokio glue around [`proto`](super::proto) and
+//! [`Export`](super::export::Export).
+//!
+//! Per connection: the fixed newstyle handshake, then transmission. One
+//! reader parses every request the client has pipelined; small requests are
+//! carried out in place and their replies leave together in one write;
+//! large ones run on tasks of their own (at most [`REQUESTS_IN_FLIGHT_MAX`]
+//! at a time) and reply when done, so replies may come back out of order,
+//! as NBD allows. A
+//! client that sends garbage or vanishes mid-request only ends its own
+//! connection: requests already received still complete, so nothing that
+//! was acknowledged, or could have been, is lost.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Mutex, Semaphore, watch};
+use tracing::{debug, info, warn};
+
+use super::export::{Export, Exports};
+use super::proto::{self, Command, OptionRequest, ProtoError, Request};
+use crate::store::PAGE_BYTES;
+
+/// Connections served at once; more wait in the listen backlog.
+pub const CONNECTIONS_MAX: usize = 256;
+/// Requests of one connection being carried out at once.
+pub const REQUESTS_IN_FLIGHT_MAX: usize = 64;
+/// Bytes of large requests being carried out at once, over all
+/// connections: what their buffers may take, whatever clients send.
+pub const SPAWNED_BYTES_MAX: usize = 256 << 20;
+/// Options one handshake may send before picking an export.
+pub const HANDSHAKE_OPTIONS_MAX: usize = 256;
+/// How long a client may take over the whole handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bytes read from the socket at a time (many requests per read).
+const READ_CHUNK_BYTES: usize = 256 << 10;
+/// Replies gathered before they are sent in one write.
+const REPLY_BATCH_BYTES_MAX: usize = 256 << 10;
+/// Requests at least this long run on a task of their own.
+pub const SPAWN_BYTES_MIN: usize = 64 << 10;
+
+/// The flags every export advertises. CAN_MULTI_CONN holds: all connections
+/// share one `Export` (one store area, one backing file), a completed write
+/// is visible to reads on every connection, and FLUSH fsyncs the one file
+/// that every connection's writes went to.
+const EXPORT_FLAGS: u16 = proto::TFLAG_HAS_FLAGS
+    | proto::TFLAG_SEND_FLUSH
+    | proto::TFLAG_SEND_FUA
+    | proto::TFLAG_SEND_TRIM
+    | proto::TFLAG_SEND_WRITE_ZEROES
+    | proto::TFLAG_CAN_MULTI_CONN;
+
+/// Any byte alignment works (sub-page requests are read-modify-write);
+/// whole pages are what the store keeps.
+const BLOCK_SIZE: proto::BlockSize = proto::BlockSize {
+    min: 1,
+    preferred: PAGE_BYTES as u32,
+    max: proto::REQUEST_BYTES_MAX as u32,
+};
+
+/// Why a connection ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol: {0}")]
+    Proto(#[from] ProtoError),
+    #[error("client closed the connection in the middle of a message")]
+    Truncated,
+    #[error("handshake took longer than {HANDSHAKE_TIMEOUT:?}")]
+    HandshakeTimeout,
+    #[error("more than {HANDSHAKE_OPTIONS_MAX} options without picking an export")]
+    TooManyOptions,
+    #[error("NBD_OPT_EXPORT_NAME for unknown or malformed export {0:?}")]
+    UnknownExport(String),
+}
+
+/// Binds the NBD listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serves `exports` on `listener` until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    exports: Arc<Exports>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let limit = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let spawned_bytes = Arc::new(Semaphore::new(SPAWNED_BYTES_MAX / SPAWN_BYTES_MIN));
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = shutdown.changed() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(error = %e, "nbd accept failed");
+                    // Out of file descriptors, typically: do not spin.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let exports = exports.clone();
+        let spawned_bytes = spawned_bytes.clone();
+        tokio::spawn(async move {
+            match serve_connection(stream, exports, spawned_bytes).await {
+                Ok(()) => debug!(%peer, "nbd connection closed"),
+                Err(e) => info!(%peer, error = %e, "nbd connection ended"),
+            }
+            drop(permit);
+        });
+    }
+    info!("nbd server stopped accepting");
+}
+
+/// A socket's read half with its buffer; requests are parsed in place.
+struct Reader<R> {
+    io: R,
+    buf: BytesMut,
+}
+
+impl<R: AsyncReadExt + Unpin> Reader<R> {
+    /// Parses from the buffer, reading more until `parse` has a value.
+    /// `Ok(None)` on a clean end of stream between messages.
+    async fn next<T>(
+        &mut self,
+        parse: impl Fn(&[u8]) -> Result<Option<(T, usize)>, ProtoError>,
+    ) -> Result<Option<T>, ConnError> {
+        // Each pass reads at least one byte, and the parsers bound how many
+        // bytes a message may need, so this ends.
+        loop {
+            if let Some((value, used)) = parse(&self.buf)? {
+                self.buf.advance(used);
+                return Ok(Some(value));
+            }
+            self.buf.reserve(READ_CHUNK_BYTES);
+            if self.io.read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(ConnError::Truncated)
+                };
+            }
+        }
+    }
+}
+
+/// `spawned_bytes`: the server-wide budget of large requests, in units of
+/// [`SPAWN_BYTES_MIN`].
+async fn serve_connection(
+    stream: TcpStream,
+    exports: Arc<Exports>,
+    spawned_bytes: Arc<Semaphore>,
+) -> Result<(), ConnError> {
+    // Replies are small and latency matters more than packet count.
+    stream.set_nodelay(true)?;
+    let (rd, mut wr) = stream.into_split();
+    let mut reader = Reader {
+        io: rd,
+        buf: BytesMut::with_capacity(READ_CHUNK_BYTES),
+    };
+    let export =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut reader, &mut wr, &exports))
+            .await
+        {
+            Ok(Ok(Some(export))) => export,
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(ConnError::HandshakeTimeout),
+        };
+    debug!(export = %export.name(), "nbd transmission");
+    transmission(reader, wr, export, spawned_bytes).await
+}
+
+/// Runs the option haggling; the export picked, or `None` if the client
+/// aborted or went away.
+async fn handshake<R: AsyncReadExt + Unpin>(
+    reader: &mut Reader<R>,
+    wr: &mut OwnedWriteHalf,
+    exports: &Exports,
+) -> Result<Option<Arc<Export>>, ConnError> {
+    let mut out = BytesMut::with_capacity(256);
+    proto::encode_greeting(&mut out);
+    wr.write_all(&out).await?;
+    let Some(client) = reader.next(proto::parse_client_flags).await? else {
+        return Ok(None);
+    };
+    for _ in 0..HANDSHAKE_OPTIONS_MAX {
+        let Some(option) = reader.next(proto::parse_option).await? else {
+            return Ok(None);
+        };
+        out.clear();
+        let mut chosen = None;
+        match option {
+            OptionRequest::ExportName(name) => {
+                // This option has no way to report an error but closing.
+                let export = exports
+                    .get(&name)
+                    .ok_or(ConnError::UnknownExport(name))?
+                    .clone();
+                proto::encode_export_name_reply(
+                    &mut out,
+                    export.size_bytes(),
+                    EXPORT_FLAGS,
+                    client.no_zeroes,
+                );
+                chosen = Some(export);
+            }
+            OptionRequest::Abort => {
+                proto::encode_option_reply(&mut out, proto::OPT_ABORT, proto::REP_ACK, &[]);
+                // The client may already be gone; that is fine.
+                let _ = wr.write_all(&out).await;
+                return Ok(None);
+            }
+            OptionRequest::List => {
+                for e in exports.iter() {
+                    proto::encode_rep_server(&mut out, e.name());
+                }
+                proto::encode_option_reply(&mut out, proto::OPT_LIST, proto::REP_ACK, &[]);
+            }
+            OptionRequest::Info(req) => {
+                info_reply(&mut out, proto::OPT_INFO, &req, exports);
+            }
+            OptionRequest::Go(req) => {
+                chosen = info_reply(&mut out, proto::OPT_GO, &req, exports);
+            }
+            OptionRequest::Unsupported { option } => proto::encode_option_error(
+                &mut out,
+                option,
+                proto::REP_ERR_UNSUP,
+                &format!("option {option} is not supported by this server"),
+            ),
+            OptionRequest::Malformed {
+                option: proto::OPT_EXPORT_NAME,
+                ..
+            } => return Err(ConnError::UnknownExport("<not UTF-8>".into())),
+            OptionRequest::Malformed { option, reason } => {
+                proto::encode_option_error(&mut out, option, proto::REP_ERR_INVALID, reason)
+            }
+        }
+        wr.write_all(&out).await?;
+        if chosen.is_some() {
+            return Ok(chosen);
+        }
+    }
+    Err(ConnError::TooManyOptions)
+}
+
+/// Answers NBD_OPT_INFO or NBD_OPT_GO: the export's size, flags and block
+/// sizes (always sent: we accept any alignment, so no client is hurt by
+/// them), its name if asked, then ACK. The export, if there is one.
+fn info_reply(
+    out: &mut BytesMut,
+    option: u32,
+    req: &proto::InfoRequest,
+    exports: &Exports,
+) -> Option<Arc<Export>> {
+    let Some(export) = exports.get(&req.name) else {
+        proto::encode_option_error(
+            out,
+            option,
+            proto::REP_ERR_UNKNOWN,
+            &format!("no export named {:?}", req.name),
+        );
+        return None;
+    };
+    proto::encode_info_export(out, option, export.size_bytes(), EXPORT_FLAGS);
+    if req.requests.contains(&proto::INFO_NAME) {
+        proto::encode_info_name(out, option, export.name());
+    }
+    proto::encode_info_block_size(out, option, BLOCK_SIZE);
+    proto::encode_option_reply(out, option, proto::REP_ACK, &[]);
+    Some(export.clone())
+}
+
+/// Shared by the reader and the tasks of one connection: each writes whole
+/// replies at once.
+type ReplyWriter = Arc<Mutex<OwnedWriteHalf>>;
+
+/// Why the inner request loop stopped.
+enum Drained {
+    /// The buffer holds no complete request: read more.
+    NeedBytes,
+    /// The reply batch is full: send it, then go on.
+    BatchFull,
+    /// NBD_CMD_DISC.
+    Disconnect,
+}
+
+async fn transmission<R: AsyncReadExt + Unpin>(
+    mut reader: Reader<R>,
+    wr: OwnedWriteHalf,
+    export: Arc<Export>,
+    spawned_bytes: Arc<Semaphore>,
+) -> Result<(), ConnError> {
+    let writer: ReplyWriter = Arc::new(Mutex::new(wr));
+    let in_flight = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
+    let mut replies = BytesMut::with_capacity(REPLY_BATCH_BYTES_MAX);
+    let ended = loop {
+        let drained = drain_requests(
+            &mut reader.buf,
+            &export,
+            &mut replies,
+            &writer,
+            &in_flight,
+            &spawned_bytes,
+        )
+        .await;
+        if !replies.is_empty() {
+            // A client that went away misses its replies; the requests'
+            // effects stand, as a disk's would.
+            if let Err(e) = writer.lock().await.write_all(&replies).await {
+                break Err(e.into());
+            }
+            replies.clear();
+        }
+        match drained {
+            Ok(Drained::BatchFull) => continue,
+            Ok(Drained::Disconnect) => break Ok(()),
+            Ok(Drained::NeedBytes) => {}
+            Err(e) => break Err(e),
+        }
+        reader.buf.reserve(READ_CHUNK_BYTES);
+        match reader.io.read_buf(&mut reader.buf).await {
+            Ok(0) if reader.buf.is_empty() => break Ok(()),
+            Ok(0) => break Err(ConnError::Truncated),
+            Ok(_) => {}
+            Err(e) => break Err(e.into()),
+        }
+    };
+    // Let every request already received finish before the socket closes.
+    let _all = in_flight
+        .acquire_many(REQUESTS_IN_FLIGHT_MAX as u32)
+        .await
+        .expect("semaphore never closed");
+    let _ = writer.lock().await.shutdown().await;
+    ended
+}
+
+/// Carries out the complete requests in `buf`, appending their replies to
+/// `replies`. Small requests run right here: a page costs about what
+/// handing it to another thread would, and their replies then leave in one
+/// write. Large ones get their own task, run alongside, and reply when done
+/// (out of order, as NBD allows).
+async fn drain_requests(
+    buf: &mut BytesMut,
+    export: &Arc<Export>,
+    replies: &mut BytesMut,
+    writer: &ReplyWriter,
+    in_flight: &Arc<Semaphore>,
+    spawned_bytes: &Arc<Semaphore>,
+) -> Result<Drained, ConnError> {
+    // Each pass consumes one request from a finite buffer.
+    loop {
+        let Some((req, used)) = proto::parse_request(buf)? else {
+            return Ok(Drained::NeedBytes);
+        };
+        if req.command == Command::Disc {
+            buf.advance(used);
+            return Ok(Drained::Disconnect);
+        }
+        // A request refused by the checks costs nothing: answer it in place.
+        let large = req.length as usize >= SPAWN_BYTES_MIN
+            && proto::check_request(&req, export.size_bytes()).is_ok();
+        if large {
+            let frame = buf.split_to(used).freeze();
+            let permit = in_flight
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore never closed");
+            // Only READ and WRITE hold buffers of their length; check_request
+            // bounds that by REQUEST_BYTES_MAX, far below the whole budget,
+            // so the grant always comes. TRIM and WRITE_ZEROES hold none.
+            let units = match req.command {
+                Command::Read | Command::Write => {
+                    (req.length as usize).div_ceil(SPAWN_BYTES_MIN) as u32
+                }
+                _ => 1,
+            };
+            debug_assert!(units as usize <= SPAWNED_BYTES_MAX / SPAWN_BYTES_MIN);
+            let budget = spawned_bytes
+                .clone()
+                .acquire_many_owned(units)
+                .await
+                .expect("semaphore never closed");
+            let export = export.clone();
+            let writer = writer.clone();
+            tokio::spawn(async move {
+                let mut reply = BytesMut::new();
+                execute(
+                    &export,
+                    &req,
+                    &frame[proto::REQUEST_HEADER_BYTES..],
+                    &mut reply,
+                );
+                let _ = writer.lock().await.write_all(&reply).await;
+                drop((permit, budget));
+            });
+        } else {
+            execute(
+                export,
+                &req,
+                &buf[proto::REQUEST_HEADER_BYTES..used],
+                replies,
+            );
+            buf.advance(used);
+            if replies.len() >= REPLY_BATCH_BYTES_MAX {
+                return Ok(Drained::BatchFull);
+            }
+        }
+    }
+}
+
+/// Carries out one request (`payload`: a WRITE's data) and appends its
+/// whole reply: header, and data for a successful read.
+fn execute(export: &Export, req: &Request, payload: &[u8], out: &mut BytesMut) {
+    let start = out.len();
+    let mut header = [0u8; proto::SIMPLE_REPLY_HEADER_BYTES];
+    let error = match proto::check_request(req, export.size_bytes()) {
+        Err(e) => {
+            debug!(export = %export.name(), ?req, error = e, "request refused");
+            e
+        }
+        Ok(()) => {
+            let len = u64::from(req.length);
+            let done = match req.command {
+                Command::Read => {
+                    let data = start + proto::SIMPLE_REPLY_HEADER_BYTES;
+                    out.resize(data + req.length as usize, 0);
+                    export.read(req.offset, &mut out[data..])
+                }
+                Command::Write => export.write(req.offset, payload, req.fua()),
+                Command::WriteZeroes => {
+                    export.write_zeroes(req.offset, len, req.fua(), req.no_hole())
+                }
+                Command::Trim => export.trim(req.offset, len),
+                Command::Flush => export.flush(),
+                Command::Disc | Command::Other(_) => unreachable!("refused by check_request"),
+            };
+            match done {
+                Ok(()) => 0,
+                Err(e) => {
+                    warn!(export = %export.name(), ?req, error = %e, "request failed");
+                    e.nbd_error()
+                }
+            }
+        }
+    };
+    proto::encode_simple_reply(&mut header, error, req.handle);
+    if error != 0 {
+        // No data follows an error.
+        out.truncate(start);
+    }
+    if out.len() == start {
+        out.extend_from_slice(&header);
+    } else {
+        out[start..start + proto::SIMPLE_REPLY_HEADER_BYTES].copy_from_slice(&header);
+    }
+}
