@@ -20,7 +20,7 @@ use ramster_node::cluster::transport::{
     EndpointOptions, PeerEndpoint, PeerSession, PeerTls, TransportConfig,
 };
 use ramster_node::store::compress::{
-    COMPRESS_BOUND_BYTES, REJECT_ABOVE_BYTES, compress, decompress, same_filled_word,
+    COMPRESS_BOUND_BYTES, CompressTable, REJECT_ABOVE_BYTES, compress, decompress, same_filled_word,
 };
 use ramster_node::store::{PAGE_BYTES, PageKey};
 use xxhash_rust::xxh3::xxh3_64;
@@ -70,13 +70,14 @@ fn main() {
 /// word) and compressing within the store's admission limit.
 fn remotable(corpus: &Pages) -> Vec<DonatedPage> {
     let mut out = vec![0u8; COMPRESS_BOUND_BYTES];
+    let mut table = CompressTable::default();
     let mut pages = Vec::with_capacity(corpus.len());
     for i in 0..corpus.len() {
         let page = corpus.page(i);
         if same_filled_word(page).is_some() {
             continue;
         }
-        let len = compress(page, &mut out);
+        let len = compress(page, &mut out, &mut table);
         if len > REJECT_ABOVE_BYTES {
             continue;
         }

@@ -14,7 +14,7 @@ use ramster_node::cluster::tls::{self, NodeIdentity};
 use ramster_node::cluster::transport::{
     EndpointOptions, PEER_ALPN, PeerEndpoint, PeerError, PeerTls, TransportConfig,
 };
-use ramster_node::store::compress::{COMPRESS_BOUND_BYTES, compress, decompress};
+use ramster_node::store::compress::{COMPRESS_BOUND_BYTES, CompressTable, compress, decompress};
 use ramster_node::store::{PAGE_BYTES, Page, PageKey};
 use ramster_protocol::peer::{PeerErrorCode, PeerResponse, peer_response};
 use ramster_protocol::{FRAME_BYTES_MAX, frame, peer_handshake};
@@ -106,7 +106,8 @@ fn donated(n: u64, version: u64, raw: bool) -> DonatedPage {
         Bytes::copy_from_slice(&p[..])
     } else {
         let mut out = vec![0u8; COMPRESS_BOUND_BYTES];
-        let len = compress(&p, &mut out);
+        let mut table = CompressTable::default();
+        let len = compress(&p, &mut out, &mut table);
         out.truncate(len);
         Bytes::from(out)
     };
