@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use super::conn::{ConnError, FrameReader, encode_frame, spawn_writer};
 use super::{Frontend, LoadResult, OpError, Reject, StoreResult};
-use crate::store::{PAGE_BYTES, Page};
+use crate::store::{PAGE_BYTES, Page, StoreStats};
 
 /// Requests of one connection executing at once.
 pub const REQUESTS_IN_FLIGHT_MAX: usize = 64;
@@ -388,18 +388,26 @@ impl Frontend {
                     counters: Some(a.counters),
                 })
                 .collect(),
-            store: Some(v1::StoreStats {
-                capacity_bytes: s.capacity_bytes,
-                used_bytes: s.used_bytes,
-                pages: s.pages,
-                same_filled_pages: s.same_filled_pages,
-                compressed_pages: s.compressed_pages,
-                payload_bytes: s.payload_bytes,
-                slot_bytes: s.slot_bytes,
-                slab_bytes: s.slab_bytes,
-                index_bytes: s.index_bytes,
-                evicted_pages: s.evicted_pages,
-            }),
+            store: Some((&s).into()),
+        }
+    }
+}
+
+impl From<&StoreStats> for v1::StoreStats {
+    fn from(s: &StoreStats) -> Self {
+        v1::StoreStats {
+            capacity_bytes: s.capacity_bytes,
+            used_bytes: s.used_bytes,
+            pages: s.pages,
+            same_filled_pages: s.same_filled_pages,
+            compressed_pages: s.compressed_pages,
+            payload_bytes: s.payload_bytes,
+            slot_bytes: s.slot_bytes,
+            slab_bytes: s.slab_bytes,
+            index_bytes: s.index_bytes,
+            evicted_pages: s.evicted_pages,
+            remote_pages: s.remote_pages,
+            remote_bytes: s.remote_bytes,
         }
     }
 }

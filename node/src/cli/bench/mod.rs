@@ -287,23 +287,8 @@ fn run_embedded(args: &BenchArgs, pages: &Pages, source: String, progress: bool)
         &tally,
         (store_secs, &mut store_lat),
         (load_secs, &mut load_lat),
-        &wire_store_stats(&stats),
+        &(&stats).into(),
     )
-}
-
-fn wire_store_stats(s: &crate::store::StoreStats) -> v1::StoreStats {
-    v1::StoreStats {
-        capacity_bytes: s.capacity_bytes,
-        used_bytes: s.used_bytes,
-        pages: s.pages,
-        same_filled_pages: s.same_filled_pages,
-        compressed_pages: s.compressed_pages,
-        payload_bytes: s.payload_bytes,
-        slot_bytes: s.slot_bytes,
-        slab_bytes: s.slab_bytes,
-        index_bytes: s.index_bytes,
-        evicted_pages: s.evicted_pages,
-    }
 }
 
 async fn run_socket(
