@@ -489,6 +489,7 @@ fn an_rpc_to_a_peer_that_stops_answering_fails_at_the_deadline() {
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (freeze_tx, freeze_rx) = tokio::sync::oneshot::channel::<()>();
     let (thaw_tx, thaw_rx) = std::sync::mpsc::channel::<()>();
+    let (frozen_tx, frozen_rx) = std::sync::mpsc::channel::<()>();
     let c = cluster.clone();
     // The donor runs on its own single-threaded runtime, which the test then
     // blocks: the peer is still there but answers nothing, like a stopped
@@ -502,6 +503,9 @@ fn an_rpc_to_a_peer_that_stops_answering_fails_at_the_deadline() {
             let ep = bind(&c, "donor-a", donor(1 << 20));
             addr_tx.send(ep.local_addr()).unwrap();
             let _ = freeze_rx.await;
+            // No await between this ack and blocking: once the owner sees
+            // it, nothing on this runtime runs until the thaw.
+            frozen_tx.send(()).unwrap();
             let _ = thaw_rx.recv_timeout(TEST_GUARD);
             ep.close().await;
         });
@@ -519,6 +523,7 @@ fn an_rpc_to_a_peer_that_stops_answering_fails_at_the_deadline() {
         let ok = session.put_pages(&[donated(1, 1, false)]).await.unwrap();
         assert_eq!(ok, [PageStatus::Ok]);
         freeze_tx.send(()).unwrap();
+        frozen_rx.recv_timeout(TEST_GUARD).unwrap();
         let err = session
             .get_pages(&refs(1..2, 1))
             .await
