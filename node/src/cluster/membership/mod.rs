@@ -155,20 +155,11 @@ impl Membership {
             .add_learner(id, BasicNode::new(addr), true)
             .await
             .map_err(|e| self.write_error(e))?;
-        let membership = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .clone();
+        let membership = self.raft_membership();
         let voters = membership.voter_ids().count();
         let learners: BTreeSet<NodeId> = membership.learner_ids().take(2).collect();
         if voters < VOTERS_MAX && learners.len() == 2 {
-            self.raft
-                .change_membership(ChangeMembers::AddVoterIds(learners), false)
-                .await
-                .map_err(|e| self.write_error(e))?;
+            self.change(ChangeMembers::AddVoterIds(learners)).await?;
         }
         Ok(())
     }
@@ -176,24 +167,35 @@ impl Membership {
     /// Removes a node from Raft (voter or learner). Leader only.
     pub async fn remove_node(&self, id: NodeId) -> Result<(), MembershipError> {
         let ids: BTreeSet<NodeId> = [id].into();
-        let membership = self
-            .raft
+        let membership = self.raft_membership();
+        if membership.voter_ids().any(|v| v == id) {
+            self.change(ChangeMembers::RemoveVoters(ids.clone()))
+                .await?;
+        }
+        self.change(ChangeMembers::RemoveNodes(ids)).await?;
+        Ok(())
+    }
+
+    /// The Raft membership as last seen here.
+    fn raft_membership(&self) -> openraft::Membership<NodeId, BasicNode> {
+        self.raft
             .metrics()
             .borrow()
             .membership_config
             .membership()
-            .clone();
-        if membership.voter_ids().any(|v| v == id) {
-            self.raft
-                .change_membership(ChangeMembers::RemoveVoters(ids.clone()), false)
-                .await
-                .map_err(|e| self.write_error(e))?;
-        }
+            .clone()
+    }
+
+    /// Changes Raft's voters or learners and waits until it is committed.
+    async fn change(
+        &self,
+        changes: ChangeMembers<NodeId, BasicNode>,
+    ) -> Result<(), MembershipError> {
         self.raft
-            .change_membership(ChangeMembers::RemoveNodes(ids), false)
+            .change_membership(changes, false)
             .await
-            .map_err(|e| self.write_error(e))?;
-        Ok(())
+            .map(drop)
+            .map_err(|e| self.write_error(e))
     }
 
     /// Proposes a configuration change and waits until it is committed and

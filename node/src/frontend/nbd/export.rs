@@ -413,14 +413,7 @@ impl Export {
             };
             Ok(())
         });
-        let r = r.and_then(|()| {
-            if fua && to_backing {
-                self.sync()
-            } else {
-                Ok(())
-            }
-        });
-        self.counted(r)
+        self.counted(r.and_then(|()| self.sync_if(fua && to_backing)))
     }
 
     /// Zeroes `offset..offset+len`. Whole pages become holes (read as zeros,
@@ -452,14 +445,7 @@ impl Export {
                 Ok(())
             }
         });
-        let r = r.and_then(|()| {
-            if fua && to_backing {
-                self.sync()
-            } else {
-                Ok(())
-            }
-        });
-        self.counted(r)
+        self.counted(r.and_then(|()| self.sync_if(fua && to_backing)))
     }
 
     /// TRIM: the client no longer needs these bytes. Whole pages are
@@ -482,6 +468,12 @@ impl Export {
         bump(&self.metrics.flushes, 1);
         let r = self.sync();
         self.counted(r)
+    }
+
+    /// FUA: pages that went to the backing file reach the disk before the
+    /// reply.
+    fn sync_if(&self, needed: bool) -> Result<(), ExportError> {
+        if needed { self.sync() } else { Ok(()) }
     }
 
     fn sync(&self) -> Result<(), ExportError> {
