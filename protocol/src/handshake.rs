@@ -32,20 +32,26 @@ pub fn hello(client: &str) -> Hello {
     }
 }
 
+/// The newest version both this build and a peer speaking `min..=max`
+/// speak, if any. Shared by the client and peer handshakes.
+pub fn common_version(min: u32, max: u32) -> Option<u32> {
+    let version = max.min(PROTOCOL_VERSION);
+    (version >= min.max(PROTOCOL_VERSION_MIN)).then_some(version)
+}
+
 /// Server side: checks a `Hello` and answers with the `Welcome` to send.
 pub fn accept(hello: &Hello, node: &str) -> Result<Welcome, HandshakeError> {
     if hello.magic != MAGIC {
         return Err(HandshakeError::BadMagic(hello.magic.clone()));
     }
-    let version = hello.max_version.min(PROTOCOL_VERSION);
-    if version < hello.min_version.max(PROTOCOL_VERSION_MIN) {
+    let Some(version) = common_version(hello.min_version, hello.max_version) else {
         return Err(HandshakeError::NoCommonVersion {
             client_min: hello.min_version,
             client_max: hello.max_version,
             server_min: PROTOCOL_VERSION_MIN,
             server_max: PROTOCOL_VERSION,
         });
-    }
+    };
     Ok(Welcome {
         version,
         node: node.to_string(),

@@ -48,15 +48,15 @@ pub fn accept(
     if hello.node.is_empty() {
         return Err(PeerHandshakeError::NoName);
     }
-    let version = hello.max_version.min(PROTOCOL_VERSION);
-    if version < hello.min_version.max(PROTOCOL_VERSION_MIN) {
+    let Some(version) = crate::handshake::common_version(hello.min_version, hello.max_version)
+    else {
         return Err(PeerHandshakeError::NoCommonVersion {
             peer_min: hello.min_version,
             peer_max: hello.max_version,
             ours_min: PROTOCOL_VERSION_MIN,
             ours_max: PROTOCOL_VERSION,
         });
-    }
+    };
     Ok(PeerWelcome {
         version,
         node: node.to_string(),

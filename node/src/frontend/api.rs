@@ -340,7 +340,7 @@ fn execute_op(fe: &Frontend, kind: Kind) -> v1::OpResult {
                         .into_iter()
                         .map(|r| v1::ReturnedPage {
                             offset: r.offset,
-                            page: Bytes::copy_from_slice(&r.page[..]),
+                            page: r.page,
                         })
                         .collect(),
                     detail: if s.corrupt > 0 {

@@ -55,7 +55,8 @@ fn key(area: AreaId, offset: u64) -> PageKey {
 #[derive(Debug, Clone)]
 pub struct ReturnedPage {
     pub offset: u64,
-    pub page: Box<Page>,
+    /// Copied once out of the store, then handed on without another copy.
+    pub page: bytes::Bytes,
 }
 
 /// What `shrink` did.
@@ -220,7 +221,7 @@ impl Frontend {
             self.store.drain_space(area, want, |k, page| match page {
                 Ok(p) => shrunk.returned.push(ReturnedPage {
                     offset: k.index,
-                    page: Box::new(*p),
+                    page: bytes::Bytes::copy_from_slice(p),
                 }),
                 Err(()) => shrunk.corrupt += 1,
             });
