@@ -5,4 +5,5 @@
 pub mod cli;
 pub mod cluster;
 pub mod frontend;
+pub mod metrics;
 pub mod store;

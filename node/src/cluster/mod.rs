@@ -14,6 +14,7 @@ pub mod membership;
 pub mod placement;
 pub mod pressure;
 pub mod rpc;
+pub mod status;
 pub mod tls;
 pub mod transport;
 pub mod watermarks;
