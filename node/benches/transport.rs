@@ -120,6 +120,7 @@ async fn run(corpus_pages: usize, gso: bool, mtu: Option<u16>) {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 tls: PeerTls::mutual(&id).expect("tls"),
                 transport: transport.clone(),
+                metrics: Default::default(),
             },
             donor,
         )

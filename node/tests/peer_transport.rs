@@ -69,6 +69,7 @@ fn bind_with(
             listen: LOCALHOST.parse().unwrap(),
             tls,
             transport,
+            metrics: Default::default(),
         },
         donor,
     )
@@ -228,6 +229,7 @@ fn bind_incarnation(cluster: &Cluster, node: &str, incarnation: u64) -> PeerEndp
             listen: LOCALHOST.parse().unwrap(),
             tls: PeerTls::mutual(&cluster.identity(node)).unwrap(),
             transport: TransportConfig::default(),
+            metrics: Default::default(),
         },
         donor(0),
     )

@@ -15,8 +15,15 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::size::{format_size, parse_size};
+use crate::cluster::liveness::LivenessTimings;
+use crate::cluster::membership::Role;
+use crate::cluster::node::{ClusterNode, ClusterSettings, PeerAuth, parse_role};
+use crate::cluster::tls::NodeIdentity;
+use crate::cluster::transport::TransportConfig;
+use crate::cluster::watermarks::Watermarks;
 use crate::frontend::nbd::{self, ExportSpec, Exports};
 use crate::frontend::{Frontend, api};
+use crate::metrics::NodeMetrics;
 use crate::store::{PageStore, StoreConfig};
 
 /// Where the NBD server listens when exports are given and no address is.
@@ -25,6 +32,12 @@ pub const NBD_LISTEN_DEFAULT: &str = "127.0.0.1:10809";
 pub const EXPORT_STATS_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// The largest config file read (a config is a few lines).
 const CONFIG_BYTES_MAX: u64 = 1 << 20;
+/// Where the peer transport (QUIC) listens when only `--join` is given.
+pub const PEER_LISTEN_DEFAULT: &str = "0.0.0.0:7800";
+/// Donors per remotified page.
+pub const REPLICAS_DEFAULT: usize = 1;
+/// The node's persistent identity in its data dir.
+const IDENTITY_FILE: &str = "identity.json";
 
 #[derive(Args, Debug, Default)]
 pub struct NodeArgs {
@@ -56,6 +69,63 @@ pub struct NodeArgs {
     /// into this node never has the node's own pages swapped out.
     #[arg(long, env = "RAMSTER_MLOCK", num_args = 0..=1, default_missing_value = "true")]
     pub mlock: Option<bool>,
+    /// Where peers reach this node (QUIC, UDP) [default: 0.0.0.0:7800 when
+    /// --join is given]. Giving it makes the node a cluster member.
+    #[arg(long, env = "RAMSTER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// The HOST:PORT peers are told to use [default: the listen address,
+    /// or this host's name with its port when listening on 0.0.0.0].
+    #[arg(long, env = "RAMSTER_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Seed nodes, HOST:PORT,... (the same list on every node). The first
+    /// seed forms the cluster when no seed knows one; everyone else joins.
+    #[arg(long, env = "RAMSTER_JOIN", value_delimiter = ',')]
+    pub join: Vec<String>,
+    /// Directory with ca.crt, node.crt and node.key (`ramster cert`)
+    /// [default: DATA_DIR/certs].
+    #[arg(long, env = "RAMSTER_CERTS_DIR")]
+    pub certs_dir: Option<PathBuf>,
+    /// Peers are NOT authenticated (encrypted only). For a laptop demo.
+    #[arg(long, env = "RAMSTER_INSECURE", num_args = 0..=1, default_missing_value = "true")]
+    pub insecure: Option<bool>,
+    /// peer (uses and donates), memory-server (donates its whole capacity,
+    /// serves no local clients) or client (never donates).
+    #[arg(long, env = "RAMSTER_ROLE", value_parser = parse_role_arg)]
+    pub role: Option<Role>,
+    /// Most memory held for other nodes' pages [default: the capacity;
+    /// 0 for a client].
+    #[arg(long, env = "RAMSTER_DONATE", value_parser = parse_size)]
+    pub donate: Option<u64>,
+    /// Failure-domain label; replicas go to distinct zones.
+    #[arg(long, env = "RAMSTER_ZONE")]
+    pub zone: Option<String>,
+    /// Donors holding each remotified page (1..=3).
+    #[arg(long, env = "RAMSTER_REPLICAS")]
+    pub replicas: Option<usize>,
+    /// Remotify starts above this fraction of capacity and stops at the
+    /// second: START,STOP [default: 0.85,0.75].
+    #[arg(long, env = "RAMSTER_REMOTIFY_WATERMARKS", value_parser = parse_pair)]
+    pub remotify_watermarks: Option<(f64, f64)>,
+    /// Suction starts below this fraction and stops at the second:
+    /// START,STOP [default: 0.60,0.70].
+    #[arg(long, env = "RAMSTER_SUCTION_WATERMARKS", value_parser = parse_pair)]
+    pub suction_watermarks: Option<(f64, f64)>,
+}
+
+fn parse_role_arg(s: &str) -> Result<Role, String> {
+    parse_role(s).ok_or_else(|| format!("unknown role {s:?} (peer, memory-server, client)"))
+}
+
+fn parse_pair(s: &str) -> Result<(f64, f64), String> {
+    let (a, b) = s
+        .split_once(',')
+        .ok_or_else(|| format!("{s:?}: expected START,STOP (e.g. 0.85,0.75)"))?;
+    let f = |x: &str| {
+        x.trim()
+            .parse::<f64>()
+            .map_err(|_| format!("{x:?} is not a fraction"))
+    };
+    Ok((f(a)?, f(b)?))
 }
 
 /// A size in a config file: `"4GiB"` or a number of bytes.
@@ -78,10 +148,46 @@ struct ConfigFile {
     #[serde(default)]
     nbd_export: Vec<String>,
     mlock: Option<bool>,
+    listen: Option<SocketAddr>,
+    advertise: Option<String>,
+    #[serde(default)]
+    join: Vec<String>,
+    certs_dir: Option<PathBuf>,
+    insecure: Option<bool>,
+    role: Option<String>,
+    donate: Option<SizeValue>,
+    zone: Option<String>,
+    replicas: Option<usize>,
+    remotify_watermarks: Option<[f64; 2]>,
+    suction_watermarks: Option<[f64; 2]>,
+}
+
+impl SizeValue {
+    fn bytes(&self, key: &str) -> anyhow::Result<u64> {
+        match self {
+            SizeValue::Bytes(b) => Ok(*b),
+            SizeValue::Text(t) => parse_size(t).map_err(|e| anyhow::anyhow!("config `{key}`: {e}")),
+        }
+    }
+}
+
+/// A node's cluster settings once merged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterArgs {
+    pub listen: SocketAddr,
+    pub advertise: String,
+    pub join: Vec<String>,
+    pub certs_dir: PathBuf,
+    pub insecure: bool,
+    pub role: Role,
+    pub donate: u64,
+    pub zone: Option<String>,
+    pub replicas: usize,
+    pub watermarks: Watermarks,
 }
 
 /// The node's settings once every source is merged.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NodeSettings {
     pub name: String,
     pub data_dir: PathBuf,
@@ -91,6 +197,8 @@ pub struct NodeSettings {
     pub nbd_listen: Option<SocketAddr>,
     pub nbd_exports: Vec<ExportSpec>,
     pub mlock: bool,
+    /// `Some` when the node is a cluster member (`--listen` or `--join`).
+    pub cluster: Option<ClusterArgs>,
 }
 
 fn read_config(path: &Path) -> anyhow::Result<ConfigFile> {
@@ -127,14 +235,41 @@ impl NodeArgs {
             .data_dir
             .or(file.data_dir)
             .ok_or_else(|| missing("data-dir", "data-dir", "RAMSTER_DATA_DIR"))?;
-        let capacity = match (self.capacity, file.capacity) {
+        let capacity = match (self.capacity, &file.capacity) {
             (Some(c), _) => c,
-            (None, Some(SizeValue::Bytes(b))) => b,
-            (None, Some(SizeValue::Text(t))) => {
-                parse_size(&t).map_err(|e| anyhow::anyhow!("config `capacity`: {e}"))?
-            }
+            (None, Some(v)) => v.bytes("capacity")?,
             (None, None) => return Err(missing("capacity", "capacity", "RAMSTER_CAPACITY")),
         };
+        let cluster = cluster_args(
+            ClusterSources {
+                listen: self.listen.or(file.listen),
+                advertise: self.advertise.or(file.advertise),
+                join: if self.join.is_empty() { file.join } else { self.join },
+                certs_dir: self.certs_dir.or(file.certs_dir),
+                insecure: self.insecure.or(file.insecure),
+                role: match (self.role, file.role) {
+                    (Some(r), _) => Some(r),
+                    (None, Some(r)) => Some(parse_role_arg(&r).map_err(|e| anyhow::anyhow!("config `role`: {e}"))?),
+                    (None, None) => None,
+                },
+                donate: match (self.donate, &file.donate) {
+                    (Some(d), _) => Some(d),
+                    (None, Some(v)) => Some(v.bytes("donate")?),
+                    (None, None) => None,
+                },
+                zone: self.zone.or(file.zone),
+                replicas: self.replicas.or(file.replicas),
+                remotify: self.remotify_watermarks.or(file.remotify_watermarks.map(|[a, b]| (a, b))),
+                suction: self.suction_watermarks.or(file.suction_watermarks.map(|[a, b]| (a, b))),
+            },
+            &data_dir,
+            capacity,
+        )?;
+        if cluster.as_ref().is_some_and(|c| c.role == Role::MemoryServer)
+            && !self.nbd_exports.is_empty()
+        {
+            bail!("a memory server serves no local clients: drop --nbd-export");
+        }
         let api_socket = self
             .api_socket
             .or(file.api_socket)
@@ -166,7 +301,131 @@ impl NodeArgs {
             nbd_listen,
             nbd_exports,
             mlock: self.mlock.or(file.mlock).unwrap_or(false),
+            cluster,
         })
+    }
+}
+
+/// The cluster settings from flags, environment and file (already merged
+/// key by key).
+struct ClusterSources {
+    listen: Option<SocketAddr>,
+    advertise: Option<String>,
+    join: Vec<String>,
+    certs_dir: Option<PathBuf>,
+    insecure: Option<bool>,
+    role: Option<Role>,
+    donate: Option<u64>,
+    zone: Option<String>,
+    replicas: Option<usize>,
+    remotify: Option<(f64, f64)>,
+    suction: Option<(f64, f64)>,
+}
+
+fn cluster_args(
+    c: ClusterSources,
+    data_dir: &Path,
+    capacity: u64,
+) -> anyhow::Result<Option<ClusterArgs>> {
+    if c.listen.is_none() && c.join.is_empty() {
+        if c.advertise.is_some() || c.role.is_some() || c.donate.is_some() {
+            bail!("--advertise, --role and --donate need --listen or --join (a cluster)");
+        }
+        return Ok(None);
+    }
+    let listen = c
+        .listen
+        .unwrap_or_else(|| PEER_LISTEN_DEFAULT.parse().expect("valid default"));
+    let advertise = match c.advertise {
+        Some(a) => a,
+        None if listen.ip().is_unspecified() => {
+            let host = hostname().ok_or_else(|| {
+                anyhow::anyhow!("--advertise is required when listening on {listen}")
+            })?;
+            format!("{host}:{}", listen.port())
+        }
+        None => listen.to_string(),
+    };
+    for a in std::iter::once(&advertise).chain(&c.join) {
+        if a.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+            bail!("{a:?} is not HOST:PORT");
+        }
+    }
+    let role = c.role.unwrap_or_default();
+    let donate = match (role, c.donate) {
+        (Role::Client, Some(d)) if d > 0 => bail!("a client never donates: drop --donate"),
+        (Role::Client, _) => 0,
+        (_, Some(d)) => d,
+        (_, None) => capacity,
+    };
+    let replicas = c.replicas.unwrap_or(REPLICAS_DEFAULT);
+    if !(1..=crate::store::REPLICAS_MAX).contains(&replicas) {
+        bail!("--replicas {replicas}: must be 1..={}", crate::store::REPLICAS_MAX);
+    }
+    let d = Watermarks::default();
+    let (remotify_start, remotify_stop) = c.remotify.unwrap_or((d.remotify_start, d.remotify_stop));
+    let (suction_start, suction_stop) = c.suction.unwrap_or((d.suction_start, d.suction_stop));
+    let watermarks = Watermarks {
+        remotify_start,
+        remotify_stop,
+        suction_start,
+        suction_stop,
+    }
+    .validate()?;
+    Ok(Some(ClusterArgs {
+        listen,
+        advertise,
+        join: c.join,
+        certs_dir: c.certs_dir.unwrap_or_else(|| data_dir.join("certs")),
+        insecure: c.insecure.unwrap_or(false),
+        role,
+        donate,
+        zone: c.zone,
+        replicas,
+        watermarks,
+    }))
+}
+
+fn hostname() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+}
+
+/// The node's id, kept in the data dir so a restart is the same node.
+#[derive(serde::Serialize, Deserialize)]
+struct Identity {
+    name: String,
+    id: u64,
+}
+
+fn load_or_create_identity(data_dir: &Path, name: &str) -> anyhow::Result<u64> {
+    let path = data_dir.join(IDENTITY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let id: Identity = serde_json::from_str(&text)
+                .with_context(|| format!("reading {}", path.display()))?;
+            if id.name != name {
+                bail!(
+                    "{} belongs to node {:?}, not {name:?}: use that name or another data dir",
+                    data_dir.display(),
+                    id.name
+                );
+            }
+            Ok(id.id)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Ids go into page descriptors as 32 bits; 0 is never used.
+            let id = u64::from(rand::random::<u32>().max(1));
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, serde_json::to_vec_pretty(&Identity { name: name.into(), id })?)
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &path)
+                .with_context(|| format!("writing {}", path.display()))?;
+            Ok(id)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
 }
 
@@ -193,8 +452,32 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&s.data_dir)
         .with_context(|| format!("creating data dir {}", s.data_dir.display()))?;
-    let store = Arc::new(PageStore::new(StoreConfig::with_capacity(s.capacity)));
-    let frontend = Arc::new(Frontend::new(s.name.clone(), store));
+    let memory_server = s
+        .cluster
+        .as_ref()
+        .is_some_and(|c| c.role == Role::MemoryServer);
+    // A memory server's capacity is all donated: its own store stays empty.
+    let store_capacity = if memory_server { 0 } else { s.capacity };
+    let store = Arc::new(PageStore::new(StoreConfig::with_capacity(store_capacity)));
+    let metrics = Arc::new(NodeMetrics::default());
+    let frontend = Arc::new(Frontend::new(s.name.clone(), store.clone()));
+    let identity = match &s.cluster {
+        Some(c) if !c.insecure => Some(
+            NodeIdentity::load(&c.certs_dir)
+                .and_then(|i| i.check(&s.name).map(|()| i))
+                .with_context(|| {
+                    format!(
+                        "certificates in {} (make them with `ramster cert`, or run with --insecure)",
+                        c.certs_dir.display()
+                    )
+                })?,
+        ),
+        _ => None,
+    };
+    let node_id = match &s.cluster {
+        Some(_) => load_or_create_identity(&s.data_dir, &s.name)?,
+        None => 0,
+    };
     let exports = Arc::new(Exports::open(
         &s.nbd_exports,
         frontend.clone(),
@@ -207,6 +490,38 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         .context("starting the runtime")?;
     rt.block_on(async move {
         let (stop_tx, stop_rx) = watch::channel(false);
+        let cluster = match s.cluster.clone() {
+            Some(c) => {
+                let node = ClusterNode::start(
+                    ClusterSettings {
+                        name: s.name.clone(),
+                        id: node_id,
+                        raft_dir: s.data_dir.join("raft"),
+                        listen: c.listen,
+                        advertise: c.advertise.clone(),
+                        seeds: c.join.clone(),
+                        auth: match identity {
+                            Some(i) => PeerAuth::Mutual(i),
+                            None => PeerAuth::Insecure,
+                        },
+                        role: c.role,
+                        donate_bytes: if memory_server { s.capacity } else { c.donate },
+                        zone: c.zone.clone(),
+                        replicas: c.replicas,
+                        watermarks: c.watermarks,
+                        liveness: LivenessTimings::default(),
+                        transport: TransportConfig::default(),
+                    },
+                    store.clone(),
+                    metrics.clone(),
+                    stop_rx.clone(),
+                )
+                .await?;
+                frontend.set_remote(Arc::new(node.clone()));
+                Some(node)
+            }
+            None => None,
+        };
         // NBD first: once the API socket answers, the node serves everything.
         let mut nbd_server = None;
         if let Some(addr) = s.nbd_listen {
@@ -232,9 +547,14 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
             )));
             tokio::spawn(log_export_stats(exports.clone(), stop_rx.clone()));
         }
-        let listener = api::bind(&s.api_socket)
-            .with_context(|| format!("binding the API socket {}", s.api_socket.display()))?;
-        let server = tokio::spawn(api::serve(listener, frontend, stop_rx));
+        // A memory server serves no local clients.
+        let server = if memory_server {
+            None
+        } else {
+            let listener = api::bind(&s.api_socket)
+                .with_context(|| format!("binding the API socket {}", s.api_socket.display()))?;
+            Some(tokio::spawn(api::serve(listener, frontend, stop_rx)))
+        };
         info!(
             node = %s.name,
             capacity = %format_size(s.capacity),
@@ -246,7 +566,12 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         wait_for_stop_signal().await;
         info!("stopping");
         let _ = stop_tx.send(true);
-        let _ = server.await;
+        if let Some(server) = server {
+            let _ = server.await;
+        }
+        if let Some(c) = &cluster {
+            c.shutdown().await;
+        }
         if let Some(nbd) = nbd_server {
             let _ = nbd.await;
         }

@@ -10,7 +10,10 @@
 //!   long-lived streams, the serve side that feeds the donor store.
 
 pub mod donor;
+pub mod liveness;
 pub mod membership;
+pub mod movers;
+pub mod node;
 pub mod placement;
 pub mod pressure;
 pub mod rpc;

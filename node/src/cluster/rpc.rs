@@ -21,7 +21,7 @@ pub struct RpcRefusal {
 }
 
 impl RpcRefusal {
-    fn new(code: PeerErrorCode, message: impl Into<String>) -> Self {
+    pub fn new(code: PeerErrorCode, message: impl Into<String>) -> Self {
         RpcRefusal {
             code,
             message: message.into(),
@@ -145,6 +145,8 @@ pub fn heartbeat_of(donor: &DonorStore) -> wire::Heartbeat {
         spare_bytes: donor.spare_bytes(),
         donated_bytes: donor.donated_bytes(),
         load_permille: donor.load_permille(),
+        donate_bytes: donor.config().donate_bytes,
+        ..Default::default()
     }
 }
 
@@ -254,6 +256,14 @@ fn apply(
             })
         }
         peer_request::Kind::Heartbeat(_) => R::Heartbeat(heartbeat_of(&donor.lock())),
+        // Membership requests are the control handler's; without one the
+        // node is not (yet) a member of anything.
+        peer_request::Kind::Raft(_) | peer_request::Kind::Join(_) => {
+            return Err(RpcRefusal::new(
+                PeerErrorCode::Unavailable,
+                "membership is not running on this node",
+            ));
+        }
     })
 }
 

@@ -335,6 +335,20 @@ impl NodeIdentity {
             .with_single_cert(self.chain.clone(), self.key.clone_key())?)
     }
 
+    /// Dialling a seed by address: the server must hold a certificate of
+    /// the cluster CA (for any node; the name is checked after the hello),
+    /// and we present ours.
+    pub fn seed_client_config(&self) -> Result<ClientConfig, CertError> {
+        Ok(ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyNodeOfCa {
+                ca: self.ca.clone(),
+                provider: provider(),
+            }))
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?)
+    }
+
     /// The dialling side: the server must prove the name we dial with a
     /// certificate from the cluster CA, and we present ours.
     pub fn client_config(&self) -> Result<ClientConfig, CertError> {
@@ -342,6 +356,80 @@ impl NodeIdentity {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(self.roots()?)
             .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?)
+    }
+}
+
+/// Accepts a server certificate that chains to the cluster CA as a server
+/// certificate, whatever name it is for: used to dial a seed by address
+/// before its node name is known. The caller then checks that the
+/// certificate is valid for the name the peer's welcome gives.
+#[derive(Debug)]
+struct AnyNodeOfCa {
+    ca: CertificateDer<'static>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for AnyNodeOfCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let bad = |e: webpki::Error| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
+                rustls::OtherError(Arc::new(e)),
+            ))
+        };
+        let ee = webpki::EndEntityCert::try_from(end_entity).map_err(bad)?;
+        let anchor = webpki::anchor_from_trusted_cert(&self.ca).map_err(bad)?;
+        ee.verify_for_usage(
+            self.provider.signature_verification_algorithms.all,
+            std::slice::from_ref(&anchor),
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .map_err(bad)?;
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

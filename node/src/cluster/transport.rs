@@ -26,10 +26,12 @@
 //!   node cannot speak as another. A peer without a valid certificate never
 //!   gets past the handshake and never reaches the donor store.
 
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use hashbrown::HashMap;
@@ -45,9 +47,10 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::donor::{DonatedPage, DonorStore, PageRef, PageStatus};
-use super::rpc;
+use super::rpc::{self, RpcRefusal};
 use super::tls::{self, CertError, NodeIdentity};
-use crate::frontend::conn::{FrameReader, encode_frame, spawn_writer};
+use crate::frontend::conn::{ConnError, FrameReader, encode_frame, spawn_writer};
+use crate::metrics::NodeMetrics;
 
 /// ALPN of the peer protocol: a client of some other protocol on the same
 /// port fails the handshake instead of sending us garbage.
@@ -159,6 +162,10 @@ pub enum PeerError {
 pub struct PeerTls {
     server: rustls::ServerConfig,
     client: rustls::ClientConfig,
+    /// For dialling an address whose node name is not known yet (a seed):
+    /// the certificate must chain to the CA; the name is checked against
+    /// the peer's welcome afterwards.
+    seed_client: Option<rustls::ClientConfig>,
     insecure: bool,
 }
 
@@ -166,10 +173,12 @@ impl PeerTls {
     /// Mutual TLS under the cluster CA (the only mode a node runs with,
     /// short of `--insecure`).
     pub fn mutual(identity: &NodeIdentity) -> Result<Self, CertError> {
-        Ok(PeerTls::from_rustls(
-            identity.server_config()?,
-            identity.client_config()?,
-        ))
+        let mut seed = identity.seed_client_config()?;
+        seed.alpn_protocols = vec![PEER_ALPN.to_vec()];
+        Ok(PeerTls {
+            seed_client: Some(seed),
+            ..PeerTls::from_rustls(identity.server_config()?, identity.client_config()?)
+        })
     }
 
     /// From configs built elsewhere; the ALPN is set here.
@@ -179,6 +188,7 @@ impl PeerTls {
         PeerTls {
             server,
             client,
+            seed_client: None,
             insecure: false,
         }
     }
@@ -187,9 +197,11 @@ impl PeerTls {
     /// the port is taken for the node it claims to be. Logged loudly.
     pub fn insecure(node: &str) -> Result<Self, CertError> {
         let (server, client) = tls::insecure_configs(node)?;
+        let tls = PeerTls::from_rustls(server, client);
         Ok(PeerTls {
             insecure: true,
-            ..PeerTls::from_rustls(server, client)
+            seed_client: Some(tls.client.clone()),
+            ..tls
         })
     }
 }
@@ -205,9 +217,30 @@ pub struct EndpointOptions {
     pub listen: SocketAddr,
     pub tls: PeerTls,
     pub transport: TransportConfig,
+    /// Where RPC latencies and failures are counted.
+    pub metrics: Arc<NodeMetrics>,
 }
 
 type SessionSlot = Arc<tokio::sync::Mutex<Option<Arc<PeerSession>>>>;
+
+/// What a control request's handler returns.
+pub type ControlFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<peer_response::Kind, RpcRefusal>> + Send + 'a>>;
+
+/// Serves the requests that are about the cluster rather than pages:
+/// heartbeats, Raft, joins. Set once the node's membership is running;
+/// until then such requests are answered from the donor alone (heartbeats)
+/// or refused as unavailable.
+pub trait ControlHandler: Send + Sync + 'static {
+    fn handle(&self, peer: Arc<str>, request: peer_request::Kind) -> ControlFuture<'_>;
+}
+
+fn is_control(kind: &peer_request::Kind) -> bool {
+    matches!(
+        kind,
+        peer_request::Kind::Heartbeat(_) | peer_request::Kind::Raft(_) | peer_request::Kind::Join(_)
+    )
+}
 
 struct Shared {
     node: String,
@@ -217,6 +250,10 @@ struct Shared {
     config: TransportConfig,
     donor: Arc<Mutex<DonorStore>>,
     sessions: Mutex<HashMap<String, SessionSlot>>,
+    /// Node names learnt from welcomes of seeds dialled by address.
+    seed_names: Mutex<HashMap<SocketAddr, String>>,
+    control: OnceLock<Arc<dyn ControlHandler>>,
+    metrics: Arc<NodeMetrics>,
 }
 
 impl Shared {
@@ -231,6 +268,7 @@ impl Shared {
 pub struct PeerEndpoint {
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
+    seed_client_config: Option<quinn::ClientConfig>,
     shared: Arc<Shared>,
 }
 
@@ -276,7 +314,17 @@ impl PeerEndpoint {
         let client_crypto = QuicClientConfig::try_from(opts.tls.client)
             .map_err(|e| TransportError::Config(e.to_string()))?;
         let mut client_config = quinn::ClientConfig::new(Arc::new(client_crypto));
-        client_config.transport_config(transport);
+        client_config.transport_config(transport.clone());
+        let seed_client_config = match opts.tls.seed_client {
+            Some(seed) => {
+                let crypto = QuicClientConfig::try_from(seed)
+                    .map_err(|e| TransportError::Config(e.to_string()))?;
+                let mut c = quinn::ClientConfig::new(Arc::new(crypto));
+                c.transport_config(transport);
+                Some(c)
+            }
+            None => None,
+        };
 
         let socket = udp_socket(opts.listen, cfg.udp_buffer_bytes).map_err(|source| {
             TransportError::Bind {
@@ -301,13 +349,131 @@ impl PeerEndpoint {
             config: opts.transport,
             donor,
             sessions: Mutex::new(HashMap::new()),
+            seed_names: Mutex::new(HashMap::new()),
+            control: OnceLock::new(),
+            metrics: opts.metrics,
         });
         tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
         Ok(PeerEndpoint {
             endpoint,
             client_config,
+            seed_client_config,
             shared,
         })
+    }
+
+    /// Installs the handler of heartbeats, Raft and joins (once; later
+    /// calls are ignored).
+    pub fn set_control_handler(&self, handler: Arc<dyn ControlHandler>) {
+        let _ = self.shared.control.set(handler);
+    }
+
+    /// The session with whichever node answers at `addr` (a seed whose name
+    /// is not known yet). Its certificate must chain to the cluster CA and
+    /// be valid for the name its welcome gives.
+    pub async fn session_at(&self, addr: SocketAddr) -> Result<Arc<PeerSession>, PeerError> {
+        let deadline = self.shared.config.rpc_deadline;
+        let seed = addr.to_string();
+        let fail = |reason: String| PeerError::Connect {
+            peer: seed.clone(),
+            addr,
+            reason,
+        };
+        let known = self.shared.seed_names.lock().get(&addr).cloned();
+        if let Some(name) = known {
+            let slot = self.shared.slot(&name);
+            if let Ok(current) = slot.try_lock()
+                && let Some(s) = current.as_ref().filter(|s| s.is_alive())
+            {
+                return Ok(s.clone());
+            }
+        }
+        let Some(config) = self.seed_client_config.clone() else {
+            return Err(fail("no TLS configuration for dialling by address".into()));
+        };
+        let dial = async {
+            // Any valid DNS name will do: the verifier checks the chain only.
+            let conn = self
+                .endpoint
+                .connect_with(config, addr, "seed.ramster")
+                .map_err(|e| fail(e.to_string()))?
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            let (writer, reader, welcome) = self
+                .handshake(&conn)
+                .await
+                .map_err(fail)?;
+            let certified = self.shared.insecure
+                || peer_certificate(&conn)
+                    .is_some_and(|cert| tls::cert_names_node(&cert, &welcome.node));
+            if !certified {
+                conn.close(CLOSE_REFUSED.into(), b"certificate not valid for the welcome's name");
+                return Err(fail(format!(
+                    "the certificate at {addr} is not valid for the node {:?} it claims to be",
+                    welcome.node
+                )));
+            }
+            Ok((conn, writer, reader, welcome))
+        };
+        let (conn, writer, reader, welcome) = tokio::time::timeout(deadline, dial)
+            .await
+            .unwrap_or_else(|_| {
+                Err(PeerError::Deadline {
+                    peer: seed.clone(),
+                    ms: deadline.as_millis() as u64,
+                })
+            })?;
+        self.shared
+            .seed_names
+            .lock()
+            .insert(addr, welcome.node.clone());
+        let slot = self.shared.slot(&welcome.node);
+        let mut current = slot.lock().await;
+        if let Some(s) = current.as_ref().filter(|s| s.is_alive()) {
+            conn.close(CLOSE_DONE.into(), b"a session exists already");
+            return Ok(s.clone());
+        }
+        tokio::spawn(serve_streams(
+            conn.clone(),
+            self.shared.clone(),
+            welcome.node.as_str().into(),
+        ));
+        let session = PeerSession::start(
+            &self.shared,
+            conn,
+            welcome.node.clone(),
+            welcome.incarnation,
+            Some((writer, reader)),
+        )
+        .await;
+        *current = Some(session.clone());
+        Ok(session)
+    }
+
+    /// The hello / welcome exchange on a new connection we dialled.
+    async fn handshake(
+        &self,
+        conn: &quinn::Connection,
+    ) -> Result<(mpsc::Sender<BytesMut>, FrameReader<RecvStream>, PeerWelcome), String> {
+        let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let writer = spawn_writer(send);
+        let hello = peer_handshake::hello(&self.shared.node, self.shared.incarnation);
+        let hello = encode_frame(&hello).map_err(|e| e.to_string())?;
+        writer
+            .send(hello)
+            .await
+            .map_err(|_| "stream closed before the hello".to_string())?;
+        let mut reader = FrameReader::new(recv, FRAME_BYTES_MAX);
+        // A peer that refuses us closes the connection with a reason; that
+        // reason is the most useful error to show.
+        let closed = |e: String| conn.close_reason().map(|r| r.to_string()).unwrap_or(e);
+        let body = match reader.read_frame().await {
+            Ok(Some(body)) => body,
+            Ok(None) => return Err(closed("closed before its welcome".into())),
+            Err(e) => return Err(closed(e.to_string())),
+        };
+        let welcome: PeerWelcome = frame::decode(body).map_err(|e| e.to_string())?;
+        Ok((writer, reader, welcome))
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -386,26 +552,7 @@ impl PeerEndpoint {
             .map_err(|e| fail(e.to_string()))?
             .await
             .map_err(|e| fail(e.to_string()))?;
-        let (send, recv) = conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
-        let writer = spawn_writer(send);
-        let hello = peer_handshake::hello(&self.shared.node, self.shared.incarnation);
-        let hello = encode_frame(&hello).map_err(|e| fail(e.to_string()))?;
-        writer
-            .send(hello)
-            .await
-            .map_err(|_| fail("stream closed before the hello".into()))?;
-        let mut reader = FrameReader::new(recv, FRAME_BYTES_MAX);
-        // A peer that refuses us closes the connection with a reason; that
-        // reason is the most useful error to show.
-        let closed = |conn: &quinn::Connection, e: String| {
-            fail(conn.close_reason().map(|r| r.to_string()).unwrap_or(e))
-        };
-        let body = match reader.read_frame().await {
-            Ok(Some(body)) => body,
-            Ok(None) => return Err(closed(&conn, "closed before its welcome".into())),
-            Err(e) => return Err(closed(&conn, e.to_string())),
-        };
-        let welcome: PeerWelcome = frame::decode(body).map_err(|e| fail(e.to_string()))?;
+        let (writer, reader, welcome) = self.handshake(&conn).await.map_err(fail)?;
         if welcome.node != peer {
             conn.close(CLOSE_PROTOCOL.into(), b"welcome from the wrong node");
             return Err(fail(format!(
@@ -539,19 +686,22 @@ async fn accept_peer(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<(
         .map_err(|_| format!("no hello within {} ms", deadline.as_millis()))??;
     let peer: Arc<str> = hello.node.as_str().into();
     info!(peer = %peer, remote = %conn.remote_address(), incarnation = hello.incarnation, "peer connected");
-    // The connection also carries our requests to this peer.
-    let session = PeerSession::start(
-        &shared,
-        conn.clone(),
-        hello.node.clone(),
-        hello.incarnation,
-        None,
-    )
-    .await;
+    // The connection also carries our requests to this peer, unless we
+    // have a live session with it already (both dialled at once): then it
+    // only serves the peer's requests, and opening streams we would never
+    // use is avoided.
     {
         let slot = shared.slot(&hello.node);
         let mut current = slot.lock().await;
         if !current.as_ref().is_some_and(|s| s.is_alive()) {
+            let session = PeerSession::start(
+                &shared,
+                conn.clone(),
+                hello.node.clone(),
+                hello.incarnation,
+                None,
+            )
+            .await;
             *current = Some(session);
         }
     }
@@ -606,9 +756,31 @@ async fn serve_stream(
                 let _ = send.finish();
                 return;
             }
+            // The connection went away: nothing to answer, nobody to tell.
+            Err(ConnError::Io(e)) => {
+                debug!(peer = %peer, reason = %e, "peer stream ended");
+                return;
+            }
             Err(e) => Err(e.to_string()),
         };
         let resp = match req {
+            Ok(PeerRequest {
+                id,
+                kind: Some(kind),
+            }) if is_control(&kind) && shared.control.get().is_some() => {
+                let handler = shared.control.get().expect("checked").clone();
+                let kind = match handler.handle(peer.clone(), kind).await {
+                    Ok(kind) => kind,
+                    Err(r) => peer_response::Kind::Error(wire::PeerError {
+                        code: r.code as i32,
+                        message: r.message,
+                    }),
+                };
+                PeerResponse {
+                    id,
+                    kind: Some(kind),
+                }
+            }
             Ok(req) => rpc::handle(&shared.donor, &peer, req),
             Err(reason) => {
                 warn!(peer = %peer, %reason, "malformed frame from peer; closing the stream");
@@ -667,6 +839,7 @@ pub struct PeerSession {
     next_id: AtomicU64,
     in_flight: Semaphore,
     deadline: Duration,
+    metrics: Arc<NodeMetrics>,
 }
 
 /// Removes a request's waiter however the call ends (answer, deadline,
@@ -721,6 +894,7 @@ impl PeerSession {
             next_id: AtomicU64::new(1),
             in_flight: Semaphore::new(shared.config.in_flight_requests_max),
             deadline: shared.config.rpc_deadline,
+            metrics: shared.metrics.clone(),
         })
     }
 
@@ -764,12 +938,71 @@ impl PeerSession {
 
     /// One request, one answer, within the deadline.
     async fn call(&self, kind: peer_request::Kind) -> Result<peer_response::Kind, PeerError> {
-        match tokio::time::timeout(self.deadline, self.call_unbounded(kind)).await {
+        self.timed(self.deadline, self.call_unbounded(kind)).await
+    }
+
+    /// Bounds an RPC by `deadline`, recording its latency and failures.
+    async fn timed(
+        &self,
+        deadline: Duration,
+        rpc: impl Future<Output = Result<peer_response::Kind, PeerError>>,
+    ) -> Result<peer_response::Kind, PeerError> {
+        let started = Instant::now();
+        let r = match tokio::time::timeout(deadline, rpc).await {
             Ok(r) => r,
             Err(_) => Err(PeerError::Deadline {
                 peer: self.peer.clone(),
-                ms: self.deadline.as_millis() as u64,
+                ms: deadline.as_millis() as u64,
             }),
+        };
+        self.metrics.rpc_latency.observe(started.elapsed());
+        if r.is_err() {
+            self.metrics.cluster.rpc_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// A control request (heartbeat, Raft, join) on a stream of its own, so
+    /// it never queues behind page batches; bounded by `deadline`.
+    pub async fn control(
+        &self,
+        kind: peer_request::Kind,
+        deadline: Duration,
+    ) -> Result<peer_response::Kind, PeerError> {
+        self.timed(deadline, self.control_unbounded(kind)).await
+    }
+
+    async fn control_unbounded(
+        &self,
+        kind: peer_request::Kind,
+    ) -> Result<peer_response::Kind, PeerError> {
+        let frame = encode_frame(&PeerRequest {
+            id: 1,
+            kind: Some(kind),
+        })
+        .map_err(|e| PeerError::BadRequest {
+            peer: self.peer.clone(),
+            reason: e.to_string(),
+        })?;
+        let (mut send, recv) = self.conn.open_bi().await.map_err(|_| self.lost())?;
+        send.write_all(&frame).await.map_err(|_| self.lost())?;
+        let _ = send.finish();
+        let mut reader = FrameReader::new(recv, FRAME_BYTES_MAX);
+        let body = match reader.read_frame().await {
+            Ok(Some(body)) => body,
+            Ok(None) => return Err(self.bad_answer("control stream closed without an answer")),
+            Err(_) => return Err(self.lost()),
+        };
+        let resp: PeerResponse =
+            frame::decode(body).map_err(|e| self.bad_answer(e.to_string()))?;
+        match resp.kind {
+            Some(peer_response::Kind::Error(e)) => Err(PeerError::Refused {
+                peer: self.peer.clone(),
+                code: PeerErrorCode::try_from(e.code).unwrap_or(PeerErrorCode::Unspecified),
+                message: e.message,
+            }),
+            Some(kind) => Ok(kind),
+            None => Err(self.bad_answer("answer without a kind")),
         }
     }
 
@@ -908,9 +1141,37 @@ impl PeerSession {
 
     /// Tells the peer how we are; answers how it is.
     pub async fn heartbeat(&self, ours: wire::Heartbeat) -> Result<wire::Heartbeat, PeerError> {
-        match self.call(peer_request::Kind::Heartbeat(ours)).await? {
+        match self
+            .control(peer_request::Kind::Heartbeat(ours), self.deadline)
+            .await?
+        {
             peer_response::Kind::Heartbeat(h) => Ok(h),
             _ => Err(self.bad_answer("heartbeat answered with another kind")),
+        }
+    }
+
+    /// Carries one Raft message; the answer's body.
+    pub async fn raft(&self, body: Vec<u8>, deadline: Duration) -> Result<Vec<u8>, PeerError> {
+        match self
+            .control(
+                peer_request::Kind::Raft(wire::RaftMessage { body: body.into() }),
+                deadline,
+            )
+            .await?
+        {
+            peer_response::Kind::Raft(m) => Ok(m.body.to_vec()),
+            _ => Err(self.bad_answer("raft answered with another kind")),
+        }
+    }
+
+    /// Asks the peer to make us a member.
+    pub async fn join(&self, join: wire::Join) -> Result<wire::JoinResult, PeerError> {
+        match self
+            .control(peer_request::Kind::Join(join), self.deadline)
+            .await?
+        {
+            peer_response::Kind::Join(r) => Ok(r),
+            _ => Err(self.bad_answer("join answered with another kind")),
         }
     }
 }
@@ -945,8 +1206,13 @@ async fn read_answers(
             Err(e) => break e.to_string(),
         }
     };
+    let graceful = why == "stream finished";
     if conn.close_reason().is_none() {
-        warn!(reason = %why, "peer stream lost; closing the connection");
+        if graceful {
+            debug!("peer finished a stream; closing the connection");
+        } else {
+            warn!(reason = %why, "peer stream lost; closing the connection");
+        }
         conn.close(CLOSE_PROTOCOL.into(), why.as_bytes());
     }
     let mut waiters = pending.lock();

@@ -15,7 +15,7 @@ use parking_lot::RwLock;
 
 use super::counters::{Counters, Event};
 use super::{Frontend, LoadResult, OpError, Reject, StoreResult, as_page};
-use crate::store::{LoadOutcome, Page, PageKey, Retention, StoreOutcome};
+use crate::store::{LoadOutcome, Page, PageKey, RejectReason, Retention, StoreOutcome};
 
 pub type AreaId = u32;
 
@@ -138,7 +138,18 @@ impl Frontend {
                     } else {
                         Retention::Persistent
                     };
-                    match self.store.store(key(area, offset), page, retention) {
+                    let k = key(area, offset);
+                    let mut outcome = self.store.store(k, page, retention);
+                    // Full, with a cluster behind us: wait (bounded) for
+                    // remotify to make room rather than refuse at once, as
+                    // the kernel throttles a writer in direct reclaim.
+                    if outcome == StoreOutcome::Rejected(RejectReason::NoCapacity)
+                        && retention == Retention::Persistent
+                        && self.remote().is_some_and(|r| r.make_room())
+                    {
+                        outcome = self.store.store(k, page, retention);
+                    }
+                    match outcome {
                         StoreOutcome::Accepted => StoreResult::Accepted,
                         StoreOutcome::Rejected(r) => StoreResult::Rejected(r.into()),
                     }
@@ -169,7 +180,10 @@ impl Frontend {
                 LoadOutcome::Miss => LoadResult::NotFound,
                 LoadOutcome::Corrupt => LoadResult::Corrupt,
                 // Held by donors: reachable only through the cluster.
-                LoadOutcome::Remote(_) => LoadResult::Unavailable,
+                LoadOutcome::Remote(r) => match self.remote() {
+                    Some(remote) => remote.fetch(&r, out),
+                    None => LoadResult::Unavailable,
+                },
             };
             self.record(
                 a,
@@ -218,13 +232,27 @@ impl Frontend {
             let curr = self.store.space_pages(area);
             let want = (curr.saturating_sub(target_pages)).min(max_pages as u64) as usize;
             let mut shrunk = Shrunk::default();
-            self.store.drain_space(area, want, |k, page| match page {
-                Ok(p) => shrunk.returned.push(ReturnedPage {
-                    offset: k.index,
-                    page: bytes::Bytes::copy_from_slice(p),
-                }),
-                Err(()) => shrunk.corrupt += 1,
-            });
+            let drain = |shrunk: &mut Shrunk, max: usize| {
+                self.store.drain_space(area, max, |k, page| match page {
+                    Ok(p) => shrunk.returned.push(ReturnedPage {
+                        offset: k.index,
+                        page: bytes::Bytes::copy_from_slice(p),
+                    }),
+                    Err(()) => shrunk.corrupt += 1,
+                })
+            };
+            let mut handed = drain(&mut shrunk, want);
+            // Pages on donors come home through suction's path first, then
+            // are handed back like the rest.
+            if let Some(remote) = self.remote() {
+                while handed < want && remote.bring_home(area, want - handed) > 0 {
+                    let more = drain(&mut shrunk, want - handed);
+                    if more == 0 {
+                        break;
+                    }
+                    handed += more;
+                }
+            }
             for _ in 0..shrunk.corrupt {
                 self.record(a, Event::LoadError);
             }

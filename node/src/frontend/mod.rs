@@ -12,9 +12,9 @@ pub mod counters;
 pub mod frontswap;
 pub mod nbd;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use crate::store::{PAGE_BYTES, Page, PageStore, RejectReason};
+use crate::store::{PAGE_BYTES, Page, PageStore, RejectReason, RemoteRef};
 
 pub use cleancache::PoolId;
 pub use counters::Counters;
@@ -86,6 +86,26 @@ pub fn as_page(bytes: &[u8]) -> Result<&Page, OpError> {
     bytes.try_into().map_err(|_| OpError::PageSize(bytes.len()))
 }
 
+/// How the front end reaches the cluster: pages held on donors, and room
+/// made by remotify. Calls block the calling thread (the front end is
+/// synchronous); implementations bound every wait.
+pub trait RemotePages: Send + Sync {
+    /// Fetches a page the store holds on donors into `out`, checked against
+    /// its checksum: `Hit`, `Unavailable` (no replica answered) or
+    /// `Corrupt` (every copy failed its checksum).
+    fn fetch(&self, remote: &RemoteRef, out: &mut Page) -> LoadResult;
+
+    /// The store refused a persistent page for lack of room: waits, for a
+    /// bounded time, for remotify to free some. `true` if a retry may now
+    /// succeed.
+    fn make_room(&self) -> bool;
+
+    /// Pulls up to `max` pages of `space` held on donors back into the
+    /// store (frontswap_shrink reaches them this way); the number brought
+    /// home.
+    fn bring_home(&self, space: u32, max: usize) -> usize;
+}
+
 /// The contract, on one node: frontswap areas and cleancache pools over one
 /// page store.
 pub struct Frontend {
@@ -94,6 +114,7 @@ pub struct Frontend {
     areas: frontswap::Areas,
     pools: cleancache::Pools,
     counters: Counters,
+    remote: OnceLock<Arc<dyn RemotePages>>,
 }
 
 impl Frontend {
@@ -104,7 +125,17 @@ impl Frontend {
             areas: Default::default(),
             pools: Default::default(),
             counters: Counters::default(),
+            remote: OnceLock::new(),
         }
+    }
+
+    /// Connects the front end to the cluster (once).
+    pub fn set_remote(&self, remote: Arc<dyn RemotePages>) {
+        let _ = self.remote.set(remote);
+    }
+
+    pub(crate) fn remote(&self) -> Option<&Arc<dyn RemotePages>> {
+        self.remote.get()
     }
 
     pub fn name(&self) -> &str {

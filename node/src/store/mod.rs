@@ -798,6 +798,37 @@ impl PageStore {
         all.into_iter().take(max).map(|(_, r)| r).collect()
     }
 
+    /// Up to `max` pages of `space` held on donors (shrink brings them home).
+    /// Walks the shards that hold pages of the space.
+    pub fn remote_of_space(&self, space: u32, max: usize) -> Vec<RemoteRef> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            if out.len() >= max {
+                break;
+            }
+            let shard = shard.lock();
+            if shard.space_pages(space) == 0 {
+                continue;
+            }
+            for i in shard.live_from(0) {
+                let e = shard.entry(i);
+                if let (true, Body::Remote { replicas, len }) = (e.key.space == space, e.body) {
+                    out.push(RemoteRef {
+                        key: e.key,
+                        version: e.version,
+                        checksum: e.checksum,
+                        len,
+                        replicas,
+                    });
+                    if out.len() >= max {
+                        break;
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Brings a page fetched from a donor home (suction, or a remote load
     /// with room to spare). The caller has checked the bytes against the
     /// checksum. Returns the donors' copies to drop, or `None` if the page

@@ -176,6 +176,11 @@ impl Membership {
         Ok(())
     }
 
+    /// Whether Raft already knows the node (as voter or learner).
+    pub fn has_raft_node(&self, id: NodeId) -> bool {
+        self.raft_membership().get_node(&id).is_some()
+    }
+
     /// The Raft membership as last seen here.
     fn raft_membership(&self) -> openraft::Membership<NodeId, BasicNode> {
         self.raft

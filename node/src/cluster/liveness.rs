@@ -1,0 +1,136 @@
+//! Who is alive, by heartbeats: a node heard from within `suspect_after`
+//! is up; within `down_after`, suspect (not chosen for new pages, still
+//! asked for the ones it holds); silent longer, or never heard from, down.
+//! Sans-IO: times are passed in, so tests drive a clock by hand.
+
+use std::time::{Duration, Instant};
+
+use hashbrown::HashMap;
+use ramster_protocol::peer::Heartbeat;
+
+use super::status::Liveness;
+
+/// Default heartbeat period.
+pub const HEARTBEAT_INTERVAL_MS: u64 = 500;
+/// Silence after which a peer is suspect: three heartbeats missed.
+pub const SUSPECT_AFTER_MS: u64 = 1_500;
+/// Silence after which a peer is down.
+pub const DOWN_AFTER_MS: u64 = 3_000;
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct LivenessTimings {
+    pub heartbeat_interval: Duration,
+    pub suspect_after: Duration,
+    pub down_after: Duration,
+}
+
+impl Default for LivenessTimings {
+    fn default() -> Self {
+        LivenessTimings {
+            heartbeat_interval: Duration::from_millis(HEARTBEAT_INTERVAL_MS),
+            suspect_after: Duration::from_millis(SUSPECT_AFTER_MS),
+            down_after: Duration::from_millis(DOWN_AFTER_MS),
+        }
+    }
+}
+
+/// The last word from one peer.
+#[derive(Clone, Debug)]
+pub struct PeerReport {
+    pub last_seen: Instant,
+    /// Round trip of our last heartbeat to it, if we sent one.
+    pub rtt: Option<Duration>,
+    pub heartbeat: Heartbeat,
+    /// The incarnation its connection announced.
+    pub incarnation: u64,
+}
+
+/// Heartbeat records by node name.
+#[derive(Debug, Default)]
+pub struct PeerTable {
+    timings: LivenessTimings,
+    peers: HashMap<String, PeerReport>,
+}
+
+impl PeerTable {
+    pub fn new(timings: LivenessTimings) -> Self {
+        PeerTable {
+            timings,
+            peers: HashMap::new(),
+        }
+    }
+
+    pub fn timings(&self) -> LivenessTimings {
+        self.timings
+    }
+
+    /// A heartbeat from `peer` (its own, or its answer to ours).
+    pub fn record(
+        &mut self,
+        peer: &str,
+        now: Instant,
+        heartbeat: Heartbeat,
+        incarnation: u64,
+        rtt: Option<Duration>,
+    ) {
+        let rtt = rtt.or_else(|| self.peers.get(peer).and_then(|r| r.rtt));
+        self.peers.insert(
+            peer.to_string(),
+            PeerReport {
+                last_seen: now,
+                rtt,
+                heartbeat,
+                incarnation,
+            },
+        );
+    }
+
+    pub fn get(&self, peer: &str) -> Option<&PeerReport> {
+        self.peers.get(peer)
+    }
+
+    pub fn state(&self, peer: &str, now: Instant) -> Liveness {
+        match self.peers.get(peer) {
+            None => Liveness::Down,
+            Some(r) => {
+                let silent = now.saturating_duration_since(r.last_seen);
+                if silent < self.timings.suspect_after {
+                    Liveness::Up
+                } else if silent < self.timings.down_after {
+                    Liveness::Suspect
+                } else {
+                    Liveness::Down
+                }
+            }
+        }
+    }
+
+    /// Forgets peers that are no longer members.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.peers.retain(|name, _| keep(name));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silence_makes_a_peer_suspect_then_down_and_a_heartbeat_brings_it_back() {
+        let mut t = PeerTable::new(LivenessTimings::default());
+        let t0 = Instant::now();
+        assert_eq!(t.state("b", t0), Liveness::Down, "never heard from");
+        t.record("b", t0, Heartbeat::default(), 1, Some(Duration::from_micros(80)));
+        assert_eq!(t.state("b", t0 + Duration::from_millis(1_499)), Liveness::Up);
+        assert_eq!(t.state("b", t0 + Duration::from_millis(1_500)), Liveness::Suspect);
+        assert_eq!(t.state("b", t0 + Duration::from_millis(3_000)), Liveness::Down);
+        let t1 = t0 + Duration::from_secs(10);
+        t.record("b", t1, Heartbeat::default(), 2, None);
+        assert_eq!(t.state("b", t1), Liveness::Up);
+        let r = t.get("b").unwrap();
+        assert_eq!(r.incarnation, 2);
+        assert_eq!(r.rtt, Some(Duration::from_micros(80)), "an RTT is kept until a new one");
+        t.retain(|n| n != "b");
+        assert_eq!(t.state("b", t1), Liveness::Down);
+    }
+}

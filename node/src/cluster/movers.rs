@@ -1,0 +1,326 @@
+//! The movers: remotify ships the coldest pages to donors when the store
+//! fills past the high watermark; suction brings them home when it empties
+//! below the low one; both release donor copies that are no longer wanted.
+//! When to move is [`super::watermarks`]' decision, where to
+//! [`super::placement`]'s; this module only carries it out.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hashbrown::HashMap;
+use ramster_protocol::PEER_BATCH_PAGES_MAX;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{debug, warn};
+
+use super::donor::{DonatedPage, PageRef, PageStatus};
+use super::membership::NodeId;
+use super::node::{Inner, decode_checked};
+use super::placement::choose_donors;
+use super::watermarks::{Movement, Pressure};
+use crate::metrics::ClusterCounters;
+use crate::store::{Outbound, PAGE_BYTES, Released, RemoteRef, Replicas};
+
+/// How often the movers look at the store when nothing wakes them.
+pub const MOVER_TICK_MS: u64 = 50;
+/// Pages per remotify batch (one put per replica).
+pub const REMOTIFY_BATCH_PAGES: usize = 256;
+/// Remotify batches in flight at once.
+pub const REMOTIFY_BATCHES_IN_FLIGHT: usize = 8;
+/// Pages per suction batch.
+pub const SUCTION_BATCH_PAGES: usize = 128;
+/// Most releases kept for donors that cannot be reached; past this the
+/// oldest are forgotten (the donor drops them when the owner's
+/// incarnation changes).
+pub const RELEASE_BACKLOG_MAX: usize = 1 << 20;
+
+pub(super) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let mut pressure = Pressure::default();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(MOVER_TICK_MS)) => {}
+            _ = inner.wake_movers.notified() => {}
+            _ = stop.changed() => return,
+        }
+        release(&inner).await;
+        let st = inner.store.stats();
+        match pressure.decide(
+            &inner.watermarks,
+            st.used_bytes,
+            st.capacity_bytes,
+            st.remote_bytes,
+        ) {
+            Movement::Remotify { bytes } => remotify(&inner, bytes).await,
+            Movement::Suction { bytes } => suction(&inner, bytes).await,
+            Movement::Idle => {}
+        }
+    }
+}
+
+/// Ships about `bytes` of the coldest pages, several batches in flight.
+async fn remotify(inner: &Arc<Inner>, bytes: u64) {
+    let mut shipped = 0u64;
+    let mut batches = JoinSet::new();
+    loop {
+        while shipped < bytes && batches.len() < REMOTIFY_BATCHES_IN_FLIGHT {
+            let out = inner.store.begin_remotify(REMOTIFY_BATCH_PAGES);
+            if out.is_empty() {
+                break;
+            }
+            shipped += out.iter().map(|o| o.compressed.len() as u64).sum::<u64>();
+            batches.spawn(ship(inner.clone(), out));
+        }
+        match batches.join_next().await {
+            Some(Ok(ok)) => {
+                inner.room.notify_waiters();
+                if !ok {
+                    // No donor took it: give up this round; stores are
+                    // refused until one can.
+                    while batches.join_next().await.is_some() {}
+                    inner.room.notify_waiters();
+                    return;
+                }
+            }
+            Some(Err(e)) => warn!(reason = %e, "remotify batch task failed"),
+            None => return,
+        }
+    }
+}
+
+/// Puts one batch on `replicas` donors; frees the local copies every
+/// replica acked. `false` if no set of donors could be found or all failed.
+async fn ship(inner: Arc<Inner>, out: Vec<Outbound>) -> bool {
+    let c = &inner.metrics.cluster;
+    let total: u64 = out.iter().map(|o| o.compressed.len() as u64).sum();
+    let donors = choose_donors(
+        &inner.donor_views(),
+        inner.replicas,
+        total,
+        &mut rand::rng(),
+    );
+    if donors.len() < inner.replicas {
+        for o in &out {
+            inner.store.abort_remotify(o.key, o.version);
+        }
+        ClusterCounters::add(&c.remotify_failures, 1);
+        return false;
+    }
+    {
+        let mut sent = inner.sent_since_heartbeat.lock();
+        for &d in &donors {
+            *sent.entry(d as NodeId).or_default() += total;
+        }
+    }
+    let pages: Arc<Vec<DonatedPage>> = Arc::new(
+        out.iter()
+            .map(|o| DonatedPage {
+                key: o.key,
+                version: o.version,
+                checksum: o.checksum,
+                compressed: true,
+                data: Bytes::copy_from_slice(&o.compressed),
+            })
+            .collect(),
+    );
+    let mut puts = JoinSet::new();
+    for &d in &donors {
+        let (inner, pages) = (inner.clone(), pages.clone());
+        puts.spawn(async move {
+            let r = async {
+                let s = inner.donor_session(d as NodeId).await?;
+                s.put_pages(&pages).await.map_err(|e| e.to_string())
+            }
+            .await;
+            (d, r)
+        });
+    }
+    // acked[i]: the donors that hold page i.
+    let mut acked: Vec<Vec<u32>> = vec![Vec::new(); out.len()];
+    while let Some(done) = puts.join_next().await {
+        let Ok((d, r)) = done else { continue };
+        match r {
+            Ok(statuses) => {
+                for (i, s) in statuses.iter().enumerate() {
+                    if *s == PageStatus::Ok {
+                        acked[i].push(d);
+                    }
+                }
+            }
+            Err(e) => warn!(donor = d, reason = %e, "remotify put failed"),
+        }
+    }
+    let mut moved = 0;
+    let mut moved_bytes = 0;
+    let mut unwanted = Vec::new();
+    for (o, holders) in out.iter().zip(&acked) {
+        let replicas = Replicas::new(holders);
+        let complete = holders.len() == donors.len();
+        match replicas {
+            Some(r) if complete => {
+                if inner.store.finish_remotify(o.key, o.version, r) {
+                    moved += 1;
+                    moved_bytes += o.compressed.len() as u64;
+                } else {
+                    // Rewritten or invalidated meanwhile: the copies are stale.
+                    unwanted.push(Released { key: o.key, version: o.version, replicas: r });
+                }
+            }
+            partial => {
+                inner.store.abort_remotify(o.key, o.version);
+                if let Some(r) = partial {
+                    unwanted.push(Released { key: o.key, version: o.version, replicas: r });
+                }
+            }
+        }
+    }
+    ClusterCounters::add(&c.remotified_pages, moved);
+    ClusterCounters::add(&c.remotified_bytes, moved_bytes);
+    if moved < out.len() as u64 {
+        ClusterCounters::add(&c.remotify_failures, 1);
+    }
+    if !unwanted.is_empty() {
+        inner.release_backlog.lock().extend(unwanted);
+    }
+    moved > 0
+}
+
+/// Brings about `bytes` of remote pages home, hottest first.
+async fn suction(inner: &Arc<Inner>, bytes: u64) {
+    let mut moved = 0u64;
+    while moved < bytes {
+        let refs = inner.store.hottest_remote(SUCTION_BATCH_PAGES);
+        if refs.is_empty() {
+            return;
+        }
+        let before = inner.metrics.cluster.suctioned_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        if bring_home(inner, &refs).await == 0 {
+            return;
+        }
+        let after = inner.metrics.cluster.suctioned_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        moved += after.saturating_sub(before);
+        // Leave the suction stop line to the watermarks: re-check the fill.
+        if !inner.has_room_below(inner.watermarks.suction_stop) {
+            return;
+        }
+    }
+}
+
+/// Fetches pages from their donors (one batch per donor) and installs them
+/// in the store; the donors' copies are then released. Returns the pages
+/// brought home.
+pub(super) async fn bring_home(inner: &Arc<Inner>, refs: &[RemoteRef]) -> usize {
+    let up: Vec<u32> = inner
+        .donor_views()
+        .iter()
+        .filter(|d| d.up)
+        .map(|d| d.id)
+        .collect();
+    let mut by_donor: HashMap<u32, Vec<RemoteRef>> = HashMap::new();
+    for r in refs {
+        // A replica that is up; pages with none wait for a later round.
+        if let Some(&d) = r.replicas.as_slice().iter().find(|d| up.contains(d)) {
+            by_donor.entry(d).or_default().push(*r);
+        }
+    }
+    let mut homed = 0;
+    let mut page = Box::new([0u8; PAGE_BYTES]);
+    for (donor, refs) in by_donor {
+        for chunk in refs.chunks(PEER_BATCH_PAGES_MAX) {
+            let asked: Vec<PageRef> = chunk
+                .iter()
+                .map(|r| PageRef { key: r.key, version: r.version })
+                .collect();
+            let got = match inner.donor_session(donor as NodeId).await {
+                Ok(s) => s.get_pages(&asked).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e),
+            };
+            let got = match got {
+                Ok(g) => g,
+                Err(e) => {
+                    debug!(donor, reason = %e, "suction fetch failed");
+                    continue;
+                }
+            };
+            let mut released = Vec::new();
+            for (r, g) in chunk.iter().zip(got) {
+                let Ok(p) = g else { continue };
+                if !p.compressed || !decode_checked(true, &p.data, r.checksum, &mut page) {
+                    warn!(donor, key = ?r.key, "a donor's copy failed its checksum");
+                    continue;
+                }
+                if let Some(rel) = inner.store.install_fetched(r, &p.data) {
+                    homed += 1;
+                    ClusterCounters::add(&inner.metrics.cluster.suctioned_pages, 1);
+                    ClusterCounters::add(&inner.metrics.cluster.suctioned_bytes, p.data.len() as u64);
+                    released.push(rel);
+                }
+            }
+            inner.release_backlog.lock().extend(released);
+        }
+    }
+    release(inner).await;
+    homed
+}
+
+/// Tells donors to drop copies that are no longer wanted; what cannot be
+/// delivered now stays queued.
+pub(super) async fn release(inner: &Arc<Inner>) {
+    let mut todo = inner.store.take_released();
+    todo.append(&mut inner.release_backlog.lock());
+    if todo.is_empty() {
+        return;
+    }
+    let mut by_donor: HashMap<u32, Vec<&Released>> = HashMap::new();
+    for r in &todo {
+        for &d in r.replicas.as_slice() {
+            by_donor.entry(d).or_default().push(r);
+        }
+    }
+    let mut retry: Vec<Released> = Vec::new();
+    let reachable: Vec<u32> = inner
+        .donor_views()
+        .iter()
+        .filter(|d| d.up)
+        .map(|d| d.id)
+        .collect();
+    for (donor, items) in by_donor {
+        // A donor that is not up keeps its releases queued rather than
+        // stalling the movers on a connection attempt.
+        let session = if !reachable.contains(&donor) {
+            None
+        } else {
+            match inner.donor_session(donor as NodeId).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                debug!(donor, reason = %e, "release deferred");
+                None
+            }
+            }
+        };
+        for chunk in items.chunks(PEER_BATCH_PAGES_MAX) {
+            let refs: Vec<PageRef> = chunk
+                .iter()
+                .map(|r| PageRef { key: r.key, version: r.version })
+                .collect();
+            let ok = match &session {
+                Some(s) => s.release_pages(&refs).await.is_ok(),
+                None => false,
+            };
+            if ok {
+                ClusterCounters::add(&inner.metrics.cluster.released_pages, refs.len() as u64);
+            } else if let Some(one) = Replicas::new(&[donor]) {
+                retry.extend(chunk.iter().map(|r| Released { replicas: one, ..**r }));
+            }
+        }
+    }
+    if !retry.is_empty() {
+        let mut backlog = inner.release_backlog.lock();
+        backlog.extend(retry);
+        if backlog.len() > RELEASE_BACKLOG_MAX {
+            let excess = backlog.len() - RELEASE_BACKLOG_MAX;
+            warn!(excess, "release backlog full; forgetting the oldest");
+            backlog.drain(..excess);
+        }
+    }
+}

@@ -1,0 +1,968 @@
+//! A node's life in the cluster: the peer endpoint, membership (Raft over
+//! the peer transport), joining from a seed list, heartbeats, and the
+//! cluster side of the front end (remote loads, room for stores, shrink).
+//! The movers (remotify, suction, releases) are in [`super::movers`].
+//!
+//! Joining: every node is given the same seed list (`--join`). A node that
+//! has a Raft log is a member already and only registers its new run. A new
+//! node asks the seeds to let it in; whoever is leader adds it as a learner
+//! (promoted to voter up to five) and registers it. Only when no reachable
+//! seed knows of a cluster does the first seed in the list form one, on its
+//! own; the others then join it. So the seeds bootstrap exactly once, with
+//! no init step.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use hashbrown::{HashMap, HashSet};
+use openraft::{BasicNode, ServerState};
+use parking_lot::Mutex;
+use ramster_protocol::peer::{self as wire, PeerErrorCode, join_result::Outcome, peer_request, peer_response};
+use tokio::sync::{Notify, watch};
+use tracing::{info, warn};
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::donor::{DonorConfig, DonorStore, PageRef};
+use super::liveness::{LivenessTimings, PeerTable};
+use super::membership::{
+    self, Command, CommandResult, MemberState, Membership, NodeId, RaftReply,
+    RaftRequest, RaftTransport, Role,
+};
+use super::placement::DonorView;
+use super::rpc::{self, RpcRefusal};
+use super::status::{ClusterStatus, Health, HealthLevel, Liveness, NodeStatus};
+use super::transport::{
+    ControlFuture, ControlHandler, EndpointOptions, PeerEndpoint, PeerSession, PeerTls,
+    TransportConfig,
+};
+use super::watermarks::Watermarks;
+use crate::frontend::{LoadResult, RemotePages};
+use crate::metrics::{ClusterCounters, NodeMetrics};
+use crate::store::{self, PAGE_BYTES, Page, PageStore, Released, RemoteRef};
+
+/// How long a store waits for remotify to make room before it is refused.
+pub const MAKE_ROOM_WAIT_MS: u64 = 1_000;
+/// Pause between rounds of asking the seeds to join.
+const JOIN_RETRY_MS: u64 = 1_000;
+
+/// How peers are authenticated.
+pub enum PeerAuth {
+    /// Mutual TLS under the cluster CA (certs dir with ca.crt, node.crt, node.key).
+    Mutual(super::tls::NodeIdentity),
+    /// `--insecure`: encrypted, not authenticated.
+    Insecure,
+}
+
+/// What the cluster side of a node is started with.
+pub struct ClusterSettings {
+    pub name: String,
+    pub id: NodeId,
+    /// Where the Raft log and snapshot live.
+    pub raft_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// HOST:PORT peers reach us at (a DNS name is fine).
+    pub advertise: String,
+    /// Seed addresses, HOST:PORT; empty = a cluster of one.
+    pub seeds: Vec<String>,
+    pub auth: PeerAuth,
+    pub role: Role,
+    pub donate_bytes: u64,
+    pub zone: Option<String>,
+    /// Donors holding each remotified page.
+    pub replicas: usize,
+    pub watermarks: Watermarks,
+    pub liveness: LivenessTimings,
+    pub transport: TransportConfig,
+}
+
+/// The running cluster side of a node. Cheap to clone.
+#[derive(Clone)]
+pub struct ClusterNode {
+    pub(super) inner: Arc<Inner>,
+}
+
+pub(super) struct Inner {
+    pub(super) name: String,
+    pub(super) id: NodeId,
+    pub(super) advertise: String,
+    seeds: Vec<String>,
+    pub(super) role: Role,
+    pub(super) donate_bytes: u64,
+    zone: Option<String>,
+    pub(super) replicas: usize,
+    pub(super) watermarks: Watermarks,
+    pub(super) store: Arc<PageStore>,
+    pub(super) donor: Arc<Mutex<DonorStore>>,
+    pub(super) endpoint: PeerEndpoint,
+    membership: tokio::sync::OnceCell<Membership>,
+    pub(super) peers: Mutex<PeerTable>,
+    pub(super) metrics: Arc<NodeMetrics>,
+    runtime: tokio::runtime::Handle,
+    /// Wakes the movers before their next tick.
+    pub(super) wake_movers: Notify,
+    /// Told whenever remotify freed room in the store.
+    pub(super) room: Notify,
+    /// Donor copies to release that could not be released yet.
+    pub(super) release_backlog: Mutex<Vec<Released>>,
+    /// Bytes put on each donor since its last heartbeat (its spare figure
+    /// is that much too high until the next one).
+    pub(super) sent_since_heartbeat: Mutex<HashMap<NodeId, u64>>,
+    resolved: Mutex<HashMap<String, SocketAddr>>,
+    /// Whether this run is registered (joined) in the cluster.
+    registered: watch::Sender<bool>,
+    heartbeats_in_flight: Mutex<HashSet<NodeId>>,
+}
+
+fn unavailable(msg: impl Into<String>) -> RpcRefusal {
+    RpcRefusal::new(PeerErrorCode::Unavailable, msg)
+}
+
+/// A member's Raft address: `NAME@HOST:PORT` (the name is what TLS checks).
+pub fn raft_addr(name: &str, advertise: &str) -> String {
+    format!("{name}@{advertise}")
+}
+
+fn split_raft_addr(addr: &str) -> Option<(&str, &str)> {
+    addr.split_once('@')
+}
+
+impl ClusterNode {
+    /// Binds the peer endpoint, opens membership, and starts joining,
+    /// heartbeats and the movers in the background. Must run inside the
+    /// node's (multi-thread) runtime.
+    pub async fn start(
+        s: ClusterSettings,
+        store: Arc<PageStore>,
+        metrics: Arc<NodeMetrics>,
+        stop: watch::Receiver<bool>,
+    ) -> anyhow::Result<ClusterNode> {
+        if s.id == 0 || s.id > u64::from(u32::MAX) {
+            anyhow::bail!("node id {} out of range (1..2^32)", s.id);
+        }
+        let donor = Arc::new(Mutex::new(DonorStore::new(DonorConfig::with_donation(
+            s.donate_bytes,
+        ))));
+        let tls = match &s.auth {
+            PeerAuth::Mutual(identity) => PeerTls::mutual(identity)?,
+            PeerAuth::Insecure => PeerTls::insecure(&s.name)?,
+        };
+        // A run's incarnation: microseconds since the epoch, so a restart
+        // always announces a larger one and donors drop the older run's pages.
+        let incarnation = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(1);
+        let endpoint = PeerEndpoint::bind(
+            EndpointOptions {
+                node: s.name.clone(),
+                incarnation,
+                listen: s.listen,
+                tls,
+                transport: s.transport.clone(),
+                metrics: metrics.clone(),
+            },
+            donor.clone(),
+        )?;
+        let inner = Arc::new(Inner {
+            name: s.name.clone(),
+            id: s.id,
+            advertise: s.advertise.clone(),
+            seeds: s.seeds.clone(),
+            role: s.role,
+            donate_bytes: s.donate_bytes,
+            zone: s.zone.clone(),
+            replicas: s.replicas,
+            watermarks: s.watermarks,
+            store,
+            donor,
+            endpoint: endpoint.clone(),
+            membership: tokio::sync::OnceCell::new(),
+            peers: Mutex::new(PeerTable::new(s.liveness)),
+            metrics,
+            runtime: tokio::runtime::Handle::current(),
+            wake_movers: Notify::new(),
+            room: Notify::new(),
+            release_backlog: Mutex::new(Vec::new()),
+            sent_since_heartbeat: Mutex::new(HashMap::new()),
+            resolved: Mutex::new(HashMap::new()),
+            registered: watch::channel(false).0,
+            heartbeats_in_flight: Mutex::new(HashSet::new()),
+        });
+        endpoint.set_control_handler(Arc::new(Control(Arc::downgrade(&inner))));
+        let membership = Membership::open(
+            s.id,
+            &s.raft_dir,
+            QuicRaft(Arc::downgrade(&inner)),
+        )
+        .await
+        .context("opening membership")?;
+        let _ = inner.membership.set(membership);
+        let node = ClusterNode { inner };
+        info!(
+            node = %s.name,
+            id = s.id,
+            listen = %node.inner.endpoint.local_addr(),
+            advertise = %s.advertise,
+            role = ?s.role,
+            seeds = ?s.seeds,
+            "peer endpoint up"
+        );
+        tokio::spawn(node.clone().join_loop(stop.clone()));
+        tokio::spawn(node.clone().heartbeat_loop(stop.clone()));
+        tokio::spawn(node.clone().follow_config(stop.clone()));
+        tokio::spawn(super::movers::run(node.inner.clone(), stop));
+        Ok(node)
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.endpoint.local_addr()
+    }
+
+    pub fn membership(&self) -> &Membership {
+        self.inner.membership()
+    }
+
+    pub fn metrics(&self) -> &Arc<NodeMetrics> {
+        &self.inner.metrics
+    }
+
+    /// Stops Raft and closes peer connections.
+    pub async fn shutdown(&self) {
+        self.inner.membership().shutdown().await;
+        self.inner.endpoint.close().await;
+    }
+
+    /// Ready when this run is registered and a leader is known.
+    pub fn ready(&self) -> Result<(), String> {
+        if !*self.inner.registered.borrow() {
+            return Err("not yet a registered member of the cluster".into());
+        }
+        let m = self.inner.membership();
+        if m.raft().metrics().borrow().current_leader.is_none() {
+            return Err("no Raft leader known".into());
+        }
+        Ok(())
+    }
+
+    /// Keeps asking to join until this run is registered.
+    async fn join_loop(self, mut stop: watch::Receiver<bool>) {
+        let mut logged = false;
+        loop {
+            match self.inner.try_join().await {
+                Ok(Some(joined)) => {
+                    info!(
+                        cluster = %joined.cluster_id,
+                        incarnation = joined.incarnation,
+                        "member of the cluster"
+                    );
+                    let _ = self.inner.registered.send(true);
+                    return;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    if !logged {
+                        warn!(reason = %e, "cannot join the cluster yet; retrying");
+                        logged = true;
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(JOIN_RETRY_MS)) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// Sends heartbeats to every member, each at most one in flight.
+    async fn heartbeat_loop(self, mut stop: watch::Receiver<bool>) {
+        let interval = self.inner.peers.lock().timings().heartbeat_interval;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = stop.changed() => return,
+            }
+            let config = self.inner.membership().config();
+            for (&id, n) in &config.nodes {
+                if id == self.inner.id || !self.inner.heartbeats_in_flight.lock().insert(id) {
+                    continue;
+                }
+                let inner = self.inner.clone();
+                let (name, addr) = (n.name.clone(), n.advertise.clone());
+                tokio::spawn(async move {
+                    inner.heartbeat(id, &name, &addr).await;
+                    inner.heartbeats_in_flight.lock().remove(&id);
+                });
+            }
+        }
+    }
+
+    /// Applies configuration changes that concern this node's donor and
+    /// peer table.
+    async fn follow_config(self, mut stop: watch::Receiver<bool>) {
+        let mut rx = self.inner.membership().subscribe();
+        loop {
+            let config = rx.borrow_and_update().clone();
+            {
+                let mut donor = self.inner.donor.lock();
+                for (owner, bytes) in &config.quotas {
+                    if let Some(n) = config.nodes.get(owner) {
+                        donor.set_owner_quota(&n.name, *bytes);
+                    }
+                }
+            }
+            let names: HashSet<&str> = config.nodes.values().map(|n| n.name.as_str()).collect();
+            self.inner.peers.lock().retain(|p| names.contains(p));
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return },
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// The cluster as this node sees it.
+    pub fn status(&self) -> ClusterStatus {
+        self.inner.status()
+    }
+}
+
+impl Inner {
+    pub(super) fn membership(&self) -> &Membership {
+        self.membership.get().expect("membership is opened at start")
+    }
+
+    /// HOST:PORT to a socket address; names are resolved once and cached
+    /// (a failed connection forgets the entry).
+    pub(super) async fn resolve(&self, addr: &str) -> Result<SocketAddr, String> {
+        if let Ok(a) = addr.parse() {
+            return Ok(a);
+        }
+        if let Some(a) = self.resolved.lock().get(addr) {
+            return Ok(*a);
+        }
+        let found = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|e| format!("resolving {addr}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{addr} resolves to no address"))?;
+        self.resolved.lock().insert(addr.to_string(), found);
+        Ok(found)
+    }
+
+    /// The session with a member, by name and advertised address.
+    pub(super) async fn session(
+        &self,
+        name: &str,
+        advertise: &str,
+    ) -> Result<Arc<PeerSession>, String> {
+        let addr = self.resolve(advertise).await?;
+        self.endpoint.session(name, addr).await.map_err(|e| {
+            self.resolved.lock().remove(advertise);
+            e.to_string()
+        })
+    }
+
+    /// The session with a donor, by its id in page descriptors.
+    pub(super) async fn donor_session(&self, id: NodeId) -> Result<Arc<PeerSession>, String> {
+        let (name, addr) = {
+            let config = self.membership().config();
+            let n = config
+                .nodes
+                .get(&id)
+                .ok_or_else(|| format!("donor {id} is not a member"))?;
+            (n.name.clone(), n.advertise.clone())
+        };
+        self.session(&name, &addr).await
+    }
+
+    fn join_request(&self) -> wire::Join {
+        wire::Join {
+            id: self.id,
+            name: self.name.clone(),
+            advertise: self.advertise.clone(),
+            role: role_name(self.role).into(),
+            capacity_bytes: self.store.capacity_bytes(),
+            donate_bytes: self.donate_bytes,
+            zone: self.zone.clone().unwrap_or_default(),
+        }
+    }
+
+    /// One round of joining. `Ok(Some(_))` once registered.
+    async fn try_join(&self) -> Result<Option<wire::JoinResult>, String> {
+        let m = self.membership();
+        // Leader ourselves (a restarted cluster of one, or elected already):
+        // register directly.
+        if let Some((leader, _)) = m.leader().await
+            && leader == self.id
+        {
+            return self.admit(self.join_request()).await.map(registered);
+        }
+        let mut knows_a_cluster = false;
+        let mut last_error = String::from("no seed reachable");
+        for seed in &self.seeds {
+            if *seed == self.advertise {
+                continue;
+            }
+            let answer = async {
+                let addr = self.resolve(seed).await?;
+                let s = self.endpoint.session_at(addr).await.map_err(|e| e.to_string())?;
+                s.join(self.join_request()).await.map_err(|e| e.to_string())
+            }
+            .await;
+            let r = match answer {
+                Ok(r) => r,
+                Err(e) => {
+                    last_error = e;
+                    continue;
+                }
+            };
+            match r.outcome() {
+                Outcome::Joined => return Ok(Some(r)),
+                Outcome::NotLeader => {
+                    knows_a_cluster = true;
+                    let Some((name, addr)) = split_raft_addr(&r.leader) else {
+                        last_error = format!("{seed}: no leader yet");
+                        continue;
+                    };
+                    if name == self.name {
+                        continue;
+                    }
+                    match self.session(name, addr).await {
+                        Ok(s) => match s.join(self.join_request()).await {
+                            Ok(r) if r.outcome() == Outcome::Joined => return Ok(Some(r)),
+                            Ok(r) => last_error = format!("leader {name}: {:?} {}", r.outcome(), r.message),
+                            Err(e) => last_error = e.to_string(),
+                        },
+                        Err(e) => last_error = e,
+                    }
+                }
+                Outcome::NotInitialized => {}
+                Outcome::Refused => {
+                    return Err(format!("{seed} refused us: {}", r.message));
+                }
+                Outcome::Unspecified => last_error = format!("{seed}: answer without an outcome"),
+            }
+        }
+        if knows_a_cluster || m.is_initialized().await {
+            return Err(last_error);
+        }
+        if !self.is_first_seed() {
+            return Err(format!("waiting for the first seed to form the cluster ({last_error})"));
+        }
+        info!("no seed knows of a cluster: forming one");
+        let voters = BTreeMap::from([(self.id, raft_addr(&self.name, &self.advertise))]);
+        m.bootstrap(voters).await.map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while m.leader().await.map(|(id, _)| id) != Some(self.id) {
+            if Instant::now() > deadline {
+                return Err("formed the cluster but was not elected".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let cluster_id = format!("{:016x}", rand::random::<u64>());
+        m.propose(Command::SetClusterId { cluster_id })
+            .await
+            .map_err(|e| e.to_string())?;
+        self.admit(self.join_request()).await.map(registered)
+    }
+
+    /// The first seed forms the cluster: the first `--join` entry that is
+    /// our own advertised address (or no seeds at all).
+    fn is_first_seed(&self) -> bool {
+        match self.seeds.first() {
+            None => true,
+            Some(first) => *first == self.advertise,
+        }
+    }
+
+    /// Leader side of a join: adds the node to Raft if new and registers
+    /// this run of it.
+    async fn admit(&self, j: wire::Join) -> Result<wire::JoinResult, String> {
+        let m = self.membership();
+        let refused = |message: String| wire::JoinResult {
+            outcome: Outcome::Refused as i32,
+            message,
+            ..Default::default()
+        };
+        if j.id == 0 || j.id > u64::from(u32::MAX) {
+            return Ok(refused(format!("node id {} out of range (1..2^32)", j.id)));
+        }
+        let Some(role) = parse_role(&j.role) else {
+            return Ok(refused(format!("unknown role {:?}", j.role)));
+        };
+        let config = m.config();
+        if let Some(other) = config.nodes.get(&j.id).filter(|n| n.name != j.name) {
+            return Ok(refused(format!(
+                "node id {} is taken by {:?}; give this node a fresh data dir",
+                j.id, other.name
+            )));
+        }
+        if !m.has_raft_node(j.id) {
+            m.add_node(j.id, raft_addr(&j.name, &j.advertise))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let result = m
+            .propose(Command::Register {
+                id: j.id,
+                name: j.name.clone(),
+                advertise: j.advertise.clone(),
+                role,
+                capacity_bytes: j.capacity_bytes,
+                donate_bytes: j.donate_bytes,
+                zone: (!j.zone.is_empty()).then(|| j.zone.clone()),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(match result {
+            CommandResult::Registered { incarnation } => {
+                info!(node = %j.name, id = j.id, incarnation, "node registered");
+                wire::JoinResult {
+                    outcome: Outcome::Joined as i32,
+                    cluster_id: m.config().cluster_id.clone(),
+                    incarnation,
+                    ..Default::default()
+                }
+            }
+            CommandResult::NameTaken { name, by } => {
+                refused(format!("the name {name:?} is taken by node id {by}"))
+            }
+            other => refused(format!("registration: {other:?}")),
+        })
+    }
+
+    /// Answers a join from a peer: admits it when we lead, else says who does.
+    async fn on_join(&self, peer: &str, j: wire::Join) -> Result<wire::JoinResult, RpcRefusal> {
+        if j.name != peer {
+            return Err(RpcRefusal::new(
+                PeerErrorCode::NotOwner,
+                format!("{peer} asked to join as {:?}", j.name),
+            ));
+        }
+        let m = self.membership();
+        if !m.is_initialized().await {
+            return Ok(wire::JoinResult {
+                outcome: Outcome::NotInitialized as i32,
+                ..Default::default()
+            });
+        }
+        match m.leader().await {
+            Some((id, _)) if id == self.id => {
+                self.admit(j).await.map_err(unavailable)
+            }
+            leader => Ok(wire::JoinResult {
+                outcome: Outcome::NotLeader as i32,
+                leader: leader.map(|(_, addr)| addr).unwrap_or_default(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// What we tell peers about ourselves.
+    pub(super) fn own_heartbeat(&self) -> wire::Heartbeat {
+        let st = self.store.stats();
+        let mut hb = rpc::heartbeat_of(&self.donor.lock());
+        hb.capacity_bytes = st.capacity_bytes;
+        hb.used_bytes = st.used_bytes;
+        hb.stored_pages = st.pages;
+        hb.remote_pages = st.remote_pages;
+        hb.remote_bytes = st.remote_bytes;
+        hb.compression_ratio = compression_ratio(&st);
+        hb.raft_role = self.raft_role().into();
+        hb.version = env!("CARGO_PKG_VERSION").into();
+        hb
+    }
+
+    fn raft_role(&self) -> &'static str {
+        match self.membership.get() {
+            Some(m) => match m.raft().metrics().borrow().state {
+                ServerState::Leader => "leader",
+                ServerState::Follower => "follower",
+                ServerState::Candidate => "candidate",
+                ServerState::Learner => "learner",
+                ServerState::Shutdown => "stopped",
+            },
+            None => "unknown",
+        }
+    }
+
+    async fn heartbeat(&self, id: NodeId, name: &str, advertise: &str) {
+        let started = Instant::now();
+        let answer = async {
+            let s = self.session(name, advertise).await?;
+            let hb = s
+                .heartbeat(self.own_heartbeat())
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((hb, s.peer_incarnation()))
+        }
+        .await;
+        if let Ok((hb, incarnation)) = answer {
+            let now = Instant::now();
+            self.peers
+                .lock()
+                .record(name, now, hb, incarnation, Some(now - started));
+            self.sent_since_heartbeat.lock().remove(&id);
+        }
+    }
+
+    /// Donors as placement sees them: members other than us, with the spare
+    /// room their last heartbeat gave minus what we put there since.
+    pub(super) fn donor_views(&self) -> Vec<DonorView> {
+        let config = self.membership().config();
+        let now = Instant::now();
+        let peers = self.peers.lock();
+        let sent = self.sent_since_heartbeat.lock();
+        config
+            .nodes
+            .iter()
+            .filter(|(id, _)| **id != self.id)
+            .map(|(&id, n)| {
+                let spare = peers
+                    .get(&n.name)
+                    .map_or(0, |r| r.heartbeat.spare_bytes)
+                    .saturating_sub(sent.get(&id).copied().unwrap_or(0));
+                DonorView {
+                    id: id as u32,
+                    role: n.role,
+                    up: peers.state(&n.name, now) == Liveness::Up,
+                    draining: n.state == MemberState::Draining,
+                    spare_bytes: spare,
+                    zone: n.zone.clone(),
+                }
+            })
+            .collect()
+    }
+
+    /// Whether any donor could take a page now.
+    pub(super) fn any_donor(&self) -> bool {
+        self.donor_views()
+            .iter()
+            .filter(|d| d.up && !d.draining && d.role != Role::Client && d.spare_bytes > 0)
+            .count()
+            >= self.replicas
+    }
+
+    /// Fetches one page from its replicas (live ones first), checked.
+    pub(super) async fn fetch(&self, r: &RemoteRef, out: &mut Page) -> LoadResult {
+        let started = Instant::now();
+        let now = Instant::now();
+        let mut order: Vec<NodeId> = r.replicas.as_slice().iter().map(|&d| d as NodeId).collect();
+        {
+            let config = self.membership().config();
+            let peers = self.peers.lock();
+            order.sort_by_key(|id| {
+                config
+                    .nodes
+                    .get(id)
+                    .map_or(2, |n| match peers.state(&n.name, now) {
+                        Liveness::Up => 0,
+                        Liveness::Suspect => 1,
+                        Liveness::Down => 2,
+                    })
+            });
+        }
+        let mut result = LoadResult::Unavailable;
+        for donor in order {
+            let got = async {
+                let s = self.donor_session(donor).await?;
+                let mut pages = s
+                    .get_pages(&[PageRef {
+                        key: r.key,
+                        version: r.version,
+                    }])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                pages
+                    .pop()
+                    .ok_or_else(|| "empty answer".to_string())?
+                    .map_err(|status| format!("{status:?}"))
+            }
+            .await;
+            let page = match got {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(donor, key = ?r.key, reason = %e, "remote load from a replica failed");
+                    continue;
+                }
+            };
+            if !decode_checked(page.compressed, &page.data, r.checksum, out) {
+                warn!(donor, key = ?r.key, "a replica's copy failed its checksum");
+                result = LoadResult::Corrupt;
+                continue;
+            }
+            // Bring it home while there is room under the remotify stop
+            // line, so a hot page stops costing a round trip.
+            if page.compressed && self.has_room_below(self.watermarks.remotify_stop)
+                && let Some(released) = self.store.install_fetched(r, &page.data)
+            {
+                self.release_backlog.lock().push(released);
+                ClusterCounters::add(&self.metrics.cluster.suctioned_pages, 1);
+                ClusterCounters::add(&self.metrics.cluster.suctioned_bytes, page.data.len() as u64);
+            }
+            result = LoadResult::Hit;
+            break;
+        }
+        let c = &self.metrics.cluster;
+        match result {
+            LoadResult::Hit => ClusterCounters::add(&c.remote_loads, 1),
+            _ => ClusterCounters::add(&c.remote_load_errors, 1),
+        }
+        self.metrics.remote_load_latency.observe(started.elapsed());
+        result
+    }
+
+    pub(super) fn has_room_below(&self, fill: f64) -> bool {
+        let used = self.store.stats().used_bytes;
+        (used as f64) < fill * self.store.capacity_bytes() as f64
+    }
+
+    /// Runs `f` to completion from synchronous front-end code, without
+    /// stalling the runtime's other tasks.
+    fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        tokio::task::block_in_place(|| self.runtime.block_on(f))
+    }
+
+    fn status(&self) -> ClusterStatus {
+        let m = self.membership();
+        let config = m.config();
+        let now = Instant::now();
+        let leader = m.raft().metrics().borrow().current_leader;
+        let own = self.own_heartbeat();
+        let peers = self.peers.lock();
+        let donor_usage = self.donor.lock().donated_bytes();
+        let mut nodes: Vec<NodeStatus> = config
+            .nodes
+            .iter()
+            .map(|(&id, n)| {
+                let me = id == self.id;
+                let report = peers.get(&n.name);
+                let hb = if me {
+                    Some(&own)
+                } else {
+                    report.map(|r| &r.heartbeat)
+                };
+                let g = |f: fn(&wire::Heartbeat) -> u64| hb.map_or(0, f);
+                NodeStatus {
+                    name: n.name.clone(),
+                    id,
+                    address: n.advertise.clone(),
+                    role: n.role,
+                    member_state: n.state,
+                    state: if me { Liveness::Up } else { peers.state(&n.name, now) },
+                    raft_role: hb.map_or("unknown".into(), |h| h.raft_role.clone()),
+                    incarnation: n.incarnation,
+                    capacity_bytes: if hb.is_some() { g(|h| h.capacity_bytes) } else { n.capacity_bytes },
+                    used_bytes: g(|h| h.used_bytes),
+                    donate_bytes: n.donate_bytes,
+                    held_for_others_bytes: if me { donor_usage } else { g(|h| h.donated_bytes) },
+                    own_pages_on_peers: g(|h| h.remote_pages),
+                    own_bytes_on_peers: g(|h| h.remote_bytes),
+                    stored_pages: g(|h| h.stored_pages),
+                    compression_ratio: hb.map_or(0.0, |h| h.compression_ratio),
+                    rtt_us: if me { None } else { report.and_then(|r| r.rtt).map(|d| d.as_micros() as u64) },
+                    last_seen_ms: if me {
+                        None
+                    } else {
+                        report.map(|r| now.saturating_duration_since(r.last_seen).as_millis() as u64)
+                    },
+                    version: hb.map_or(String::new(), |h| h.version.clone()),
+                }
+            })
+            .collect();
+        if !config.nodes.contains_key(&self.id) {
+            // Not registered yet: show ourselves anyway.
+            nodes.push(NodeStatus {
+                name: self.name.clone(),
+                id: self.id,
+                address: self.advertise.clone(),
+                role: self.role,
+                member_state: MemberState::Active,
+                state: Liveness::Up,
+                raft_role: own.raft_role.clone(),
+                incarnation: 0,
+                capacity_bytes: own.capacity_bytes,
+                used_bytes: own.used_bytes,
+                donate_bytes: self.donate_bytes,
+                held_for_others_bytes: donor_usage,
+                own_pages_on_peers: own.remote_pages,
+                own_bytes_on_peers: own.remote_bytes,
+                stored_pages: own.stored_pages,
+                compression_ratio: own.compression_ratio,
+                rtt_us: None,
+                last_seen_ms: None,
+                version: own.version.clone(),
+            });
+        }
+        ClusterStatus {
+            cluster_id: config.cluster_id.clone(),
+            answered_by: self.name.clone(),
+            leader: leader.and_then(|id| config.nodes.get(&id).map(|n| n.name.clone())),
+            health: Health {
+                status: HealthLevel::Ok,
+                reasons: Vec::new(),
+            },
+            nodes_up: 0,
+            nodes_total: 0,
+            memory_servers: 0,
+            capacity_bytes: 0,
+            used_bytes: 0,
+            held_for_others_bytes: 0,
+            remote_bytes: 0,
+            nodes,
+        }
+    }
+}
+
+fn registered(r: wire::JoinResult) -> Option<wire::JoinResult> {
+    (r.outcome() == Outcome::Joined).then_some(r)
+}
+
+/// Uncompressed bytes of the locally held pages over the bytes they use.
+fn compression_ratio(st: &store::StoreStats) -> f64 {
+    let local = st.pages.saturating_sub(st.remote_pages);
+    if st.used_bytes == 0 || local == 0 {
+        return 0.0;
+    }
+    (local * PAGE_BYTES as u64) as f64 / st.used_bytes as f64
+}
+
+/// Decodes a donor's copy into `out` and checks it against the checksum
+/// the owner recorded when it stored the page.
+pub(super) fn decode_checked(compressed: bool, data: &[u8], checksum: u64, out: &mut Page) -> bool {
+    let decoded = if compressed {
+        store::compress::decompress(data, out)
+    } else if data.len() == PAGE_BYTES {
+        out.copy_from_slice(data);
+        true
+    } else {
+        false
+    };
+    decoded && xxh3_64(out) == checksum
+}
+
+pub fn role_name(r: Role) -> &'static str {
+    match r {
+        Role::Peer => "peer",
+        Role::MemoryServer => "memory-server",
+        Role::Client => "client",
+    }
+}
+
+pub fn parse_role(s: &str) -> Option<Role> {
+    Some(match s {
+        "peer" => Role::Peer,
+        "memory-server" => Role::MemoryServer,
+        "client" => Role::Client,
+        _ => return None,
+    })
+}
+
+/// Serves heartbeats, Raft and joins from peers.
+struct Control(Weak<Inner>);
+
+impl ControlHandler for Control {
+    fn handle(&self, peer: Arc<str>, request: peer_request::Kind) -> ControlFuture<'_> {
+        Box::pin(async move {
+            let inner = self.0.upgrade().ok_or_else(|| unavailable("node stopping"))?;
+            match request {
+                peer_request::Kind::Heartbeat(hb) => {
+                    let incarnation = inner
+                        .peers
+                        .lock()
+                        .get(&peer)
+                        .map_or(0, |r| r.incarnation);
+                    inner
+                        .peers
+                        .lock()
+                        .record(&peer, Instant::now(), hb, incarnation, None);
+                    Ok(peer_response::Kind::Heartbeat(inner.own_heartbeat()))
+                }
+                peer_request::Kind::Raft(msg) => {
+                    let m = inner
+                        .membership
+                        .get()
+                        .ok_or_else(|| unavailable("membership not started"))?;
+                    let req: RaftRequest = serde_json::from_slice(&msg.body).map_err(|e| {
+                        RpcRefusal::new(PeerErrorCode::Malformed, format!("raft message: {e}"))
+                    })?;
+                    let reply = membership::network::handle(m.raft(), req).await;
+                    let body = serde_json::to_vec(&reply)
+                        .map_err(|e| unavailable(format!("raft reply: {e}")))?;
+                    Ok(peer_response::Kind::Raft(wire::RaftMessage { body: body.into() }))
+                }
+                peer_request::Kind::Join(j) => {
+                    if inner.membership.get().is_none() {
+                        return Err(unavailable("membership not started"));
+                    }
+                    inner.on_join(&peer, j).await.map(peer_response::Kind::Join)
+                }
+                _ => Err(RpcRefusal::new(
+                    PeerErrorCode::Malformed,
+                    "not a control request",
+                )),
+            }
+        })
+    }
+}
+
+/// Raft's RPCs over the peer transport, on control streams.
+#[derive(Clone)]
+struct QuicRaft(Weak<Inner>);
+
+impl RaftTransport for QuicRaft {
+    async fn call(
+        &self,
+        target: NodeId,
+        node: &BasicNode,
+        request: RaftRequest,
+        deadline: Duration,
+    ) -> Result<RaftReply, membership::TransportError> {
+        let unreachable = |e: String| membership::TransportError::Unreachable(target, e);
+        let inner = self.0.upgrade().ok_or_else(|| unreachable("node stopping".into()))?;
+        let (name, addr) = split_raft_addr(&node.addr)
+            .ok_or_else(|| unreachable(format!("bad raft address {:?}", node.addr)))?;
+        let session = inner.session(name, addr).await.map_err(unreachable)?;
+        let body = serde_json::to_vec(&request).map_err(|e| unreachable(e.to_string()))?;
+        let reply = session
+            .raft(body, deadline)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        serde_json::from_slice(&reply).map_err(|_| membership::TransportError::Protocol(target))
+    }
+}
+
+impl RemotePages for ClusterNode {
+    fn fetch(&self, remote: &RemoteRef, out: &mut Page) -> LoadResult {
+        self.inner.block_on(self.inner.fetch(remote, out))
+    }
+
+    fn make_room(&self) -> bool {
+        let inner = &self.inner;
+        if !inner.any_donor() {
+            return false;
+        }
+        ClusterCounters::add(&inner.metrics.cluster.store_throttles, 1);
+        inner.block_on(async {
+            let room = inner.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            inner.wake_movers.notify_one();
+            tokio::time::timeout(Duration::from_millis(MAKE_ROOM_WAIT_MS), room)
+                .await
+                .is_ok()
+        })
+    }
+
+    fn bring_home(&self, space: u32, max: usize) -> usize {
+        let refs = self.inner.store.remote_of_space(space, max);
+        if refs.is_empty() {
+            return 0;
+        }
+        self.inner
+            .block_on(super::movers::bring_home(&self.inner, &refs))
+    }
+}
