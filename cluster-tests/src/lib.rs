@@ -120,3 +120,255 @@ pub fn free_loopback_port() -> u16 {
         .expect("binding a loopback port")
         .port()
 }
+
+/// A member of a test cluster. Its data dir outlives the process, so it can
+/// be stopped and started again as the same node.
+pub struct Member {
+    pub name: String,
+    pub data_dir: PathBuf,
+    /// `ramster node` arguments after the name and data dir.
+    pub args: Vec<String>,
+    /// The admin endpoint (`/health`, `/metrics`, `/v1/status`).
+    pub admin: String,
+    /// The peer (QUIC) address.
+    pub peer: String,
+    child: Option<Child>,
+}
+
+impl Member {
+    pub fn socket(&self) -> PathBuf {
+        self.data_dir.join("api.sock")
+    }
+
+    /// Starts the process and waits until its admin endpoint answers.
+    pub fn start(&mut self) -> anyhow::Result<()> {
+        assert!(self.child.is_none(), "{} is running", self.name);
+        std::fs::create_dir_all(&self.data_dir)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.join("node.log"))?;
+        let child = Command::new(ramster_bin())
+            .args(["node", "--name", &self.name, "--data-dir"])
+            .arg(&self.data_dir)
+            .args(&self.args)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning ramster node")?;
+        self.child = Some(child);
+        let deadline = Instant::now() + NODE_START_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().expect("started").try_wait()? {
+                self.child = None;
+                bail!("node {} exited with {status}: {}", self.name, self.log());
+            }
+            if std::net::TcpStream::connect(&self.admin).is_ok() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!(
+            "node {} did not serve within {NODE_START_TIMEOUT:?}: {}",
+            self.name,
+            self.log()
+        )
+    }
+
+    /// SIGTERM, then waits for a clean exit (SIGKILL after 20 s).
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// SIGKILL: the node dies without a word to anyone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("node.log")).unwrap_or_default()
+    }
+
+    /// `ramster <args> --endpoint <admin>`: exit code and stdout.
+    pub fn cli(&self, args: &[&str]) -> (i32, String) {
+        let out = Command::new(ramster_bin())
+            .args(args)
+            .args(["--endpoint", &self.admin])
+            .output()
+            .expect("running ramster");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
+    /// The cluster as this node sees it (`ramster status -o json`).
+    pub fn status(&self) -> anyhow::Result<ramster_node::cluster::status::ClusterStatus> {
+        let (code, out) = self.cli(&["status", "-o", "json"]);
+        if code != 0 {
+            bail!("ramster status exited {code}: {out}");
+        }
+        serde_json::from_str(&out).with_context(|| format!("status JSON: {out}"))
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        // Only the process this fixture started, by its PID.
+        self.kill();
+    }
+}
+
+/// What a member is started with.
+pub struct MemberSpec<'a> {
+    pub name: &'a str,
+    pub capacity: &'a str,
+    pub extra: &'a [&'a str],
+}
+
+/// Nodes on 127.0.0.1 with certificates of one fresh CA, every one given
+/// the same seed list.
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub members: Vec<Member>,
+}
+
+impl TestCluster {
+    /// Makes the CA and node certificates and starts every member.
+    pub fn start(specs: &[MemberSpec<'_>]) -> anyhow::Result<TestCluster> {
+        let mut cluster = TestCluster::new(specs)?;
+        for m in &mut cluster.members {
+            m.start()?;
+        }
+        Ok(cluster)
+    }
+
+    /// Makes the CA, certificates and settings without starting anything.
+    pub fn new(specs: &[MemberSpec<'_>]) -> anyhow::Result<TestCluster> {
+        let dir = tempfile::tempdir()?;
+        let ca = dir.path().join("ca");
+        run_ok(
+            Command::new(ramster_bin())
+                .args(["cert", "create-ca", "--certs-dir"])
+                .arg(&ca),
+        )?;
+        let peers: Vec<String> = specs
+            .iter()
+            .map(|_| format!("127.0.0.1:{}", free_loopback_udp_port()))
+            .collect();
+        let seeds = peers.join(",");
+        let mut members = Vec::new();
+        for (spec, peer) in specs.iter().zip(&peers) {
+            run_ok(
+                Command::new(ramster_bin())
+                    .args(["cert", "create-node", spec.name, "--certs-dir"])
+                    .arg(&ca),
+            )?;
+            let admin = format!("127.0.0.1:{}", free_loopback_port());
+            let mut args: Vec<String> = vec![
+                "--capacity".into(),
+                spec.capacity.into(),
+                "--certs-dir".into(),
+                ca.join(spec.name).display().to_string(),
+                "--listen".into(),
+                peer.clone(),
+                "--join".into(),
+                seeds.clone(),
+                "--admin-listen".into(),
+                admin.clone(),
+            ];
+            args.extend(spec.extra.iter().map(|s| s.to_string()));
+            members.push(Member {
+                name: spec.name.into(),
+                data_dir: dir.path().join(spec.name),
+                args,
+                admin,
+                peer: peer.clone(),
+                child: None,
+            });
+        }
+        Ok(TestCluster { dir, members })
+    }
+
+    pub fn member(&self, name: &str) -> &Member {
+        self.members
+            .iter()
+            .find(|m| m.name == name)
+            .expect("member")
+    }
+
+    pub fn member_mut(&mut self, name: &str) -> &mut Member {
+        self.members
+            .iter_mut()
+            .find(|m| m.name == name)
+            .expect("member")
+    }
+
+    /// Waits until `name` sees `up` nodes up; its last status.
+    pub fn wait_up(
+        &self,
+        name: &str,
+        up: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<ramster_node::cluster::status::ClusterStatus> {
+        let m = self.member(name);
+        wait_for(timeout, || {
+            let s = m.status().ok()?;
+            (s.nodes_up == up && s.leader.is_some()).then_some(s)
+        })
+        .with_context(|| format!("{name} never saw {up} nodes up: {}", m.log()))
+    }
+}
+
+/// Polls `f` every 100 ms until it gives a value or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn run_ok(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd.output()?;
+    if !out.status.success() {
+        bail!("{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// A loopback UDP port that was free a moment ago, for a peer listener.
+pub fn free_loopback_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("binding a loopback UDP port")
+        .port()
+}

@@ -244,12 +244,18 @@ impl NodeArgs {
             ClusterSources {
                 listen: self.listen.or(file.listen),
                 advertise: self.advertise.or(file.advertise),
-                join: if self.join.is_empty() { file.join } else { self.join },
+                join: if self.join.is_empty() {
+                    file.join
+                } else {
+                    self.join
+                },
                 certs_dir: self.certs_dir.or(file.certs_dir),
                 insecure: self.insecure.or(file.insecure),
                 role: match (self.role, file.role) {
                     (Some(r), _) => Some(r),
-                    (None, Some(r)) => Some(parse_role_arg(&r).map_err(|e| anyhow::anyhow!("config `role`: {e}"))?),
+                    (None, Some(r)) => Some(
+                        parse_role_arg(&r).map_err(|e| anyhow::anyhow!("config `role`: {e}"))?,
+                    ),
                     (None, None) => None,
                 },
                 donate: match (self.donate, &file.donate) {
@@ -259,13 +265,19 @@ impl NodeArgs {
                 },
                 zone: self.zone.or(file.zone),
                 replicas: self.replicas.or(file.replicas),
-                remotify: self.remotify_watermarks.or(file.remotify_watermarks.map(|[a, b]| (a, b))),
-                suction: self.suction_watermarks.or(file.suction_watermarks.map(|[a, b]| (a, b))),
+                remotify: self
+                    .remotify_watermarks
+                    .or(file.remotify_watermarks.map(|[a, b]| (a, b))),
+                suction: self
+                    .suction_watermarks
+                    .or(file.suction_watermarks.map(|[a, b]| (a, b))),
             },
             &data_dir,
             capacity,
         )?;
-        if cluster.as_ref().is_some_and(|c| c.role == Role::MemoryServer)
+        if cluster
+            .as_ref()
+            .is_some_and(|c| c.role == Role::MemoryServer)
             && !self.nbd_exports.is_empty()
         {
             bail!("a memory server serves no local clients: drop --nbd-export");
@@ -347,7 +359,9 @@ fn cluster_args(
         None => listen.to_string(),
     };
     for a in std::iter::once(&advertise).chain(&c.join) {
-        if a.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+        if a.rsplit_once(':')
+            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
             bail!("{a:?} is not HOST:PORT");
         }
     }
@@ -360,7 +374,10 @@ fn cluster_args(
     };
     let replicas = c.replicas.unwrap_or(REPLICAS_DEFAULT);
     if !(1..=crate::store::REPLICAS_MAX).contains(&replicas) {
-        bail!("--replicas {replicas}: must be 1..={}", crate::store::REPLICAS_MAX);
+        bail!(
+            "--replicas {replicas}: must be 1..={}",
+            crate::store::REPLICAS_MAX
+        );
     }
     let d = Watermarks::default();
     let (remotify_start, remotify_stop) = c.remotify.unwrap_or((d.remotify_start, d.remotify_stop));
@@ -419,10 +436,15 @@ fn load_or_create_identity(data_dir: &Path, name: &str) -> anyhow::Result<u64> {
             // Ids go into page descriptors as 32 bits; 0 is never used.
             let id = u64::from(rand::random::<u32>().max(1));
             let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, serde_json::to_vec_pretty(&Identity { name: name.into(), id })?)
-                .with_context(|| format!("writing {}", tmp.display()))?;
-            std::fs::rename(&tmp, &path)
-                .with_context(|| format!("writing {}", path.display()))?;
+            std::fs::write(
+                &tmp,
+                serde_json::to_vec_pretty(&Identity {
+                    name: name.into(),
+                    id,
+                })?,
+            )
+            .with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
             Ok(id)
         }
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),

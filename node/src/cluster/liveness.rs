@@ -120,16 +120,35 @@ mod tests {
         let mut t = PeerTable::new(LivenessTimings::default());
         let t0 = Instant::now();
         assert_eq!(t.state("b", t0), Liveness::Down, "never heard from");
-        t.record("b", t0, Heartbeat::default(), 1, Some(Duration::from_micros(80)));
-        assert_eq!(t.state("b", t0 + Duration::from_millis(1_499)), Liveness::Up);
-        assert_eq!(t.state("b", t0 + Duration::from_millis(1_500)), Liveness::Suspect);
-        assert_eq!(t.state("b", t0 + Duration::from_millis(3_000)), Liveness::Down);
+        t.record(
+            "b",
+            t0,
+            Heartbeat::default(),
+            1,
+            Some(Duration::from_micros(80)),
+        );
+        assert_eq!(
+            t.state("b", t0 + Duration::from_millis(1_499)),
+            Liveness::Up
+        );
+        assert_eq!(
+            t.state("b", t0 + Duration::from_millis(1_500)),
+            Liveness::Suspect
+        );
+        assert_eq!(
+            t.state("b", t0 + Duration::from_millis(3_000)),
+            Liveness::Down
+        );
         let t1 = t0 + Duration::from_secs(10);
         t.record("b", t1, Heartbeat::default(), 2, None);
         assert_eq!(t.state("b", t1), Liveness::Up);
         let r = t.get("b").unwrap();
         assert_eq!(r.incarnation, 2);
-        assert_eq!(r.rtt, Some(Duration::from_micros(80)), "an RTT is kept until a new one");
+        assert_eq!(
+            r.rtt,
+            Some(Duration::from_micros(80)),
+            "an RTT is kept until a new one"
+        );
         t.retain(|n| n != "b");
         assert_eq!(t.state("b", t1), Liveness::Down);
     }

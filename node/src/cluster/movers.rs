@@ -163,13 +163,21 @@ async fn ship(inner: Arc<Inner>, out: Vec<Outbound>) -> bool {
                     moved_bytes += o.compressed.len() as u64;
                 } else {
                     // Rewritten or invalidated meanwhile: the copies are stale.
-                    unwanted.push(Released { key: o.key, version: o.version, replicas: r });
+                    unwanted.push(Released {
+                        key: o.key,
+                        version: o.version,
+                        replicas: r,
+                    });
                 }
             }
             partial => {
                 inner.store.abort_remotify(o.key, o.version);
                 if let Some(r) = partial {
-                    unwanted.push(Released { key: o.key, version: o.version, replicas: r });
+                    unwanted.push(Released {
+                        key: o.key,
+                        version: o.version,
+                        replicas: r,
+                    });
                 }
             }
         }
@@ -193,11 +201,19 @@ async fn suction(inner: &Arc<Inner>, bytes: u64) {
         if refs.is_empty() {
             return;
         }
-        let before = inner.metrics.cluster.suctioned_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let before = inner
+            .metrics
+            .cluster
+            .suctioned_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
         if bring_home(inner, &refs).await == 0 {
             return;
         }
-        let after = inner.metrics.cluster.suctioned_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let after = inner
+            .metrics
+            .cluster
+            .suctioned_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
         moved += after.saturating_sub(before);
         // Leave the suction stop line to the watermarks: re-check the fill.
         if !inner.has_room_below(inner.watermarks.suction_stop) {
@@ -229,7 +245,10 @@ pub(super) async fn bring_home(inner: &Arc<Inner>, refs: &[RemoteRef]) -> usize 
         for chunk in refs.chunks(PEER_BATCH_PAGES_MAX) {
             let asked: Vec<PageRef> = chunk
                 .iter()
-                .map(|r| PageRef { key: r.key, version: r.version })
+                .map(|r| PageRef {
+                    key: r.key,
+                    version: r.version,
+                })
                 .collect();
             let got = match inner.donor_session(donor as NodeId).await {
                 Ok(s) => s.get_pages(&asked).await.map_err(|e| e.to_string()),
@@ -252,7 +271,10 @@ pub(super) async fn bring_home(inner: &Arc<Inner>, refs: &[RemoteRef]) -> usize 
                 if let Some(rel) = inner.store.install_fetched(r, &p.data) {
                     homed += 1;
                     ClusterCounters::add(&inner.metrics.cluster.suctioned_pages, 1);
-                    ClusterCounters::add(&inner.metrics.cluster.suctioned_bytes, p.data.len() as u64);
+                    ClusterCounters::add(
+                        &inner.metrics.cluster.suctioned_bytes,
+                        p.data.len() as u64,
+                    );
                     released.push(rel);
                 }
             }
@@ -291,17 +313,20 @@ pub(super) async fn release(inner: &Arc<Inner>) {
             None
         } else {
             match inner.donor_session(donor as NodeId).await {
-            Ok(s) => Some(s),
-            Err(e) => {
-                debug!(donor, reason = %e, "release deferred");
-                None
-            }
+                Ok(s) => Some(s),
+                Err(e) => {
+                    debug!(donor, reason = %e, "release deferred");
+                    None
+                }
             }
         };
         for chunk in items.chunks(PEER_BATCH_PAGES_MAX) {
             let refs: Vec<PageRef> = chunk
                 .iter()
-                .map(|r| PageRef { key: r.key, version: r.version })
+                .map(|r| PageRef {
+                    key: r.key,
+                    version: r.version,
+                })
                 .collect();
             let ok = match &session {
                 Some(s) => s.release_pages(&refs).await.is_ok(),
@@ -310,7 +335,10 @@ pub(super) async fn release(inner: &Arc<Inner>) {
             if ok {
                 ClusterCounters::add(&inner.metrics.cluster.released_pages, refs.len() as u64);
             } else if let Some(one) = Replicas::new(&[donor]) {
-                retry.extend(chunk.iter().map(|r| Released { replicas: one, ..**r }));
+                retry.extend(chunk.iter().map(|r| Released {
+                    replicas: one,
+                    ..**r
+                }));
             }
         }
     }

@@ -21,7 +21,9 @@ use anyhow::Context;
 use hashbrown::{HashMap, HashSet};
 use openraft::{BasicNode, ServerState};
 use parking_lot::Mutex;
-use ramster_protocol::peer::{self as wire, PeerErrorCode, join_result::Outcome, peer_request, peer_response};
+use ramster_protocol::peer::{
+    self as wire, PeerErrorCode, join_result::Outcome, peer_request, peer_response,
+};
 use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 use xxhash_rust::xxh3::xxh3_64;
@@ -29,8 +31,8 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::donor::{DonorConfig, DonorStore, PageRef};
 use super::liveness::{LivenessTimings, PeerTable};
 use super::membership::{
-    self, Command, CommandResult, MemberState, Membership, NodeId, RaftReply,
-    RaftRequest, RaftTransport, Role,
+    self, Command, CommandResult, MemberState, Membership, NodeId, RaftReply, RaftRequest,
+    RaftTransport, Role,
 };
 use super::placement::DonorView;
 use super::rpc::{self, RpcRefusal};
@@ -193,13 +195,9 @@ impl ClusterNode {
             heartbeats_in_flight: Mutex::new(HashSet::new()),
         });
         endpoint.set_control_handler(Arc::new(Control(Arc::downgrade(&inner))));
-        let membership = Membership::open(
-            s.id,
-            &s.raft_dir,
-            QuicRaft(Arc::downgrade(&inner)),
-        )
-        .await
-        .context("opening membership")?;
+        let membership = Membership::open(s.id, &s.raft_dir, QuicRaft(Arc::downgrade(&inner)))
+            .await
+            .context("opening membership")?;
         let _ = inner.membership.set(membership);
         let node = ClusterNode { inner };
         info!(
@@ -331,7 +329,9 @@ impl ClusterNode {
 
 impl Inner {
     pub(super) fn membership(&self) -> &Membership {
-        self.membership.get().expect("membership is opened at start")
+        self.membership
+            .get()
+            .expect("membership is opened at start")
     }
 
     /// HOST:PORT to a socket address; names are resolved once and cached
@@ -408,7 +408,11 @@ impl Inner {
             }
             let answer = async {
                 let addr = self.resolve(seed).await?;
-                let s = self.endpoint.session_at(addr).await.map_err(|e| e.to_string())?;
+                let s = self
+                    .endpoint
+                    .session_at(addr)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 s.join(self.join_request()).await.map_err(|e| e.to_string())
             }
             .await;
@@ -433,7 +437,10 @@ impl Inner {
                     match self.session(name, addr).await {
                         Ok(s) => match s.join(self.join_request()).await {
                             Ok(r) if r.outcome() == Outcome::Joined => return Ok(Some(r)),
-                            Ok(r) => last_error = format!("leader {name}: {:?} {}", r.outcome(), r.message),
+                            Ok(r) => {
+                                last_error =
+                                    format!("leader {name}: {:?} {}", r.outcome(), r.message)
+                            }
                             Err(e) => last_error = e.to_string(),
                         },
                         Err(e) => last_error = e,
@@ -450,7 +457,9 @@ impl Inner {
             return Err(last_error);
         }
         if !self.is_first_seed() {
-            return Err(format!("waiting for the first seed to form the cluster ({last_error})"));
+            return Err(format!(
+                "waiting for the first seed to form the cluster ({last_error})"
+            ));
         }
         info!("no seed knows of a cluster: forming one");
         let voters = BTreeMap::from([(self.id, raft_addr(&self.name, &self.advertise))]);
@@ -550,9 +559,7 @@ impl Inner {
             });
         }
         match m.leader().await {
-            Some((id, _)) if id == self.id => {
-                self.admit(j).await.map_err(unavailable)
-            }
+            Some((id, _)) if id == self.id => self.admit(j).await.map_err(unavailable),
             leader => Ok(wire::JoinResult {
                 outcome: Outcome::NotLeader as i32,
                 leader: leader.map(|(_, addr)| addr).unwrap_or_default(),
@@ -696,12 +703,16 @@ impl Inner {
             }
             // Bring it home while there is room under the remotify stop
             // line, so a hot page stops costing a round trip.
-            if page.compressed && self.has_room_below(self.watermarks.remotify_stop)
+            if page.compressed
+                && self.has_room_below(self.watermarks.remotify_stop)
                 && let Some(released) = self.store.install_fetched(r, &page.data)
             {
                 self.release_backlog.lock().push(released);
                 ClusterCounters::add(&self.metrics.cluster.suctioned_pages, 1);
-                ClusterCounters::add(&self.metrics.cluster.suctioned_bytes, page.data.len() as u64);
+                ClusterCounters::add(
+                    &self.metrics.cluster.suctioned_bytes,
+                    page.data.len() as u64,
+                );
             }
             result = LoadResult::Hit;
             break;
@@ -752,22 +763,39 @@ impl Inner {
                     address: n.advertise.clone(),
                     role: n.role,
                     member_state: n.state,
-                    state: if me { Liveness::Up } else { peers.state(&n.name, now) },
+                    state: if me {
+                        Liveness::Up
+                    } else {
+                        peers.state(&n.name, now)
+                    },
                     raft_role: hb.map_or("unknown".into(), |h| h.raft_role.clone()),
                     incarnation: n.incarnation,
-                    capacity_bytes: if hb.is_some() { g(|h| h.capacity_bytes) } else { n.capacity_bytes },
+                    capacity_bytes: if hb.is_some() {
+                        g(|h| h.capacity_bytes)
+                    } else {
+                        n.capacity_bytes
+                    },
                     used_bytes: g(|h| h.used_bytes),
                     donate_bytes: n.donate_bytes,
-                    held_for_others_bytes: if me { donor_usage } else { g(|h| h.donated_bytes) },
+                    held_for_others_bytes: if me {
+                        donor_usage
+                    } else {
+                        g(|h| h.donated_bytes)
+                    },
                     own_pages_on_peers: g(|h| h.remote_pages),
                     own_bytes_on_peers: g(|h| h.remote_bytes),
                     stored_pages: g(|h| h.stored_pages),
                     compression_ratio: hb.map_or(0.0, |h| h.compression_ratio),
-                    rtt_us: if me { None } else { report.and_then(|r| r.rtt).map(|d| d.as_micros() as u64) },
+                    rtt_us: if me {
+                        None
+                    } else {
+                        report.and_then(|r| r.rtt).map(|d| d.as_micros() as u64)
+                    },
                     last_seen_ms: if me {
                         None
                     } else {
-                        report.map(|r| now.saturating_duration_since(r.last_seen).as_millis() as u64)
+                        report
+                            .map(|r| now.saturating_duration_since(r.last_seen).as_millis() as u64)
                     },
                     version: hb.map_or(String::new(), |h| h.version.clone()),
                 }
@@ -867,14 +895,13 @@ struct Control(Weak<Inner>);
 impl ControlHandler for Control {
     fn handle(&self, peer: Arc<str>, request: peer_request::Kind) -> ControlFuture<'_> {
         Box::pin(async move {
-            let inner = self.0.upgrade().ok_or_else(|| unavailable("node stopping"))?;
+            let inner = self
+                .0
+                .upgrade()
+                .ok_or_else(|| unavailable("node stopping"))?;
             match request {
                 peer_request::Kind::Heartbeat(hb) => {
-                    let incarnation = inner
-                        .peers
-                        .lock()
-                        .get(&peer)
-                        .map_or(0, |r| r.incarnation);
+                    let incarnation = inner.peers.lock().get(&peer).map_or(0, |r| r.incarnation);
                     inner
                         .peers
                         .lock()
@@ -892,7 +919,9 @@ impl ControlHandler for Control {
                     let reply = membership::network::handle(m.raft(), req).await;
                     let body = serde_json::to_vec(&reply)
                         .map_err(|e| unavailable(format!("raft reply: {e}")))?;
-                    Ok(peer_response::Kind::Raft(wire::RaftMessage { body: body.into() }))
+                    Ok(peer_response::Kind::Raft(wire::RaftMessage {
+                        body: body.into(),
+                    }))
                 }
                 peer_request::Kind::Join(j) => {
                     if inner.membership.get().is_none() {
@@ -922,7 +951,10 @@ impl RaftTransport for QuicRaft {
         deadline: Duration,
     ) -> Result<RaftReply, membership::TransportError> {
         let unreachable = |e: String| membership::TransportError::Unreachable(target, e);
-        let inner = self.0.upgrade().ok_or_else(|| unreachable("node stopping".into()))?;
+        let inner = self
+            .0
+            .upgrade()
+            .ok_or_else(|| unreachable("node stopping".into()))?;
         let (name, addr) = split_raft_addr(&node.addr)
             .ok_or_else(|| unreachable(format!("bad raft address {:?}", node.addr)))?;
         let session = inner.session(name, addr).await.map_err(unreachable)?;

@@ -379,9 +379,9 @@ impl rustls::client::danger::ServerCertVerifier for AnyNodeOfCa {
         now: rustls_pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
         let bad = |e: webpki::Error| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
-                rustls::OtherError(Arc::new(e)),
-            ))
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+                Arc::new(e),
+            )))
         };
         let ee = webpki::EndEntityCert::try_from(end_entity).map_err(bad)?;
         let anchor = webpki::anchor_from_trusted_cert(&self.ca).map_err(bad)?;

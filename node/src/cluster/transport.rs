@@ -238,7 +238,9 @@ pub trait ControlHandler: Send + Sync + 'static {
 fn is_control(kind: &peer_request::Kind) -> bool {
     matches!(
         kind,
-        peer_request::Kind::Heartbeat(_) | peer_request::Kind::Raft(_) | peer_request::Kind::Join(_)
+        peer_request::Kind::Heartbeat(_)
+            | peer_request::Kind::Raft(_)
+            | peer_request::Kind::Join(_)
     )
 }
 
@@ -399,15 +401,15 @@ impl PeerEndpoint {
                 .map_err(|e| fail(e.to_string()))?
                 .await
                 .map_err(|e| fail(e.to_string()))?;
-            let (writer, reader, welcome) = self
-                .handshake(&conn)
-                .await
-                .map_err(fail)?;
+            let (writer, reader, welcome) = self.handshake(&conn).await.map_err(fail)?;
             let certified = self.shared.insecure
                 || peer_certificate(&conn)
                     .is_some_and(|cert| tls::cert_names_node(&cert, &welcome.node));
             if !certified {
-                conn.close(CLOSE_REFUSED.into(), b"certificate not valid for the welcome's name");
+                conn.close(
+                    CLOSE_REFUSED.into(),
+                    b"certificate not valid for the welcome's name",
+                );
                 return Err(fail(format!(
                     "the certificate at {addr} is not valid for the node {:?} it claims to be",
                     welcome.node
@@ -957,7 +959,10 @@ impl PeerSession {
         };
         self.metrics.rpc_latency.observe(started.elapsed());
         if r.is_err() {
-            self.metrics.cluster.rpc_errors.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .cluster
+                .rpc_errors
+                .fetch_add(1, Ordering::Relaxed);
         }
         r
     }
@@ -993,8 +998,7 @@ impl PeerSession {
             Ok(None) => return Err(self.bad_answer("control stream closed without an answer")),
             Err(_) => return Err(self.lost()),
         };
-        let resp: PeerResponse =
-            frame::decode(body).map_err(|e| self.bad_answer(e.to_string()))?;
+        let resp: PeerResponse = frame::decode(body).map_err(|e| self.bad_answer(e.to_string()))?;
         match resp.kind {
             Some(peer_response::Kind::Error(e)) => Err(PeerError::Refused {
                 peer: self.peer.clone(),

@@ -1,0 +1,298 @@
+//! Real clusters on loopback: three `ramster node` processes with mutual
+//! TLS under a fresh CA. Pages leave a small node, come back byte-identical,
+//! come home when it empties; memory servers are preferred; a stranger's
+//! certificate gets it nothing; a full restart keeps the cluster.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use ramster_cluster_tests::{MemberSpec, TestCluster, wait_for};
+use ramster_node::cli::corpus::Pages;
+use ramster_node::cluster::status::{HealthLevel, Liveness};
+use ramster_node::frontend::client::{BlockingClient, op};
+use ramster_protocol::v1::{self, op::Kind};
+
+const AREA: u32 = 1;
+const FORM_TIMEOUT: Duration = Duration::from_secs(30);
+const MIB: u64 = 1 << 20;
+
+/// Stores `pages` into the area, batch by batch, checking after each batch
+/// that the node stays within its capacity. Returns the accepted offsets.
+fn fill(client: &BlockingClient, pages: &Pages, capacity: u64) -> Vec<u64> {
+    client.init_area(AREA, false).unwrap();
+    let mut accepted = Vec::new();
+    let offsets: Vec<u64> = (0..pages.len() as u64).collect();
+    for chunk in offsets.chunks(256) {
+        let batch: Vec<(u64, Bytes)> = chunk
+            .iter()
+            .map(|&o| (o, pages.page_bytes(o as usize)))
+            .collect();
+        let statuses = client.store_pages(AREA, &batch).unwrap();
+        for (&o, s) in chunk.iter().zip(statuses) {
+            match s {
+                v1::Status::Ok => accepted.push(o),
+                v1::Status::RejectedIncompressible => {}
+                other => panic!("page {o} refused: {other:?}"),
+            }
+        }
+        let st = client.stats().unwrap().store.unwrap();
+        assert!(
+            st.used_bytes <= capacity,
+            "the node holds {} bytes over its capacity {capacity}",
+            st.used_bytes
+        );
+    }
+    accepted
+}
+
+fn verify(client: &BlockingClient, pages: &Pages, offsets: &[u64]) {
+    for chunk in offsets.chunks(256) {
+        let got = client.load_pages(AREA, chunk).unwrap();
+        for (&o, g) in chunk.iter().zip(got) {
+            let page = g.unwrap_or_else(|s| panic!("page {o} did not load: {s:?}"));
+            assert!(
+                page[..] == pages.page(o as usize)[..],
+                "page {o} came back different"
+            );
+        }
+    }
+}
+
+fn remote_pages(client: &BlockingClient) -> u64 {
+    client.stats().unwrap().store.unwrap().remote_pages
+}
+
+#[test]
+fn a_small_node_takes_four_times_its_capacity_and_gets_every_page_back() {
+    let cluster = TestCluster::start(&[
+        MemberSpec {
+            name: "small",
+            capacity: "64MiB",
+            extra: &[],
+        },
+        MemberSpec {
+            name: "big1",
+            capacity: "256MiB",
+            extra: &["--donate", "256MiB"],
+        },
+        MemberSpec {
+            name: "big2",
+            capacity: "256MiB",
+            extra: &["--donate", "256MiB"],
+        },
+    ])
+    .unwrap();
+    cluster.wait_up("small", 3, FORM_TIMEOUT).unwrap();
+    let small = cluster.member("small");
+    let client = BlockingClient::connect(&small.socket()).unwrap();
+    // 256 MiB of pages like a real process's memory.
+    let pages = Pages::synthetic(65_536, 7);
+    let accepted = fill(&client, &pages, 64 * MIB);
+    assert!(
+        accepted.len() > 50_000,
+        "only {} of 65536 pages accepted",
+        accepted.len()
+    );
+    let remote = remote_pages(&client);
+    assert!(remote > 10_000, "only {remote} pages went to peers");
+    let status = small.status().unwrap();
+    let held: u64 = status
+        .nodes
+        .iter()
+        .filter(|n| n.name != "small")
+        .map(|n| n.held_for_others_bytes)
+        .sum();
+    assert!(held > 0, "no donor reports holding pages: {status:?}");
+    verify(&client, &pages, &accepted);
+
+    // Free three quarters: the store empties below the suction line and
+    // the remaining remote pages come home.
+    let (keep, drop) = accepted.split_at(accepted.len() / 4);
+    for chunk in drop.chunks(512) {
+        let ops = chunk
+            .iter()
+            .map(|&offset| {
+                op(Kind::InvalidatePage(v1::InvalidatePage {
+                    area: AREA,
+                    offset,
+                }))
+            })
+            .collect();
+        client.call(ops).unwrap();
+    }
+    wait_for(Duration::from_secs(60), || {
+        (remote_pages(&client) == 0).then_some(())
+    })
+    .unwrap_or_else(|_| {
+        panic!(
+            "{} pages stayed remote: {}",
+            remote_pages(&client),
+            small.log()
+        )
+    });
+    verify(&client, &pages, keep);
+    // Donors were told to drop what came home or was invalidated.
+    wait_for(Duration::from_secs(30), || {
+        let s = small.status().ok()?;
+        s.nodes
+            .iter()
+            .filter(|n| n.name != "small")
+            .all(|n| n.held_for_others_bytes == 0)
+            .then_some(())
+    })
+    .expect("donors still hold released pages");
+}
+
+#[test]
+fn memory_servers_receive_pages_before_peers() {
+    let cluster = TestCluster::start(&[
+        MemberSpec {
+            name: "owner",
+            capacity: "32MiB",
+            extra: &[],
+        },
+        MemberSpec {
+            name: "peer",
+            capacity: "256MiB",
+            extra: &["--donate", "256MiB"],
+        },
+        MemberSpec {
+            name: "memsrv",
+            capacity: "256MiB",
+            extra: &["--role", "memory-server"],
+        },
+    ])
+    .unwrap();
+    cluster.wait_up("owner", 3, FORM_TIMEOUT).unwrap();
+    let owner = cluster.member("owner");
+    let client = BlockingClient::connect(&owner.socket()).unwrap();
+    let pages = Pages::synthetic(32_768, 11);
+    let accepted = fill(&client, &pages, 32 * MIB);
+    assert!(remote_pages(&client) > 0);
+    let status = owner.status().unwrap();
+    let held = |name: &str| {
+        status
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap()
+            .held_for_others_bytes
+    };
+    assert!(
+        held("memsrv") > 0,
+        "the memory server holds nothing: {status:?}"
+    );
+    assert_eq!(
+        held("peer"),
+        0,
+        "a peer got pages while the memory server had room"
+    );
+    let memsrv = status.nodes.iter().find(|n| n.name == "memsrv").unwrap();
+    assert_eq!(
+        memsrv.role,
+        ramster_node::cluster::membership::Role::MemoryServer
+    );
+    verify(&client, &pages, &accepted);
+}
+
+#[test]
+fn a_node_with_another_cas_certificate_is_refused_and_sees_no_page() {
+    let mut cluster = TestCluster::start(&[
+        MemberSpec {
+            name: "a",
+            capacity: "64MiB",
+            extra: &[],
+        },
+        MemberSpec {
+            name: "b",
+            capacity: "64MiB",
+            extra: &[],
+        },
+    ])
+    .unwrap();
+    cluster.wait_up("a", 2, FORM_TIMEOUT).unwrap();
+    // A node with certificates from its own CA, told to join the cluster.
+    let mut stranger = TestCluster::new(&[MemberSpec {
+        name: "mallory",
+        capacity: "64MiB",
+        extra: &[],
+    }])
+    .unwrap();
+    let seeds = cluster
+        .members
+        .iter()
+        .map(|m| m.peer.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    let m = &mut stranger.members[0];
+    let join = m.args.iter().position(|a| a == "--join").unwrap();
+    m.args[join + 1] = format!("{seeds},{}", m.peer);
+    m.start().unwrap();
+    // It never becomes a member, and the cluster never lists it.
+    std::thread::sleep(Duration::from_secs(5));
+    let s = cluster.member("a").status().unwrap();
+    assert_eq!(s.nodes.len(), 2, "{s:?}");
+    assert!(s.nodes.iter().all(|n| n.name != "mallory"));
+    let (code, _) = m.cli(&["health"]);
+    assert_ne!(code, 0, "the stranger must not be healthy");
+    let log = cluster.member("a").log();
+    assert!(
+        log.contains("peer refused"),
+        "a did not log the refusal: {log}"
+    );
+    cluster.member_mut("b").stop();
+}
+
+#[test]
+fn a_full_restart_keeps_the_cluster_without_an_init_step() {
+    let mut cluster = TestCluster::start(&[
+        MemberSpec {
+            name: "n1",
+            capacity: "64MiB",
+            extra: &[],
+        },
+        MemberSpec {
+            name: "n2",
+            capacity: "64MiB",
+            extra: &[],
+        },
+        MemberSpec {
+            name: "n3",
+            capacity: "64MiB",
+            extra: &["--role", "memory-server"],
+        },
+    ])
+    .unwrap();
+    let before = cluster.wait_up("n1", 3, FORM_TIMEOUT).unwrap();
+    let (code, _) = cluster.member("n2").cli(&["health"]);
+    assert_eq!(code, 0, "health of a whole cluster");
+    for m in &mut cluster.members {
+        m.stop();
+    }
+    for m in &mut cluster.members {
+        m.start().unwrap();
+    }
+    let after = cluster.wait_up("n2", 3, FORM_TIMEOUT).unwrap();
+    assert_eq!(after.cluster_id, before.cluster_id);
+    let ids = |s: &ramster_node::cluster::status::ClusterStatus| {
+        let mut v: Vec<(String, u64)> = s.nodes.iter().map(|n| (n.name.clone(), n.id)).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ids(&after), ids(&before));
+    assert!(after.nodes.iter().all(|n| n.incarnation == 2), "{after:?}");
+    let formed = cluster.member("n1").log().matches("forming one").count();
+    assert_eq!(formed, 1, "the cluster was formed again");
+
+    // One node killed: the others call it down and health says so.
+    cluster.member_mut("n3").kill();
+    let s = wait_for(Duration::from_secs(15), || {
+        let s = cluster.member("n1").status().ok()?;
+        let n3 = s.nodes.iter().find(|n| n.name == "n3")?;
+        (n3.state == Liveness::Down).then_some(s)
+    })
+    .unwrap();
+    assert_eq!(s.health.status, HealthLevel::Err, "{s:?}");
+    let (code, _) = cluster.member("n1").cli(&["health"]);
+    assert_eq!(code, 4);
+}
