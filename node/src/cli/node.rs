@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,8 +16,10 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::size::{format_size, parse_size};
+use crate::admin::{self, ADMIN_LISTEN_DEFAULT, AdminContext, Phase};
 use crate::frontend::nbd::{self, ExportSpec, Exports};
 use crate::frontend::{Frontend, api};
+use crate::metrics::NodeMetrics;
 use crate::store::{PageStore, StoreConfig};
 
 /// Where the NBD server listens when exports are given and no address is.
@@ -29,7 +32,8 @@ const CONFIG_BYTES_MAX: u64 = 1 << 20;
 #[derive(Args, Debug, Default)]
 pub struct NodeArgs {
     /// TOML file with the node's settings (keys as the flags: name,
-    /// data-dir, capacity, api-socket, nbd-listen, nbd-export = [...], mlock).
+    /// data-dir, capacity, api-socket, nbd-listen, nbd-export = [...], mlock,
+    /// admin-listen).
     #[arg(long, env = "RAMSTER_CONFIG")]
     pub config: Option<PathBuf>,
     /// This node's name, unique in the cluster.
@@ -56,6 +60,26 @@ pub struct NodeArgs {
     /// into this node never has the node's own pages swapped out.
     #[arg(long, env = "RAMSTER_MLOCK", num_args = 0..=1, default_missing_value = "true")]
     pub mlock: Option<bool>,
+    /// Address of the admin endpoint (/metrics, /health/live,
+    /// /health/ready, /v1/status), or `off` [default: 127.0.0.1:7801].
+    #[arg(long, env = "RAMSTER_ADMIN_LISTEN")]
+    pub admin_listen: Option<AdminListen>,
+}
+
+/// Where the admin endpoint listens: an address, or `off`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct AdminListen(pub Option<SocketAddr>);
+
+impl FromStr for AdminListen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(AdminListen(None));
+        }
+        s.parse()
+            .map(|a| AdminListen(Some(a)))
+            .map_err(|_| format!("{s:?} is not HOST:PORT (an IP address and port) or `off`"))
+    }
 }
 
 /// A size in a config file: `"4GiB"` or a number of bytes.
@@ -78,6 +102,7 @@ struct ConfigFile {
     #[serde(default)]
     nbd_export: Vec<String>,
     mlock: Option<bool>,
+    admin_listen: Option<String>,
 }
 
 /// The node's settings once every source is merged.
@@ -91,6 +116,8 @@ pub struct NodeSettings {
     pub nbd_listen: Option<SocketAddr>,
     pub nbd_exports: Vec<ExportSpec>,
     pub mlock: bool,
+    /// `None` when the admin endpoint is off.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 fn read_config(path: &Path) -> anyhow::Result<ConfigFile> {
@@ -158,6 +185,13 @@ impl NodeArgs {
             None if nbd_exports.is_empty() => None,
             None => Some(NBD_LISTEN_DEFAULT.parse().expect("valid default")),
         };
+        let admin_listen = match (self.admin_listen, file.admin_listen) {
+            (Some(a), _) => a,
+            (None, Some(text)) => text
+                .parse()
+                .map_err(|e| anyhow::anyhow!("config `admin-listen`: {e}"))?,
+            (None, None) => ADMIN_LISTEN_DEFAULT.parse().expect("valid default"),
+        };
         Ok(NodeSettings {
             name,
             data_dir,
@@ -166,6 +200,7 @@ impl NodeArgs {
             nbd_listen,
             nbd_exports,
             mlock: self.mlock.or(file.mlock).unwrap_or(false),
+            admin_listen: admin_listen.0,
         })
     }
 }
@@ -195,6 +230,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating data dir {}", s.data_dir.display()))?;
     let store = Arc::new(PageStore::new(StoreConfig::with_capacity(s.capacity)));
     let frontend = Arc::new(Frontend::new(s.name.clone(), store));
+    let metrics = Arc::new(NodeMetrics::default());
     let exports = Arc::new(Exports::open(
         &s.nbd_exports,
         frontend.clone(),
@@ -207,6 +243,26 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         .context("starting the runtime")?;
     rt.block_on(async move {
         let (stop_tx, stop_rx) = watch::channel(false);
+        let admin_ctx = Arc::new(AdminContext::new(
+            frontend.clone(),
+            metrics.clone(),
+            exports.clone(),
+            None,
+        ));
+        // The admin endpoint first and stopped last, with a signal of its
+        // own: probes see the node start and stop (live, not ready).
+        let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
+        let mut admin_server = None;
+        if let Some(addr) = s.admin_listen {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("binding the admin endpoint {addr} (--admin-listen picks another address, or off)")
+            })?;
+            admin_server = Some(tokio::spawn(admin::serve(
+                listener,
+                admin_ctx.clone(),
+                admin_stop_rx,
+            )));
+        }
         // NBD first: once the API socket answers, the node serves everything.
         let mut nbd_server = None;
         if let Some(addr) = s.nbd_listen {
@@ -234,17 +290,20 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         }
         let listener = api::bind(&s.api_socket)
             .with_context(|| format!("binding the API socket {}", s.api_socket.display()))?;
-        let server = tokio::spawn(api::serve(listener, frontend, stop_rx));
+        let server = tokio::spawn(api::serve(listener, frontend, metrics, stop_rx));
+        admin_ctx.set_phase(Phase::Serving);
         info!(
             node = %s.name,
             capacity = %format_size(s.capacity),
             api_socket = %s.api_socket.display(),
             nbd_listen = ?s.nbd_listen,
+            admin_listen = ?s.admin_listen,
             mlock = s.mlock,
             "node ready"
         );
         wait_for_stop_signal().await;
         info!("stopping");
+        admin_ctx.set_phase(Phase::Stopping);
         let _ = stop_tx.send(true);
         let _ = server.await;
         if let Some(nbd) = nbd_server {
@@ -254,6 +313,10 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
             info!(stats = %serde_json::to_string(&st).unwrap_or_default(), "nbd export stats");
         }
         let _ = std::fs::remove_file(&s.api_socket);
+        let _ = admin_stop_tx.send(true);
+        if let Some(admin) = admin_server {
+            let _ = admin.await;
+        }
         anyhow::Ok(())
     })
 }
@@ -300,7 +363,7 @@ mod tests {
     use super::*;
     use clap::Parser;
 
-    #[derive(Parser)]
+    #[derive(Parser, Debug)]
     struct Cmd {
         #[command(flatten)]
         node: NodeArgs,
@@ -324,6 +387,7 @@ data-dir = "/var/lib/ramster"
 capacity = "1GiB"
 nbd-export = ["swap0:64MiB", "swap1:1GiB:/srv/swap1"]
 mlock = true
+admin-listen = "0.0.0.0:9100"
 "#,
         )
         .unwrap();
@@ -335,6 +399,7 @@ mlock = true
         assert_eq!(s.nbd_exports.len(), 2);
         assert_eq!(s.nbd_listen, Some(NBD_LISTEN_DEFAULT.parse().unwrap()));
         assert!(s.mlock);
+        assert_eq!(s.admin_listen, Some("0.0.0.0:9100".parse().unwrap()));
 
         let s = args(&[
             "--config",
@@ -348,6 +413,8 @@ mlock = true
             "--nbd-listen",
             "127.0.0.1:7000",
             "--mlock=false",
+            "--admin-listen",
+            "off",
         ])
         .settings()
         .unwrap();
@@ -356,6 +423,16 @@ mlock = true
         assert_eq!(s.nbd_exports.len(), 1);
         assert_eq!(s.nbd_listen, Some("127.0.0.1:7000".parse().unwrap()));
         assert!(!s.mlock);
+        assert_eq!(s.admin_listen, None, "off");
+
+        let s = args(&["--name", "n", "--data-dir", "/x", "--capacity", "1GiB"])
+            .settings()
+            .unwrap();
+        assert_eq!(s.admin_listen, Some(ADMIN_LISTEN_DEFAULT.parse().unwrap()));
+        let s = args(&["--config", cfg, "--admin-listen", "127.0.0.1:9200"])
+            .settings()
+            .unwrap();
+        assert_eq!(s.admin_listen, Some("127.0.0.1:9200".parse().unwrap()));
     }
 
     #[test]
@@ -388,5 +465,16 @@ mlock = true
             Cmd::try_parse_from(["node", "--nbd-export", "bad/name:1GiB"]).is_err(),
             "a bad export is refused at parse time"
         );
+        let e = Cmd::try_parse_from(["node", "--admin-listen", "localhost"]).unwrap_err();
+        assert!(e.to_string().contains("HOST:PORT"), "{e}");
+        std::fs::write(
+            &cfg,
+            "name = \"n\"\ndata-dir = \"/x\"\ncapacity = 4096\nadmin-listen = \"everywhere\"\n",
+        )
+        .unwrap();
+        let e = args(&["--config", cfg.to_str().unwrap()])
+            .settings()
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("config `admin-listen`"), "{e:#}");
     }
 }
