@@ -51,7 +51,8 @@ wait_port() {
 start_ramster() {
   rm -rf "$work/node"
   "$BIN" node --name bench --data-dir "$work/node" --capacity "$CAPACITY" \
-    --nbd-listen "127.0.0.1:$PORT" --nbd-export "corpus:$size" >"$work/node.log" 2>&1 &
+    --nbd-listen "127.0.0.1:$PORT" --nbd-export "corpus:$size" --admin-listen off \
+    >"$work/node.log" 2>&1 &
   server_pid=$!
   wait_port
 }

@@ -93,7 +93,7 @@ one_round() {
     node_dir="$out/node.$round"
     mkdir -p "$node_dir"
     "$ramster" node --name bench --data-dir "$node_dir" --capacity 2GiB \
-        2>"$out/node.$round.log" &
+        --admin-listen off 2>"$out/node.$round.log" &
     pids+=($!)
     node_pid=$!
     for _ in $(seq 1 100); do

@@ -1,8 +1,9 @@
 //! The fixture for tests that run real `ramster` processes: it builds the
-//! binary once, gives each node its own data dir and socket, waits until the
-//! node serves, and ends exactly the processes it started (by PID) when
-//! dropped.
+//! binary once, gives each node its own data dir, socket and admin port,
+//! waits until the node serves, and ends exactly the processes it started
+//! (by PID) when dropped.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -42,12 +43,28 @@ pub struct NodeProcess {
     pub name: String,
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
+    /// The admin endpoint; `None` when started with `--admin-listen off`.
+    pub admin: Option<SocketAddr>,
     child: Child,
 }
 
 impl NodeProcess {
     /// Starts a node with `capacity` (e.g. "64MiB") and extra arguments.
+    /// Without `--admin-listen` among them, the admin endpoint gets a free
+    /// loopback port, so that nodes of parallel tests do not collide on the
+    /// default one.
     pub fn start(name: &str, capacity: &str, extra: &[&str]) -> anyhow::Result<NodeProcess> {
+        let admin_flag = extra.iter().position(|a| *a == "--admin-listen");
+        let (admin, own_admin_arg) = match admin_flag {
+            Some(i) => {
+                let value = extra.get(i + 1).context("--admin-listen without a value")?;
+                (value.parse().ok(), None)
+            }
+            None => {
+                let addr = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()));
+                (Some(addr), Some(addr.to_string()))
+            }
+        };
         let dir = tempfile::tempdir()?;
         let socket = dir.path().join("api.sock");
         let log = std::fs::File::create(dir.path().join("node.log"))?;
@@ -55,6 +72,11 @@ impl NodeProcess {
             .args(["node", "--name", name, "--capacity", capacity, "--data-dir"])
             .arg(dir.path())
             .args(extra)
+            .args(
+                own_admin_arg
+                    .iter()
+                    .flat_map(|a| ["--admin-listen", a.as_str()]),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -64,6 +86,7 @@ impl NodeProcess {
             name: name.into(),
             dir,
             socket,
+            admin,
             child,
         };
         node.wait_serving()?;

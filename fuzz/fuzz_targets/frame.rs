@@ -13,6 +13,7 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use ramster_node::frontend::{Frontend, api};
+use ramster_node::metrics::NodeMetrics;
 use ramster_node::store::{PageStore, StoreConfig};
 use ramster_protocol::{BATCH_OPS_MAX, FRAME_BYTES_MAX, frame, handshake, v1};
 
@@ -36,6 +37,7 @@ fuzz_target!(|data: &[u8]| {
             STORE_CAPACITY_BYTES,
         ))),
     );
+    let metrics = NodeMetrics::default();
     frontend.init_area(1, false).expect("area 1 is in range");
     frontend.init_area(2, true).expect("area 2 is in range");
     frontend.new_pool(false);
@@ -56,7 +58,7 @@ fuzz_target!(|data: &[u8]| {
                         // The server refuses larger batches before executing.
                         if request.ops.len() <= BATCH_OPS_MAX {
                             let ops = request.ops.len();
-                            let response = api::execute(&frontend, request);
+                            let response = api::execute(&frontend, &metrics, request);
                             assert_eq!(response.results.len(), ops);
                             let mut out = BytesMut::new();
                             frame::encode(&response, &mut out)

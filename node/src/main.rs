@@ -1,8 +1,13 @@
-fn main() {
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
     // Before anything can touch rustls: ring, and only ring.
     ramster_node::cluster::tls::install_default_provider();
-    if let Err(e) = ramster_node::cli::run() {
-        eprintln!("ramster: {e:#}");
-        std::process::exit(2);
+    match ramster_node::cli::run() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ramster: {e:#}");
+            ExitCode::from(2)
+        }
     }
 }

@@ -1,11 +1,15 @@
 //! The `ramster` command line.
 
+pub mod admin_client;
 pub mod bench;
 pub mod cert;
 pub mod corpus;
 pub mod nbd_bench;
 pub mod node;
 pub mod size;
+pub mod status;
+
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +28,10 @@ pub struct Cli {
 pub enum Command {
     /// Run a node.
     Node(node::NodeArgs),
+    /// Show the cluster as a node sees it: health, nodes, memory.
+    Status(status::StatusArgs),
+    /// Print the cluster's health; exit 0 ok, 3 warn, 4 err, 1 no answer.
+    Health(status::HealthArgs),
     /// Store pages, load them back in random order, verify every byte, report.
     Bench(bench::BenchArgs),
     /// Create the cluster CA and node certificates for mutual TLS.
@@ -32,13 +40,17 @@ pub enum Command {
     BenchNbd(nbd_bench::BenchNbdArgs),
 }
 
-/// Runs the command line; the process exit code.
-pub fn run() -> anyhow::Result<()> {
+/// Runs the command line; the process exit code. Errors are for the
+/// caller to report; `health` answers with exit codes of its own.
+pub fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    match cli.command {
+    let done = match cli.command {
         Command::Node(a) => node::run(a),
+        Command::Status(a) => status::run_status(a),
+        Command::Health(a) => return Ok(status::run_health(a)),
         Command::Bench(a) => bench::run(a),
         Command::Cert(a) => cert::run(a),
         Command::BenchNbd(a) => nbd_bench::run(a),
-    }
+    };
+    done.map(|()| ExitCode::SUCCESS)
 }

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,7 @@ use crate::cluster::node::{ClusterNode, ClusterSettings, PeerAuth, parse_role};
 use crate::cluster::tls::NodeIdentity;
 use crate::cluster::transport::TransportConfig;
 use crate::cluster::watermarks::Watermarks;
+use crate::admin::{self, ADMIN_LISTEN_DEFAULT, AdminContext, Phase};
 use crate::frontend::nbd::{self, ExportSpec, Exports};
 use crate::frontend::{Frontend, api};
 use crate::metrics::NodeMetrics;
@@ -42,7 +44,8 @@ const IDENTITY_FILE: &str = "identity.json";
 #[derive(Args, Debug, Default)]
 pub struct NodeArgs {
     /// TOML file with the node's settings (keys as the flags: name,
-    /// data-dir, capacity, api-socket, nbd-listen, nbd-export = [...], mlock).
+    /// data-dir, capacity, api-socket, nbd-listen, nbd-export = [...], mlock,
+    /// admin-listen).
     #[arg(long, env = "RAMSTER_CONFIG")]
     pub config: Option<PathBuf>,
     /// This node's name, unique in the cluster.
@@ -110,6 +113,26 @@ pub struct NodeArgs {
     /// START,STOP [default: 0.60,0.70].
     #[arg(long, env = "RAMSTER_SUCTION_WATERMARKS", value_parser = parse_pair)]
     pub suction_watermarks: Option<(f64, f64)>,
+    /// Address of the admin endpoint (/metrics, /health/live,
+    /// /health/ready, /v1/status), or `off` [default: 127.0.0.1:7801].
+    #[arg(long, env = "RAMSTER_ADMIN_LISTEN")]
+    pub admin_listen: Option<AdminListen>,
+}
+
+/// Where the admin endpoint listens: an address, or `off`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct AdminListen(pub Option<SocketAddr>);
+
+impl FromStr for AdminListen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(AdminListen(None));
+        }
+        s.parse()
+            .map(|a| AdminListen(Some(a)))
+            .map_err(|_| format!("{s:?} is not HOST:PORT (an IP address and port) or `off`"))
+    }
 }
 
 fn parse_role_arg(s: &str) -> Result<Role, String> {
@@ -160,6 +183,7 @@ struct ConfigFile {
     replicas: Option<usize>,
     remotify_watermarks: Option<[f64; 2]>,
     suction_watermarks: Option<[f64; 2]>,
+    admin_listen: Option<String>,
 }
 
 impl SizeValue {
@@ -199,6 +223,8 @@ pub struct NodeSettings {
     pub mlock: bool,
     /// `Some` when the node is a cluster member (`--listen` or `--join`).
     pub cluster: Option<ClusterArgs>,
+    /// `None` when the admin endpoint is off.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 fn read_config(path: &Path) -> anyhow::Result<ConfigFile> {
@@ -305,6 +331,13 @@ impl NodeArgs {
             None if nbd_exports.is_empty() => None,
             None => Some(NBD_LISTEN_DEFAULT.parse().expect("valid default")),
         };
+        let admin_listen = match (self.admin_listen, file.admin_listen) {
+            (Some(a), _) => a,
+            (None, Some(text)) => text
+                .parse()
+                .map_err(|e| anyhow::anyhow!("config `admin-listen`: {e}"))?,
+            (None, None) => ADMIN_LISTEN_DEFAULT.parse().expect("valid default"),
+        };
         Ok(NodeSettings {
             name,
             data_dir,
@@ -314,6 +347,7 @@ impl NodeArgs {
             nbd_exports,
             mlock: self.mlock.or(file.mlock).unwrap_or(false),
             cluster,
+            admin_listen: admin_listen.0,
         })
     }
 }
@@ -544,6 +578,26 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
             }
             None => None,
         };
+        let admin_ctx = Arc::new(AdminContext::new(
+            frontend.clone(),
+            metrics.clone(),
+            exports.clone(),
+            cluster.clone().map(|c| Arc::new(c) as Arc<dyn admin::ClusterView>),
+        ));
+        // The admin endpoint first and stopped last, with a signal of its
+        // own: probes see the node start and stop (live, not ready).
+        let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
+        let mut admin_server = None;
+        if let Some(addr) = s.admin_listen {
+            let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("binding the admin endpoint {addr} (--admin-listen picks another address, or off)")
+            })?;
+            admin_server = Some(tokio::spawn(admin::serve(
+                listener,
+                admin_ctx.clone(),
+                admin_stop_rx,
+            )));
+        }
         // NBD first: once the API socket answers, the node serves everything.
         let mut nbd_server = None;
         if let Some(addr) = s.nbd_listen {
@@ -575,18 +629,21 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         } else {
             let listener = api::bind(&s.api_socket)
                 .with_context(|| format!("binding the API socket {}", s.api_socket.display()))?;
-            Some(tokio::spawn(api::serve(listener, frontend, stop_rx)))
+            Some(tokio::spawn(api::serve(listener, frontend, metrics, stop_rx)))
         };
+        admin_ctx.set_phase(Phase::Serving);
         info!(
             node = %s.name,
             capacity = %format_size(s.capacity),
             api_socket = %s.api_socket.display(),
             nbd_listen = ?s.nbd_listen,
+            admin_listen = ?s.admin_listen,
             mlock = s.mlock,
             "node ready"
         );
         wait_for_stop_signal().await;
         info!("stopping");
+        admin_ctx.set_phase(Phase::Stopping);
         let _ = stop_tx.send(true);
         if let Some(server) = server {
             let _ = server.await;
@@ -601,6 +658,10 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
             info!(stats = %serde_json::to_string(&st).unwrap_or_default(), "nbd export stats");
         }
         let _ = std::fs::remove_file(&s.api_socket);
+        let _ = admin_stop_tx.send(true);
+        if let Some(admin) = admin_server {
+            let _ = admin.await;
+        }
         anyhow::Ok(())
     })
 }
@@ -647,7 +708,7 @@ mod tests {
     use super::*;
     use clap::Parser;
 
-    #[derive(Parser)]
+    #[derive(Parser, Debug)]
     struct Cmd {
         #[command(flatten)]
         node: NodeArgs,
@@ -671,6 +732,7 @@ data-dir = "/var/lib/ramster"
 capacity = "1GiB"
 nbd-export = ["swap0:64MiB", "swap1:1GiB:/srv/swap1"]
 mlock = true
+admin-listen = "0.0.0.0:9100"
 "#,
         )
         .unwrap();
@@ -682,6 +744,7 @@ mlock = true
         assert_eq!(s.nbd_exports.len(), 2);
         assert_eq!(s.nbd_listen, Some(NBD_LISTEN_DEFAULT.parse().unwrap()));
         assert!(s.mlock);
+        assert_eq!(s.admin_listen, Some("0.0.0.0:9100".parse().unwrap()));
 
         let s = args(&[
             "--config",
@@ -695,6 +758,8 @@ mlock = true
             "--nbd-listen",
             "127.0.0.1:7000",
             "--mlock=false",
+            "--admin-listen",
+            "off",
         ])
         .settings()
         .unwrap();
@@ -703,6 +768,16 @@ mlock = true
         assert_eq!(s.nbd_exports.len(), 1);
         assert_eq!(s.nbd_listen, Some("127.0.0.1:7000".parse().unwrap()));
         assert!(!s.mlock);
+        assert_eq!(s.admin_listen, None, "off");
+
+        let s = args(&["--name", "n", "--data-dir", "/x", "--capacity", "1GiB"])
+            .settings()
+            .unwrap();
+        assert_eq!(s.admin_listen, Some(ADMIN_LISTEN_DEFAULT.parse().unwrap()));
+        let s = args(&["--config", cfg, "--admin-listen", "127.0.0.1:9200"])
+            .settings()
+            .unwrap();
+        assert_eq!(s.admin_listen, Some("127.0.0.1:9200".parse().unwrap()));
     }
 
     #[test]
@@ -735,5 +810,16 @@ mlock = true
             Cmd::try_parse_from(["node", "--nbd-export", "bad/name:1GiB"]).is_err(),
             "a bad export is refused at parse time"
         );
+        let e = Cmd::try_parse_from(["node", "--admin-listen", "localhost"]).unwrap_err();
+        assert!(e.to_string().contains("HOST:PORT"), "{e}");
+        std::fs::write(
+            &cfg,
+            "name = \"n\"\ndata-dir = \"/x\"\ncapacity = 4096\nadmin-listen = \"everywhere\"\n",
+        )
+        .unwrap();
+        let e = args(&["--config", cfg.to_str().unwrap()])
+            .settings()
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("config `admin-listen`"), "{e:#}");
     }
 }

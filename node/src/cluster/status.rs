@@ -87,3 +87,263 @@ pub struct ClusterStatus {
     pub remote_bytes: u64,
     pub nodes: Vec<NodeStatus>,
 }
+
+/// A node using at least this share of its capacity is reported (WARN):
+/// past it, stores start to be refused or to wait for remotify.
+pub const FULL_WARN_PERMILLE: u64 = 900;
+
+impl HealthLevel {
+    /// As it is serialised: HEALTH_OK, HEALTH_WARN, HEALTH_ERR.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthLevel::Ok => "HEALTH_OK",
+            HealthLevel::Warn => "HEALTH_WARN",
+            HealthLevel::Err => "HEALTH_ERR",
+        }
+    }
+}
+
+impl Health {
+    pub fn ok() -> Health {
+        Health {
+            status: HealthLevel::Ok,
+            reasons: Vec::new(),
+        }
+    }
+}
+
+impl NodeStatus {
+    /// "last seen 5.2 s ago", or "never seen".
+    fn last_seen(&self) -> String {
+        match self.last_seen_ms {
+            Some(ms) => format!("last seen {:.1} s ago", ms as f64 / 1000.0),
+            None => "never seen".to_string(),
+        }
+    }
+}
+
+impl ClusterStatus {
+    /// Fills the totals and the health from the rows, so that every answer
+    /// (a cluster's or a standalone node's) is judged by the same rules.
+    ///
+    /// HEALTH_ERR: no leader known in a cluster of more than one node, fewer
+    /// than a majority of nodes up (suspect ones count as up here), any
+    /// node down. HEALTH_WARN: a node
+    /// suspect, a node at least [`FULL_WARN_PERMILLE`] full, a member
+    /// draining. Reasons list errors first, one human line each.
+    pub fn assess(&mut self) {
+        let nodes = &self.nodes;
+        self.nodes_total = nodes.len();
+        self.nodes_up = nodes.iter().filter(|n| n.state == Liveness::Up).count();
+        self.memory_servers = nodes
+            .iter()
+            .filter(|n| n.role == Role::MemoryServer)
+            .count();
+        self.capacity_bytes = nodes.iter().map(|n| n.capacity_bytes).sum();
+        self.used_bytes = nodes.iter().map(|n| n.used_bytes).sum();
+        self.held_for_others_bytes = nodes.iter().map(|n| n.held_for_others_bytes).sum();
+        self.remote_bytes = nodes.iter().map(|n| n.own_bytes_on_peers).sum();
+
+        let mut errors = Vec::new();
+        let mut warnings = Vec::new();
+        if self.nodes_total > 1 && self.leader.is_none() {
+            errors.push(format!("no leader is known ({} nodes)", self.nodes_total));
+        }
+        // A suspect node has only missed a few heartbeats: it still counts
+        // towards the majority; a down one does not.
+        let majority = self.nodes_total / 2 + 1;
+        let down = nodes.iter().filter(|n| n.state == Liveness::Down).count();
+        if self.nodes_total - down < majority {
+            errors.push(format!(
+                "{down} of {} nodes are down; a majority ({majority}) must be up",
+                self.nodes_total
+            ));
+        }
+        for n in nodes {
+            match n.state {
+                Liveness::Up => {}
+                Liveness::Suspect => {
+                    warnings.push(format!("node {} is suspect ({})", n.name, n.last_seen()))
+                }
+                Liveness::Down => {
+                    errors.push(format!("node {} is down ({})", n.name, n.last_seen()))
+                }
+            }
+            if n.capacity_bytes > 0
+                && u128::from(n.used_bytes) * 1000
+                    >= u128::from(n.capacity_bytes) * u128::from(FULL_WARN_PERMILLE)
+            {
+                warnings.push(format!(
+                    "node {} uses {}% of its capacity",
+                    n.name,
+                    u128::from(n.used_bytes) * 100 / u128::from(n.capacity_bytes)
+                ));
+            }
+            if n.member_state == MemberState::Draining {
+                warnings.push(format!("node {} is draining", n.name));
+            }
+        }
+        let status = if !errors.is_empty() {
+            HealthLevel::Err
+        } else if !warnings.is_empty() {
+            HealthLevel::Warn
+        } else {
+            HealthLevel::Ok
+        };
+        errors.append(&mut warnings);
+        self.health = Health {
+            status,
+            reasons: errors,
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str) -> NodeStatus {
+        NodeStatus {
+            name: name.into(),
+            id: 1,
+            address: format!("{name}:7800"),
+            role: Role::Peer,
+            member_state: MemberState::Active,
+            state: Liveness::Up,
+            raft_role: "follower".into(),
+            incarnation: 1,
+            capacity_bytes: 1000,
+            used_bytes: 100,
+            donate_bytes: 500,
+            held_for_others_bytes: 50,
+            own_pages_on_peers: 2,
+            own_bytes_on_peers: 20,
+            stored_pages: 10,
+            compression_ratio: 2.0,
+            rtt_us: Some(300),
+            last_seen_ms: Some(200),
+            version: "0.1.0".into(),
+        }
+    }
+
+    fn cluster(nodes: Vec<NodeStatus>) -> ClusterStatus {
+        let mut s = ClusterStatus {
+            cluster_id: "c".into(),
+            answered_by: "a".into(),
+            leader: Some("a".into()),
+            health: Health::ok(),
+            nodes_up: 0,
+            nodes_total: 0,
+            memory_servers: 0,
+            capacity_bytes: 0,
+            used_bytes: 0,
+            held_for_others_bytes: 0,
+            remote_bytes: 0,
+            nodes,
+        };
+        s.assess();
+        s
+    }
+
+    #[test]
+    fn a_healthy_cluster_is_ok_and_totals_add_up() {
+        let mut ms = node("m");
+        ms.role = Role::MemoryServer;
+        let s = cluster(vec![node("a"), node("b"), ms]);
+        assert_eq!(s.health, Health::ok());
+        assert_eq!((s.nodes_up, s.nodes_total, s.memory_servers), (3, 3, 1));
+        assert_eq!(s.capacity_bytes, 3000);
+        assert_eq!(s.used_bytes, 300);
+        assert_eq!(s.held_for_others_bytes, 150);
+        assert_eq!(s.remote_bytes, 60);
+    }
+
+    #[test]
+    fn a_single_node_needs_no_leader() {
+        let mut s = cluster(vec![node("a")]);
+        assert_eq!(s.health.status, HealthLevel::Ok);
+        s.leader = None;
+        s.assess();
+        assert_eq!(s.health.status, HealthLevel::Ok);
+    }
+
+    #[test]
+    fn no_leader_or_a_node_down_is_an_error() {
+        let mut s = cluster(vec![node("a"), node("b")]);
+        s.leader = None;
+        s.assess();
+        assert_eq!(s.health.status, HealthLevel::Err);
+        assert_eq!(s.health.reasons, ["no leader is known (2 nodes)"]);
+
+        let mut down = node("b");
+        down.state = Liveness::Down;
+        down.last_seen_ms = Some(5_200);
+        let mut never = node("c");
+        never.state = Liveness::Down;
+        never.last_seen_ms = None;
+        let s = cluster(vec![node("a"), down, never]);
+        assert_eq!(s.health.status, HealthLevel::Err);
+        assert_eq!(
+            s.health.reasons,
+            [
+                "2 of 3 nodes are down; a majority (2) must be up",
+                "node b is down (last seen 5.2 s ago)",
+                "node c is down (never seen)",
+            ]
+        );
+    }
+
+    #[test]
+    fn suspect_full_and_draining_nodes_are_warnings_listed_after_errors() {
+        let mut suspect = node("b");
+        suspect.state = Liveness::Suspect;
+        suspect.last_seen_ms = Some(2_100);
+        let mut full = node("c");
+        full.used_bytes = 900; // exactly 90%
+        let mut draining = node("d");
+        draining.member_state = MemberState::Draining;
+        let s = cluster(vec![node("a"), suspect.clone(), full, draining]);
+        assert_eq!(s.health.status, HealthLevel::Warn);
+        assert_eq!(s.nodes_up, 3);
+        assert_eq!(
+            s.health.reasons,
+            [
+                "node b is suspect (last seen 2.1 s ago)",
+                "node c uses 90% of its capacity",
+                "node d is draining",
+            ]
+        );
+
+        let mut down = node("e");
+        down.state = Liveness::Down;
+        let s = cluster(vec![node("a"), suspect, down]);
+        assert_eq!(s.health.status, HealthLevel::Err);
+        assert_eq!(
+            s.health.reasons,
+            [
+                "node e is down (last seen 0.2 s ago)",
+                "node b is suspect (last seen 2.1 s ago)",
+            ]
+        );
+    }
+
+    #[test]
+    fn just_under_the_full_mark_is_fine() {
+        let mut n = node("a");
+        n.used_bytes = 899;
+        assert_eq!(cluster(vec![n]).health.status, HealthLevel::Ok);
+    }
+
+    #[test]
+    fn health_levels_serialise_as_ceph_says_them() {
+        let s = cluster(vec![node("a")]);
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["health"]["status"], "HEALTH_OK");
+        for level in [HealthLevel::Ok, HealthLevel::Warn, HealthLevel::Err] {
+            assert_eq!(serde_json::to_value(level).unwrap(), level.as_str());
+        }
+        assert_eq!(json["nodes"][0]["state"], "up");
+        let back: ClusterStatus = serde_json::from_value(json).unwrap();
+        assert_eq!(back, s);
+    }
+}

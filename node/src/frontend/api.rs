@@ -9,6 +9,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use ramster_protocol::v1::{self, op::Kind};
@@ -19,6 +20,7 @@ use tracing::{debug, info, warn};
 
 use super::conn::{ConnError, FrameReader, encode_frame, spawn_writer};
 use super::{Frontend, LoadResult, OpError, Reject, StoreResult};
+use crate::metrics::NodeMetrics;
 use crate::store::{PAGE_BYTES, Page, StoreStats};
 
 /// Requests of one connection executing at once.
@@ -29,10 +31,12 @@ const INLINE_OPS_MAX: usize = 2;
 /// Connections served at once.
 pub const CONNECTIONS_MAX: usize = 1024;
 
-/// Serves the API on `listener` until `shutdown` turns true.
+/// Serves the API on `listener` until `shutdown` turns true; store and
+/// load latencies go to `metrics`.
 pub async fn serve(
     listener: UnixListener,
     frontend: Arc<Frontend>,
+    metrics: Arc<NodeMetrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let limit = Arc::new(Semaphore::new(CONNECTIONS_MAX));
@@ -52,8 +56,9 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         };
         let frontend = frontend.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_connection(stream, frontend).await {
+            if let Err(e) = serve_connection(stream, frontend, metrics).await {
                 debug!(error = %e, "connection ended");
             }
             drop(permit);
@@ -91,7 +96,11 @@ fn error_response(id: u64, code: v1::ErrorCode, message: impl Into<String>) -> v
     }
 }
 
-async fn serve_connection(stream: UnixStream, frontend: Arc<Frontend>) -> Result<(), ConnError> {
+async fn serve_connection(
+    stream: UnixStream,
+    frontend: Arc<Frontend>,
+    metrics: Arc<NodeMetrics>,
+) -> Result<(), ConnError> {
     let (rd, wr) = stream.into_split();
     let mut reader = FrameReader::new(rd, FRAME_BYTES_MAX);
     let writer = spawn_writer(wr);
@@ -173,7 +182,7 @@ async fn serve_connection(stream: UnixStream, frontend: Arc<Frontend>) -> Result
             continue;
         }
         if request.ops.len() <= INLINE_OPS_MAX {
-            let frame = encode_frame(&execute(&frontend, request))
+            let frame = encode_frame(&execute(&frontend, &metrics, request))
                 .expect("responses stay under the frame limit");
             let _ = writer.send(frame).await;
             continue;
@@ -184,9 +193,10 @@ async fn serve_connection(stream: UnixStream, frontend: Arc<Frontend>) -> Result
             .await
             .expect("never closed");
         let frontend = frontend.clone();
+        let metrics = metrics.clone();
         let writer = writer.clone();
         tokio::spawn(async move {
-            let resp = execute(&frontend, request);
+            let resp = execute(&frontend, &metrics, request);
             let frame = encode_frame(&resp).expect("responses stay under the frame limit");
             let _ = writer.send(frame).await;
             drop(permit);
@@ -195,14 +205,14 @@ async fn serve_connection(stream: UnixStream, frontend: Arc<Frontend>) -> Result
     Ok(())
 }
 
-/// Applies one request to the front end. Pure and synchronous: the socket
-/// plumbing above only moves bytes.
-pub fn execute(frontend: &Frontend, request: v1::Request) -> v1::Response {
+/// Applies one request to the front end, timing its stores and loads into
+/// `metrics`. Synchronous: the socket plumbing above only moves bytes.
+pub fn execute(frontend: &Frontend, metrics: &NodeMetrics, request: v1::Request) -> v1::Response {
     let results = request
         .ops
         .into_iter()
         .map(|op| match op.kind {
-            Some(kind) => execute_op(frontend, kind),
+            Some(kind) => timed(frontend, metrics, kind),
             None => invalid("empty op"),
         })
         .collect();
@@ -310,6 +320,20 @@ fn export_area_of(kind: &Kind) -> Option<u32> {
         _ => return None,
     };
     super::nbd::is_export_area(area).then_some(area)
+}
+
+/// Executes one op; a store or put counts in the store latency, a load or
+/// get in the load latency (one clock read on each side).
+fn timed(fe: &Frontend, metrics: &NodeMetrics, kind: Kind) -> v1::OpResult {
+    let histogram = match kind {
+        Kind::Store(_) | Kind::Put(_) => &metrics.store_latency,
+        Kind::Load(_) | Kind::Get(_) => &metrics.load_latency,
+        _ => return execute_op(fe, kind),
+    };
+    let started = Instant::now();
+    let result = execute_op(fe, kind);
+    histogram.observe(started.elapsed());
+    result
 }
 
 fn execute_op(fe: &Frontend, kind: Kind) -> v1::OpResult {

@@ -273,6 +273,15 @@ impl StoreStats {
         }
         (self.slab_bytes - self.slot_bytes) as f64 / self.slab_bytes as f64
     }
+    /// Uncompressed bytes of every stored page over the bytes they take,
+    /// here (slabs + index) and on donors; 0 when empty.
+    pub fn compression_ratio(&self) -> f64 {
+        let spent = self.used_bytes + self.remote_bytes;
+        if self.pages == 0 || spent == 0 {
+            return 0.0;
+        }
+        (self.pages * PAGE_BYTES as u64) as f64 / spent as f64
+    }
     /// Memory per stored page, all overheads included.
     pub fn bytes_per_page(&self) -> f64 {
         if self.pages == 0 {

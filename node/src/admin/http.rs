@@ -1,0 +1,386 @@
+//! Just enough HTTP/1.1 for scrapes, probes and `ramster status`: GET and
+//! HEAD, one request per connection (`Connection: close`), no request
+//! bodies. A client gets [`READ_DEADLINE`] to send a head of at most
+//! [`REQUEST_HEAD_BYTES_MAX`] bytes; at most [`CONNECTIONS_MAX`] are served
+//! at once, the rest wait in the listen backlog. Parsing is a pure function
+//! over bytes, tested without sockets.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tracing::{debug, info, warn};
+
+/// The largest request head read (request line and headers).
+pub const REQUEST_HEAD_BYTES_MAX: usize = 8 * 1024;
+/// How long a client may take to send its request head, and to take the answer.
+pub const READ_DEADLINE: Duration = Duration::from_secs(5);
+/// Connections served at once; a scraper and a few probes need a handful.
+pub const CONNECTIONS_MAX: usize = 32;
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    /// As GET, without the body.
+    Head,
+}
+
+/// A request the server will answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub method: Method,
+    /// The path, without the query string.
+    pub path: String,
+}
+
+/// Why a request head is not answered with a page.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("bad request: {0}")]
+    Malformed(&'static str),
+    #[error("request head over {REQUEST_HEAD_BYTES_MAX} bytes")]
+    TooLarge,
+    #[error("method {0} is not allowed; use GET or HEAD")]
+    MethodNotAllowed(String),
+}
+
+impl RequestError {
+    pub fn response(&self) -> Response {
+        let status = match self {
+            RequestError::Malformed(_) => Status::BadRequest,
+            RequestError::TooLarge => Status::HeadTooLarge,
+            RequestError::MethodNotAllowed(_) => Status::MethodNotAllowed,
+        };
+        Response::text(status, format!("{self}\n"))
+    }
+}
+
+/// Where the head ends (the index after its blank line), if it has.
+/// Lines end in CRLF; a bare LF is accepted as well, as RFC 9112 allows.
+fn head_end(buf: &[u8]) -> Option<usize> {
+    let mut line_start = 0;
+    for (i, &b) in buf.iter().enumerate() {
+        if b == b'\n' {
+            let line = &buf[line_start..i];
+            if line.is_empty() || line == b"\r" {
+                return Some(i + 1);
+            }
+            line_start = i + 1;
+        }
+    }
+    None
+}
+
+/// Parses a request head from what was read so far: `Ok(None)` while it is
+/// incomplete (and still small enough to wait for).
+pub fn parse_head(buf: &[u8]) -> Result<Option<Request>, RequestError> {
+    let Some(end) = head_end(buf) else {
+        return if buf.len() >= REQUEST_HEAD_BYTES_MAX {
+            Err(RequestError::TooLarge)
+        } else {
+            Ok(None)
+        };
+    };
+    if end > REQUEST_HEAD_BYTES_MAX {
+        return Err(RequestError::TooLarge);
+    }
+    let head = std::str::from_utf8(&buf[..end])
+        .map_err(|_| RequestError::Malformed("head is not UTF-8"))?;
+    let mut lines = head.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
+    let request_line = lines.next().unwrap_or_default();
+    let mut parts = request_line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(RequestError::Malformed(
+            "request line is not METHOD TARGET VERSION",
+        ));
+    };
+    if !version.starts_with("HTTP/1.") || version.len() != "HTTP/1.1".len() {
+        return Err(RequestError::Malformed("only HTTP/1.x is spoken"));
+    }
+    if !target.starts_with('/') {
+        return Err(RequestError::Malformed("target is not an absolute path"));
+    }
+    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
+        return Err(RequestError::Malformed("method is not a token"));
+    }
+    for line in lines.take_while(|l| !l.is_empty()) {
+        let Some((name, _value)) = line.split_once(':') else {
+            return Err(RequestError::Malformed("header line without a colon"));
+        };
+        if name.is_empty()
+            || name
+                .bytes()
+                .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+        {
+            return Err(RequestError::Malformed("bad header name"));
+        }
+    }
+    let method = match method {
+        "GET" => Method::Get,
+        "HEAD" => Method::Head,
+        other => return Err(RequestError::MethodNotAllowed(other.to_string())),
+    };
+    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    Ok(Some(Request {
+        method,
+        path: path.to_string(),
+    }))
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    BadRequest,
+    NotFound,
+    MethodNotAllowed,
+    HeadTooLarge,
+    Unavailable,
+}
+
+impl Status {
+    pub fn code(self) -> u16 {
+        match self {
+            Status::Ok => 200,
+            Status::BadRequest => 400,
+            Status::NotFound => 404,
+            Status::MethodNotAllowed => 405,
+            Status::HeadTooLarge => 431,
+            Status::Unavailable => 503,
+        }
+    }
+    fn reason(self) -> &'static str {
+        match self {
+            Status::Ok => "OK",
+            Status::BadRequest => "Bad Request",
+            Status::NotFound => "Not Found",
+            Status::MethodNotAllowed => "Method Not Allowed",
+            Status::HeadTooLarge => "Request Header Fields Too Large",
+            Status::Unavailable => "Service Unavailable",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Response {
+    pub status: Status,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn text(status: Status, body: impl Into<String>) -> Response {
+        Response {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into().into_bytes(),
+        }
+    }
+
+    /// The bytes on the wire; a HEAD answer has the GET answer's headers
+    /// and no body.
+    pub fn encode(&self, method: Method) -> Vec<u8> {
+        let mut out = format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
+            self.status.code(),
+            self.status.reason(),
+            self.content_type,
+            self.body.len()
+        );
+        if self.status == Status::MethodNotAllowed {
+            out.push_str("Allow: GET, HEAD\r\n");
+        }
+        out.push_str("\r\n");
+        let mut out = out.into_bytes();
+        if method == Method::Get {
+            out.extend_from_slice(&self.body);
+        }
+        out
+    }
+}
+
+/// Serves `listener` until `shutdown` turns true, answering each request
+/// with `route`.
+pub async fn serve<F>(listener: TcpListener, route: F, mut shutdown: watch::Receiver<bool>)
+where
+    F: Fn(&Request) -> Response + Send + Sync + 'static,
+{
+    let route = Arc::new(route);
+    let limit = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = shutdown.changed() => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Out of descriptors, most likely: wait instead of spinning.
+                    warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => break,
+        };
+        let route = route.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(READ_DEADLINE, serve_connection(stream, &*route)).await {
+                Ok(Err(e)) => debug!(error = %e, "admin connection ended"),
+                Err(_) => debug!("admin connection timed out"),
+                Ok(Ok(())) => {}
+            }
+            drop(permit);
+        });
+    }
+    info!("admin server stopped accepting");
+}
+
+async fn serve_connection(
+    mut stream: TcpStream,
+    route: &(dyn Fn(&Request) -> Response + Send + Sync),
+) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let (response, method) = loop {
+        match parse_head(&buf) {
+            Ok(Some(req)) => break (route(&req), req.method),
+            Ok(None) => {}
+            Err(e) => break (e.response(), Method::Get),
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            // Closed before a whole head arrived: nobody to answer.
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    stream.write_all(&response.encode(method)).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(path: &str) -> Request {
+        Request {
+            method: Method::Get,
+            path: path.into(),
+        }
+    }
+
+    #[test]
+    fn parses_get_and_head_with_headers() {
+        let r = parse_head(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: */*\r\n\r\n").unwrap();
+        assert_eq!(r, Some(get("/metrics")));
+        let r = parse_head(b"HEAD /health/live?verbose=1 HTTP/1.0\n\n").unwrap();
+        assert_eq!(
+            r,
+            Some(Request {
+                method: Method::Head,
+                path: "/health/live".into()
+            })
+        );
+    }
+
+    #[test]
+    fn waits_for_the_rest_of_the_head() {
+        assert_eq!(parse_head(b""), Ok(None));
+        assert_eq!(
+            parse_head(b"GET /metrics HTTP/1.1\r\nHost: x\r\n"),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn bad_requests_are_refused_with_400() {
+        for bad in [
+            &b"GET /metrics\r\n\r\n"[..],
+            b"GET /metrics HTTP/1.1 extra\r\n\r\n",
+            b"GET metrics HTTP/1.1\r\n\r\n",
+            b"GET /metrics HTTP/2.0\r\n\r\n",
+            b"GET /metrics SPDY/1.1\r\n\r\n",
+            b"G:T /metrics HTTP/1.1\r\n\r\n",
+            b"GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n",
+            b"GET /metrics HTTP/1.1\r\nBad Name: x\r\n\r\n",
+            b"GET /\xff HTTP/1.1\r\n\r\n",
+            b"\r\n",
+        ] {
+            let e = parse_head(bad).unwrap_err();
+            assert!(matches!(e, RequestError::Malformed(_)), "{bad:?}: {e:?}");
+            assert_eq!(e.response().status.code(), 400);
+        }
+    }
+
+    #[test]
+    fn other_methods_get_405_with_allow() {
+        let e = parse_head(b"POST /metrics HTTP/1.1\r\n\r\n").unwrap_err();
+        assert_eq!(e, RequestError::MethodNotAllowed("POST".into()));
+        let wire = String::from_utf8(e.response().encode(Method::Get)).unwrap();
+        assert!(
+            wire.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+            "{wire}"
+        );
+        assert!(wire.contains("\r\nAllow: GET, HEAD\r\n"), "{wire}");
+    }
+
+    #[test]
+    fn an_oversized_head_is_refused() {
+        let mut head = b"GET /metrics HTTP/1.1\r\n".to_vec();
+        while head.len() < REQUEST_HEAD_BYTES_MAX {
+            head.extend_from_slice(b"X-Filler: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+        }
+        // Without its end, and with it.
+        assert_eq!(parse_head(&head), Err(RequestError::TooLarge));
+        head.extend_from_slice(b"\r\n");
+        assert_eq!(parse_head(&head), Err(RequestError::TooLarge));
+        assert_eq!(RequestError::TooLarge.response().status.code(), 431);
+    }
+
+    #[test]
+    fn answers_close_the_connection_and_head_has_no_body() {
+        let r = Response::text(Status::Ok, "ok\n");
+        let get = String::from_utf8(r.encode(Method::Get)).unwrap();
+        assert_eq!(
+            get,
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\n\
+             Content-Length: 3\r\nConnection: close\r\n\r\nok\n"
+        );
+        let head = String::from_utf8(r.encode(Method::Head)).unwrap();
+        assert!(head.ends_with("Connection: close\r\n\r\n"), "{head}");
+    }
+
+    #[tokio::test]
+    async fn serves_over_tcp_and_hangs_up_on_slow_clients_politely() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let server = tokio::spawn(serve(
+            listener,
+            |req: &Request| Response::text(Status::Ok, format!("you asked for {}\n", req.path)),
+            stop_rx,
+        ));
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        // The head in two pieces.
+        s.write_all(b"GET /x HTTP/1.1\r\nHo").await.unwrap();
+        s.write_all(b"st: y\r\n\r\n").await.unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(answer.ends_with("\r\n\r\nyou asked for /x\n"), "{answer}");
+
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"BREW /pot HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 405 "), "{answer}");
+
+        stop_tx.send(true).unwrap();
+        server.await.unwrap();
+    }
+}

@@ -1,0 +1,181 @@
+//! The admin endpoint: what operators and their tools ask a node over HTTP.
+//!
+//! - `/metrics`: Prometheus text format ([`exposition`], [`node_metrics`]).
+//! - `/health/live`: 200 while the process serves HTTP at all.
+//! - `/health/ready`: 200 when the node takes pages, 503 with the reason.
+//! - `/v1/status`: the cluster as this node sees it ([`ClusterStatus`]),
+//!   health assessed by [`ClusterStatus::assess`]; what `ramster status`
+//!   and `ramster health` read.
+//!
+//! A standalone node answers for itself; a node in a cluster answers with
+//! what its cluster layer knows, through [`ClusterView`].
+
+pub mod exposition;
+pub mod http;
+pub mod node_metrics;
+mod routes;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::cluster::membership::{MemberState, Role};
+use crate::cluster::status::{ClusterStatus, Health, Liveness, NodeStatus};
+use crate::frontend::Frontend;
+use crate::frontend::nbd::Exports;
+use crate::metrics::NodeMetrics;
+pub use exposition::MetricsWriter;
+pub use routes::{HEALTH_LIVE_PATH, HEALTH_READY_PATH, METRICS_PATH, STATUS_PATH};
+
+/// Where the admin endpoint listens unless told otherwise; also where
+/// `ramster status` and `ramster health` look by default.
+pub const ADMIN_LISTEN_DEFAULT: &str = "127.0.0.1:7801";
+
+/// The cluster id a node outside any cluster reports.
+pub const STANDALONE_CLUSTER_ID: &str = "standalone";
+
+/// What the cluster layer tells the admin endpoint.
+pub trait ClusterView: Send + Sync {
+    /// Every member's row and the leader, as this node sees them. Totals and
+    /// health may be left unset: the endpoint assesses them from the rows.
+    fn status(&self) -> ClusterStatus;
+    /// Whether this node can take part: a member with a known leader, say.
+    /// The error is the reason, shown to probes.
+    fn ready(&self) -> Result<(), String>;
+    /// The cluster layer's own families (donor usage, peers), written after
+    /// the node's.
+    fn write_metrics(&self, out: &mut MetricsWriter);
+}
+
+/// Where the node is in its life, as readiness sees it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// Listeners being opened; nothing takes pages yet.
+    Starting = 0,
+    /// Every front end is serving.
+    Serving = 1,
+    /// Shutting down: take no new work here.
+    Stopping = 2,
+}
+
+/// Everything the admin endpoint reads.
+pub struct AdminContext {
+    frontend: Arc<Frontend>,
+    metrics: Arc<NodeMetrics>,
+    exports: Arc<Exports>,
+    cluster: Option<Arc<dyn ClusterView>>,
+    phase: AtomicU8,
+}
+
+impl AdminContext {
+    /// A context in [`Phase::Starting`].
+    pub fn new(
+        frontend: Arc<Frontend>,
+        metrics: Arc<NodeMetrics>,
+        exports: Arc<Exports>,
+        cluster: Option<Arc<dyn ClusterView>>,
+    ) -> AdminContext {
+        AdminContext {
+            frontend,
+            metrics,
+            exports,
+            cluster,
+            phase: AtomicU8::new(Phase::Starting as u8),
+        }
+    }
+
+    pub fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::Release);
+    }
+
+    pub fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Acquire) {
+            0 => Phase::Starting,
+            1 => Phase::Serving,
+            _ => Phase::Stopping,
+        }
+    }
+
+    /// Ready when every front end serves and, in a cluster, the cluster
+    /// layer says so too.
+    pub fn ready(&self) -> Result<(), String> {
+        match self.phase() {
+            Phase::Starting => return Err("the node is starting".into()),
+            Phase::Stopping => return Err("the node is stopping".into()),
+            Phase::Serving => {}
+        }
+        match &self.cluster {
+            Some(c) => c.ready(),
+            None => Ok(()),
+        }
+    }
+
+    /// One scrape's answer.
+    pub fn metrics_text(&self) -> String {
+        let mut out = MetricsWriter::new();
+        node_metrics::write(&mut out, &self.frontend, &self.metrics, &self.exports);
+        if let Some(c) = &self.cluster {
+            c.write_metrics(&mut out);
+        }
+        out.finish()
+    }
+
+    /// The status with totals and health filled in.
+    pub fn status(&self) -> ClusterStatus {
+        let mut status = match &self.cluster {
+            Some(c) => c.status(),
+            None => self.standalone_status(),
+        };
+        status.assess();
+        status
+    }
+
+    /// A node outside any cluster: one row, itself, up.
+    fn standalone_status(&self) -> ClusterStatus {
+        let s = self.frontend.store().stats();
+        let name = self.frontend.name().to_string();
+        let me = NodeStatus {
+            name: name.clone(),
+            id: 0,
+            address: String::new(),
+            role: Role::Peer,
+            member_state: MemberState::Active,
+            state: Liveness::Up,
+            raft_role: "none".into(),
+            incarnation: 0,
+            capacity_bytes: s.capacity_bytes,
+            used_bytes: s.used_bytes,
+            donate_bytes: 0,
+            held_for_others_bytes: 0,
+            own_pages_on_peers: s.remote_pages,
+            own_bytes_on_peers: s.remote_bytes,
+            stored_pages: s.pages,
+            compression_ratio: s.compression_ratio(),
+            rtt_us: None,
+            last_seen_ms: None,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        ClusterStatus {
+            cluster_id: STANDALONE_CLUSTER_ID.into(),
+            answered_by: name,
+            leader: None,
+            health: Health::ok(),
+            nodes_up: 0,
+            nodes_total: 0,
+            memory_servers: 0,
+            capacity_bytes: 0,
+            used_bytes: 0,
+            held_for_others_bytes: 0,
+            remote_bytes: 0,
+            nodes: vec![me],
+        }
+    }
+}
+
+/// Serves the admin endpoint on `listener` until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, ctx: Arc<AdminContext>, shutdown: watch::Receiver<bool>) {
+    http::serve(listener, move |req| routes::route(&ctx, req), shutdown).await
+}

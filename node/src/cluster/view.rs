@@ -1,0 +1,90 @@
+//! The cluster as the admin endpoint shows it: status rows, readiness, and
+//! the cluster's own metric families (donor, peers, membership).
+
+use super::node::ClusterNode;
+use super::status::{ClusterStatus, Liveness};
+use crate::admin::ClusterView;
+use crate::admin::exposition::{Family, MetricsWriter};
+
+static DONOR_HELD_BYTES: Family = Family::gauge(
+    "ramster_donor_held_bytes",
+    "Bytes of other nodes' pages this node holds (entries and their overhead).",
+);
+static DONOR_HELD_PAGES: Family = Family::gauge(
+    "ramster_donor_held_pages",
+    "Other nodes' pages this node holds.",
+);
+static DONOR_LIMIT_BYTES: Family = Family::gauge(
+    "ramster_donor_limit_bytes",
+    "Most bytes this node holds for others (--donate).",
+);
+static DONOR_TOMBSTONES: Family = Family::gauge(
+    "ramster_donor_tombstones",
+    "Releases remembered so that a put overtaken by its release never resurrects.",
+);
+static PEER_UP: Family = Family::gauge(
+    "ramster_peer_up",
+    "1 when the member answers heartbeats (up), 0 when suspect or down.",
+);
+static PEER_RTT: Family = Family::gauge(
+    "ramster_peer_rtt_seconds",
+    "Round trip of the last heartbeat to the member.",
+);
+static MEMBERS: Family = Family::gauge(
+    "ramster_cluster_members",
+    "Members of the cluster by liveness, as this node sees them.",
+);
+static IS_LEADER: Family = Family::gauge(
+    "ramster_raft_leader",
+    "1 when this node is the Raft leader of the cluster configuration.",
+);
+static RELEASE_BACKLOG: Family = Family::gauge(
+    "ramster_release_backlog_pages",
+    "Donor copies waiting to be released (their donor unreachable).",
+);
+
+impl ClusterView for ClusterNode {
+    fn status(&self) -> ClusterStatus {
+        ClusterNode::status(self)
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        ClusterNode::ready(self)
+    }
+
+    fn write_metrics(&self, out: &mut MetricsWriter) {
+        let donor = self.inner.donor.lock();
+        let usage = donor.usage(None);
+        let limit = donor.config().donate_bytes;
+        drop(donor);
+        out.sample(&DONOR_HELD_BYTES, &[], usage.bytes);
+        out.sample(&DONOR_HELD_PAGES, &[], usage.pages);
+        out.sample(&DONOR_LIMIT_BYTES, &[], limit);
+        out.sample(&DONOR_TOMBSTONES, &[], usage.tombstones);
+        let status = self.status();
+        for n in status.nodes.iter().filter(|n| n.name != status.answered_by) {
+            let up = u64::from(n.state == Liveness::Up);
+            out.sample(&PEER_UP, &[("peer", &n.name)], up);
+        }
+        for n in status.nodes.iter().filter(|n| n.name != status.answered_by) {
+            if let Some(rtt) = n.rtt_us {
+                out.sample(&PEER_RTT, &[("peer", &n.name)], rtt as f64 / 1e6);
+            }
+        }
+        for (state, label) in [
+            (Liveness::Up, "up"),
+            (Liveness::Suspect, "suspect"),
+            (Liveness::Down, "down"),
+        ] {
+            let count = status.nodes.iter().filter(|n| n.state == state).count();
+            out.sample(&MEMBERS, &[("state", label)], count);
+        }
+        let leader = status.leader.as_deref() == Some(status.answered_by.as_str());
+        out.sample(&IS_LEADER, &[], u64::from(leader));
+        out.sample(
+            &RELEASE_BACKLOG,
+            &[],
+            self.inner.release_backlog.lock().len(),
+        );
+    }
+}
