@@ -16,13 +16,13 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::size::{format_size, parse_size};
+use crate::admin::{self, ADMIN_LISTEN_DEFAULT, AdminContext, Phase};
 use crate::cluster::liveness::LivenessTimings;
 use crate::cluster::membership::Role;
 use crate::cluster::node::{ClusterNode, ClusterSettings, PeerAuth, parse_role};
 use crate::cluster::tls::NodeIdentity;
 use crate::cluster::transport::TransportConfig;
 use crate::cluster::watermarks::Watermarks;
-use crate::admin::{self, ADMIN_LISTEN_DEFAULT, AdminContext, Phase};
 use crate::frontend::nbd::{self, ExportSpec, Exports};
 use crate::frontend::{Frontend, api};
 use crate::metrics::NodeMetrics;

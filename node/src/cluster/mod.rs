@@ -19,6 +19,6 @@ pub mod pressure;
 pub mod rpc;
 pub mod status;
 pub mod tls;
-pub mod view;
 pub mod transport;
+pub mod view;
 pub mod watermarks;

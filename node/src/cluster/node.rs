@@ -236,9 +236,7 @@ impl ClusterNode {
 
     /// Ready when this run is registered and a leader is known.
     pub fn ready(&self) -> Result<(), String> {
-        if !*self.inner.registered.borrow() {
-            return Err("not yet a registered member of the cluster".into());
-        }
+        self.inner.registered_or_why()?;
         let m = self.inner.membership();
         if m.raft().metrics().borrow().current_leader.is_none() {
             return Err("no Raft leader known".into());
@@ -257,7 +255,7 @@ impl ClusterNode {
                         incarnation = joined.incarnation,
                         "member of the cluster"
                     );
-                    let _ = self.inner.registered.send(true);
+                    self.inner.registered.send_replace(true);
                     return;
                 }
                 Ok(None) => {}
@@ -384,7 +382,10 @@ impl Inner {
             name: self.name.clone(),
             advertise: self.advertise.clone(),
             role: role_name(self.role).into(),
-            capacity_bytes: self.store.capacity_bytes(),
+            capacity_bytes: match self.role {
+                Role::MemoryServer => self.donate_bytes,
+                _ => self.store.capacity_bytes(),
+            },
             donate_bytes: self.donate_bytes,
             zone: self.zone.clone().unwrap_or_default(),
         }
@@ -572,8 +573,14 @@ impl Inner {
     pub(super) fn own_heartbeat(&self) -> wire::Heartbeat {
         let st = self.store.stats();
         let mut hb = rpc::heartbeat_of(&self.donor.lock());
-        hb.capacity_bytes = st.capacity_bytes;
-        hb.used_bytes = st.used_bytes;
+        // A memory server's capacity is what it donates.
+        if self.role == Role::MemoryServer {
+            hb.capacity_bytes = hb.donate_bytes;
+            hb.used_bytes = hb.donated_bytes;
+        } else {
+            hb.capacity_bytes = st.capacity_bytes;
+            hb.used_bytes = st.used_bytes;
+        }
         hb.stored_pages = st.pages;
         hb.remote_pages = st.remote_pages;
         hb.remote_bytes = st.remote_bytes;
@@ -737,6 +744,18 @@ impl Inner {
         tokio::task::block_in_place(|| self.runtime.block_on(f))
     }
 
+    fn registered_or_why(&self) -> Result<(), String> {
+        if *self.registered.borrow() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} is not a member of a cluster yet (seeds: {})",
+                self.name,
+                self.seeds.join(",")
+            ))
+        }
+    }
+
     fn status(&self) -> ClusterStatus {
         let m = self.membership();
         let config = m.config();
@@ -829,9 +848,15 @@ impl Inner {
             cluster_id: config.cluster_id.clone(),
             answered_by: self.name.clone(),
             leader: leader.and_then(|id| config.nodes.get(&id).map(|n| n.name.clone())),
-            health: Health {
-                status: HealthLevel::Ok,
-                reasons: Vec::new(),
+            health: match self.registered_or_why() {
+                Ok(()) => Health {
+                    status: HealthLevel::Ok,
+                    reasons: Vec::new(),
+                },
+                Err(why) => Health {
+                    status: HealthLevel::Err,
+                    reasons: vec![why],
+                },
             },
             nodes_up: 0,
             nodes_total: 0,

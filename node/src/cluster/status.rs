@@ -144,7 +144,12 @@ impl ClusterStatus {
         self.held_for_others_bytes = nodes.iter().map(|n| n.held_for_others_bytes).sum();
         self.remote_bytes = nodes.iter().map(|n| n.own_bytes_on_peers).sum();
 
-        let mut errors = Vec::new();
+        // Errors the cluster layer reported itself (not a member yet) stay.
+        let mut errors = if self.health.status == HealthLevel::Err {
+            std::mem::take(&mut self.health.reasons)
+        } else {
+            Vec::new()
+        };
         let mut warnings = Vec::new();
         if self.nodes_total > 1 && self.leader.is_none() {
             errors.push(format!("no leader is known ({} nodes)", self.nodes_total));
