@@ -4,6 +4,7 @@ pub mod admin_client;
 pub mod bench;
 pub mod cert;
 pub mod corpus;
+pub mod demo;
 pub mod nbd_bench;
 pub mod node;
 pub mod size;
@@ -26,6 +27,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Start a 3-node cluster on loopback and watch pages leave a small node and come home.
+    Demo(demo::DemoArgs),
     /// Run a node.
     Node(node::NodeArgs),
     /// Show the cluster as a node sees it: health, nodes, memory.
@@ -45,6 +48,7 @@ pub enum Command {
 pub fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     let done = match cli.command {
+        Command::Demo(a) => demo::run(a),
         Command::Node(a) => node::run(a),
         Command::Status(a) => status::run_status(a),
         Command::Health(a) => return Ok(status::run_health(a)),

@@ -1,0 +1,330 @@
+//! `ramster demo`: a three-node cluster on loopback, started as child
+//! processes with a fresh CA in a temporary directory. A deliberately small
+//! node is filled with realistic pages so they remotify, everything is
+//! loaded back and checked, then most pages are freed so suction brings the
+//! rest home. Everything stops cleanly at the end, on an error, or on
+//! Ctrl-C (children are ended by PID).
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::Args;
+use ramster_protocol::v1::{self, op::Kind};
+
+use super::corpus::Pages;
+use super::size::{format_size, parse_size};
+use super::status;
+use crate::cluster::status::ClusterStatus;
+use crate::cluster::tls;
+use crate::frontend::client::{Client, op};
+
+const AREA: u32 = 1;
+/// Pages per request.
+const BATCH: usize = 256;
+/// How long the cluster may take to form.
+const FORM_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long suction may take to bring every page home.
+const SUCTION_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Capacity of the small node whose pages remotify.
+    #[arg(long, default_value = "32MiB", value_parser = parse_size)]
+    small: u64,
+    /// Uncompressed size of the pages written into it.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    fill: u64,
+    /// Keep the temporary directory (logs, certificates, data) at the end.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// A child node, ended by PID when dropped.
+struct DemoNode {
+    name: &'static str,
+    admin: String,
+    data_dir: PathBuf,
+    child: Child,
+}
+
+impl Drop for DemoNode {
+    fn drop(&mut self) {
+        // SIGTERM first so the node leaves cleanly; SIGKILL if it lingers.
+        // SAFETY: kill(2) on the PID of a child this process started.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_udp_port() -> anyhow::Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn free_tcp_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("ramster-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let result = run_in(&args, &dir);
+    if args.keep || result.is_err() {
+        println!("logs, certificates and data kept in {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+fn run_in(args: &DemoArgs, dir: &Path) -> anyhow::Result<()> {
+    let ca = dir.join("ca");
+    tls::create_ca(&ca)?;
+    let specs: [(&'static str, u64, &[&str]); 3] = [
+        ("small", args.small, &[]),
+        ("peer", 128 << 20, &[]),
+        ("memory-server", 128 << 20, &["--role", "memory-server"]),
+    ];
+    let peers: Vec<String> = specs
+        .iter()
+        .map(|_| free_udp_port().map(|p| format!("127.0.0.1:{p}")))
+        .collect::<anyhow::Result<_>>()?;
+    let exe = std::env::current_exe().context("locating the ramster binary")?;
+    println!("ramster demo: a 3-node cluster on loopback, mutual TLS under a fresh CA");
+    println!("  working in {}", dir.display());
+    let mut nodes = Vec::new();
+    for ((name, capacity, extra), peer) in specs.iter().zip(&peers) {
+        let certs = tls::create_node(&ca, name, &[])?;
+        let data_dir = dir.join(name);
+        std::fs::create_dir_all(&data_dir)?;
+        let admin = format!("127.0.0.1:{}", free_tcp_port()?);
+        let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+        let child = Command::new(&exe)
+            .args(["node", "--name", name, "--capacity"])
+            .arg(capacity.to_string())
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--certs-dir")
+            .arg(&certs)
+            .args(["--listen", peer, "--join", &peers.join(","), "--admin-listen", &admin])
+            .args(*extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting node {name}"))?;
+        println!(
+            "  started {name:<13} pid {:<7} capacity {:>9}  peer {peer}  admin {admin}",
+            child.id(),
+            format_size(*capacity)
+        );
+        nodes.push(DemoNode {
+            name,
+            admin,
+            data_dir,
+            child,
+        });
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        tokio::select! {
+            r = scenario(args, &nodes) => r,
+            _ = tokio::signal::ctrl_c() => {
+                println!("\ninterrupted: stopping the nodes");
+                Ok(())
+            }
+        }
+    })?;
+    println!("stopping the nodes");
+    drop(nodes);
+    println!("done");
+    Ok(())
+}
+
+/// The cluster as `node` sees it (blocking HTTP, off the runtime threads).
+async fn fetch_status(node: &DemoNode) -> anyhow::Result<ClusterStatus> {
+    let admin = node.admin.clone();
+    tokio::task::spawn_blocking(move || status::fetch(&admin)).await?
+}
+
+/// Prints the status table, redrawing it in place on a terminal.
+struct LiveTable {
+    lines: usize,
+    tty: bool,
+}
+
+impl LiveTable {
+    fn new() -> Self {
+        LiveTable {
+            lines: 0,
+            tty: std::io::stdout().is_terminal(),
+        }
+    }
+
+    fn show(&mut self, s: &ClusterStatus, note: &str) {
+        let text = format!("{}{note}\n", status::table(s));
+        let mut out = std::io::stdout().lock();
+        if self.tty && self.lines > 0 {
+            // Up over the last table, then clear to the end of the screen.
+            let _ = write!(out, "\x1b[{}A\x1b[J", self.lines);
+        }
+        let _ = out.write_all(text.as_bytes());
+        let _ = out.flush();
+        self.lines = text.lines().count();
+    }
+
+    /// The next table is printed below, not over, this one.
+    fn keep(&mut self) {
+        self.lines = 0;
+    }
+}
+
+async fn scenario(args: &DemoArgs, nodes: &[DemoNode]) -> anyhow::Result<()> {
+    let small = &nodes[0];
+    let mut table = LiveTable::new();
+    // 1. The cluster forms by itself from the seed list.
+    let deadline = Instant::now() + FORM_TIMEOUT;
+    loop {
+        if let Ok(s) = fetch_status(small).await
+            && s.nodes_up == nodes.len()
+            && s.leader.is_some()
+        {
+            println!("\n== the cluster formed itself (no init step)");
+            table.show(&s, "");
+            table.keep();
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the cluster did not form within {FORM_TIMEOUT:?}; see the logs in {}",
+                small.data_dir.parent().unwrap_or(Path::new(".")).display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // 2. Fill the small node well past its capacity.
+    let client = Client::connect(&small.data_dir.join("api.sock")).await?;
+    client.init_area(AREA, false).await?;
+    let count = (args.fill as usize / ramster_protocol::PAGE_BYTES).max(BATCH);
+    let pages = Pages::synthetic(count, 42);
+    println!(
+        "\n== storing {count} pages ({}) of realistic memory into {} ({} capacity)",
+        format_size(args.fill),
+        small.name,
+        format_size(args.small)
+    );
+    let mut accepted = Vec::with_capacity(count);
+    let mut refused = 0usize;
+    let mut last_draw = Instant::now() - Duration::from_secs(1);
+    let started = Instant::now();
+    for first in (0..count).step_by(BATCH) {
+        let batch: Vec<(u64, Bytes)> = (first..(first + BATCH).min(count))
+            .map(|i| (i as u64, pages.page_bytes(i)))
+            .collect();
+        for ((offset, _), s) in batch.iter().zip(client.store_pages(AREA, &batch).await?) {
+            if s == v1::Status::Ok {
+                accepted.push(*offset);
+            } else {
+                refused += 1;
+            }
+        }
+        if last_draw.elapsed() >= Duration::from_millis(500) {
+            if let Ok(s) = fetch_status(small).await {
+                table.show(&s, &format!("stored {} / {count}", first + BATCH));
+            }
+            last_draw = Instant::now();
+        }
+    }
+    let s = fetch_status(small).await?;
+    table.show(
+        &s,
+        &format!(
+            "stored {count} pages in {:.1} s: {} accepted, {refused} refused (incompressible or full)",
+            started.elapsed().as_secs_f64(),
+            accepted.len()
+        ),
+    );
+    table.keep();
+    let stats = client.stats().await?.store.unwrap_or_default();
+    println!(
+        "   {} of {}'s pages live on its peers ({} compressed); {} used of {}",
+        stats.remote_pages,
+        small.name,
+        format_size(stats.remote_bytes),
+        format_size(stats.used_bytes),
+        format_size(stats.capacity_bytes)
+    );
+
+    // 3. Everything comes back, checked byte for byte.
+    println!("\n== loading every accepted page back and checking each byte");
+    let started = Instant::now();
+    for chunk in accepted.chunks(BATCH) {
+        let got = client.load_pages(AREA, chunk).await?;
+        for (&offset, g) in chunk.iter().zip(got) {
+            match g {
+                Ok(page) if page[..] == pages.page(offset as usize)[..] => {}
+                Ok(_) => bail!("page {offset} came back different"),
+                Err(s) => bail!("page {offset} did not load: {s:?}"),
+            }
+        }
+    }
+    println!(
+        "   {} pages verified in {:.1} s, local and remote alike",
+        accepted.len(),
+        started.elapsed().as_secs_f64()
+    );
+
+    // 4. Free most pages: suction brings the rest home.
+    let keep = accepted.len() / 8;
+    println!(
+        "\n== freeing {} pages: below the low watermark, suction brings the remote ones home",
+        accepted.len() - keep
+    );
+    for chunk in accepted[keep..].chunks(BATCH) {
+        let ops = chunk
+            .iter()
+            .map(|&offset| op(Kind::InvalidatePage(v1::InvalidatePage { area: AREA, offset })))
+            .collect();
+        client.call(ops).await?;
+    }
+    let deadline = Instant::now() + SUCTION_TIMEOUT;
+    loop {
+        let remote = client.stats().await?.store.unwrap_or_default().remote_pages;
+        let s = fetch_status(small).await?;
+        table.show(&s, &format!("{remote} pages still on peers"));
+        if remote == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("{remote} pages still remote after {SUCTION_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    table.keep();
+    for chunk in accepted[..keep].chunks(BATCH) {
+        let got = client.load_pages(AREA, chunk).await?;
+        for (&offset, g) in chunk.iter().zip(got) {
+            match g {
+                Ok(page) if page[..] == pages.page(offset as usize)[..] => {}
+                _ => bail!("page {offset} is wrong after suction"),
+            }
+        }
+    }
+    println!("   every page is home; the {keep} kept pages verified again");
+    Ok(())
+}
