@@ -69,11 +69,15 @@ impl Drop for DemoNode {
 }
 
 fn free_udp_port() -> anyhow::Result<u16> {
-    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn free_tcp_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -117,7 +121,14 @@ fn run_in(args: &DemoArgs, dir: &Path) -> anyhow::Result<()> {
             .arg(&data_dir)
             .arg("--certs-dir")
             .arg(&certs)
-            .args(["--listen", peer, "--join", &peers.join(","), "--admin-listen", &admin])
+            .args([
+                "--listen",
+                peer,
+                "--join",
+                &peers.join(","),
+                "--admin-listen",
+                &admin,
+            ])
             .args(*extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
@@ -298,7 +309,12 @@ async fn scenario(args: &DemoArgs, nodes: &[DemoNode]) -> anyhow::Result<()> {
     for chunk in accepted[keep..].chunks(BATCH) {
         let ops = chunk
             .iter()
-            .map(|&offset| op(Kind::InvalidatePage(v1::InvalidatePage { area: AREA, offset })))
+            .map(|&offset| {
+                op(Kind::InvalidatePage(v1::InvalidatePage {
+                    area: AREA,
+                    offset,
+                }))
+            })
             .collect();
         client.call(ops).await?;
     }

@@ -30,7 +30,7 @@ pub enum Command {
     /// Start a 3-node cluster on loopback and watch pages leave a small node and come home.
     Demo(demo::DemoArgs),
     /// Run a node.
-    Node(node::NodeArgs),
+    Node(Box<node::NodeArgs>),
     /// Show the cluster as a node sees it: health, nodes, memory.
     Status(status::StatusArgs),
     /// Print the cluster's health; exit 0 ok, 3 warn, 4 err, 1 no answer.
@@ -49,7 +49,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     let done = match cli.command {
         Command::Demo(a) => demo::run(a),
-        Command::Node(a) => node::run(a),
+        Command::Node(a) => node::run(*a),
         Command::Status(a) => status::run_status(a),
         Command::Health(a) => return Ok(status::run_health(a)),
         Command::Bench(a) => bench::run(a),
