@@ -29,6 +29,8 @@ const PUT_BATCH_PAGES: usize = 256;
 const PUT_CONCURRENCY: usize = 8;
 /// (pages per get, gets in flight) combinations measured.
 const GET_SHAPES: &[(usize, usize)] = &[(1, 64), (16, 16), (64, 8), (256, 4)];
+/// Sequential one-page gets timed for the round-trip latency.
+const ROUND_TRIPS: usize = 5000;
 
 /// CPU seconds this process has used (user + system), from /proc: with
 /// other work on the machine, throughput per CPU-second says more than
@@ -208,6 +210,28 @@ async fn run(corpus_pages: usize, gso: bool, mtu: Option<u16>) {
             loaded as f64 / cpu,
         );
     }
+    // One page, one request in flight: the round trip a remote load pays.
+    let mut lat = Vec::with_capacity(ROUND_TRIPS);
+    for p in pages.iter().cycle().take(ROUND_TRIPS) {
+        let started = Instant::now();
+        let got = session
+            .get_pages(&[PageRef {
+                key: p.key,
+                version: p.version,
+            }])
+            .await
+            .expect("get");
+        lat.push(started.elapsed());
+        assert!(got[0].is_ok(), "page held by the donor");
+    }
+    lat.sort_unstable();
+    let q = |f: f64| lat[((lat.len() - 1) as f64 * f) as usize].as_secs_f64() * 1e6;
+    println!(
+        "get  batch   1 x  1 in flight: p50 {:.1} µs, p90 {:.1} µs, p99 {:.1} µs ({ROUND_TRIPS} round trips)",
+        q(0.5),
+        q(0.9),
+        q(0.99)
+    );
     owner_ep.close().await;
     donor_ep.close().await;
 }

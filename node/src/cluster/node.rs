@@ -28,7 +28,7 @@ use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::donor::{DonorConfig, DonorStore, PageRef};
+use super::donor::{DonatedPage, DonorConfig, DonorStore, PageRef};
 use super::liveness::{LivenessTimings, PeerTable};
 use super::membership::{
     self, Command, CommandResult, MemberState, Membership, NodeId, RaftReply, RaftRequest,
@@ -42,7 +42,7 @@ use super::transport::{
     TransportConfig,
 };
 use super::watermarks::Watermarks;
-use crate::frontend::{LoadResult, RemotePages};
+use crate::frontend::{Fetch, LoadResult, RemotePages};
 use crate::metrics::{ClusterCounters, NodeMetrics};
 use crate::store::{self, PAGE_BYTES, Page, PageStore, Released, RemoteRef};
 
@@ -660,15 +660,21 @@ impl Inner {
             >= self.replicas
     }
 
-    /// Fetches one page from its replicas (live ones first), checked.
-    pub(super) async fn fetch(&self, r: &RemoteRef, out: &mut Page) -> LoadResult {
+    /// Fetches pages from their replicas, checked, live replicas first. Each
+    /// round asks every donor once for all the pages it is next in line
+    /// for; a page whose donor failed, or whose copy failed its checksum,
+    /// is asked of its next replica in the following round.
+    pub(super) async fn fetch_many(
+        &self,
+        refs: &[RemoteRef],
+        outs: &mut [&mut Page],
+    ) -> Vec<LoadResult> {
         let started = Instant::now();
-        let now = Instant::now();
-        let mut order: Vec<NodeId> = r.replicas.as_slice().iter().map(|&d| d as NodeId).collect();
-        {
+        let orders: Vec<Vec<NodeId>> = {
+            let now = Instant::now();
             let config = self.membership().config();
             let peers = self.peers.lock();
-            order.sort_by_key(|id| {
+            let rank = |id: &NodeId| {
                 config
                     .nodes
                     .get(id)
@@ -677,60 +683,119 @@ impl Inner {
                         Liveness::Suspect => 1,
                         Liveness::Down => 2,
                     })
-            });
-        }
-        let mut result = LoadResult::Unavailable;
-        for donor in order {
-            let got = async {
-                let s = self.donor_session(donor).await?;
-                let mut pages = s
-                    .get_pages(&[PageRef {
-                        key: r.key,
-                        version: r.version,
-                    }])
-                    .await
-                    .map_err(|e| e.to_string())?;
-                pages
-                    .pop()
-                    .ok_or_else(|| "empty answer".to_string())?
-                    .map_err(|status| format!("{status:?}"))
-            }
-            .await;
-            let page = match got {
-                Ok(p) => p,
-                Err(e) => {
-                    warn!(donor, key = ?r.key, reason = %e, "remote load from a replica failed");
-                    continue;
-                }
             };
-            if !decode_checked(page.compressed, &page.data, r.checksum, out) {
-                warn!(donor, key = ?r.key, "a replica's copy failed its checksum");
-                result = LoadResult::Corrupt;
-                continue;
+            refs.iter()
+                .map(|r| {
+                    let mut order: Vec<NodeId> =
+                        r.replicas.as_slice().iter().map(|&d| d as NodeId).collect();
+                    order.sort_by_key(rank);
+                    order
+                })
+                .collect()
+        };
+        let mut results = vec![LoadResult::Unavailable; refs.len()];
+        let mut tried = vec![0usize; refs.len()];
+        let mut pending: Vec<usize> = (0..refs.len()).collect();
+        while !pending.is_empty() {
+            let mut by_donor: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
+            for &i in &pending {
+                if let Some(&donor) = orders[i].get(tried[i]) {
+                    by_donor.entry(donor).or_default().push(i);
+                }
             }
-            // Bring it home while there is room under the remotify stop
-            // line, so a hot page stops costing a round trip.
-            if page.compressed
-                && self.has_room_below(self.watermarks.remotify_stop)
-                && let Some(released) = self.store.install_fetched(r, &page.data)
-            {
-                self.release_backlog.lock().push(released);
-                ClusterCounters::add(&self.metrics.cluster.suctioned_pages, 1);
-                ClusterCounters::add(
-                    &self.metrics.cluster.suctioned_bytes,
-                    page.data.len() as u64,
-                );
+            let mut answers = Vec::new();
+            let mut asks = Vec::new();
+            for (donor, idx) in by_donor {
+                match self.donor_session(donor).await {
+                    Ok(session) => {
+                        let wanted: Vec<PageRef> = idx
+                            .iter()
+                            .map(|&i| PageRef {
+                                key: refs[i].key,
+                                version: refs[i].version,
+                            })
+                            .collect();
+                        asks.push(async move {
+                            let got = session.get_pages(&wanted).await;
+                            (donor, idx, got.map_err(|e| e.to_string()))
+                        });
+                    }
+                    Err(e) => answers.push((donor, idx, Err(e))),
+                }
             }
-            result = LoadResult::Hit;
-            break;
+            // One donor (the common case for a small load) is awaited right
+            // here; several are asked at once.
+            if asks.len() == 1 {
+                answers.push(asks.pop().expect("one").await);
+            } else {
+                let mut set = tokio::task::JoinSet::new();
+                for ask in asks {
+                    set.spawn(ask);
+                }
+                while let Some(joined) = set.join_next().await {
+                    answers.push(joined.expect("a get task never panics"));
+                }
+            }
+            pending.clear();
+            for (donor, idx, got) in answers {
+                let pages = match got {
+                    Ok(pages) => pages,
+                    Err(reason) => {
+                        warn!(donor, pages = idx.len(), %reason, "remote load from a replica failed");
+                        for i in idx {
+                            tried[i] += 1;
+                            pending.push(i);
+                        }
+                        continue;
+                    }
+                };
+                for (i, page) in idx.into_iter().zip(pages) {
+                    let page = match page {
+                        Ok(p) => p,
+                        Err(status) => {
+                            warn!(donor, key = ?refs[i].key, ?status, "a replica does not have the page");
+                            tried[i] += 1;
+                            pending.push(i);
+                            continue;
+                        }
+                    };
+                    if !decode_checked(page.compressed, &page.data, refs[i].checksum, outs[i]) {
+                        warn!(donor, key = ?refs[i].key, "a replica's copy failed its checksum");
+                        results[i] = LoadResult::Corrupt;
+                        tried[i] += 1;
+                        pending.push(i);
+                        continue;
+                    }
+                    results[i] = LoadResult::Hit;
+                    self.install_if_room(&refs[i], &page);
+                }
+            }
         }
         let c = &self.metrics.cluster;
-        match result {
-            LoadResult::Hit => ClusterCounters::add(&c.remote_loads, 1),
-            _ => ClusterCounters::add(&c.remote_load_errors, 1),
+        let hits = results.iter().filter(|r| **r == LoadResult::Hit).count() as u64;
+        ClusterCounters::add(&c.remote_loads, hits);
+        ClusterCounters::add(&c.remote_load_errors, refs.len() as u64 - hits);
+        let elapsed = started.elapsed();
+        for _ in refs {
+            self.metrics.remote_load_latency.observe(elapsed);
         }
-        self.metrics.remote_load_latency.observe(started.elapsed());
-        result
+        results
+    }
+
+    /// Brings a fetched page home while there is room under the remotify
+    /// stop line, so a hot page stops costing a round trip.
+    fn install_if_room(&self, r: &RemoteRef, page: &DonatedPage) {
+        if page.compressed
+            && self.has_room_below(self.watermarks.remotify_stop)
+            && let Some(released) = self.store.install_fetched(r, &page.data)
+        {
+            self.release_backlog.lock().push(released);
+            ClusterCounters::add(&self.metrics.cluster.suctioned_pages, 1);
+            ClusterCounters::add(
+                &self.metrics.cluster.suctioned_bytes,
+                page.data.len() as u64,
+            );
+        }
     }
 
     pub(super) fn has_room_below(&self, fill: f64) -> bool {
@@ -993,8 +1058,16 @@ impl RaftTransport for QuicRaft {
 }
 
 impl RemotePages for ClusterNode {
-    fn fetch(&self, remote: &RemoteRef, out: &mut Page) -> LoadResult {
-        self.inner.block_on(self.inner.fetch(remote, out))
+    fn fetch_many<'a, 'b: 'a>(
+        &'a self,
+        remotes: &'a [RemoteRef],
+        outs: &'a mut [&'b mut Page],
+    ) -> Fetch<'a> {
+        Box::pin(self.inner.fetch_many(remotes, outs))
+    }
+
+    fn wait(&self, fetch: Fetch<'_>) -> Vec<LoadResult> {
+        self.inner.block_on(fetch)
     }
 
     fn make_room(&self) -> bool {

@@ -33,7 +33,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
 use hashbrown::HashMap;
 use parking_lot::Mutex;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -43,13 +42,13 @@ use ramster_protocol::peer::{
     peer_response,
 };
 use ramster_protocol::{FRAME_BYTES_MAX, frame, peer_handshake};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, oneshot};
 use tracing::{debug, info, warn};
 
 use super::donor::{DonatedPage, DonorStore, PageRef, PageStatus};
 use super::rpc::{self, RpcRefusal};
 use super::tls::{self, CertError, NodeIdentity};
-use crate::frontend::conn::{ConnError, FrameReader, encode_frame, spawn_writer};
+use crate::frontend::conn::{ConnError, FrameReader, encode_frame};
 use crate::metrics::NodeMetrics;
 
 /// ALPN of the peer protocol: a client of some other protocol on the same
@@ -456,13 +455,12 @@ impl PeerEndpoint {
     async fn handshake(
         &self,
         conn: &quinn::Connection,
-    ) -> Result<(mpsc::Sender<BytesMut>, FrameReader<RecvStream>, PeerWelcome), String> {
-        let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        let writer = spawn_writer(send);
+    ) -> Result<(SendStream, FrameReader<RecvStream>, PeerWelcome), String> {
+        let (mut writer, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
         let hello = peer_handshake::hello(&self.shared.node, self.shared.incarnation);
         let hello = encode_frame(&hello).map_err(|e| e.to_string())?;
         writer
-            .send(hello)
+            .write_all(&hello)
             .await
             .map_err(|_| "stream closed before the hello".to_string())?;
         let mut reader = FrameReader::new(recv, FRAME_BYTES_MAX);
@@ -836,7 +834,9 @@ pub struct PeerSession {
     owner: String,
     incarnation: u64,
     conn: quinn::Connection,
-    streams: Vec<mpsc::Sender<BytesMut>>,
+    /// Written by the caller itself under the lock (no writer task to
+    /// wake): a request costs one hop less on its way out.
+    streams: Vec<tokio::sync::Mutex<SendStream>>,
     pending: Pending,
     next_id: AtomicU64,
     in_flight: Semaphore,
@@ -863,13 +863,13 @@ impl PeerSession {
         conn: quinn::Connection,
         peer: String,
         peer_incarnation: u64,
-        first: Option<(mpsc::Sender<BytesMut>, FrameReader<RecvStream>)>,
+        first: Option<(SendStream, FrameReader<RecvStream>)>,
     ) -> Arc<PeerSession> {
         let pending: Pending = Arc::default();
         let mut streams = Vec::with_capacity(shared.config.page_streams);
         let mut readers = Vec::with_capacity(shared.config.page_streams);
         if let Some((writer, reader)) = first {
-            streams.push(writer);
+            streams.push(tokio::sync::Mutex::new(writer));
             readers.push(reader);
         }
         while streams.len() < shared.config.page_streams {
@@ -879,7 +879,7 @@ impl PeerSession {
             let Ok((send, recv)) = conn.open_bi().await else {
                 break;
             };
-            streams.push(spawn_writer::<SendStream>(send));
+            streams.push(tokio::sync::Mutex::new(send));
             readers.push(FrameReader::new(recv, FRAME_BYTES_MAX));
         }
         for reader in readers {
@@ -1040,7 +1040,12 @@ impl PeerSession {
             id,
         };
         let stream = &self.streams[id as usize % self.streams.len()];
-        stream.send(frame).await.map_err(|_| self.lost())?;
+        stream
+            .lock()
+            .await
+            .write_all(&frame)
+            .await
+            .map_err(|_| self.lost())?;
         let resp = rx.await.map_err(|_| self.lost())?;
         match resp.kind {
             Some(peer_response::Kind::Error(e)) => Err(PeerError::Refused {

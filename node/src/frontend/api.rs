@@ -7,8 +7,10 @@
 //! is closed, since the stream position is lost. Nothing a client sends can
 //! stop the server from serving its other connections.
 
+use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -181,22 +183,28 @@ async fn serve_connection(
             .await;
             continue;
         }
-        if request.ops.len() <= INLINE_OPS_MAX {
-            let frame = encode_frame(&execute(&frontend, &metrics, request))
-                .expect("responses stay under the frame limit");
-            let _ = writer.send(frame).await;
-            continue;
+        let inline = request.ops.len() <= INLINE_OPS_MAX;
+        let mut answer = Box::pin(execute(frontend.clone(), metrics.clone(), request));
+        if inline {
+            // Small requests run right here; one that waits on donors goes
+            // on below as a task, so the reader keeps reading.
+            let polled = answer
+                .as_mut()
+                .poll(&mut Context::from_waker(Waker::noop()));
+            if let Poll::Ready(resp) = polled {
+                let frame = encode_frame(&resp).expect("responses stay under the frame limit");
+                let _ = writer.send(frame).await;
+                continue;
+            }
         }
         let permit = in_flight
             .clone()
             .acquire_owned()
             .await
             .expect("never closed");
-        let frontend = frontend.clone();
-        let metrics = metrics.clone();
         let writer = writer.clone();
         tokio::spawn(async move {
-            let resp = execute(&frontend, &metrics, request);
+            let resp = answer.await;
             let frame = encode_frame(&resp).expect("responses stay under the frame limit");
             let _ = writer.send(frame).await;
             drop(permit);
@@ -206,20 +214,80 @@ async fn serve_connection(
 }
 
 /// Applies one request to the front end, timing its stores and loads into
-/// `metrics`. Synchronous: the socket plumbing above only moves bytes.
-pub fn execute(frontend: &Frontend, metrics: &NodeMetrics, request: v1::Request) -> v1::Response {
-    let results = request
-        .ops
-        .into_iter()
-        .map(|op| match op.kind {
-            Some(kind) => timed(frontend, metrics, kind),
-            None => invalid("empty op"),
-        })
-        .collect();
+/// `metrics`. Only loads of pages held by donors ever wait; everything
+/// else completes in the first poll.
+pub async fn execute(
+    frontend: Arc<Frontend>,
+    metrics: Arc<NodeMetrics>,
+    request: v1::Request,
+) -> v1::Response {
+    let mut results = Vec::with_capacity(request.ops.len());
+    let mut ops = request.ops.into_iter().peekable();
+    while let Some(op) = ops.next() {
+        match op.kind {
+            // A run of loads of one area goes to the front end as one call,
+            // so the pages of it that live on donors share round trips.
+            Some(Kind::Load(first)) => {
+                let area = first.area;
+                let mut offsets = vec![first.offset];
+                while let Some(next) =
+                    ops.next_if(|o| matches!(&o.kind, Some(Kind::Load(l)) if l.area == area))
+                {
+                    if let Some(Kind::Load(l)) = next.kind {
+                        offsets.push(l.offset);
+                    }
+                }
+                results.extend(load_run(&frontend, &metrics, area, &offsets).await);
+            }
+            Some(kind) => results.push(timed(&frontend, &metrics, kind)),
+            None => results.push(invalid("empty op")),
+        }
+    }
     v1::Response {
         id: request.id,
         results,
         error: None,
+    }
+}
+
+/// Loads `offsets` of `area` together; each page's latency is its share of
+/// the run's time.
+async fn load_run(
+    fe: &Frontend,
+    metrics: &NodeMetrics,
+    area: u32,
+    offsets: &[u64],
+) -> Vec<v1::OpResult> {
+    if super::nbd::is_export_area(area) {
+        return offsets.iter().map(|_| export_refusal(area)).collect();
+    }
+    // Fresh buffers that become the responses' `Bytes` (no copy).
+    let mut bufs: Vec<Vec<u8>> = offsets.iter().map(|_| vec![0u8; PAGE_BYTES]).collect();
+    let mut outs: Vec<&mut Page> = bufs
+        .iter_mut()
+        .map(|b| b.as_mut_slice().try_into().expect("page-sized"))
+        .collect();
+    let started = Instant::now();
+    let loaded_all = fe.load_pages_async(area, offsets, &mut outs).await;
+    let share = started.elapsed() / offsets.len() as u32;
+    drop(outs);
+    for _ in offsets {
+        metrics.load_latency.observe(share);
+    }
+    match loaded_all {
+        Ok(results) => results
+            .into_iter()
+            .zip(bufs)
+            .map(|(r, buf)| loaded(r, buf))
+            .collect(),
+        Err(e) => offsets.iter().map(|_| op_error(e.clone())).collect(),
+    }
+}
+
+fn export_refusal(area: u32) -> v1::OpResult {
+    v1::OpResult {
+        detail: format!("area {area} belongs to an NBD export; API clients cannot use it"),
+        ..status(v1::Status::InvalidArgument)
     }
 }
 
@@ -338,10 +406,7 @@ fn timed(fe: &Frontend, metrics: &NodeMetrics, kind: Kind) -> v1::OpResult {
 
 fn execute_op(fe: &Frontend, kind: Kind) -> v1::OpResult {
     if let Some(area) = export_area_of(&kind) {
-        return v1::OpResult {
-            detail: format!("area {area} belongs to an NBD export; API clients cannot use it"),
-            ..status(v1::Status::InvalidArgument)
-        };
+        return export_refusal(area);
     }
     let ok = |_| status(v1::Status::Ok);
     let res: Result<v1::OpResult, OpError> = match kind {

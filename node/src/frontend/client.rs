@@ -159,6 +159,19 @@ impl Client {
             .collect())
     }
 
+    /// Invalidates pages of one area in one request; how many were there.
+    pub async fn invalidate_pages(&self, area: u32, offsets: &[u64]) -> Result<u64, ClientError> {
+        let ops = offsets
+            .iter()
+            .map(|&offset| op(Kind::InvalidatePage(v1::InvalidatePage { area, offset })))
+            .collect();
+        let mut dropped = 0;
+        for r in self.call(ops).await? {
+            dropped += ok(r)?.value;
+        }
+        Ok(dropped)
+    }
+
     pub async fn invalidate_area(&self, area: u32) -> Result<u64, ClientError> {
         Ok(ok(self
             .call_one(Kind::InvalidateArea(v1::InvalidateArea { area }))

@@ -20,6 +20,8 @@ pub struct Counters {
     pub loads_miss: AtomicU64,
     pub loads_error: AtomicU64,
     pub invalidates: AtomicU64,
+    /// Hits whose bytes came from a donor (a subset of `loads_hit`).
+    pub loads_remote: AtomicU64,
 }
 
 /// Which counter an event bumps.
@@ -28,6 +30,8 @@ pub enum Event {
     Stored,
     Failed(Reject),
     LoadHit,
+    /// A hit served from a donor's copy.
+    RemoteHit,
     LoadMiss,
     LoadError,
     Invalidated(u64),
@@ -48,6 +52,10 @@ impl Counters {
                 1,
             ),
             Event::LoadHit => (&self.loads_hit, 1),
+            Event::RemoteHit => {
+                self.loads_remote.fetch_add(1, Ordering::Relaxed);
+                (&self.loads_hit, 1)
+            }
             Event::LoadMiss => (&self.loads_miss, 1),
             Event::LoadError => (&self.loads_error, 1),
             Event::Invalidated(n) => (&self.invalidates, n),
@@ -76,6 +84,7 @@ impl Counters {
             loads_miss: g(&self.loads_miss),
             loads_error: g(&self.loads_error),
             invalidates: g(&self.invalidates),
+            loads_remote: g(&self.loads_remote),
         }
     }
 }

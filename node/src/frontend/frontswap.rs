@@ -173,28 +173,102 @@ impl Frontend {
         offset: u64,
         out: &mut Page,
     ) -> Result<LoadResult, OpError> {
+        let mut results = self.load_pages(area, &[offset], &mut [out])?;
+        Ok(results.pop().expect("one result per offset"))
+    }
+
+    /// Loads several pages of one area. Pages held by donors are fetched
+    /// together (one round trip per donor, not one per page), which is what
+    /// makes a batch of cold pages cheap.
+    pub fn load_pages(
+        &self,
+        area: AreaId,
+        offsets: &[u64],
+        outs: &mut [&mut Page],
+    ) -> Result<Vec<LoadResult>, OpError> {
+        let (mut results, remote) = self.load_local(area, offsets, outs)?;
+        if let (false, Some(cluster)) = (remote.refs.is_empty(), self.remote()) {
+            let mut targets = remote.targets(outs);
+            let fetched = cluster.wait(cluster.fetch_many(&remote.refs, &mut targets));
+            remote.apply(&mut results, fetched);
+        }
+        self.record_loads(area, &results, &remote.at);
+        Ok(results)
+    }
+
+    /// [`load_pages`](Self::load_pages) for async callers: the wait for
+    /// donors is an await, not a blocked thread.
+    pub async fn load_pages_async(
+        &self,
+        area: AreaId,
+        offsets: &[u64],
+        outs: &mut [&mut Page],
+    ) -> Result<Vec<LoadResult>, OpError> {
+        let (mut results, remote) = self.load_local(area, offsets, outs)?;
+        if let (false, Some(cluster)) = (remote.refs.is_empty(), self.remote().cloned()) {
+            let mut targets = remote.targets(outs);
+            let fetched = cluster.fetch_many(&remote.refs, &mut targets).await;
+            remote.apply(&mut results, fetched);
+        }
+        self.record_loads(area, &results, &remote.at);
+        Ok(results)
+    }
+
+    /// The first half of a load: pages held here go into `outs`; pages held
+    /// by donors are listed (their results stay `Unavailable` unless a
+    /// fetch replaces them).
+    fn load_local(
+        &self,
+        area: AreaId,
+        offsets: &[u64],
+        outs: &mut [&mut Page],
+    ) -> Result<(Vec<LoadResult>, RemoteLoads), OpError> {
+        assert_eq!(offsets.len(), outs.len(), "one buffer per offset");
         self.with_area(area, |a| {
             let _mode = a.mode.read();
-            let result = match self.store.load(key(area, offset), out) {
-                LoadOutcome::Hit => LoadResult::Hit,
-                LoadOutcome::Miss => LoadResult::NotFound,
-                LoadOutcome::Corrupt => LoadResult::Corrupt,
-                // Held by donors: reachable only through the cluster.
-                LoadOutcome::Remote(r) => match self.remote() {
-                    Some(remote) => remote.fetch(&r, out),
-                    None => LoadResult::Unavailable,
-                },
-            };
-            self.record(
-                a,
-                match result {
+            let mut results = Vec::with_capacity(offsets.len());
+            let mut remote = RemoteLoads::default();
+            for (i, (&offset, out)) in offsets.iter().zip(outs.iter_mut()).enumerate() {
+                results.push(match self.store.load(key(area, offset), out) {
+                    LoadOutcome::Hit => LoadResult::Hit,
+                    LoadOutcome::Miss => LoadResult::NotFound,
+                    LoadOutcome::Corrupt => LoadResult::Corrupt,
+                    LoadOutcome::Remote(r) => {
+                        remote.refs.push(r);
+                        remote.at.push(i);
+                        LoadResult::Unavailable
+                    }
+                });
+            }
+            (results, remote)
+        })
+    }
+
+    fn record_loads(&self, area: AreaId, results: &[LoadResult], remote_at: &[usize]) {
+        // The area may have been removed while donors answered: then only
+        // the node's counters have somewhere to go.
+        let mut remote_at = remote_at.iter().peekable();
+        let events: Vec<Event> = results
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let remote = remote_at.next_if_eq(&&i).is_some();
+                match r {
+                    LoadResult::Hit if remote => Event::RemoteHit,
                     LoadResult::Hit => Event::LoadHit,
                     LoadResult::NotFound => Event::LoadMiss,
                     LoadResult::Unavailable | LoadResult::Corrupt => Event::LoadError,
-                },
-            );
-            result
-        })
+                }
+            })
+            .collect();
+        let recorded = self.with_area(area, |a| {
+            for &e in &events {
+                self.record(a, e);
+            }
+        });
+        if recorded.is_err() {
+            events.into_iter().for_each(|e| self.counters.record(e));
+        }
     }
 
     /// Drops one page; `true` if it was there.
@@ -283,5 +357,30 @@ impl Frontend {
             .collect();
         v.sort_by_key(|s| s.area);
         v
+    }
+}
+
+/// The pages of a load that donors hold: their descriptors, and where they
+/// sit in the load.
+#[derive(Default)]
+struct RemoteLoads {
+    refs: Vec<crate::store::RemoteRef>,
+    at: Vec<usize>,
+}
+
+impl RemoteLoads {
+    /// The buffers of the remote pages, in `refs` order.
+    fn targets<'a>(&self, outs: &'a mut [&mut Page]) -> Vec<&'a mut Page> {
+        let mut wanted = self.at.iter().copied().peekable();
+        outs.iter_mut()
+            .enumerate()
+            .filter_map(|(i, out)| wanted.next_if_eq(&i).map(|_| &mut **out))
+            .collect()
+    }
+
+    fn apply(&self, results: &mut [LoadResult], fetched: Vec<LoadResult>) {
+        for (&i, r) in self.at.iter().zip(fetched) {
+            results[i] = r;
+        }
     }
 }

@@ -89,11 +89,22 @@ pub fn as_page(bytes: &[u8]) -> Result<&Page, OpError> {
 /// How the front end reaches the cluster: pages held on donors, and room
 /// made by remotify. Calls block the calling thread (the front end is
 /// synchronous); implementations bound every wait.
+/// A fetch of remote pages in progress.
+pub type Fetch<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Vec<LoadResult>> + Send + 'a>>;
+
 pub trait RemotePages: Send + Sync {
-    /// Fetches a page the store holds on donors into `out`, checked against
-    /// its checksum: `Hit`, `Unavailable` (no replica answered) or
-    /// `Corrupt` (every copy failed its checksum).
-    fn fetch(&self, remote: &RemoteRef, out: &mut Page) -> LoadResult;
+    /// Fetches pages the store holds on donors into `outs` (one buffer per
+    /// ref), each checked against its checksum: `Hit`, `Unavailable` (no
+    /// replica answered) or `Corrupt` (every copy failed its checksum).
+    fn fetch_many<'a, 'b: 'a>(
+        &'a self,
+        remotes: &'a [RemoteRef],
+        outs: &'a mut [&'b mut Page],
+    ) -> Fetch<'a>;
+
+    /// Runs a fetch to completion from synchronous code.
+    fn wait(&self, fetch: Fetch<'_>) -> Vec<LoadResult>;
 
     /// The store refused a persistent page for lack of room: waits, for a
     /// bounded time, for remotify to free some. `true` if a retry may now

@@ -7,6 +7,7 @@
 //! the same pages, order and checks against zram, memcached or Redis
 //! ([`peers`]), so the figures can be set side by side.
 
+mod cluster;
 mod peers;
 
 use std::io::IsTerminal;
@@ -43,6 +44,11 @@ pub struct BenchArgs {
     /// Drive a running node through its API socket.
     #[arg(long, env = "RAMSTER_API_SOCKET", conflicts_with = "peer")]
     pub socket: Option<PathBuf>,
+    /// With `--socket`: measure remote memory on a node in a cluster
+    /// (remotify, remote loads one at a time and pipelined, loads during
+    /// suction); see `cluster`.
+    #[arg(long, requires = "socket")]
+    pub cluster: bool,
     /// Run the same bench against another system instead of ramster.
     #[arg(long, value_enum)]
     pub peer: Option<Peer>,
@@ -156,6 +162,27 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let progress = !args.json && std::io::stderr().is_terminal();
     let report = match (&args.peer, &args.socket) {
         (Some(peer), _) => peers::run(&args, *peer, &pages, source, progress)?,
+        (None, Some(path)) if args.cluster => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let r = rt.block_on(async {
+                let client = Arc::new(connect(path).await?);
+                cluster::run(&args, client, &pages, source, progress).await
+            })?;
+            if args.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                cluster::print_table(&r);
+            }
+            if !r.verified {
+                bail!(
+                    "verification failed: {} pages did not load back as stored",
+                    r.mismatches
+                );
+            }
+            return Ok(());
+        }
         (None, Some(path)) => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -299,11 +326,7 @@ async fn run_socket(
     progress: bool,
 ) -> anyhow::Result<Report> {
     let n = pages.len();
-    let client = Arc::new(
-        Client::connect(&path)
-            .await
-            .with_context(|| format!("connecting to the node at {}", path.display()))?,
-    );
+    let client = Arc::new(connect(&path).await?);
     let area = args.area;
     client.init_area(area, false).await?;
     let batch = args
@@ -395,6 +418,12 @@ async fn run_socket(
         (load_secs, &mut load_lat),
         &stats,
     ))
+}
+
+async fn connect(path: &std::path::Path) -> anyhow::Result<Client> {
+    Client::connect(path)
+        .await
+        .with_context(|| format!("connecting to the node at {}", path.display()))
 }
 
 enum Outcome {

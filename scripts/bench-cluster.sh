@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Measures remote memory on a three-node loopback cluster (mutual TLS under a
+# fresh CA) and, in the same run, a Redis GET round trip on the same machine,
+# then prints a markdown table of the cluster targets:
+#
+#   remote load at one in flight, p50     vs  2 x Redis GET p50 (one in flight)
+#   pipelined remote loads                vs  50,000 pages/s
+#   remotify, compressed                  vs  200 MB/s
+#   hot-load p99 during suction           vs  2 x its idle p99
+#
+#   scripts/bench-cluster.sh [CORPUS]      # default: synthetic pages
+#
+# The owner node is small (CAPACITY, 64MiB) and is given PAGES pages (4x its
+# capacity) so most go to its donors: a peer and a memory server. Every
+# process this script starts is stopped by its PID on exit.
+#
+# Environment: ROUNDS (3), CAPACITY (64MiB), PAGES (65536), DEPTH (16),
+# BATCH (16), PORT_BASE (27800: peers on PORT_BASE..+2 UDP, admin endpoints on
+# PORT_BASE+10..+12, Redis on PORT_BASE+20), OUT (a temp dir for reports and
+# logs).
+
+set -euo pipefail
+
+corpus="${1:-}"
+rounds="${ROUNDS:-3}"
+capacity="${CAPACITY:-64MiB}"
+pages="${PAGES:-65536}"
+depth="${DEPTH:-16}"
+batch="${BATCH:-16}"
+base="${PORT_BASE:-27800}"
+root="$(cd "$(dirname "$0")/.." && pwd)"
+out="${OUT:-$(mktemp -d /tmp/ramster-bench-cluster.XXXXXX)}"
+mkdir -p "$out"
+
+pids=()
+# Stops what this script started and has not reaped yet: `jobs -p` lists only
+# our live children, so a PID reused by someone else is never signalled.
+stop_all() {
+    local pid live
+    live=" $(jobs -p | tr '\n' ' ') "
+    for pid in "${pids[@]}"; do
+        [[ "$live" == *" $pid "* ]] || continue
+        kill "$pid" 2>/dev/null || true
+        for _ in $(seq 1 50); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -9 "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    pids=()
+}
+trap stop_all EXIT
+
+say() { echo "== $*" >&2; }
+
+wait_port() {
+    local port="$1" what="$2" pid="$3"
+    for _ in $(seq 1 100); do
+        kill -0 "$pid" 2>/dev/null || { echo "$what exited; see $out" >&2; return 1; }
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "$what did not listen on 127.0.0.1:$port within 10 s" >&2
+    return 1
+}
+
+source_args=(--synthetic)
+[[ -n "$corpus" ]] && source_args=(--corpus "$corpus")
+
+if ! command -v redis-server >/dev/null; then
+    say "installing redis-server"
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y redis-server >&2
+fi
+
+say "building release"
+(cd "$root" && cargo build --release -p ramster-node --bin ramster) >&2
+ramster="$root/target/release/ramster"
+
+one_round() {
+    local round="$1" dir="$out/round.$1"
+    mkdir -p "$dir"
+    "$ramster" cert create-ca --certs-dir "$dir/ca" >/dev/null
+    local seeds="127.0.0.1:$base,127.0.0.1:$((base + 1)),127.0.0.1:$((base + 2))"
+    local names=(owner peer memory) i=0
+    for name in "${names[@]}"; do
+        "$ramster" cert create-node "$name" --certs-dir "$dir/ca" >/dev/null
+        local extra=(--capacity 1GiB)
+        [[ "$name" == owner ]] && extra=(--capacity "$capacity")
+        [[ "$name" == memory ]] && extra+=(--role memory-server)
+        RUST_LOG=warn "$ramster" node --name "$name" --data-dir "$dir/$name" \
+            --certs-dir "$dir/ca/$name" --listen "127.0.0.1:$((base + i))" --join "$seeds" \
+            --admin-listen "127.0.0.1:$((base + 10 + i))" "${extra[@]}" \
+            >"$dir/$name.log" 2>&1 &
+        pids+=($!)
+        i=$((i + 1))
+    done
+    say "round $round: waiting for the cluster"
+    local healthy=""
+    for _ in $(seq 1 300); do
+        if "$ramster" health --endpoint "127.0.0.1:$((base + 10))" >/dev/null 2>&1; then
+            healthy=yes
+            break
+        fi
+        sleep 0.1
+    done
+    [[ -n "$healthy" ]] || { "$ramster" status --endpoint "127.0.0.1:$((base + 10))" || true; echo "cluster not healthy; logs in $dir" >&2; exit 1; }
+
+    say "round $round: ramster bench --cluster"
+    "$ramster" bench --socket "$dir/owner/api.sock" --cluster "${source_args[@]}" \
+        --pages "$pages" --depth "$depth" --batch "$batch" --json >"$out/cluster.$round.json"
+    stop_all
+
+    say "round $round: Redis GET, one in flight"
+    local redis_port=$((base + 20))
+    redis-server --bind 127.0.0.1 --port "$redis_port" --save "" --appendonly no \
+        --daemonize no --dir "$dir" >"$dir/redis.log" 2>&1 &
+    pids+=($!)
+    wait_port "$redis_port" redis-server "$!"
+    "$ramster" bench --peer redis --peer-addr "127.0.0.1:$redis_port" --depth 1 \
+        "${source_args[@]}" --pages 16384 --json >"$out/redis.$round.json"
+    stop_all
+}
+
+for round in $(seq 1 "$rounds"); do
+    one_round "$round"
+done
+
+python3 - "$out" "$rounds" <<'EOF'
+import json, os, sys
+
+out, rounds = sys.argv[1], int(sys.argv[2])
+runs = []
+for r in range(1, rounds + 1):
+    with open(os.path.join(out, f"cluster.{r}.json")) as f:
+        c = json.load(f)
+    with open(os.path.join(out, f"redis.{r}.json")) as f:
+        g = json.load(f)
+    runs.append((r, c, g))
+
+print("| round | remote load p50, 1 in flight | Redis GET p50 | × Redis | pipelined remote loads | remotify | hot p99 idle | hot p99 during suction | × idle | verified |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+for r, c, g in runs:
+    print(f"| {r} | {c['single_load_p50_us']:.1f} µs ({c['single_loads_remote']:,}/{c['single_loads']:,} from donors) "
+          f"| {g['load_p50_us']:.1f} µs | {c['single_load_p50_us'] / g['load_p50_us']:.2f} "
+          f"| {c['pipelined_pages_per_sec']:,.0f} pages/s ({c['pipelined_loads_remote']:,}/{c['pipelined_loads']:,} from donors) "
+          f"| {c['remotify_mb_per_sec']:.0f} MB/s ({c['remote_mb']:.1f} MB) "
+          f"| {c['idle_load_p99_us']:.1f} µs | {c['suction_load_p99_us']:.1f} µs ({c['suctioned_pages']:,} pages home, {c['suction_loads']:,} loads) "
+          f"| {c['suction_load_p99_us'] / c['idle_load_p99_us']:.2f} "
+          f"| {'yes' if c['verified'] and g['verified'] else 'NO'} |")
+print(f"\nreports and logs: {out}")
+EOF
