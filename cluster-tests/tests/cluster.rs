@@ -157,7 +157,8 @@ fn memory_servers_receive_pages_before_peers() {
         MemberSpec {
             name: "owner",
             capacity: "32MiB",
-            extra: &[],
+            // One copy per page, so where it goes shows the preference.
+            extra: &["--replicas", "1"],
         },
         MemberSpec {
             name: "peer",

@@ -118,6 +118,14 @@ pub struct ClusterCounters {
     pub rpc_errors: AtomicU64,
     /// Stores that waited for remotify to make room.
     pub store_throttles: AtomicU64,
+    /// Lost copies re-created on other donors.
+    pub repaired_pages: AtomicU64,
+    /// Pages with a copy on a lost donor (gauge).
+    pub degraded_pages: AtomicU64,
+    /// Pages with no copy left (gauge).
+    pub unrecoverable_pages: AtomicU64,
+    /// How long the last repair took from the loss to full redundancy (gauge).
+    pub last_repair_micros: AtomicU64,
 }
 
 impl ClusterCounters {

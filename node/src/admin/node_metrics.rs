@@ -117,6 +117,23 @@ static STORE_THROTTLES: Family = Family::counter(
     "Stores that waited for remotify to make room.",
 );
 
+static REPAIRED_PAGES: Family = Family::counter(
+    "ramster_repaired_pages_total",
+    "Copies on lost donors re-created on other donors.",
+);
+static DEGRADED_PAGES: Family = Family::gauge(
+    "ramster_degraded_pages",
+    "Pages held on donors with fewer copies than their replica count.",
+);
+static UNRECOVERABLE_PAGES: Family = Family::gauge(
+    "ramster_unrecoverable_pages",
+    "Pages whose every copy was on lost donors.",
+);
+static LAST_REPAIR: Family = Family::gauge(
+    "ramster_last_repair_seconds",
+    "Time the last repair took, from the first degraded page to full redundancy.",
+);
+
 static STORE_LATENCY: Family = Family::histogram(
     "ramster_store_latency_seconds",
     "One frontswap store or cleancache put, as the front end sees it.",
@@ -296,9 +313,13 @@ fn write_cluster_counters(out: &mut MetricsWriter, metrics: &NodeMetrics) {
         (&RELEASED_PAGES, &c.released_pages),
         (&RPC_ERRORS, &c.rpc_errors),
         (&STORE_THROTTLES, &c.store_throttles),
+        (&REPAIRED_PAGES, &c.repaired_pages),
+        (&DEGRADED_PAGES, &c.degraded_pages),
+        (&UNRECOVERABLE_PAGES, &c.unrecoverable_pages),
     ] {
         out.sample(family, &[], get(v));
     }
+    out.sample(&LAST_REPAIR, &[], get(&c.last_repair_micros) as f64 / 1e6);
 }
 
 /// Each family over all exports, so that a family's samples stay together.

@@ -37,7 +37,7 @@ const CONFIG_BYTES_MAX: u64 = 1 << 20;
 /// Where the peer transport (QUIC) listens when only `--join` is given.
 pub const PEER_LISTEN_DEFAULT: &str = "0.0.0.0:7800";
 /// Donors per remotified page.
-pub const REPLICAS_DEFAULT: usize = 1;
+pub const REPLICAS_DEFAULT: usize = 2;
 /// The node's persistent identity in its data dir.
 const IDENTITY_FILE: &str = "identity.json";
 

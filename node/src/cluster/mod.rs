@@ -16,6 +16,7 @@ pub mod movers;
 pub mod node;
 pub mod placement;
 pub mod pressure;
+pub mod repair;
 pub mod rpc;
 pub mod status;
 pub mod tls;

@@ -44,6 +44,7 @@ pub(super) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
         }
         release(&inner).await;
+        super::repair::repair(&inner).await;
         let st = inner.store.stats();
         match pressure.decide(
             &inner.watermarks,
@@ -129,6 +130,7 @@ async fn ship(inner: Arc<Inner>, out: Vec<Outbound>) -> bool {
         puts.spawn(async move {
             let r = async {
                 let s = inner.donor_session(d as NodeId).await?;
+                inner.note_shipped(d, s.peer_incarnation());
                 s.put_pages(&pages).await.map_err(|e| e.to_string())
             }
             .await;

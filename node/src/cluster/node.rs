@@ -44,7 +44,7 @@ use super::transport::{
 use super::watermarks::Watermarks;
 use crate::frontend::{Fetch, LoadResult, RemotePages};
 use crate::metrics::{ClusterCounters, NodeMetrics};
-use crate::store::{self, PAGE_BYTES, Page, PageStore, Released, RemoteRef};
+use crate::store::{self, DonorId, PAGE_BYTES, Page, PageStore, Released, RemoteRef};
 
 /// How long a store waits for remotify to make room before it is refused.
 pub const MAKE_ROOM_WAIT_MS: u64 = 1_000;
@@ -117,7 +117,15 @@ pub(super) struct Inner {
     /// Whether this run is registered (joined) in the cluster.
     registered: watch::Sender<bool>,
     heartbeats_in_flight: Mutex<HashSet<NodeId>>,
+    /// Donors holding copies of our pages, with the incarnation those
+    /// copies live in: a donor back with another one came back empty.
+    shipped: Mutex<HashMap<DonorId, u64>>,
+    pub(super) repair: Mutex<super::repair::RepairState>,
 }
+
+/// Bounds of the delay after which a remote load asks the next replica.
+const HEDGE_AFTER_MIN: Duration = Duration::from_millis(5);
+const HEDGE_AFTER_MAX: Duration = Duration::from_millis(250);
 
 fn unavailable(msg: impl Into<String>) -> RpcRefusal {
     RpcRefusal::new(PeerErrorCode::Unavailable, msg)
@@ -193,6 +201,8 @@ impl ClusterNode {
             resolved: Mutex::new(HashMap::new()),
             registered: watch::channel(false).0,
             heartbeats_in_flight: Mutex::new(HashSet::new()),
+            shipped: Mutex::new(HashMap::new()),
+            repair: Mutex::new(Default::default()),
         });
         endpoint.set_control_handler(Arc::new(Control(Arc::downgrade(&inner))));
         let membership = Membership::open(s.id, &s.raft_dir, QuicRaft(Arc::downgrade(&inner)))
@@ -626,6 +636,8 @@ impl Inner {
     /// Donors as placement sees them: members other than us, with the spare
     /// room their last heartbeat gave minus what we put there since.
     pub(super) fn donor_views(&self) -> Vec<DonorView> {
+        // Until repair is through with a lost donor, it takes no new pages.
+        let lost = self.lost_donors();
         let config = self.membership().config();
         let now = Instant::now();
         let peers = self.peers.lock();
@@ -642,13 +654,62 @@ impl Inner {
                 DonorView {
                     id: id as u32,
                     role: n.role,
-                    up: peers.state(&n.name, now) == Liveness::Up,
+                    up: peers.state(&n.name, now) == Liveness::Up && !lost.contains(&(id as u32)),
                     draining: n.state == MemberState::Draining,
                     spare_bytes: spare,
                     zone: n.zone.clone(),
                 }
             })
             .collect()
+    }
+
+    /// Donors whose copies of our pages are gone or out of reach: down,
+    /// no longer members, or back with a new incarnation (empty).
+    pub(super) fn lost_donors(&self) -> Vec<DonorId> {
+        let config = self.membership().config();
+        let now = Instant::now();
+        let peers = self.peers.lock();
+        self.shipped
+            .lock()
+            .iter()
+            .filter(
+                |(id, incarnation)| match config.nodes.get(&(**id as NodeId)) {
+                    None => true,
+                    Some(n) => {
+                        peers.state(&n.name, now) == Liveness::Down
+                            || peers.get(&n.name).is_some_and(|r| {
+                                r.incarnation != 0 && r.incarnation != **incarnation
+                            })
+                    }
+                },
+            )
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Our copies are on `donor`, in its incarnation `incarnation`.
+    pub(super) fn note_shipped(&self, donor: DonorId, incarnation: u64) {
+        self.shipped.lock().entry(donor).or_insert(incarnation);
+    }
+
+    /// Repair re-created every copy the `lost` donors held: a donor that is
+    /// back (with a new incarnation) holds only what it got since.
+    pub(super) fn forget_lost_copies(&self, lost: &[DonorId]) {
+        let config = self.membership().config();
+        let now = Instant::now();
+        let peers = self.peers.lock();
+        let mut shipped = self.shipped.lock();
+        for d in lost {
+            let Some(n) = config.nodes.get(&(*d as NodeId)) else {
+                shipped.remove(d);
+                continue;
+            };
+            if peers.state(&n.name, now) != Liveness::Down
+                && let Some(r) = peers.get(&n.name)
+            {
+                shipped.insert(*d, r.incarnation);
+            }
+        }
     }
 
     /// Whether any donor could take a page now.
@@ -693,6 +754,7 @@ impl Inner {
                 })
                 .collect()
         };
+        let hedge_after = self.hedge_delay();
         let mut results = vec![LoadResult::Unavailable; refs.len()];
         let mut tried = vec![0usize; refs.len()];
         let mut pending: Vec<usize> = (0..refs.len()).collect();
@@ -715,9 +777,26 @@ impl Inner {
                                 version: refs[i].version,
                             })
                             .collect();
+                        // A page with another replica to try does not wait
+                        // on a slow donor (a stopped one, say) past the
+                        // hedge delay; the last replica gets the whole
+                        // deadline.
+                        let hedge = idx
+                            .iter()
+                            .all(|&i| tried[i] + 1 < orders[i].len())
+                            .then_some(hedge_after);
                         asks.push(async move {
-                            let got = session.get_pages(&wanted).await;
-                            (donor, idx, got.map_err(|e| e.to_string()))
+                            let get = session.get_pages(&wanted);
+                            let got = match hedge {
+                                Some(after) => match tokio::time::timeout(after, get).await {
+                                    Ok(got) => got.map_err(|e| e.to_string()),
+                                    Err(_) => Err(format!(
+                                        "no answer within {after:?}; asking the next replica"
+                                    )),
+                                },
+                                None => get.await.map_err(|e| e.to_string()),
+                            };
+                            (donor, idx, got)
                         });
                     }
                     Err(e) => answers.push((donor, idx, Err(e))),
@@ -780,6 +859,18 @@ impl Inner {
             self.metrics.remote_load_latency.observe(elapsed);
         }
         results
+    }
+
+    /// How long a remote load waits on one replica before it asks the next:
+    /// twice the recent p99 of peer RPCs, within bounds.
+    fn hedge_delay(&self) -> Duration {
+        let p99 = self
+            .metrics
+            .rpc_latency
+            .snapshot()
+            .quantile_bound_ns(0.99)
+            .unwrap_or(0);
+        Duration::from_nanos(p99.saturating_mul(2)).clamp(HEDGE_AFTER_MIN, HEDGE_AFTER_MAX)
     }
 
     /// Brings a fetched page home while there is room under the remotify

@@ -207,6 +207,18 @@ impl Shard {
         }
     }
 
+    /// Changes entry `i` with `f` in place: for changes that keep it on
+    /// the same list, where it keeps its place.
+    pub fn update(&mut self, i: u32, f: impl FnOnce(&mut Entry)) {
+        let list = self.entries[i as usize].list();
+        f(&mut self.entries[i as usize]);
+        debug_assert_eq!(
+            self.entries[i as usize].list(),
+            list,
+            "update changed the list"
+        );
+    }
+
     /// Replaces what entry `i` holds (a duplicate store), making it hottest.
     pub fn replace(&mut self, i: u32, e: Entry) {
         self.relink(i, |slot| {

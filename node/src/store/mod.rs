@@ -113,7 +113,7 @@ pub const REPLICAS_MAX: usize = 3;
 pub type DonorId = u32;
 
 /// The donors holding a page's compressed bytes.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Replicas {
     ids: [DonorId; REPLICAS_MAX],
     count: u8,
@@ -836,6 +836,59 @@ impl PageStore {
             }
         }
         out
+    }
+
+    /// Repair's work list: up to `max` pages held on donors that have a
+    /// copy on one of the `lost` donors and at least one copy elsewhere.
+    /// Also returns how many pages have a lost copy in all (degraded) and
+    /// how many have no copy left at all (unrecoverable).
+    pub fn remote_on(&self, lost: &[DonorId], max: usize) -> (Vec<RemoteRef>, u64, u64) {
+        let (mut out, mut degraded, mut unrecoverable) = (Vec::new(), 0, 0);
+        for shard in self.shards.iter() {
+            let shard = shard.lock();
+            for i in shard.hottest(index::REMOTE_LIST, usize::MAX) {
+                let e = shard.entry(i);
+                let Body::Remote { replicas, len } = e.body else {
+                    continue;
+                };
+                let held = replicas.as_slice();
+                let gone = held.iter().filter(|d| lost.contains(d)).count();
+                if gone == 0 {
+                    continue;
+                }
+                degraded += 1;
+                if gone == held.len() {
+                    unrecoverable += 1;
+                } else if out.len() < max {
+                    out.push(RemoteRef {
+                        key: e.key,
+                        version: e.version,
+                        checksum: e.checksum,
+                        len,
+                        replicas,
+                    });
+                }
+            }
+        }
+        (out, degraded, unrecoverable)
+    }
+
+    /// Repair moved a page's copies: donors now hold it on `replicas`.
+    /// `false` if the page changed meanwhile (the new copies are stale).
+    pub fn set_replicas(&self, remote: &RemoteRef, replicas: Replicas) -> bool {
+        let hash = hash_key(&remote.key);
+        let mut shard = self.lock(hash);
+        let Some(i) = shard.find(&remote.key, hash) else {
+            return false;
+        };
+        let e = *shard.entry(i);
+        match e.body {
+            Body::Remote { len, .. } if e.version == remote.version => {
+                shard.update(i, |e| e.body = Body::Remote { replicas, len });
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Brings a page fetched from a donor home (suction, or a remote load
