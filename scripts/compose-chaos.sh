@@ -92,6 +92,20 @@ wait_healthy() {
   return 1
 }
 
+# Waits until node1 sees all four nodes up (HEALTH_OK alone holds as soon
+# as node1 has formed the cluster by itself).
+wait_members() {
+  for _ in $(seq 90); do
+    check_deadline
+    if timeout 20 "${compose[@]}" exec -T node1 ramster status 2>/dev/null | grep -q "4 of 4 up"; then
+      return 0
+    fi
+    sleep 1
+  done
+  log "node1 never saw four nodes up"
+  return 1
+}
+
 # Loads every accepted page back; records a result line for the summary.
 # A page whose only reachable copy sits on a silent donor costs an RPC
 # deadline (5 s) before it is given up on, so a verify during a fault is
@@ -124,6 +138,7 @@ fi
 log "starting the cluster ($project)"
 timeout 180 "${compose[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
 timeout 180 "${compose[@]}" up -d
+wait_members
 wait_healthy "four nodes"
 timeout 20 "${compose[@]}" exec -T node1 ramster status
 
