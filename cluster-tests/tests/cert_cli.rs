@@ -74,3 +74,65 @@ fn create_ca_then_create_node_writes_certificates_peers_accept() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid node name"));
 }
+
+#[test]
+fn create_cluster_keeps_the_ca_apart_and_is_safe_to_run_again() {
+    tls::install_default_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, certs) = (dir.path().join("ca"), dir.path().join("certs"));
+    let (ca_arg, certs_arg) = (ca.to_str().unwrap(), certs.to_str().unwrap());
+    let create = |names: &[&str]| {
+        let mut args = vec![
+            "cert",
+            "create-cluster",
+            "--ca-dir",
+            ca_arg,
+            "--certs-dir",
+            certs_arg,
+        ];
+        args.extend_from_slice(names);
+        ramster(&args)
+    };
+
+    let out = create(&["node1", "node2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(ca.join("ca.key").is_file());
+    let first_key = std::fs::read(certs.join("node1/node.key")).unwrap();
+    for n in ["node1", "node2"] {
+        let d = certs.join(n);
+        assert!(!d.join("ca.key").exists(), "the CA key stays in the CA dir");
+        NodeIdentity::load(&d).unwrap().check(n).unwrap();
+    }
+
+    // Again, with one more node: the CA and existing nodes are kept.
+    let out = create(&["node1", "node2", "node3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("kept") && text.contains("issued"), "{text}");
+    assert_eq!(
+        std::fs::read(certs.join("node1/node.key")).unwrap(),
+        first_key
+    );
+    NodeIdentity::load(&certs.join("node3"))
+        .unwrap()
+        .check("node3")
+        .unwrap();
+
+    // A node directory from another CA is an error, not overwritten.
+    std::fs::remove_dir_all(&ca).unwrap();
+    let out = create(&["node1"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not the CA"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -36,6 +36,24 @@ pub enum CertCommand {
         #[arg(long = "host")]
         hosts: Vec<String>,
     },
+    /// A whole cluster in one go, safe to run again (a container's init
+    /// step): the CA in CA_DIR unless it is there, and CERTS_DIR/NAME/
+    /// for every node that has no certificate from it yet.
+    CreateCluster {
+        /// The nodes' names (DNS names).
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Where the CA is kept (created if empty); only this command
+        /// reads its key, so it can stay off the nodes.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Where the nodes' directories are made.
+        #[arg(long, env = "RAMSTER_CERTS_DIR")]
+        certs_dir: PathBuf,
+        /// Another DNS name or IP address every node is reached at (repeat).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+    },
 }
 
 pub fn run(args: CertArgs) -> anyhow::Result<()> {
@@ -58,6 +76,21 @@ pub fn run(args: CertArgs) -> anyhow::Result<()> {
             let dir = tls::create_node(&certs_dir, &name, &hosts)
                 .with_context(|| format!("issuing a certificate for node {name:?}"))?;
             println!("node {name}: certificate written to {}", dir.display());
+        }
+        CertCommand::CreateCluster {
+            names,
+            ca_dir,
+            certs_dir,
+            hosts,
+        } => {
+            let done = tls::create_cluster(&ca_dir, &certs_dir, &names, &hosts)
+                .context("creating the cluster's certificates")?;
+            for d in done {
+                match d {
+                    tls::Issued::New(dir) => println!("issued {}", dir.display()),
+                    tls::Issued::Kept(dir) => println!("kept {}", dir.display()),
+                }
+            }
         }
     }
     Ok(())

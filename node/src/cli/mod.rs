@@ -35,6 +35,8 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Print the cluster's health; exit 0 ok, 3 warn, 4 err, 1 no answer.
     Health(status::HealthArgs),
+    /// GET an admin path (default /health/ready); exit 0 on 2xx, else 1.
+    Probe(status::ProbeArgs),
     /// Store pages, load them back in random order, verify every byte, report.
     Bench(bench::BenchArgs),
     /// Create the cluster CA and node certificates for mutual TLS.
@@ -52,6 +54,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Node(a) => node::run(*a),
         Command::Status(a) => status::run_status(a),
         Command::Health(a) => return Ok(status::run_health(a)),
+        Command::Probe(a) => return Ok(status::run_probe(a)),
         Command::Bench(a) => bench::run(a),
         Command::Cert(a) => cert::run(a),
         Command::BenchNbd(a) => nbd_bench::run(a),

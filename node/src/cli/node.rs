@@ -20,6 +20,7 @@ use crate::admin::{self, ADMIN_LISTEN_DEFAULT, AdminContext, Phase};
 use crate::cluster::liveness::LivenessTimings;
 use crate::cluster::membership::Role;
 use crate::cluster::node::{ClusterNode, ClusterSettings, PeerAuth, parse_role};
+use crate::cluster::pressure;
 use crate::cluster::tls::NodeIdentity;
 use crate::cluster::transport::TransportConfig;
 use crate::cluster::watermarks::Watermarks;
@@ -38,6 +39,12 @@ const CONFIG_BYTES_MAX: u64 = 1 << 20;
 pub const PEER_LISTEN_DEFAULT: &str = "0.0.0.0:7800";
 /// Donors per remotified page.
 pub const REPLICAS_DEFAULT: usize = 2;
+/// With `--capacity auto`, the share of the cgroup memory limit given to
+/// pages (the node's own and those it holds for peers); the rest is the
+/// process's own (runtime, connections, batch buffers). A peer splits it
+/// evenly between its store and its donation, a memory server donates all
+/// of it, a client and a standalone node keep all of it.
+pub const AUTO_MEMORY_FRACTION: f64 = 0.8;
 /// The node's persistent identity in its data dir.
 const IDENTITY_FILE: &str = "identity.json";
 
@@ -54,9 +61,11 @@ pub struct NodeArgs {
     /// Where the node keeps its state (identity, sockets, NBD backing files).
     #[arg(long, env = "RAMSTER_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Most memory the page store may hold (e.g. 512MiB, 4GiB).
-    #[arg(long, env = "RAMSTER_CAPACITY", value_parser = parse_size)]
-    pub capacity: Option<u64>,
+    /// Most memory the page store may hold (e.g. 512MiB, 4GiB), or `auto`:
+    /// sized from the cgroup memory limit (see [`AUTO_MEMORY_FRACTION`])
+    /// [default: auto].
+    #[arg(long, env = "RAMSTER_CAPACITY", value_parser = parse_capacity)]
+    pub capacity: Option<Capacity>,
     /// Unix socket of the native API [default: DATA_DIR/api.sock].
     #[arg(long, env = "RAMSTER_API_SOCKET")]
     pub api_socket: Option<PathBuf>,
@@ -133,6 +142,54 @@ impl FromStr for AdminListen {
             .map(|a| AdminListen(Some(a)))
             .map_err(|_| format!("{s:?} is not HOST:PORT (an IP address and port) or `off`"))
     }
+}
+
+/// A capacity as given: bytes, or sized from the cgroup limit.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Capacity {
+    Bytes(u64),
+    Auto,
+}
+
+fn parse_capacity(s: &str) -> Result<Capacity, String> {
+    if s.trim().eq_ignore_ascii_case("auto") {
+        Ok(Capacity::Auto)
+    } else {
+        parse_size(s).map(Capacity::Bytes)
+    }
+}
+
+/// The store capacity `--capacity auto` picks under a cgroup memory limit
+/// of `limit` bytes; `role` is `None` for a standalone node, `donate` the
+/// donation when one is given.
+pub fn auto_capacity(
+    limit: Option<u64>,
+    role: Option<Role>,
+    donate: Option<u64>,
+) -> anyhow::Result<u64> {
+    let Some(limit) = limit else {
+        bail!(
+            "no --capacity, and no cgroup memory limit to size it from: give --capacity SIZE \
+             (or `capacity` in the config file, or RAMSTER_CAPACITY), or run under a memory limit"
+        );
+    };
+    let pages = (limit as f64 * AUTO_MEMORY_FRACTION) as u64;
+    let capacity = match (role, donate) {
+        (Some(Role::Peer), Some(d)) => {
+            pages.checked_sub(d).filter(|&c| c > 0).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--donate {} leaves nothing of the {} that --capacity auto sizes from the \
+                 cgroup limit {}: donate less or give --capacity",
+                    format_size(d),
+                    format_size(pages),
+                    format_size(limit)
+                )
+            })?
+        }
+        (Some(Role::Peer), None) => pages / 2,
+        _ => pages,
+    };
+    Ok(capacity)
 }
 
 fn parse_role_arg(s: &str) -> Result<Role, String> {
@@ -263,44 +320,60 @@ impl NodeArgs {
             .ok_or_else(|| missing("data-dir", "data-dir", "RAMSTER_DATA_DIR"))?;
         let capacity = match (self.capacity, &file.capacity) {
             (Some(c), _) => c,
-            (None, Some(v)) => v.bytes("capacity")?,
-            (None, None) => return Err(missing("capacity", "capacity", "RAMSTER_CAPACITY")),
+            (None, Some(SizeValue::Text(t))) if t.trim().eq_ignore_ascii_case("auto") => {
+                Capacity::Auto
+            }
+            (None, Some(v)) => Capacity::Bytes(v.bytes("capacity")?),
+            (None, None) => Capacity::Auto,
         };
-        let cluster = cluster_args(
-            ClusterSources {
-                listen: self.listen.or(file.listen),
-                advertise: self.advertise.or(file.advertise),
-                join: if self.join.is_empty() {
-                    file.join
-                } else {
-                    self.join
-                },
-                certs_dir: self.certs_dir.or(file.certs_dir),
-                insecure: self.insecure.or(file.insecure),
-                role: match (self.role, file.role) {
-                    (Some(r), _) => Some(r),
-                    (None, Some(r)) => Some(
-                        parse_role_arg(&r).map_err(|e| anyhow::anyhow!("config `role`: {e}"))?,
-                    ),
-                    (None, None) => None,
-                },
-                donate: match (self.donate, &file.donate) {
-                    (Some(d), _) => Some(d),
-                    (None, Some(v)) => Some(v.bytes("donate")?),
-                    (None, None) => None,
-                },
-                zone: self.zone.or(file.zone),
-                replicas: self.replicas.or(file.replicas),
-                remotify: self
-                    .remotify_watermarks
-                    .or(file.remotify_watermarks.map(|[a, b]| (a, b))),
-                suction: self
-                    .suction_watermarks
-                    .or(file.suction_watermarks.map(|[a, b]| (a, b))),
+        let sources = ClusterSources {
+            listen: self.listen.or(file.listen),
+            advertise: self.advertise.or(file.advertise),
+            join: if self.join.is_empty() {
+                file.join
+            } else {
+                self.join
             },
-            &data_dir,
-            capacity,
-        )?;
+            certs_dir: self.certs_dir.or(file.certs_dir),
+            insecure: self.insecure.or(file.insecure),
+            role: match (self.role, file.role) {
+                (Some(r), _) => Some(r),
+                (None, Some(r)) => {
+                    Some(parse_role_arg(&r).map_err(|e| anyhow::anyhow!("config `role`: {e}"))?)
+                }
+                (None, None) => None,
+            },
+            donate: match (self.donate, &file.donate) {
+                (Some(d), _) => Some(d),
+                (None, Some(v)) => Some(v.bytes("donate")?),
+                (None, None) => None,
+            },
+            zone: self.zone.or(file.zone),
+            replicas: self.replicas.or(file.replicas),
+            remotify: self
+                .remotify_watermarks
+                .or(file.remotify_watermarks.map(|[a, b]| (a, b))),
+            suction: self
+                .suction_watermarks
+                .or(file.suction_watermarks.map(|[a, b]| (a, b))),
+        };
+        let capacity = match capacity {
+            Capacity::Bytes(b) => b,
+            Capacity::Auto => {
+                let limit = pressure::read_host(Path::new("/")).cgroup_limit_bytes;
+                let role = sources
+                    .is_cluster()
+                    .then(|| sources.role.unwrap_or_default());
+                let c = auto_capacity(limit, role, sources.donate)?;
+                info!(
+                    cgroup_limit = %format_size(limit.unwrap_or_default()),
+                    capacity = %format_size(c),
+                    "capacity sized from the cgroup memory limit"
+                );
+                c
+            }
+        };
+        let cluster = cluster_args(sources, &data_dir, capacity)?;
         if cluster
             .as_ref()
             .is_some_and(|c| c.role == Role::MemoryServer)
@@ -368,12 +441,19 @@ struct ClusterSources {
     suction: Option<(f64, f64)>,
 }
 
+impl ClusterSources {
+    /// Whether these settings make the node a cluster member.
+    fn is_cluster(&self) -> bool {
+        self.listen.is_some() || !self.join.is_empty()
+    }
+}
+
 fn cluster_args(
     c: ClusterSources,
     data_dir: &Path,
     capacity: u64,
 ) -> anyhow::Result<Option<ClusterArgs>> {
-    if c.listen.is_none() && c.join.is_empty() {
+    if !c.is_cluster() {
         if c.advertise.is_some() || c.role.is_some() || c.donate.is_some() {
             bail!("--advertise, --role and --donate need --listen or --join (a cluster)");
         }
@@ -778,6 +858,44 @@ admin-listen = "0.0.0.0:9100"
             .settings()
             .unwrap();
         assert_eq!(s.admin_listen, Some("127.0.0.1:9200".parse().unwrap()));
+    }
+
+    #[test]
+    fn auto_capacity_shares_the_cgroup_limit_by_role() {
+        let limit = Some(1000 << 20);
+        let pages = (1000u64 << 20) as f64 * AUTO_MEMORY_FRACTION;
+        assert_eq!(auto_capacity(limit, None, None).unwrap(), pages as u64);
+        assert_eq!(
+            auto_capacity(limit, Some(Role::Peer), None).unwrap(),
+            pages as u64 / 2,
+            "a peer keeps half and donates half"
+        );
+        assert_eq!(
+            auto_capacity(limit, Some(Role::Peer), Some(100 << 20)).unwrap(),
+            pages as u64 - (100 << 20)
+        );
+        assert_eq!(
+            auto_capacity(limit, Some(Role::MemoryServer), None).unwrap(),
+            pages as u64
+        );
+        assert_eq!(
+            auto_capacity(limit, Some(Role::Client), None).unwrap(),
+            pages as u64
+        );
+        let e = auto_capacity(None, None, None).unwrap_err();
+        assert!(e.to_string().contains("no cgroup memory limit"), "{e}");
+        let e = auto_capacity(limit, Some(Role::Peer), Some(2000 << 20)).unwrap_err();
+        assert!(e.to_string().contains("donate less"), "{e}");
+    }
+
+    #[test]
+    fn capacity_takes_a_size_or_auto() {
+        assert_eq!(args(&["--capacity", "auto"]).capacity, Some(Capacity::Auto));
+        assert_eq!(
+            args(&["--capacity", "64MiB"]).capacity,
+            Some(Capacity::Bytes(64 << 20))
+        );
+        assert!(Cmd::try_parse_from(["node", "--capacity", "lots"]).is_err());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::admin_client;
 use super::size::format_size;
-use crate::admin::{ADMIN_LISTEN_DEFAULT, STATUS_PATH};
+use crate::admin::{ADMIN_LISTEN_DEFAULT, HEALTH_READY_PATH, STATUS_PATH};
 use crate::cluster::membership::MemberState;
 use crate::cluster::status::{ClusterStatus, HealthLevel, NodeStatus};
 
@@ -48,6 +48,36 @@ pub struct StatusArgs {
 pub struct HealthArgs {
     #[command(flatten)]
     pub endpoint: Endpoint,
+}
+
+#[derive(Args, Debug)]
+pub struct ProbeArgs {
+    #[command(flatten)]
+    pub endpoint: Endpoint,
+    /// The path to GET.
+    #[arg(default_value = HEALTH_READY_PATH)]
+    pub path: String,
+}
+
+/// GETs one path of the admin endpoint; exit 0 on a 2xx answer, else 1.
+/// The container image has no shell and no curl: health checks run this.
+pub fn run_probe(args: ProbeArgs) -> ExitCode {
+    let endpoint = &args.endpoint.endpoint;
+    match admin_client::get(endpoint, &args.path) {
+        Ok(a) => {
+            let line = a.body.lines().next().unwrap_or_default();
+            println!("{} {line}", a.status);
+            if (200..300).contains(&a.status) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(exit::UNREACHABLE)
+            }
+        }
+        Err(e) => {
+            eprintln!("ramster probe: {endpoint}{}: {e:#}", args.path);
+            ExitCode::from(exit::UNREACHABLE)
+        }
+    }
 }
 
 /// Asks `endpoint` for the cluster's status.

@@ -419,11 +419,12 @@ impl Inner {
             }
             let answer = async {
                 let addr = self.resolve(seed).await?;
-                let s = self
-                    .endpoint
-                    .session_at(addr)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let s = self.endpoint.session_at(addr).await.map_err(|e| {
+                    // A seed restarted in a container may come back at
+                    // another address under the same name.
+                    self.resolved.lock().remove(seed);
+                    e.to_string()
+                })?;
                 s.join(self.join_request()).await.map_err(|e| e.to_string())
             }
             .await;

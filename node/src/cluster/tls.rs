@@ -166,9 +166,20 @@ pub fn create_ca(dir: &Path) -> Result<(), CertError> {
 /// of a connection. Writes `dir/name/{ca.crt,node.crt,node.key}`; returns
 /// that directory.
 pub fn create_node(dir: &Path, name: &str, hosts: &[String]) -> Result<PathBuf, CertError> {
+    create_node_from(dir, dir, name, hosts)
+}
+
+/// [`create_node`] with the CA read from `ca_dir` and the node's directory
+/// made in `out_dir`, so that the CA key can live apart from what nodes see.
+pub fn create_node_from(
+    ca_dir: &Path,
+    out_dir: &Path,
+    name: &str,
+    hosts: &[String],
+) -> Result<PathBuf, CertError> {
     check_node_name(name)?;
-    let ca_cert_path = dir.join(CA_CERT_FILE);
-    let ca_key_path = dir.join(CA_KEY_FILE);
+    let ca_cert_path = ca_dir.join(CA_CERT_FILE);
+    let ca_key_path = ca_dir.join(CA_KEY_FILE);
     let ca_pem = fs::read_to_string(&ca_cert_path).map_err(io_err(&ca_cert_path))?;
     let ca_key_pem = fs::read_to_string(&ca_key_path).map_err(io_err(&ca_key_path))?;
     let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| CertError::BadFile {
@@ -216,12 +227,75 @@ pub fn create_node(dir: &Path, name: &str, hosts: &[String]) -> Result<PathBuf, 
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer, &ca_key)?;
 
-    let node_dir = dir.join(name);
+    let node_dir = out_dir.join(name);
     fs::create_dir_all(&node_dir).map_err(io_err(&node_dir))?;
     write_new(&node_dir.join(NODE_KEY_FILE), &key.serialize_pem(), true)?;
     write_new(&node_dir.join(NODE_CERT_FILE), &cert.pem(), false)?;
     write_new(&node_dir.join(CA_CERT_FILE), &ca_pem, false)?;
     Ok(node_dir)
+}
+
+/// What [`create_cluster`] did for one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Issued {
+    /// A certificate was issued into this directory.
+    New(PathBuf),
+    /// The directory already held a certificate from this CA; left as it was.
+    Kept(PathBuf),
+}
+
+/// Makes a whole cluster's certificates, and is safe to run again: creates
+/// the CA in `ca_dir` unless it is there, then for each name issues
+/// `out_dir/NAME/` unless it already holds a certificate from this CA. A
+/// directory holding another CA's certificate, or only part of the files, is
+/// an error rather than something to overwrite.
+pub fn create_cluster(
+    ca_dir: &Path,
+    out_dir: &Path,
+    names: &[String],
+    hosts: &[String],
+) -> Result<Vec<Issued>, CertError> {
+    for name in names {
+        check_node_name(name)?;
+    }
+    let (ca_cert_path, ca_key_path) = (ca_dir.join(CA_CERT_FILE), ca_dir.join(CA_KEY_FILE));
+    match (ca_cert_path.exists(), ca_key_path.exists()) {
+        (true, true) => {}
+        (false, false) => create_ca(ca_dir)?,
+        (true, false) => return Err(CertError::Exists(ca_cert_path)),
+        (false, true) => return Err(CertError::Exists(ca_key_path)),
+    }
+    let ca_pem = fs::read_to_string(&ca_cert_path).map_err(io_err(&ca_cert_path))?;
+    let mut done = Vec::with_capacity(names.len());
+    for name in names {
+        let node_dir = out_dir.join(name);
+        let files = [NODE_CERT_FILE, NODE_KEY_FILE, CA_CERT_FILE].map(|f| node_dir.join(f));
+        let present = files.iter().filter(|f| f.exists()).count();
+        if present == 0 {
+            create_node_from(ca_dir, out_dir, name, hosts)?;
+            done.push(Issued::New(node_dir));
+            continue;
+        }
+        if present < files.len() {
+            return Err(CertError::BadFile {
+                path: node_dir,
+                reason: "holds only part of a node's certificate files; remove it to reissue"
+                    .into(),
+            });
+        }
+        let node_ca = &files[2];
+        if fs::read_to_string(node_ca).map_err(io_err(node_ca))? != ca_pem {
+            return Err(CertError::BadFile {
+                path: node_ca.clone(),
+                reason: format!(
+                    "is not the CA in {}; remove the node's directory to reissue",
+                    ca_dir.display()
+                ),
+            });
+        }
+        done.push(Issued::Kept(node_dir));
+    }
+    Ok(done)
 }
 
 /// What a node proves itself with and whom it trusts: its certificate chain

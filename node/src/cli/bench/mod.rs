@@ -6,6 +6,11 @@
 //! API with `--depth` requests of `--batch` pages in flight; `--peer` runs
 //! the same pages, order and checks against zram, memcached or Redis
 //! ([`peers`]), so the figures can be set side by side.
+//!
+//! `--phase store --state FILE` stores once and records which pages the
+//! node accepted; `--phase verify --state FILE`, run any number of times
+//! later (after a peer died, say), loads every page again and checks each
+//! accepted one, without storing anything.
 
 mod cluster;
 mod peers;
@@ -17,13 +22,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use ramster_protocol::v1;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 pub use peers::Peer;
 
@@ -85,6 +90,93 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// What to run (socket mode): everything, or storing and verifying
+    /// apart, with --state between them.
+    #[arg(long, value_enum, default_value = "all", requires = "socket")]
+    pub phase: Phase,
+    /// The file `--phase store` writes (pages, seed, area and which pages
+    /// were accepted) and `--phase verify` reads.
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+}
+
+/// Which part of the bench to run.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Phase {
+    /// Store, load back in random order, verify, report.
+    All,
+    /// Store the pages; write which were accepted to --state.
+    Store,
+    /// Load every page --state names and check it; store nothing.
+    Verify,
+}
+
+/// What `--phase store` leaves for `--phase verify`: enough to make the
+/// same pages again and to know which ones the node must give back.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct PhaseState {
+    pub area: u32,
+    pub seed: u64,
+    pub pages: usize,
+    /// The corpus the pages came from; synthetic pages when absent.
+    pub corpus: Option<PathBuf>,
+    /// Which pages were accepted: bit `i % 8` of byte `i / 8`, in hex.
+    pub accepted: String,
+}
+
+impl PhaseState {
+    fn accepted_bits(accepted: &[bool]) -> String {
+        let mut bytes = vec![0u8; accepted.len().div_ceil(8)];
+        for (i, _) in accepted.iter().enumerate().filter(|(_, a)| **a) {
+            bytes[i / 8] |= 1 << (i % 8);
+        }
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The accepted flags, one per page.
+    pub fn accepted(&self) -> anyhow::Result<Vec<bool>> {
+        let hex = self.accepted.as_bytes();
+        if hex.len() != self.pages.div_ceil(8) * 2 {
+            bail!(
+                "the accepted bitmap has {} hex digits; {} pages need {}",
+                hex.len(),
+                self.pages,
+                self.pages.div_ceil(8) * 2
+            );
+        }
+        let mut bytes = Vec::with_capacity(hex.len() / 2);
+        for pair in hex.chunks(2) {
+            let text = std::str::from_utf8(pair).unwrap_or("??");
+            bytes.push(
+                u8::from_str_radix(text, 16)
+                    .with_context(|| format!("{text:?} in the accepted bitmap"))?,
+            );
+        }
+        Ok((0..self.pages)
+            .map(|i| bytes[i / 8] & (1 << (i % 8)) != 0)
+            .collect())
+    }
+}
+
+/// What a store or verify phase found.
+#[derive(Debug, Serialize, Default, PartialEq)]
+pub struct PhaseReport {
+    pub phase: String,
+    pub pages: usize,
+    pub accepted: usize,
+    /// Accepted pages that loaded back byte-identical.
+    pub good: usize,
+    /// Accepted pages the node no longer has (`NOT_FOUND`).
+    pub lost: usize,
+    /// Accepted pages the node could not reach (`UNAVAILABLE`).
+    pub unavailable: usize,
+    /// Accepted pages the node found damaged (`CORRUPT`).
+    pub corrupt: usize,
+    /// Pages that came back with other bytes, or refused pages that came back.
+    pub wrong: usize,
+    pub seconds: f64,
+    /// True when every accepted page loaded back byte-identical.
+    pub verified: bool,
 }
 
 /// What a bench run measured.
@@ -140,6 +232,9 @@ pub struct Report {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.phase != Phase::All {
+        return run_phase(&args);
+    }
     let (pages, source) = match &args.corpus {
         Some(path) => (
             Pages::from_file(path, args.pages)?,
@@ -203,6 +298,191 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// `--phase store` or `--phase verify`.
+fn run_phase(args: &BenchArgs) -> anyhow::Result<()> {
+    let (Some(socket), Some(state_path)) = (&args.socket, &args.state) else {
+        bail!("--phase store|verify needs --socket and --state");
+    };
+    if args.batch == 0 || args.depth == 0 {
+        bail!("--batch and --depth must be at least 1");
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let report = match args.phase {
+        Phase::Store => {
+            let pages = match &args.corpus {
+                Some(path) => Pages::from_file(path, args.pages)?,
+                None => Pages::synthetic(args.pages.unwrap_or(SYNTHETIC_PAGES_DEFAULT), args.seed),
+            };
+            if pages.is_empty() {
+                bail!("no pages to store");
+            }
+            let t0 = Instant::now();
+            let accepted = rt.block_on(store_phase(args, socket, &pages))?;
+            let state = PhaseState {
+                area: args.area,
+                seed: args.seed,
+                pages: pages.len(),
+                corpus: args.corpus.clone(),
+                accepted: PhaseState::accepted_bits(&accepted),
+            };
+            let tmp = state_path.with_extension("tmp");
+            std::fs::write(&tmp, serde_json::to_vec(&state)?)
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, state_path)
+                .with_context(|| format!("writing {}", state_path.display()))?;
+            let n = accepted.iter().filter(|a| **a).count();
+            PhaseReport {
+                phase: "store".into(),
+                pages: pages.len(),
+                accepted: n,
+                seconds: t0.elapsed().as_secs_f64(),
+                verified: true,
+                ..Default::default()
+            }
+        }
+        Phase::Verify => {
+            let text = std::fs::read(state_path)
+                .with_context(|| format!("reading {}", state_path.display()))?;
+            let state: PhaseState = serde_json::from_slice(&text)
+                .with_context(|| format!("reading {}", state_path.display()))?;
+            let accepted = state.accepted()?;
+            let pages = match &state.corpus {
+                Some(path) => Pages::from_file(path, Some(state.pages))?,
+                None => Pages::synthetic(state.pages, state.seed),
+            };
+            let t0 = Instant::now();
+            let mut r = rt.block_on(verify_phase(args, socket, &state, &accepted, &pages))?;
+            r.seconds = t0.elapsed().as_secs_f64();
+            r
+        }
+        Phase::All => unreachable!("handled by run"),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "{}: {} pages, {} accepted; {} good, {} lost, {} unavailable, {} corrupt, {} wrong ({:.1} s)",
+            report.phase,
+            report.pages,
+            report.accepted,
+            report.good,
+            report.lost,
+            report.unavailable,
+            report.corrupt,
+            report.wrong,
+            report.seconds
+        );
+    }
+    if !report.verified {
+        bail!(
+            "verification failed: {} of {} accepted pages did not load back as stored",
+            report.accepted - report.good,
+            report.accepted
+        );
+    }
+    Ok(())
+}
+
+/// Stores every page once into a freshly initialised area; which were accepted.
+async fn store_phase(
+    args: &BenchArgs,
+    socket: &std::path::Path,
+    pages: &Pages,
+) -> anyhow::Result<Vec<bool>> {
+    let client = Arc::new(
+        Client::connect(socket)
+            .await
+            .with_context(|| format!("connecting to the node at {}", socket.display()))?,
+    );
+    let area = args.area;
+    client.init_area(area, false).await?;
+    let batch = args
+        .batch
+        .min(client.welcome().max_batch_ops as usize)
+        .max(1);
+    let stored = pipeline(args.depth, pages.len(), batch, &ProgressBar::hidden(), {
+        let (client, pages) = (client.clone(), pages.clone());
+        move |range: std::ops::Range<usize>| {
+            let (client, pages) = (client.clone(), pages.clone());
+            async move {
+                let batch: Vec<_> = range
+                    .clone()
+                    .map(|i| (i as u64, pages.page_bytes(i)))
+                    .collect();
+                let statuses = client.store_pages(area, &batch).await?;
+                Ok(range
+                    .zip(statuses)
+                    .map(|(i, s)| (i, Outcome::Stored(s)))
+                    .collect())
+            }
+        }
+    })
+    .await?;
+    let mut accepted = vec![false; pages.len()];
+    for (i, o) in stored.outcomes {
+        accepted[i] = matches!(o, Outcome::Stored(v1::Status::Ok));
+    }
+    Ok(accepted)
+}
+
+/// Loads every page of the state's area and sorts what came back.
+async fn verify_phase(
+    args: &BenchArgs,
+    socket: &std::path::Path,
+    state: &PhaseState,
+    accepted: &[bool],
+    pages: &Pages,
+) -> anyhow::Result<PhaseReport> {
+    let client = Arc::new(
+        Client::connect(socket)
+            .await
+            .with_context(|| format!("connecting to the node at {}", socket.display()))?,
+    );
+    let area = state.area;
+    let batch = args
+        .batch
+        .min(client.welcome().max_batch_ops as usize)
+        .max(1);
+    let loaded = pipeline(args.depth, pages.len(), batch, &ProgressBar::hidden(), {
+        let client = client.clone();
+        move |range: std::ops::Range<usize>| {
+            let client = client.clone();
+            async move {
+                let offsets: Vec<u64> = range.clone().map(|i| i as u64).collect();
+                let got = client.load_pages(area, &offsets).await?;
+                Ok(range
+                    .zip(got)
+                    .map(|(i, p)| (i, Outcome::Loaded(p)))
+                    .collect())
+            }
+        }
+    })
+    .await?;
+    let mut r = PhaseReport {
+        phase: "verify".into(),
+        pages: pages.len(),
+        accepted: accepted.iter().filter(|a| **a).count(),
+        ..Default::default()
+    };
+    for (i, o) in loaded.outcomes {
+        let Outcome::Loaded(got) = o else {
+            unreachable!("load phase")
+        };
+        match (accepted[i], got) {
+            (true, Ok(p)) if p[..] == pages.page(i)[..] => r.good += 1,
+            (false, Err(v1::Status::NotFound)) => {}
+            (true, Err(v1::Status::NotFound)) => r.lost += 1,
+            (true, Err(v1::Status::Unavailable)) => r.unavailable += 1,
+            (true, Err(v1::Status::Corrupt)) => r.corrupt += 1,
+            _ => r.wrong += 1,
+        }
+    }
+    r.verified = r.good == r.accepted && r.wrong == 0;
+    Ok(r)
 }
 
 fn bar(len: usize, what: &str, show: bool) -> ProgressBar {
