@@ -207,6 +207,19 @@ impl Shard {
         }
     }
 
+    /// Like [`relink`](Self::relink), but the entry ends up coldest: for a
+    /// page that goes back to where it was taken from (a remotify that
+    /// failed), so it is the first to be tried again.
+    pub fn relink_cold(&mut self, i: u32, f: impl FnOnce(&mut Entry)) {
+        if self.entries[i as usize].list().is_some() {
+            self.unlink(i);
+        }
+        f(&mut self.entries[i as usize]);
+        if self.entries[i as usize].list().is_some() {
+            self.push_tail(i);
+        }
+    }
+
     /// Changes entry `i` with `f` in place: for changes that keep it on
     /// the same list, where it keeps its place.
     pub fn update(&mut self, i: u32, f: impl FnOnce(&mut Entry)) {
@@ -322,6 +335,24 @@ impl Shard {
             self.lists[r].tail = i;
         }
         self.lists[r].head = i;
+    }
+
+    fn push_tail(&mut self, i: u32) {
+        let r = self.entries[i as usize]
+            .list()
+            .expect("linking an entry that belongs on a list");
+        let old_tail = self.lists[r].tail;
+        {
+            let e = &mut self.entries[i as usize];
+            e.next = NIL;
+            e.prev = old_tail;
+        }
+        if old_tail != NIL {
+            self.entries[old_tail as usize].next = i;
+        } else {
+            self.lists[r].head = i;
+        }
+        self.lists[r].tail = i;
     }
 
     fn unlink(&mut self, i: u32) {

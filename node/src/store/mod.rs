@@ -775,7 +775,8 @@ impl PageStore {
         if let Some(i) = shard.find(&key, hash) {
             let e = *shard.entry(i);
             if e.version == version && e.remotifying {
-                shard.relink(i, |e| e.remotifying = false);
+                // Back where it was taken from: among the coldest.
+                shard.relink_cold(i, |e| e.remotifying = false);
             }
         }
     }

@@ -360,3 +360,22 @@ fn fetched_pages_come_home_hottest_first_unless_changed() {
     assert!(s.install_fetched(&r, &[1, 2, 3]).is_none());
     s.audit();
 }
+
+#[test]
+fn an_aborted_remotify_puts_the_page_back_among_the_coldest() {
+    // Enough pages that every shard holds more than one batch's worth: a
+    // page put back at the hot end would not be among the tails looked at.
+    let s = PageStore::new(StoreConfig::with_capacity(256 << 20));
+    for i in 0..8192 {
+        s.store(key(i), &page_of(i, true), Retention::Persistent);
+    }
+    let taken = s.begin_remotify(3);
+    let first: Vec<u64> = taken.iter().map(|o| o.key.index).collect();
+    assert_eq!(first, vec![0, 1, 2]);
+    for o in &taken {
+        s.abort_remotify(o.key, o.version);
+    }
+    let again: Vec<u64> = s.begin_remotify(3).iter().map(|o| o.key.index).collect();
+    assert_eq!(again, first, "aborted pages lost their place in line");
+    s.audit();
+}

@@ -136,7 +136,9 @@ pub async fn run(
 
     // 2. Remote loads, one in flight. Remotify ships the coldest first, so
     //    the pages stored first are the ones on donors.
-    let mut cold: Vec<u64> = (0..(remote_pages as usize).min(n))
+    // A margin: pages whose remotify failed went back to the cold end and
+    // may have been overtaken by a few later ones.
+    let mut cold: Vec<u64> = (0..(remote_pages as usize * 4 / 5).min(n))
         .filter(|&i| accepted[i])
         .map(|i| i as u64)
         .collect();

@@ -1,13 +1,12 @@
 //! The NBD server: tokio glue around [`proto`](super::proto) and
 //! [`Export`](super::export::Export).
 //!
-//! Per connection: the fixed newstyle handshake (async), then transmission
-//! on a thread of the connection's own, blocking in `recv`. It parses every
-//! request the client has pipelined; small requests are carried out in
-//! place and their replies leave together in one write; large ones run on
-//! the runtime's blocking threads (at most [`REQUESTS_IN_FLIGHT_MAX`] at a
-//! time) and reply when done, so replies may come back out of order, as
-//! NBD allows. A
+//! Per connection: the fixed newstyle handshake, then transmission. One
+//! reader parses every request the client has pipelined; small requests are
+//! carried out in place and their replies leave together in one write;
+//! large ones run on tasks of their own (at most [`REQUESTS_IN_FLIGHT_MAX`]
+//! at a time) and reply when done, so replies may come back out of order,
+//! as NBD allows. A
 //! client that sends garbage or vanishes mid-request only ends its own
 //! connection: requests already received still complete, so nothing that
 //! was acknowledged, or could have been, is lost.
@@ -17,12 +16,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use std::io::{Read, Write};
-
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Mutex, Semaphore, watch};
 use tracing::{debug, info, warn};
 
 use super::export::{Export, Exports};
@@ -182,24 +179,7 @@ async fn serve_connection(
             Err(_) => return Err(ConnError::HandshakeTimeout),
         };
     debug!(export = %export.name(), "nbd transmission");
-    let stream = reader
-        .io
-        .reunite(wr)
-        .expect("halves of one stream")
-        .into_std()?;
-    let t = Transmission {
-        export,
-        spawned_bytes,
-        runtime: tokio::runtime::Handle::current(),
-    };
-    let buf = reader.buf;
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    std::thread::Builder::new()
-        .name("nbd-conn".into())
-        .spawn(move || {
-            let _ = done_tx.send(transmission(stream, buf, t));
-        })?;
-    done_rx.await.unwrap_or(Err(ConnError::Truncated))
+    transmission(reader, wr, export, spawned_bytes).await
 }
 
 /// Runs the option haggling; the export picked, or `None` if the client
@@ -303,9 +283,9 @@ fn info_reply(
     Some(export.clone())
 }
 
-/// Shared by the reader and the large requests' threads of one connection:
-/// each writes whole replies at once.
-type ReplyWriter = Arc<std::sync::Mutex<std::net::TcpStream>>;
+/// Shared by the reader and the tasks of one connection: each writes whole
+/// replies at once.
+type ReplyWriter = Arc<Mutex<OwnedWriteHalf>>;
 
 /// Why the inner request loop stopped.
 enum Drained {
@@ -317,36 +297,29 @@ enum Drained {
     Disconnect,
 }
 
-/// What a connection's transmission thread needs from the server.
-struct Transmission {
+async fn transmission<R: AsyncReadExt + Unpin>(
+    mut reader: Reader<R>,
+    wr: OwnedWriteHalf,
     export: Arc<Export>,
-    /// The server's budget of large requests.
     spawned_bytes: Arc<Semaphore>,
-    /// Where large requests run and semaphores are waited on.
-    runtime: tokio::runtime::Handle,
-}
-
-/// Serves the requests of one connection on a thread of its own that blocks
-/// in `recv`: a request is read, carried out and answered by one thread,
-/// with no task wake-ups in between, which is what a client at queue depth
-/// 1 waits on. `buf` holds whatever the client sent after the handshake.
-fn transmission(
-    stream: std::net::TcpStream,
-    mut buf: BytesMut,
-    t: Transmission,
 ) -> Result<(), ConnError> {
-    stream.set_nonblocking(false)?;
-    let mut rd = stream.try_clone()?;
-    let writer: ReplyWriter = Arc::new(std::sync::Mutex::new(stream));
+    let writer: ReplyWriter = Arc::new(Mutex::new(wr));
     let in_flight = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
     let mut replies = BytesMut::with_capacity(REPLY_BATCH_BYTES_MAX);
-    let mut chunk = vec![0u8; READ_CHUNK_BYTES];
     let ended = loop {
-        let drained = drain_requests(&mut buf, &t, &mut replies, &writer, &in_flight);
+        let drained = drain_requests(
+            &mut reader.buf,
+            &export,
+            &mut replies,
+            &writer,
+            &in_flight,
+            &spawned_bytes,
+        )
+        .await;
         if !replies.is_empty() {
             // A client that went away misses its replies; the requests'
             // effects stand, as a disk's would.
-            if let Err(e) = write_reply(&writer, &replies) {
+            if let Err(e) = writer.lock().await.write_all(&replies).await {
                 break Err(e.into());
             }
             replies.clear();
@@ -357,44 +330,35 @@ fn transmission(
             Ok(Drained::NeedBytes) => {}
             Err(e) => break Err(e),
         }
-        match rd.read(&mut chunk) {
-            Ok(0) if buf.is_empty() => break Ok(()),
+        reader.buf.reserve(READ_CHUNK_BYTES);
+        match reader.io.read_buf(&mut reader.buf).await {
+            Ok(0) if reader.buf.is_empty() => break Ok(()),
             Ok(0) => break Err(ConnError::Truncated),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Ok(_) => {}
             Err(e) => break Err(e.into()),
         }
     };
     // Let every request already received finish before the socket closes.
-    let _all = t
-        .runtime
-        .block_on(in_flight.acquire_many(REQUESTS_IN_FLIGHT_MAX as u32))
+    let _all = in_flight
+        .acquire_many(REQUESTS_IN_FLIGHT_MAX as u32)
+        .await
         .expect("semaphore never closed");
-    let _ = writer
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .shutdown(std::net::Shutdown::Both);
+    let _ = writer.lock().await.shutdown().await;
     ended
-}
-
-fn write_reply(writer: &ReplyWriter, reply: &[u8]) -> std::io::Result<()> {
-    writer
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .write_all(reply)
 }
 
 /// Carries out the complete requests in `buf`, appending their replies to
 /// `replies`. Small requests run right here: a page costs about what
 /// handing it to another thread would, and their replies then leave in one
-/// write. Large ones run on the runtime's blocking threads, alongside, and
-/// reply when done (out of order, as NBD allows).
-fn drain_requests(
+/// write. Large ones get their own task, run alongside, and reply when done
+/// (out of order, as NBD allows).
+async fn drain_requests(
     buf: &mut BytesMut,
-    t: &Transmission,
+    export: &Arc<Export>,
     replies: &mut BytesMut,
     writer: &ReplyWriter,
     in_flight: &Arc<Semaphore>,
+    spawned_bytes: &Arc<Semaphore>,
 ) -> Result<Drained, ConnError> {
     // Each pass consumes one request from a finite buffer.
     loop {
@@ -407,17 +371,13 @@ fn drain_requests(
         }
         // A request refused by the checks costs nothing: answer it in place.
         let large = req.length as usize >= SPAWN_BYTES_MIN
-            && proto::check_request(&req, t.export.size_bytes()).is_ok();
+            && proto::check_request(&req, export.size_bytes()).is_ok();
         if large {
             let frame = buf.split_to(used).freeze();
-            // Replies gathered so far go first: their requests came first.
-            if !replies.is_empty() {
-                write_reply(writer, replies)?;
-                replies.clear();
-            }
-            let permit = t
-                .runtime
-                .block_on(in_flight.clone().acquire_owned())
+            let permit = in_flight
+                .clone()
+                .acquire_owned()
+                .await
                 .expect("semaphore never closed");
             // Only READ and WRITE hold buffers of their length; check_request
             // bounds that by REQUEST_BYTES_MAX, far below the whole budget,
@@ -429,13 +389,14 @@ fn drain_requests(
                 _ => 1,
             };
             debug_assert!(units as usize <= SPAWNED_BYTES_MAX / SPAWN_BYTES_MIN);
-            let budget = t
-                .runtime
-                .block_on(t.spawned_bytes.clone().acquire_many_owned(units))
+            let budget = spawned_bytes
+                .clone()
+                .acquire_many_owned(units)
+                .await
                 .expect("semaphore never closed");
-            let export = t.export.clone();
+            let export = export.clone();
             let writer = writer.clone();
-            t.runtime.spawn_blocking(move || {
+            tokio::spawn(async move {
                 let mut reply = BytesMut::new();
                 execute(
                     &export,
@@ -443,12 +404,12 @@ fn drain_requests(
                     &frame[proto::REQUEST_HEADER_BYTES..],
                     &mut reply,
                 );
-                let _ = write_reply(&writer, &reply);
+                let _ = writer.lock().await.write_all(&reply).await;
                 drop((permit, budget));
             });
         } else {
             execute(
-                &t.export,
+                export,
                 &req,
                 &buf[proto::REQUEST_HEADER_BYTES..used],
                 replies,
