@@ -253,7 +253,17 @@ fn accepted_pages_survive_a_seeded_schedule_of_donor_faults() {
             wait_for(REPAIR_TIMEOUT, || {
                 (metric(m, "ramster_degraded_pages")? == 0.0).then_some(())
             })
-            .unwrap_or_else(|e| panic!("seed {seed} step {step}: {name} never repaired: {e}"));
+            .unwrap_or_else(|e| {
+                let log = m.log();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "seed {seed} step {step}: {name} never repaired: {e}; degraded {:?}, unrecoverable {:?}; its log ends:\n{}",
+                    metric(m, "ramster_degraded_pages"),
+                    metric(m, "ramster_unrecoverable_pages"),
+                    tail.join("\n")
+                )
+            });
             assert_eq!(
                 metric(m, "ramster_unrecoverable_pages"),
                 Some(0.0),
