@@ -891,7 +891,7 @@ impl Inner {
     }
 
     pub(super) fn has_room_below(&self, fill: f64) -> bool {
-        let used = self.store.stats().used_bytes;
+        let used = self.store.used_bytes();
         (used as f64) < fill * self.store.capacity_bytes() as f64
     }
 

@@ -245,13 +245,9 @@ impl Frontend {
     }
 
     fn record_loads(&self, area: AreaId, results: &[LoadResult], remote_at: &[usize]) {
-        // The area may have been removed while donors answered: then only
-        // the node's counters have somewhere to go.
-        let mut remote_at = remote_at.iter().peekable();
-        let events: Vec<Event> = results
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
+        let events = || {
+            let mut remote_at = remote_at.iter().peekable();
+            results.iter().enumerate().map(move |(i, r)| {
                 let remote = remote_at.next_if_eq(&&i).is_some();
                 match r {
                     LoadResult::Hit if remote => Event::RemoteHit,
@@ -260,14 +256,12 @@ impl Frontend {
                     LoadResult::Unavailable | LoadResult::Corrupt => Event::LoadError,
                 }
             })
-            .collect();
-        let recorded = self.with_area(area, |a| {
-            for &e in &events {
-                self.record(a, e);
-            }
-        });
+        };
+        // The area may have been removed while donors answered: then only
+        // the node's counters have somewhere to go.
+        let recorded = self.with_area(area, |a| events().for_each(|e| self.record(a, e)));
         if recorded.is_err() {
-            events.into_iter().for_each(|e| self.counters.record(e));
+            events().for_each(|e| self.counters.record(e));
         }
     }
 

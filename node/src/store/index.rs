@@ -8,7 +8,7 @@
 
 use hashbrown::{HashMap, HashTable};
 
-use super::{Budget, PageKey, Replicas, Retention};
+use super::{Budget, PageKey, RemoteRef, Replicas, Retention};
 
 pub(super) const NIL: u32 = u32::MAX;
 
@@ -50,6 +50,20 @@ pub(super) struct Entry {
 }
 
 impl Entry {
+    /// Where the page is, if donors hold it.
+    pub fn remote_ref(&self) -> Option<RemoteRef> {
+        match self.body {
+            Body::Remote { replicas, len } => Some(RemoteRef {
+                key: self.key,
+                version: self.version,
+                checksum: self.checksum,
+                len,
+                replicas,
+            }),
+            _ => None,
+        }
+    }
+
     /// The recency list the entry belongs on, if any. Same-filled pages are
     /// on none: they cost no arena bytes and never move.
     pub fn list(&self) -> Option<usize> {

@@ -539,18 +539,12 @@ impl PageStore {
                 return LoadOutcome::Miss;
             };
             let e = *shard.entry(i);
-            if let Body::Remote { replicas, len } = e.body {
+            if let Some(remote) = e.remote_ref() {
                 // The bytes are on donors; a private get cannot hand over what
                 // is not here, so the entry stays until it is fetched.
                 let stamp = self.tick();
                 shard.touch(i, stamp);
-                return LoadOutcome::Remote(RemoteRef {
-                    key,
-                    version: e.version,
-                    checksum: e.checksum,
-                    len,
-                    replicas,
-                });
+                return LoadOutcome::Remote(remote);
             }
             // Copy the compressed bytes out under the lock (a short memcpy),
             // decompress after releasing it.
@@ -789,19 +783,7 @@ impl PageStore {
             let shard = shard.lock();
             all.extend(shard.hottest(index::REMOTE_LIST, max).filter_map(|i| {
                 let e = shard.entry(i);
-                match e.body {
-                    Body::Remote { replicas, len } => Some((
-                        e.stamp,
-                        RemoteRef {
-                            key: e.key,
-                            version: e.version,
-                            checksum: e.checksum,
-                            len,
-                            replicas,
-                        },
-                    )),
-                    _ => None,
-                }
+                e.remote_ref().map(|r| (e.stamp, r))
             }));
         }
         all.sort_unstable_by_key(|(stamp, _)| std::cmp::Reverse(*stamp));
@@ -822,14 +804,8 @@ impl PageStore {
             }
             for i in shard.live_from(0) {
                 let e = shard.entry(i);
-                if let (true, Body::Remote { replicas, len }) = (e.key.space == space, e.body) {
-                    out.push(RemoteRef {
-                        key: e.key,
-                        version: e.version,
-                        checksum: e.checksum,
-                        len,
-                        replicas,
-                    });
+                if let (true, Some(remote)) = (e.key.space == space, e.remote_ref()) {
+                    out.push(remote);
                     if out.len() >= max {
                         break;
                     }
@@ -848,11 +824,10 @@ impl PageStore {
         for shard in self.shards.iter() {
             let shard = shard.lock();
             for i in shard.hottest(index::REMOTE_LIST, usize::MAX) {
-                let e = shard.entry(i);
-                let Body::Remote { replicas, len } = e.body else {
+                let Some(remote) = shard.entry(i).remote_ref() else {
                     continue;
                 };
-                let held = replicas.as_slice();
+                let held = remote.replicas.as_slice();
                 let gone = held.iter().filter(|d| lost.contains(d)).count();
                 if gone == 0 {
                     continue;
@@ -861,13 +836,7 @@ impl PageStore {
                 if gone == held.len() {
                     unrecoverable += 1;
                 } else if out.len() < max {
-                    out.push(RemoteRef {
-                        key: e.key,
-                        version: e.version,
-                        checksum: e.checksum,
-                        len,
-                        replicas,
-                    });
+                    out.push(remote);
                 }
             }
         }
@@ -962,6 +931,12 @@ impl PageStore {
 
     pub fn capacity_bytes(&self) -> u64 {
         self.budget.capacity()
+    }
+
+    /// Bytes charged against the capacity: what [`stats`](Self::stats)
+    /// reports as `used_bytes`, without walking the shards.
+    pub fn used_bytes(&self) -> u64 {
+        self.budget.used()
     }
 
     /// Checks every invariant by walking the whole store; for tests.

@@ -30,7 +30,10 @@ use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use serde::Serialize;
 
-use super::{BenchArgs, Outcome, Pipelined, bar, percentile_us, pipeline};
+use super::{
+    BenchArgs, Outcome, Pipelined, bar, batch_for, load_offsets, percentile_us, store_offsets,
+    verdict,
+};
 use crate::cli::corpus::Pages;
 use crate::frontend::client::Client;
 use crate::store::PAGE_BYTES;
@@ -98,10 +101,7 @@ pub async fn run(
     let n = pages.len();
     let area = args.area;
     let hot_area = area.checked_add(1).context("--area too large")?;
-    let batch = args
-        .batch
-        .min(client.welcome().max_batch_ops as usize)
-        .max(1);
+    let batch = batch_for(args, &client);
     client.init_area(area, false).await?;
     client.init_area(hot_area, false).await?;
     let before = client.stats().await?;
@@ -117,7 +117,7 @@ pub async fn run(
     let pb = bar(n, "store", progress);
     let t0 = Instant::now();
     let all: Arc<Vec<u64>> = Arc::new((0..n as u64).collect());
-    let stored = stores(args.depth, batch, &client, area, pages, all.clone(), &pb).await?;
+    let stored = store_offsets(args.depth, batch, &client, area, pages, all.clone(), &pb).await?;
     let store_secs = t0.elapsed().as_secs_f64();
     pb.finish_and_clear();
     let mut accepted = vec![false; n];
@@ -146,7 +146,7 @@ pub async fn run(
     let single: Arc<Vec<u64>> = Arc::new(cold.iter().copied().take(SINGLE_LOADS).collect());
     let remote_before = loads_remote(&client).await?;
     let pb = bar(single.len(), "remote", progress);
-    let mut one = loads(1, 1, &client, area, single.clone(), &pb).await?;
+    let mut one = load_offsets(1, 1, &client, area, single.clone(), &pb).await?;
     pb.finish_and_clear();
     let single_remote = loads_remote(&client).await? - remote_before;
     mismatches += check(&one, &accepted, pages);
@@ -157,7 +157,7 @@ pub async fn run(
     let remote_before = loads_remote(&client).await?;
     let pb = bar(cold.len(), "remote", progress);
     let t0 = Instant::now();
-    let mut piped = loads(args.depth, batch, &client, area, cold.clone(), &pb).await?;
+    let mut piped = load_offsets(args.depth, batch, &client, area, cold.clone(), &pb).await?;
     let piped_secs = t0.elapsed().as_secs_f64();
     pb.finish_and_clear();
     let piped_remote = loads_remote(&client).await? - remote_before;
@@ -166,13 +166,14 @@ pub async fn run(
     // 4. Idle: a hot area small enough to stay local.
     let hot = (capacity as usize / PAGE_BYTES / 50).clamp(64, HOT_PAGES_MAX);
     let hot_offsets: Arc<Vec<u64>> = Arc::new((0..hot as u64).collect());
-    let hot_stored = stores(1, batch, &client, hot_area, pages, hot_offsets, &pb).await?;
+    let hot_stored = store_offsets(1, batch, &client, hot_area, pages, hot_offsets, &pb).await?;
     let mut hot_accepted = vec![false; n];
     for (i, o) in &hot_stored.outcomes {
         hot_accepted[*i] = matches!(o, Outcome::Stored(v1::Status::Ok));
     }
     let idle_order = Arc::new(random_offsets(hot, IDLE_LOADS, &mut rng));
-    let mut idle = loads(1, 1, &client, hot_area, idle_order, &ProgressBar::hidden()).await?;
+    let mut idle =
+        load_offsets(1, 1, &client, hot_area, idle_order, &ProgressBar::hidden()).await?;
     mismatches += check(&idle, &hot_accepted, pages);
 
     // 5. Free the newest half so suction runs; time the hot loads meanwhile.
@@ -195,7 +196,7 @@ pub async fn run(
     // 6. Everything still stored comes back byte-identical.
     let rest: Arc<Vec<u64>> = Arc::new((0..n as u64 / 2).collect());
     let pb = bar(rest.len(), "verify", progress);
-    let verified = loads(args.depth, batch, &client, area, rest, &pb).await?;
+    let verified = load_offsets(args.depth, batch, &client, area, rest, &pb).await?;
     pb.finish_and_clear();
     mismatches += check(&verified, &accepted, pages);
 
@@ -236,60 +237,6 @@ pub async fn run(
         mismatches,
         verified: mismatches == 0,
     })
-}
-
-/// Stores the pages at `offsets` (page `i` at offset `i`).
-async fn stores(
-    depth: usize,
-    batch: usize,
-    client: &Arc<Client>,
-    area: u32,
-    pages: &Pages,
-    offsets: Arc<Vec<u64>>,
-    pb: &ProgressBar,
-) -> anyhow::Result<Pipelined> {
-    let (client, pages) = (client.clone(), pages.clone());
-    pipeline(depth, offsets.len(), batch, pb, move |range| {
-        let (client, pages, offsets) = (client.clone(), pages.clone(), offsets.clone());
-        async move {
-            let batch: Vec<_> = offsets[range]
-                .iter()
-                .map(|&o| (o, pages.page_bytes(o as usize)))
-                .collect();
-            let statuses = client.store_pages(area, &batch).await?;
-            Ok(batch
-                .iter()
-                .zip(statuses)
-                .map(|((o, _), s)| (*o as usize, Outcome::Stored(s)))
-                .collect())
-        }
-    })
-    .await
-}
-
-/// Loads the pages at `offsets`, in that order.
-async fn loads(
-    depth: usize,
-    batch: usize,
-    client: &Arc<Client>,
-    area: u32,
-    offsets: Arc<Vec<u64>>,
-    pb: &ProgressBar,
-) -> anyhow::Result<Pipelined> {
-    let client = client.clone();
-    pipeline(depth, offsets.len(), batch, pb, move |range| {
-        let (client, offsets) = (client.clone(), offsets.clone());
-        async move {
-            let wanted = &offsets[range];
-            let got = client.load_pages(area, wanted).await?;
-            Ok(wanted
-                .iter()
-                .zip(got)
-                .map(|(&o, p)| (o as usize, Outcome::Loaded(p)))
-                .collect())
-        }
-    })
-    .await
 }
 
 /// Pages that did not load back as stored (a refused page must be a miss).
@@ -489,12 +436,5 @@ pub fn print_table(r: &ClusterReport) {
         r.suctioned_pages,
         r.suction_secs
     );
-    println!(
-        "  verified: {}",
-        if r.verified {
-            "every page byte-identical".to_string()
-        } else {
-            format!("{} MISMATCHES", r.mismatches)
-        }
-    );
+    println!("  verified: {}", verdict(r.verified, r.mismatches));
 }

@@ -393,34 +393,19 @@ async fn store_phase(
     socket: &std::path::Path,
     pages: &Pages,
 ) -> anyhow::Result<Vec<bool>> {
-    let client = Arc::new(
-        Client::connect(socket)
-            .await
-            .with_context(|| format!("connecting to the node at {}", socket.display()))?,
-    );
+    let client = Arc::new(connect(socket).await?);
     let area = args.area;
     client.init_area(area, false).await?;
-    let batch = args
-        .batch
-        .min(client.welcome().max_batch_ops as usize)
-        .max(1);
-    let stored = pipeline(args.depth, pages.len(), batch, &ProgressBar::hidden(), {
-        let (client, pages) = (client.clone(), pages.clone());
-        move |range: std::ops::Range<usize>| {
-            let (client, pages) = (client.clone(), pages.clone());
-            async move {
-                let batch: Vec<_> = range
-                    .clone()
-                    .map(|i| (i as u64, pages.page_bytes(i)))
-                    .collect();
-                let statuses = client.store_pages(area, &batch).await?;
-                Ok(range
-                    .zip(statuses)
-                    .map(|(i, s)| (i, Outcome::Stored(s)))
-                    .collect())
-            }
-        }
-    })
+    let batch = batch_for(args, &client);
+    let stored = store_offsets(
+        args.depth,
+        batch,
+        &client,
+        area,
+        pages,
+        Arc::new((0..pages.len() as u64).collect()),
+        &ProgressBar::hidden(),
+    )
     .await?;
     let mut accepted = vec![false; pages.len()];
     for (i, o) in stored.outcomes {
@@ -437,30 +422,17 @@ async fn verify_phase(
     accepted: &[bool],
     pages: &Pages,
 ) -> anyhow::Result<PhaseReport> {
-    let client = Arc::new(
-        Client::connect(socket)
-            .await
-            .with_context(|| format!("connecting to the node at {}", socket.display()))?,
-    );
+    let client = Arc::new(connect(socket).await?);
     let area = state.area;
-    let batch = args
-        .batch
-        .min(client.welcome().max_batch_ops as usize)
-        .max(1);
-    let loaded = pipeline(args.depth, pages.len(), batch, &ProgressBar::hidden(), {
-        let client = client.clone();
-        move |range: std::ops::Range<usize>| {
-            let client = client.clone();
-            async move {
-                let offsets: Vec<u64> = range.clone().map(|i| i as u64).collect();
-                let got = client.load_pages(area, &offsets).await?;
-                Ok(range
-                    .zip(got)
-                    .map(|(i, p)| (i, Outcome::Loaded(p)))
-                    .collect())
-            }
-        }
-    })
+    let batch = batch_for(args, &client);
+    let loaded = load_offsets(
+        args.depth,
+        batch,
+        &client,
+        area,
+        Arc::new((0..pages.len() as u64).collect()),
+        &ProgressBar::hidden(),
+    )
     .await?;
     let mut r = PhaseReport {
         phase: "verify".into(),
@@ -609,32 +581,13 @@ async fn run_socket(
     let client = Arc::new(connect(&path).await?);
     let area = args.area;
     client.init_area(area, false).await?;
-    let batch = args
-        .batch
-        .min(client.welcome().max_batch_ops as usize)
-        .max(1);
+    let batch = batch_for(args, &client);
 
     // Stores: `depth` workers take batches of offsets off a shared cursor.
     let pb = bar(n, "store", progress);
     let t0 = Instant::now();
-    let stored = pipeline(args.depth, n, batch, &pb, {
-        let (client, pages) = (client.clone(), pages.clone());
-        move |range: std::ops::Range<usize>| {
-            let (client, pages) = (client.clone(), pages.clone());
-            async move {
-                let batch: Vec<_> = range
-                    .clone()
-                    .map(|i| (i as u64, pages.page_bytes(i)))
-                    .collect();
-                let statuses = client.store_pages(area, &batch).await?;
-                Ok(range
-                    .zip(statuses)
-                    .map(|(i, s)| (i, Outcome::Stored(s)))
-                    .collect())
-            }
-        }
-    })
-    .await?;
+    let all: Arc<Vec<u64>> = Arc::new((0..n as u64).collect());
+    let stored = store_offsets(args.depth, batch, &client, area, pages, all, &pb).await?;
     let store_secs = t0.elapsed().as_secs_f64();
     pb.finish_and_clear();
 
@@ -655,26 +608,15 @@ async fn run_socket(
     let stats = client.stats().await?.store.unwrap_or_default();
 
     // Loads, in random order, verified against the source pages.
-    let order = Arc::new(load_order(n, args.seed));
+    let order: Arc<Vec<u64>> = Arc::new(
+        load_order(n, args.seed)
+            .into_iter()
+            .map(|i| i as u64)
+            .collect(),
+    );
     let pb = bar(n, "load", progress);
     let t0 = Instant::now();
-    let loaded = pipeline(args.depth, n, batch, &pb, {
-        let (client, order) = (client.clone(), order.clone());
-        move |range: std::ops::Range<usize>| {
-            let (client, order) = (client.clone(), order.clone());
-            async move {
-                let idx: Vec<usize> = order[range].to_vec();
-                let offsets: Vec<u64> = idx.iter().map(|&i| i as u64).collect();
-                let pages = client.load_pages(area, &offsets).await?;
-                Ok(idx
-                    .into_iter()
-                    .zip(pages)
-                    .map(|(i, p)| (i, Outcome::Loaded(p)))
-                    .collect())
-            }
-        }
-    })
-    .await?;
+    let loaded = load_offsets(args.depth, batch, &client, area, order, &pb).await?;
     let load_secs = t0.elapsed().as_secs_f64();
     pb.finish_and_clear();
     for (i, o) in loaded.outcomes {
@@ -715,6 +657,78 @@ enum Outcome {
 struct Pipelined {
     outcomes: Vec<(usize, Outcome)>,
     latencies: Vec<Duration>,
+}
+
+/// Requests of this many pages: `--batch`, within what the node takes.
+fn batch_for(args: &BenchArgs, client: &Client) -> usize {
+    args.batch
+        .min(client.welcome().max_batch_ops as usize)
+        .max(1)
+}
+
+/// Stores the pages at `offsets` (page `i` at offset `i`), `depth` requests
+/// of `batch` in flight.
+async fn store_offsets(
+    depth: usize,
+    batch: usize,
+    client: &Arc<Client>,
+    area: u32,
+    pages: &Pages,
+    offsets: Arc<Vec<u64>>,
+    pb: &ProgressBar,
+) -> anyhow::Result<Pipelined> {
+    let (client, pages) = (client.clone(), pages.clone());
+    pipeline(depth, offsets.len(), batch, pb, move |range| {
+        let (client, pages, offsets) = (client.clone(), pages.clone(), offsets.clone());
+        async move {
+            let batch: Vec<_> = offsets[range]
+                .iter()
+                .map(|&o| (o, pages.page_bytes(o as usize)))
+                .collect();
+            let statuses = client.store_pages(area, &batch).await?;
+            Ok(batch
+                .iter()
+                .zip(statuses)
+                .map(|((o, _), s)| (*o as usize, Outcome::Stored(s)))
+                .collect())
+        }
+    })
+    .await
+}
+
+/// Loads the pages at `offsets`, in that order, `depth` requests of
+/// `batch` in flight.
+async fn load_offsets(
+    depth: usize,
+    batch: usize,
+    client: &Arc<Client>,
+    area: u32,
+    offsets: Arc<Vec<u64>>,
+    pb: &ProgressBar,
+) -> anyhow::Result<Pipelined> {
+    let client = client.clone();
+    pipeline(depth, offsets.len(), batch, pb, move |range| {
+        let (client, offsets) = (client.clone(), offsets.clone());
+        async move {
+            let wanted = &offsets[range];
+            let got = client.load_pages(area, wanted).await?;
+            Ok(wanted
+                .iter()
+                .zip(got)
+                .map(|(&o, p)| (o as usize, Outcome::Loaded(p)))
+                .collect())
+        }
+    })
+    .await
+}
+
+/// The report's last line.
+fn verdict(verified: bool, mismatches: usize) -> String {
+    if verified {
+        "every page byte-identical".to_string()
+    } else {
+        format!("{mismatches} MISMATCHES")
+    }
 }
 
 /// Runs `call` over `0..n` in batches, `depth` at a time.
@@ -874,12 +888,5 @@ fn print_table(r: &Report) {
             format_size(r.capacity_bytes)
         }
     );
-    println!(
-        "  verified: {}",
-        if r.verified {
-            "every page byte-identical".to_string()
-        } else {
-            format!("{} MISMATCHES", r.mismatches)
-        }
-    );
+    println!("  verified: {}", verdict(r.verified, r.mismatches));
 }
