@@ -237,7 +237,10 @@ fn accepted_pages_survive_a_seeded_schedule_of_donor_faults() {
         }
         for (o, name) in owners.iter().zip(OWNERS) {
             checked += o.verify(&pages).unwrap_or_else(|e| {
-                panic!("seed {seed} step {step}, {name} during the fault: {e}")
+                panic!(
+                    "seed {seed} step {step}, {name} during the fault: {e}; its log ends:\n{}",
+                    log_tail(cluster.member(name))
+                )
             });
         }
         // Past the down timeout, so repair starts.
@@ -254,14 +257,11 @@ fn accepted_pages_survive_a_seeded_schedule_of_donor_faults() {
                 (metric(m, "ramster_degraded_pages")? == 0.0).then_some(())
             })
             .unwrap_or_else(|e| {
-                let log = m.log();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
                 panic!(
                     "seed {seed} step {step}: {name} never repaired: {e}; degraded {:?}, unrecoverable {:?}; its log ends:\n{}",
                     metric(m, "ramster_degraded_pages"),
                     metric(m, "ramster_unrecoverable_pages"),
-                    tail.join("\n")
+                    log_tail(m)
                 )
             });
             assert_eq!(
@@ -271,9 +271,12 @@ fn accepted_pages_survive_a_seeded_schedule_of_donor_faults() {
             );
         }
         for (o, name) in owners.iter().zip(OWNERS) {
-            checked += o
-                .verify(&pages)
-                .unwrap_or_else(|e| panic!("seed {seed} step {step}, {name} after repair: {e}"));
+            checked += o.verify(&pages).unwrap_or_else(|e| {
+                panic!(
+                    "seed {seed} step {step}, {name} after repair: {e}; its log ends:\n{}",
+                    log_tail(cluster.member(name))
+                )
+            });
         }
     }
     let repaired: f64 = OWNERS
@@ -283,4 +286,15 @@ fn accepted_pages_survive_a_seeded_schedule_of_donor_faults() {
     eprintln!(
         "chaos seed {seed}: {steps} faults, {checked} page loads checked, {repaired} copies repaired, 0 lost"
     );
+}
+
+/// The last lines of a member's log, warnings and up (the connection
+/// refusals of peers' restarts left out), for a failure's message.
+fn log_tail(m: &ramster_cluster_tests::Member) -> String {
+    let log = m.log();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| !l.contains("peer refused") && !l.contains("openraft"))
+        .collect();
+    lines[lines.len().saturating_sub(60)..].join("\n")
 }

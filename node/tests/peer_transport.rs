@@ -191,11 +191,17 @@ async fn pages_put_on_a_peer_come_back_byte_identical_and_release_cleanly() {
         assert!(Arc::ptr_eq(&session, &again));
         assert_eq!(donor_ep.peers(), ["owner-b"]);
 
-        let released = session.release_pages(&refs(0..300, 1)).await.unwrap();
+        let mark = owner_ep.placement_mark();
+        let released = session.release_pages(&refs(0..300, 1), mark).await.unwrap();
         assert!(released.iter().all(|s| *s == PageStatus::Ok));
         let got = session.get_pages(&refs(0..3, 1)).await.unwrap();
         assert!(got.iter().all(|g| *g == Err(PageStatus::NotFound)));
-        // A put overtaken by its release stays refused.
+        // A put sent after the release was decided (repair moving a copy
+        // back) is taken; a release covering every put (placement 0) leaves
+        // any later put of that version refused, as an overtaken one is.
+        let again = session.put_pages(&pages[..1]).await.unwrap();
+        assert_eq!(again, [PageStatus::Ok]);
+        session.release_pages(&refs(0..1, 1), 0).await.unwrap();
         let late = session.put_pages(&pages[..1]).await.unwrap();
         assert_eq!(late, [PageStatus::StaleVersion]);
         assert_eq!(donor_store.lock().usage(Some("owner-b")).pages, 0);

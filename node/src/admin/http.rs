@@ -1,6 +1,6 @@
-//! Just enough HTTP/1.1 for scrapes, probes and `ramster status`: GET and
-//! HEAD, one request per connection (`Connection: close`), no request
-//! bodies. A client gets [`READ_DEADLINE`] to send a head of at most
+//! Just enough HTTP/1.1 for scrapes, probes, `ramster status` and
+//! `ramster cluster`: GET, HEAD and POST (parameters in the path and query),
+//! one request per connection (`Connection: close`), no request bodies. A client gets [`READ_DEADLINE`] to send a head of at most
 //! [`REQUEST_HEAD_BYTES_MAX`] bytes; at most [`CONNECTIONS_MAX`] are served
 //! at once, the rest wait in the listen backlog. Parsing is a pure function
 //! over bytes, tested without sockets.
@@ -25,6 +25,8 @@ pub enum Method {
     Get,
     /// As GET, without the body.
     Head,
+    /// A change (`ramster cluster`), its parameters in the path and query.
+    Post,
 }
 
 /// A request the server will answer.
@@ -33,6 +35,20 @@ pub struct Request {
     pub method: Method,
     /// The path, without the query string.
     pub path: String,
+    /// What followed `?`, if anything.
+    pub query: String,
+}
+
+impl Request {
+    /// Whether the query has `name` set to `1`, `true` or nothing at all.
+    pub fn flag(&self, name: &str) -> bool {
+        self.query
+            .split('&')
+            .any(|pair| match pair.split_once('=') {
+                None => pair == name,
+                Some((k, v)) => k == name && matches!(v, "" | "1" | "true"),
+            })
+    }
 }
 
 /// Why a request head is not answered with a page.
@@ -42,7 +58,7 @@ pub enum RequestError {
     Malformed(&'static str),
     #[error("request head over {REQUEST_HEAD_BYTES_MAX} bytes")]
     TooLarge,
-    #[error("method {0} is not allowed; use GET or HEAD")]
+    #[error("method {0} is not allowed; use GET, HEAD or POST")]
     MethodNotAllowed(String),
 }
 
@@ -122,12 +138,14 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Request>, RequestError> {
     let method = match method {
         "GET" => Method::Get,
         "HEAD" => Method::Head,
+        "POST" => Method::Post,
         other => return Err(RequestError::MethodNotAllowed(other.to_string())),
     };
-    let path = target.split_once('?').map_or(target, |(p, _)| p);
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     Ok(Some(Request {
         method,
         path: path.to_string(),
+        query: query.to_string(),
     }))
 }
 
@@ -137,6 +155,7 @@ pub enum Status {
     BadRequest,
     NotFound,
     MethodNotAllowed,
+    Conflict,
     HeadTooLarge,
     Unavailable,
 }
@@ -148,6 +167,7 @@ impl Status {
             Status::BadRequest => 400,
             Status::NotFound => 404,
             Status::MethodNotAllowed => 405,
+            Status::Conflict => 409,
             Status::HeadTooLarge => 431,
             Status::Unavailable => 503,
         }
@@ -158,6 +178,7 @@ impl Status {
             Status::BadRequest => "Bad Request",
             Status::NotFound => "Not Found",
             Status::MethodNotAllowed => "Method Not Allowed",
+            Status::Conflict => "Conflict",
             Status::HeadTooLarge => "Request Header Fields Too Large",
             Status::Unavailable => "Service Unavailable",
         }
@@ -191,11 +212,11 @@ impl Response {
             self.body.len()
         );
         if self.status == Status::MethodNotAllowed {
-            out.push_str("Allow: GET, HEAD\r\n");
+            out.push_str("Allow: GET, HEAD, POST\r\n");
         }
         out.push_str("\r\n");
         let mut out = out.into_bytes();
-        if method == Method::Get {
+        if method != Method::Head {
             out.extend_from_slice(&self.body);
         }
         out
@@ -204,9 +225,10 @@ impl Response {
 
 /// Serves `listener` until `shutdown` turns true, answering each request
 /// with `route`.
-pub async fn serve<F>(listener: TcpListener, route: F, mut shutdown: watch::Receiver<bool>)
+pub async fn serve<F, A>(listener: TcpListener, route: F, mut shutdown: watch::Receiver<bool>)
 where
-    F: Fn(&Request) -> Response + Send + Sync + 'static,
+    F: Fn(Request) -> A + Send + Sync + 'static,
+    A: Future<Output = Response> + Send,
 {
     let route = Arc::new(route);
     let limit = Arc::new(Semaphore::new(CONNECTIONS_MAX));
@@ -229,10 +251,8 @@ where
         };
         let route = route.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(READ_DEADLINE, serve_connection(stream, &*route)).await {
-                Ok(Err(e)) => debug!(error = %e, "admin connection ended"),
-                Err(_) => debug!("admin connection timed out"),
-                Ok(Ok(())) => {}
+            if let Err(e) = serve_connection(stream, &*route).await {
+                debug!(error = %e, "admin connection ended");
             }
             drop(permit);
         });
@@ -240,27 +260,54 @@ where
     info!("admin server stopped accepting");
 }
 
-async fn serve_connection(
-    mut stream: TcpStream,
-    route: &(dyn Fn(&Request) -> Response + Send + Sync),
-) -> std::io::Result<()> {
+/// One request, one answer. The client gets [`READ_DEADLINE`] to send its
+/// head and again to take the answer; the answer itself may take as long as
+/// the route needs (a change waits on the Raft leader, within its own
+/// bounds).
+async fn serve_connection<F, A>(mut stream: TcpStream, route: &F) -> std::io::Result<()>
+where
+    F: Fn(Request) -> A,
+    A: Future<Output = Response>,
+{
+    let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "client too slow");
+    let head = tokio::time::timeout(READ_DEADLINE, read_head(&mut stream))
+        .await
+        .map_err(|_| timed_out())?;
+    let (response, method) = match head? {
+        None => return Ok(()),
+        Some(Ok(req)) => {
+            let method = req.method;
+            (route(req).await, method)
+        }
+        Some(Err(e)) => (e.response(), Method::Get),
+    };
+    tokio::time::timeout(READ_DEADLINE, async {
+        stream.write_all(&response.encode(method)).await?;
+        stream.shutdown().await
+    })
+    .await
+    .map_err(|_| timed_out())?
+}
+
+/// Reads until a whole request head parses (or cannot); `None` if the
+/// client closed before a whole head arrived: nobody to answer.
+async fn read_head(
+    stream: &mut TcpStream,
+) -> std::io::Result<Option<Result<Request, RequestError>>> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
-    let (response, method) = loop {
+    loop {
         match parse_head(&buf) {
-            Ok(Some(req)) => break (route(&req), req.method),
+            Ok(Some(req)) => return Ok(Some(Ok(req))),
             Ok(None) => {}
-            Err(e) => break (e.response(), Method::Get),
+            Err(e) => return Ok(Some(Err(e))),
         }
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
-            // Closed before a whole head arrived: nobody to answer.
-            return Ok(());
+            return Ok(None);
         }
         buf.extend_from_slice(&chunk[..n]);
-    };
-    stream.write_all(&response.encode(method)).await?;
-    stream.shutdown().await
+    }
 }
 
 #[cfg(test)]
@@ -271,6 +318,7 @@ mod tests {
         Request {
             method: Method::Get,
             path: path.into(),
+            query: String::new(),
         }
     }
 
@@ -283,9 +331,15 @@ mod tests {
             r,
             Some(Request {
                 method: Method::Head,
-                path: "/health/live".into()
+                path: "/health/live".into(),
+                query: "verbose=1".into(),
             })
         );
+        let r = parse_head(b"POST /v1/members/n2/remove?force=1&x HTTP/1.1\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.method, Method::Post);
+        assert!(r.flag("force") && r.flag("x") && !r.flag("y"));
     }
 
     #[test]
@@ -319,14 +373,14 @@ mod tests {
 
     #[test]
     fn other_methods_get_405_with_allow() {
-        let e = parse_head(b"POST /metrics HTTP/1.1\r\n\r\n").unwrap_err();
-        assert_eq!(e, RequestError::MethodNotAllowed("POST".into()));
+        let e = parse_head(b"PUT /metrics HTTP/1.1\r\n\r\n").unwrap_err();
+        assert_eq!(e, RequestError::MethodNotAllowed("PUT".into()));
         let wire = String::from_utf8(e.response().encode(Method::Get)).unwrap();
         assert!(
             wire.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
             "{wire}"
         );
-        assert!(wire.contains("\r\nAllow: GET, HEAD\r\n"), "{wire}");
+        assert!(wire.contains("\r\nAllow: GET, HEAD, POST\r\n"), "{wire}");
     }
 
     #[test]
@@ -362,7 +416,9 @@ mod tests {
         let (stop_tx, stop_rx) = watch::channel(false);
         let server = tokio::spawn(serve(
             listener,
-            |req: &Request| Response::text(Status::Ok, format!("you asked for {}\n", req.path)),
+            |req: Request| async move {
+                Response::text(Status::Ok, format!("you asked for {}\n", req.path))
+            },
             stop_rx,
         ));
         let mut s = TcpStream::connect(addr).await.unwrap();

@@ -6,6 +6,8 @@
 //! - `/v1/status`: the cluster as this node sees it ([`ClusterStatus`]),
 //!   health assessed by [`ClusterStatus::assess`]; what `ramster status`
 //!   and `ramster health` read.
+//! - `POST /v1/members/NAME/{drain,activate,remove}`: an operator's change
+//!   to a member, made through the Raft leader (`ramster cluster`).
 //!
 //! A standalone node answers for itself; a node in a cluster answers with
 //! what its cluster layer knows, through [`ClusterView`].
@@ -15,6 +17,8 @@ pub mod http;
 pub mod node_metrics;
 mod routes;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -27,7 +31,7 @@ use crate::frontend::Frontend;
 use crate::frontend::nbd::Exports;
 use crate::metrics::NodeMetrics;
 pub use exposition::MetricsWriter;
-pub use routes::{HEALTH_LIVE_PATH, HEALTH_READY_PATH, METRICS_PATH, STATUS_PATH};
+pub use routes::{HEALTH_LIVE_PATH, HEALTH_READY_PATH, MEMBERS_PATH, METRICS_PATH, STATUS_PATH};
 
 /// Where the admin endpoint listens unless told otherwise; also where
 /// `ramster status` and `ramster health` look by default.
@@ -47,7 +51,32 @@ pub trait ClusterView: Send + Sync {
     /// The cluster layer's own families (donor usage, peers), written after
     /// the node's.
     fn write_metrics(&self, out: &mut MetricsWriter);
+    /// Changes a member through the leader; what was done, or why not.
+    fn change_member(&self, node: &str, action: MemberAction) -> ChangeFuture;
 }
+
+/// An operator's change to a member.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum MemberAction {
+    /// Take no new pages; owners move the copies it holds elsewhere.
+    Drain,
+    /// Undo a drain.
+    Activate,
+    /// Out of the cluster. Refused while it holds peers' pages, unless
+    /// `force`.
+    Remove { force: bool },
+}
+
+/// Why a change was not made.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChangeError {
+    /// The leader said no (unknown node, still holding pages, ...).
+    Refused(String),
+    /// No leader could be asked; trying again later may work.
+    Unavailable(String),
+}
+
+pub type ChangeFuture = Pin<Box<dyn Future<Output = Result<String, ChangeError>> + Send>>;
 
 /// Where the node is in its life, as readiness sees it.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -123,6 +152,16 @@ impl AdminContext {
         out.finish()
     }
 
+    /// Changes a member; a node outside any cluster has none to change.
+    pub fn change_member(&self, node: &str, action: MemberAction) -> ChangeFuture {
+        match &self.cluster {
+            Some(c) => c.change_member(node, action),
+            None => Box::pin(std::future::ready(Err(ChangeError::Refused(
+                "this node is not in a cluster".into(),
+            )))),
+        }
+    }
+
     /// The status with totals and health filled in.
     pub fn status(&self) -> ClusterStatus {
         let mut status = match &self.cluster {
@@ -150,6 +189,7 @@ impl AdminContext {
             used_bytes: s.used_bytes,
             donate_bytes: 0,
             held_for_others_bytes: 0,
+            held_for_others_pages: 0,
             own_pages_on_peers: s.remote_pages,
             own_bytes_on_peers: s.remote_bytes,
             stored_pages: s.pages,
@@ -177,5 +217,13 @@ impl AdminContext {
 
 /// Serves the admin endpoint on `listener` until `shutdown` turns true.
 pub async fn serve(listener: TcpListener, ctx: Arc<AdminContext>, shutdown: watch::Receiver<bool>) {
-    http::serve(listener, move |req| routes::route(&ctx, req), shutdown).await
+    http::serve(
+        listener,
+        move |req| {
+            let ctx = ctx.clone();
+            async move { routes::answer(&ctx, &req).await }
+        },
+        shutdown,
+    )
+    .await
 }

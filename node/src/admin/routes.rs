@@ -1,15 +1,68 @@
 //! Which path answers what.
 
-use super::AdminContext;
 use super::exposition;
-use super::http::{Request, Response, Status};
+use super::http::{Method, Request, Response, Status};
+use super::{AdminContext, ChangeError, MemberAction};
 
 pub const METRICS_PATH: &str = "/metrics";
 pub const HEALTH_LIVE_PATH: &str = "/health/live";
 pub const HEALTH_READY_PATH: &str = "/health/ready";
 pub const STATUS_PATH: &str = "/v1/status";
+/// `POST /v1/members/NAME/{drain,activate,remove}[?force]`.
+pub const MEMBERS_PATH: &str = "/v1/members/";
+
+/// Answers one request: changes (POST) may wait on the cluster, reads never.
+pub async fn answer(ctx: &AdminContext, req: &Request) -> Response {
+    match req.method {
+        Method::Post => change(ctx, req).await,
+        Method::Get | Method::Head => route(ctx, req),
+    }
+}
+
+/// A change to a member, made through the Raft leader.
+async fn change(ctx: &AdminContext, req: &Request) -> Response {
+    let Some((node, action)) = member_action(req) else {
+        return Response::text(
+            Status::NotFound,
+            format!(
+                "not found; changes are POST {MEMBERS_PATH}NAME/drain, /activate or /remove[?force]\n"
+            ),
+        );
+    };
+    match ctx.change_member(node, action).await {
+        Ok(done) => Response::text(Status::Ok, format!("{done}\n")),
+        Err(ChangeError::Refused(why)) => Response::text(Status::Conflict, format!("{why}\n")),
+        Err(ChangeError::Unavailable(why)) => {
+            Response::text(Status::Unavailable, format!("{why}\n"))
+        }
+    }
+}
+
+/// `NAME` and the action of a members path.
+fn member_action(req: &Request) -> Option<(&str, MemberAction)> {
+    let rest = req.path.strip_prefix(MEMBERS_PATH)?;
+    let (node, verb) = rest.split_once('/')?;
+    if node.is_empty() || node.contains('/') {
+        return None;
+    }
+    let action = match verb {
+        "drain" => MemberAction::Drain,
+        "activate" => MemberAction::Activate,
+        "remove" => MemberAction::Remove {
+            force: req.flag("force"),
+        },
+        _ => return None,
+    };
+    Some((node, action))
+}
 
 pub fn route(ctx: &AdminContext, req: &Request) -> Response {
+    if req.path.starts_with(MEMBERS_PATH) {
+        return Response::text(
+            Status::MethodNotAllowed,
+            "changes to members are POST requests\n",
+        );
+    }
     match req.path.as_str() {
         METRICS_PATH => Response {
             status: Status::Ok,
@@ -44,10 +97,9 @@ pub fn route(ctx: &AdminContext, req: &Request) -> Response {
 mod tests {
     use std::sync::Arc;
 
-    use super::super::{ClusterView, MetricsWriter, Phase};
+    use super::super::{ChangeError, ClusterView, MetricsWriter, Phase};
     use super::*;
     use crate::admin::exposition::Family;
-    use crate::admin::http::Method;
     use crate::cluster::status::{ClusterStatus, HealthLevel};
     use crate::frontend::Frontend;
     use crate::frontend::nbd::Exports;
@@ -58,6 +110,7 @@ mod tests {
         Request {
             method: Method::Get,
             path: path.into(),
+            query: String::new(),
         }
     }
 
@@ -117,6 +170,76 @@ mod tests {
         fn write_metrics(&self, out: &mut MetricsWriter) {
             out.sample(&PEERS, &[], 1u64);
         }
+        fn change_member(&self, node: &str, action: MemberAction) -> crate::admin::ChangeFuture {
+            let answer = match (node, action) {
+                ("n2", MemberAction::Remove { force: false }) => {
+                    Err(ChangeError::Refused("n2 still holds pages".into()))
+                }
+                ("n2", a) => Ok(format!("n2: {a:?}")),
+                ("gone", _) => Err(ChangeError::Unavailable("no leader".into())),
+                (other, _) => Err(ChangeError::Refused(format!("no member is named {other}"))),
+            };
+            Box::pin(std::future::ready(answer))
+        }
+    }
+
+    fn post(target: &str) -> Request {
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        Request {
+            method: Method::Post,
+            path: path.into(),
+            query: query.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn member_changes_are_posts_answered_by_what_the_leader_did() {
+        let ctx = context(Some(Arc::new(FakeCluster)));
+        let text = |r: Response| (r.status, String::from_utf8(r.body).unwrap());
+        assert_eq!(
+            text(answer(&ctx, &post("/v1/members/n2/drain")).await),
+            (Status::Ok, "n2: Drain\n".into())
+        );
+        assert_eq!(
+            text(answer(&ctx, &post("/v1/members/n2/remove?force=1")).await),
+            (Status::Ok, "n2: Remove { force: true }\n".into())
+        );
+        assert_eq!(
+            answer(&ctx, &post("/v1/members/n2/remove")).await.status,
+            Status::Conflict
+        );
+        assert_eq!(
+            answer(&ctx, &post("/v1/members/n9/activate")).await.status,
+            Status::Conflict
+        );
+        assert_eq!(
+            answer(&ctx, &post("/v1/members/gone/drain")).await.status,
+            Status::Unavailable
+        );
+        for bad in [
+            "/v1/members/n2/explode",
+            "/v1/members//drain",
+            "/v1/members/n2",
+            "/metrics",
+        ] {
+            assert_eq!(
+                answer(&ctx, &post(bad)).await.status,
+                Status::NotFound,
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            answer(&ctx, &get("/v1/members/n2/drain")).await.status,
+            Status::MethodNotAllowed,
+            "a GET changes nothing"
+        );
+        let standalone = context(None);
+        assert_eq!(
+            answer(&standalone, &post("/v1/members/n2/drain"))
+                .await
+                .status,
+            Status::Conflict
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! A blocking HTTP/1.1 GET against a node's admin endpoint: all that
-//! `ramster status` and `ramster health` need, on std sockets.
+//! Blocking HTTP/1.1 against a node's admin endpoint: GET for `ramster
+//! status` and `ramster health`, POST for `ramster cluster`, on std
+//! sockets.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -11,6 +12,9 @@ use anyhow::{Context, bail};
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long to wait for the answer, per read.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for the answer to a change, which waits on the Raft
+/// leader (the node gives up after 20 s).
+pub const CHANGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The largest answer read (a status of thousands of nodes is far smaller).
 pub const ANSWER_BYTES_MAX: u64 = 16 << 20;
 
@@ -43,6 +47,15 @@ fn resolve(endpoint: &str) -> anyhow::Result<Vec<SocketAddr>> {
 
 /// GETs `path` from `endpoint`.
 pub fn get(endpoint: &str, path: &str) -> anyhow::Result<Answer> {
+    request("GET", endpoint, path, READ_TIMEOUT)
+}
+
+/// POSTs to `path` (no body) at `endpoint`.
+pub fn post(endpoint: &str, path: &str) -> anyhow::Result<Answer> {
+    request("POST", endpoint, path, CHANGE_TIMEOUT)
+}
+
+fn request(method: &str, endpoint: &str, path: &str, timeout: Duration) -> anyhow::Result<Answer> {
     let mut last_error = None;
     let mut stream = None;
     for addr in resolve(endpoint)? {
@@ -59,10 +72,10 @@ pub fn get(endpoint: &str, path: &str) -> anyhow::Result<Answer> {
     let Some(mut stream) = stream else {
         return Err(last_error.expect("at least one address was tried"));
     };
-    stream.set_read_timeout(Some(READ_TIMEOUT))?;
+    stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(READ_TIMEOUT))?;
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: ramster/{}\r\nConnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: ramster/{}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         host_port(endpoint),
         env!("CARGO_PKG_VERSION")
     );

@@ -3,6 +3,7 @@
 pub mod admin_client;
 pub mod bench;
 pub mod cert;
+pub mod cluster;
 pub mod corpus;
 pub mod demo;
 pub mod nbd_bench;
@@ -37,6 +38,8 @@ pub enum Command {
     Health(status::HealthArgs),
     /// GET an admin path (default /health/ready); exit 0 on 2xx, else 1.
     Probe(status::ProbeArgs),
+    /// Change a member: drain it, activate it again, remove it.
+    Cluster(cluster::ClusterArgs),
     /// Store pages, load them back in random order, verify every byte, report.
     Bench(bench::BenchArgs),
     /// Create the cluster CA and node certificates for mutual TLS.
@@ -55,6 +58,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Status(a) => status::run_status(a),
         Command::Health(a) => return Ok(status::run_health(a)),
         Command::Probe(a) => return Ok(status::run_probe(a)),
+        Command::Cluster(a) => cluster::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Cert(a) => cert::run(a),
         Command::BenchNbd(a) => nbd_bench::run(a),

@@ -25,7 +25,7 @@ pub mod exit {
 #[derive(Args, Debug, Clone)]
 pub struct Endpoint {
     /// A node's admin endpoint, HOST:PORT.
-    #[arg(long, env = "RAMSTER_ENDPOINT", default_value = ADMIN_LISTEN_DEFAULT)]
+    #[arg(long, global = true, env = "RAMSTER_ENDPOINT", default_value = ADMIN_LISTEN_DEFAULT)]
     pub endpoint: String,
 }
 
@@ -213,7 +213,11 @@ pub fn table(s: &ClusterStatus) -> String {
 fn node_row(n: &NodeStatus) -> Vec<String> {
     let mut state = serde_name(&n.state);
     if n.member_state == MemberState::Draining {
-        state.push_str(",draining");
+        state.push_str(if n.held_for_others_pages == 0 {
+            ",drained"
+        } else {
+            ",draining"
+        });
     }
     vec![
         n.name.clone(),
@@ -290,6 +294,7 @@ mod tests {
             used_bytes: 1 << 30,
             donate_bytes: 1 << 30,
             held_for_others_bytes: 0,
+            held_for_others_pages: 0,
             own_pages_on_peers: 0,
             own_bytes_on_peers: 0,
             stored_pages: 100,
@@ -303,6 +308,7 @@ mod tests {
         ms.role = Role::MemoryServer;
         ms.state = Liveness::Suspect;
         ms.member_state = MemberState::Draining;
+        ms.held_for_others_pages = 1;
         ms.raft_role = "follower".into();
         ms.rtt_us = Some(420);
         ms.last_seen_ms = Some(2_100);

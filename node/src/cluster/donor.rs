@@ -18,6 +18,16 @@
 //!   *tombstone* remembering v, so that a put of a version ≤ v that was
 //!   overtaken by its own release (different streams, a retry) is refused
 //!   when it finally arrives instead of resurrecting the page.
+//! - **Placement.** An owner may put the same version on a donor again
+//!   after releasing it there (repair moves copies back and forth as donors
+//!   come and go). To tell such a put from an overtaken one, every put
+//!   carries the owner's *placement* number (it grows with every put the
+//!   owner sends) and every release the owner's next placement number when
+//!   it decided the release: a release covers the puts sent before it
+//!   (placement below its own) and only those. A put of the released
+//!   version sent after the release is taken; a release that arrives late
+//!   does not remove a copy put after it was decided. Placement 0 in a
+//!   release covers every put.
 //!
 //! **Bounds.** A key has one slot: a page or a tombstone, never both, so
 //! tombstones never outnumber the keys an owner has released and not put
@@ -121,23 +131,35 @@ pub enum DonorError {
 #[derive(Debug)]
 enum Slot {
     Page(Held),
-    /// Every version ≤ this one was released.
-    Released(u64),
+    /// Every version below `version`, and `version` as put before
+    /// `placement`, was released.
+    Released {
+        version: u64,
+        placement: u64,
+    },
 }
 
 #[derive(Debug)]
 struct Held {
     version: u64,
+    /// The owner's placement number of the put that brought it.
+    placement: u64,
     checksum: u64,
     compressed: bool,
     data: Bytes,
+}
+
+/// Whether a release decided at `release` (the owner's next placement number
+/// then; 0 for every put) covers a put numbered `put`.
+fn covers(release: u64, put: u64) -> bool {
+    release == 0 || put < release
 }
 
 impl Slot {
     fn cost(&self) -> u64 {
         match self {
             Slot::Page(h) => page_cost(h.data.len()),
-            Slot::Released(_) => TOMBSTONE_BYTES,
+            Slot::Released { .. } => TOMBSTONE_BYTES,
         }
     }
 }
@@ -288,12 +310,14 @@ impl DonorStore {
         }
     }
 
-    /// Takes a batch of an owner's pages; `statuses[i]` answers `pages[i]`.
-    /// Items are applied in order, so a later put of the same key wins.
+    /// Takes a batch of an owner's pages, put with the owner's placement
+    /// number `placement`; `statuses[i]` answers `pages[i]`. Items are
+    /// applied in order, so a later put of the same key wins.
     pub fn put(
         &mut self,
         owner: &str,
         incarnation: u64,
+        placement: u64,
         pages: &[DonatedPage],
     ) -> Result<Vec<PageStatus>, DonorError> {
         check_batch(pages.len())?;
@@ -309,7 +333,12 @@ impl DonorStore {
         let mut statuses = Vec::with_capacity(pages.len());
         for p in pages {
             let old_cost = match o.slots.get(&p.key) {
-                Some(Slot::Released(v)) if p.version <= *v => {
+                Some(&Slot::Released {
+                    version,
+                    placement: released,
+                }) if p.version < version
+                    || (p.version == version && covers(released, placement)) =>
+                {
                     statuses.push(PageStatus::StaleVersion);
                     continue;
                 }
@@ -334,6 +363,7 @@ impl DonorStore {
             }
             let held = Held {
                 version: p.version,
+                placement,
                 checksum: p.checksum,
                 compressed: p.compressed,
                 // Detach from the request frame: a kept slice would pin the
@@ -342,7 +372,7 @@ impl DonorStore {
             };
             match o.slots.insert(p.key, Slot::Page(held)) {
                 Some(Slot::Page(_)) => {}
-                Some(Slot::Released(_)) => {
+                Some(Slot::Released { .. }) => {
                     o.tombstones -= 1;
                     o.pages += 1;
                 }
@@ -388,12 +418,14 @@ impl DonorStore {
             .collect())
     }
 
-    /// Releases every version ≤ `refs[i].version` of each page and leaves a
-    /// tombstone so an overtaken put of such a version is refused later.
+    /// Releases every version ≤ `refs[i].version` of each page put before
+    /// `placement` (see the module doc) and leaves a tombstone so an
+    /// overtaken put of such a version is refused later.
     pub fn release(
         &mut self,
         owner: &str,
         incarnation: u64,
+        placement: u64,
         refs: &[PageRef],
     ) -> Result<Vec<PageStatus>, DonorError> {
         check_batch(refs.len())?;
@@ -407,19 +439,42 @@ impl DonorStore {
         let o = self.owners.get_mut(owner).expect("admitted");
         let mut statuses = Vec::with_capacity(refs.len());
         for r in refs {
+            let tombstone = Slot::Released {
+                version: r.version,
+                placement,
+            };
             match o.slots.get_mut(&r.key) {
-                Some(Slot::Page(h)) if h.version > r.version => {
-                    // Only older versions were released; the newer one stays.
+                Some(Slot::Page(h))
+                    if h.version > r.version
+                        || (h.version == r.version && !covers(placement, h.placement)) =>
+                {
+                    // A newer version, or this one put again after the
+                    // release was decided: not what was released; it stays.
                 }
                 Some(slot @ Slot::Page(_)) => {
                     let freed = slot.cost() - TOMBSTONE_BYTES;
-                    *slot = Slot::Released(r.version);
+                    *slot = tombstone;
                     o.pages -= 1;
                     o.tombstones += 1;
                     o.used_bytes -= freed;
                     self.used_bytes -= freed;
                 }
-                Some(Slot::Released(v)) => *v = (*v).max(r.version),
+                Some(Slot::Released {
+                    version,
+                    placement: released,
+                }) => {
+                    // Remember the widest release: the newest version, and
+                    // for it the latest placement (0 covers every put).
+                    if r.version > *version {
+                        (*version, *released) = (r.version, placement);
+                    } else if r.version == *version && *released != 0 {
+                        *released = if placement == 0 {
+                            0
+                        } else {
+                            (*released).max(placement)
+                        };
+                    }
+                }
                 None => {
                     if o.used_bytes + TOMBSTONE_BYTES > quota {
                         statuses.push(PageStatus::Quota);
@@ -429,7 +484,7 @@ impl DonorStore {
                         statuses.push(PageStatus::NoCapacity);
                         continue;
                     }
-                    o.slots.insert(r.key, Slot::Released(r.version));
+                    o.slots.insert(r.key, tombstone);
                     o.tombstones += 1;
                     o.used_bytes += TOMBSTONE_BYTES;
                     self.used_bytes += TOMBSTONE_BYTES;
@@ -468,7 +523,7 @@ impl DonorStore {
                         pages += 1;
                         assert!(check_data(h.compressed, h.data.len()).is_ok());
                     }
-                    Slot::Released(_) => tombstones += 1,
+                    Slot::Released { .. } => tombstones += 1,
                 }
             }
             assert_eq!(bytes, o.used_bytes, "owner {name}: bytes");

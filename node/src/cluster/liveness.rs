@@ -40,9 +40,8 @@ pub struct PeerReport {
     pub last_seen: Instant,
     /// Round trip of our last heartbeat to it, if we sent one.
     pub rtt: Option<Duration>,
+    /// Its last heartbeat, which carries its incarnation.
     pub heartbeat: Heartbeat,
-    /// The incarnation its connection announced.
-    pub incarnation: u64,
 }
 
 /// Heartbeat records by node name.
@@ -70,7 +69,6 @@ impl PeerTable {
         peer: &str,
         now: Instant,
         heartbeat: Heartbeat,
-        incarnation: u64,
         rtt: Option<Duration>,
     ) {
         let rtt = rtt.or_else(|| self.peers.get(peer).and_then(|r| r.rtt));
@@ -80,7 +78,6 @@ impl PeerTable {
                 last_seen: now,
                 rtt,
                 heartbeat,
-                incarnation,
             },
         );
     }
@@ -120,13 +117,11 @@ mod tests {
         let mut t = PeerTable::new(LivenessTimings::default());
         let t0 = Instant::now();
         assert_eq!(t.state("b", t0), Liveness::Down, "never heard from");
-        t.record(
-            "b",
-            t0,
-            Heartbeat::default(),
-            1,
-            Some(Duration::from_micros(80)),
-        );
+        let run = |incarnation| Heartbeat {
+            incarnation,
+            ..Heartbeat::default()
+        };
+        t.record("b", t0, run(1), Some(Duration::from_micros(80)));
         assert_eq!(
             t.state("b", t0 + Duration::from_millis(1_499)),
             Liveness::Up
@@ -140,10 +135,10 @@ mod tests {
             Liveness::Down
         );
         let t1 = t0 + Duration::from_secs(10);
-        t.record("b", t1, Heartbeat::default(), 2, None);
+        t.record("b", t1, run(2), None);
         assert_eq!(t.state("b", t1), Liveness::Up);
         let r = t.get("b").unwrap();
-        assert_eq!(r.incarnation, 2);
+        assert_eq!(r.heartbeat.incarnation, 2);
         assert_eq!(
             r.rtt,
             Some(Duration::from_micros(80)),

@@ -169,6 +169,7 @@ async fn ship(inner: Arc<Inner>, out: Vec<Outbound>) -> bool {
                         key: o.key,
                         version: o.version,
                         replicas: r,
+                        placement: inner.endpoint.placement_mark(),
                     });
                 }
             }
@@ -179,6 +180,7 @@ async fn ship(inner: Arc<Inner>, out: Vec<Outbound>) -> bool {
                         key: o.key,
                         version: o.version,
                         replicas: r,
+                        placement: inner.endpoint.placement_mark(),
                     });
                 }
             }
@@ -290,25 +292,29 @@ pub(super) async fn bring_home(inner: &Arc<Inner>, refs: &[RemoteRef]) -> usize 
 /// Tells donors to drop copies that are no longer wanted; what cannot be
 /// delivered now stays queued.
 pub(super) async fn release(inner: &Arc<Inner>) {
+    // The store's releases were decided since the last pass, after every
+    // put sent before now: they cover those puts and no later one.
+    let mark = inner.endpoint.placement_mark();
     let mut todo = inner.store.take_released();
+    for r in &mut todo {
+        r.placement = mark;
+    }
     todo.append(&mut inner.release_backlog.lock());
     if todo.is_empty() {
         return;
     }
-    let mut by_donor: HashMap<u32, Vec<&Released>> = HashMap::new();
+    // One release message covers one placement mark.
+    let mut by_donor: HashMap<(u32, u64), Vec<&Released>> = HashMap::new();
     for r in &todo {
         for &d in r.replicas.as_slice() {
-            by_donor.entry(d).or_default().push(r);
+            by_donor.entry((d, r.placement)).or_default().push(r);
         }
     }
     let mut retry: Vec<Released> = Vec::new();
-    let reachable: Vec<u32> = inner
-        .donor_views()
-        .iter()
-        .filter(|d| d.up)
-        .map(|d| d.id)
-        .collect();
-    for (donor, items) in by_donor {
+    // Up by heartbeat is enough: a draining or restarted donor takes no new
+    // pages but must still hear of the copies it can drop.
+    let reachable = inner.answering_donors();
+    for ((donor, placement), items) in by_donor {
         // A donor that is not up keeps its releases queued rather than
         // stalling the movers on a connection attempt.
         let session = if !reachable.contains(&donor) {
@@ -331,7 +337,7 @@ pub(super) async fn release(inner: &Arc<Inner>) {
                 })
                 .collect();
             let ok = match &session {
-                Some(s) => s.release_pages(&refs).await.is_ok(),
+                Some(s) => s.release_pages(&refs, placement).await.is_ok(),
                 None => false,
             };
             if ok {

@@ -22,7 +22,8 @@ use hashbrown::{HashMap, HashSet};
 use openraft::{BasicNode, ServerState};
 use parking_lot::Mutex;
 use ramster_protocol::peer::{
-    self as wire, PeerErrorCode, join_result::Outcome, peer_request, peer_response,
+    self as wire, PeerErrorCode, change_node::Action, change_node_result::Outcome as ChangeOutcome,
+    join_result::Outcome, peer_request, peer_response,
 };
 use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
@@ -31,8 +32,8 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::donor::{DonatedPage, DonorConfig, DonorStore, PageRef};
 use super::liveness::{LivenessTimings, PeerTable};
 use super::membership::{
-    self, Command, CommandResult, MemberState, Membership, NodeId, RaftReply, RaftRequest,
-    RaftTransport, Role,
+    self, Command, CommandResult, MemberState, Membership, MembershipError, NodeId, RaftReply,
+    RaftRequest, RaftTransport, Role,
 };
 use super::placement::DonorView;
 use super::rpc::{self, RpcRefusal};
@@ -42,6 +43,7 @@ use super::transport::{
     TransportConfig,
 };
 use super::watermarks::Watermarks;
+use crate::admin::ChangeError;
 use crate::frontend::{Fetch, LoadResult, RemotePages};
 use crate::metrics::{ClusterCounters, NodeMetrics};
 use crate::store::{self, DonorId, PAGE_BYTES, Page, PageStore, Released, RemoteRef};
@@ -50,6 +52,9 @@ use crate::store::{self, DonorId, PAGE_BYTES, Page, PageStore, Released, RemoteR
 pub const MAKE_ROOM_WAIT_MS: u64 = 1_000;
 /// Pause between rounds of asking the seeds to join.
 const JOIN_RETRY_MS: u64 = 1_000;
+/// Tries at reaching the leader for an operator's change (about 200 ms
+/// apart: an election takes a few hundred).
+const CHANGE_ATTEMPTS: usize = 10;
 
 /// How peers are authenticated.
 pub enum PeerAuth {
@@ -580,6 +585,142 @@ impl Inner {
         }
     }
 
+    /// An operator's change to a member: made here when we lead, else sent
+    /// to the leader. `Ok` carries what was done, `Err` why not.
+    pub(super) async fn change_node(
+        &self,
+        change: wire::ChangeNode,
+    ) -> Result<String, ChangeError> {
+        // The leader may change (or be elected) while we ask.
+        let mut last = String::from("no leader elected");
+        for _ in 0..CHANGE_ATTEMPTS {
+            let leader = self.membership().leader().await;
+            let r = match &leader {
+                Some((id, _)) if *id == self.id => self.apply_change(&change).await,
+                Some((_, raft_addr)) => {
+                    let asked = async {
+                        let (name, addr) = split_raft_addr(raft_addr)
+                            .ok_or_else(|| format!("leader address {raft_addr:?} unreadable"))?;
+                        let s = self.session(name, addr).await?;
+                        s.change_node(change.clone())
+                            .await
+                            .map_err(|e| e.to_string())
+                    };
+                    match asked.await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            last = e;
+                            wire::ChangeNodeResult::default()
+                        }
+                    }
+                }
+                None => wire::ChangeNodeResult::default(),
+            };
+            match r.outcome() {
+                ChangeOutcome::Done => return Ok(r.message),
+                ChangeOutcome::Refused => return Err(ChangeError::Refused(r.message)),
+                ChangeOutcome::NotLeader | ChangeOutcome::Unspecified => {
+                    if !r.leader.is_empty() {
+                        last = format!("leadership moved to {}", r.leader);
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        Err(ChangeError::Unavailable(format!(
+            "could not reach the leader: {last}"
+        )))
+    }
+
+    /// Answers a peer's change: made when we lead, else says who does.
+    async fn on_change_node(&self, change: wire::ChangeNode) -> wire::ChangeNodeResult {
+        match self.membership().leader().await {
+            Some((id, _)) if id == self.id => self.apply_change(&change).await,
+            leader => wire::ChangeNodeResult {
+                outcome: ChangeOutcome::NotLeader as i32,
+                leader: leader.map(|(_, addr)| addr).unwrap_or_default(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Leader side of a change: one configuration entry through Raft (and,
+    /// for a removal, the Raft membership change).
+    async fn apply_change(&self, change: &wire::ChangeNode) -> wire::ChangeNodeResult {
+        let answer = |outcome: ChangeOutcome, message: String| wire::ChangeNodeResult {
+            outcome: outcome as i32,
+            message,
+            ..Default::default()
+        };
+        let m = self.membership();
+        let config = m.config();
+        let Some((&id, member)) = config.nodes.iter().find(|(_, n)| n.name == change.node) else {
+            return answer(
+                ChangeOutcome::Refused,
+                format!("no member is named {:?}", change.node),
+            );
+        };
+        let name = &member.name;
+        let done = match change.action() {
+            Action::Drain | Action::Activate => {
+                let (state, did) = if change.action() == Action::Drain {
+                    (
+                        MemberState::Draining,
+                        "draining: it takes no new pages, and owners move the copies it holds to other donors",
+                    )
+                } else {
+                    (MemberState::Active, "active: it takes pages again")
+                };
+                m.propose(Command::SetState { id, state })
+                    .await
+                    .map(|_| format!("{name} is {did}"))
+            }
+            Action::Remove => {
+                let held = if id == self.id {
+                    self.donor.lock().usage(None).pages
+                } else {
+                    self.peers
+                        .lock()
+                        .get(name)
+                        .map_or(0, |r| r.heartbeat.held_pages)
+                };
+                if held > 0 && !change.force {
+                    return answer(
+                        ChangeOutcome::Refused,
+                        format!(
+                            "{name} still holds {held} of peers' pages; drain it first \
+                             (ramster cluster drain {name}) or remove it with --force"
+                        ),
+                    );
+                }
+                // The configuration first: owners stop using it as a donor
+                // at once, whatever happens to the Raft change after.
+                match m.propose(Command::Remove { id }).await {
+                    Ok(_) => m
+                        .remove_node(id)
+                        .await
+                        .map(|()| format!("{name} is no longer a member")),
+                    Err(e) => Err(e),
+                }
+            }
+            Action::Unspecified => {
+                return answer(ChangeOutcome::Refused, "no action given".into());
+            }
+        };
+        match done {
+            Ok(message) => {
+                info!(node = %name, action = ?change.action(), "member changed");
+                answer(ChangeOutcome::Done, message)
+            }
+            Err(MembershipError::NotLeader { leader }) => wire::ChangeNodeResult {
+                outcome: ChangeOutcome::NotLeader as i32,
+                leader: leader.map(|(_, addr)| addr).unwrap_or_default(),
+                ..Default::default()
+            },
+            Err(e) => answer(ChangeOutcome::Refused, e.to_string()),
+        }
+    }
+
     /// What we tell peers about ourselves.
     pub(super) fn own_heartbeat(&self) -> wire::Heartbeat {
         let st = self.store.stats();
@@ -598,6 +739,7 @@ impl Inner {
         hb.compression_ratio = compression_ratio(&st);
         hb.raft_role = self.raft_role().into();
         hb.version = env!("CARGO_PKG_VERSION").into();
+        hb.incarnation = self.endpoint.incarnation();
         hb
     }
 
@@ -622,14 +764,12 @@ impl Inner {
                 .heartbeat(self.own_heartbeat())
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok::<_, String>((hb, s.peer_incarnation()))
+            Ok::<_, String>(hb)
         }
         .await;
-        if let Ok((hb, incarnation)) = answer {
+        if let Ok(hb) = answer {
             let now = Instant::now();
-            self.peers
-                .lock()
-                .record(name, now, hb, incarnation, Some(now - started));
+            self.peers.lock().record(name, now, hb, Some(now - started));
             self.sent_since_heartbeat.lock().remove(&id);
         }
     }
@@ -664,8 +804,8 @@ impl Inner {
             .collect()
     }
 
-    /// Donors whose copies of our pages are gone or out of reach: down,
-    /// no longer members, or back with a new incarnation (empty).
+    /// Donors whose copies of our pages must be re-created elsewhere: down,
+    /// no longer members, back with a new incarnation (empty), or draining.
     pub(super) fn lost_donors(&self) -> Vec<DonorId> {
         let config = self.membership().config();
         let now = Instant::now();
@@ -677,14 +817,41 @@ impl Inner {
                 |(id, incarnation)| match config.nodes.get(&(**id as NodeId)) {
                     None => true,
                     Some(n) => {
-                        peers.state(&n.name, now) == Liveness::Down
+                        n.state == MemberState::Draining
+                            || peers.state(&n.name, now) == Liveness::Down
                             || peers.get(&n.name).is_some_and(|r| {
-                                r.incarnation != 0 && r.incarnation != **incarnation
+                                let now_running = r.heartbeat.incarnation;
+                                now_running != 0 && now_running != **incarnation
                             })
                     }
                 },
             )
             .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Draining donors that still answer: their copies are moved elsewhere,
+    /// and can be read from them until then.
+    pub(super) fn draining_donors(&self) -> Vec<DonorId> {
+        self.members_up(|n| n.state == MemberState::Draining)
+    }
+
+    /// Other members that answer heartbeats, whatever else they are.
+    pub(super) fn answering_donors(&self) -> Vec<DonorId> {
+        self.members_up(|_| true)
+    }
+
+    fn members_up(&self, which: impl Fn(&membership::NodeInfo) -> bool) -> Vec<DonorId> {
+        let config = self.membership().config();
+        let now = Instant::now();
+        let peers = self.peers.lock();
+        config
+            .nodes
+            .iter()
+            .filter(|&(&id, n)| {
+                id != self.id && which(n) && peers.state(&n.name, now) == Liveness::Up
+            })
+            .map(|(&id, _)| id as DonorId)
             .collect()
     }
 
@@ -708,7 +875,7 @@ impl Inner {
             if peers.state(&n.name, now) != Liveness::Down
                 && let Some(r) = peers.get(&n.name)
             {
-                shipped.insert(*d, r.incarnation);
+                shipped.insert(*d, r.heartbeat.incarnation);
             }
         }
     }
@@ -920,7 +1087,10 @@ impl Inner {
         let leader = m.raft().metrics().borrow().current_leader;
         let own = self.own_heartbeat();
         let peers = self.peers.lock();
-        let donor_usage = self.donor.lock().donated_bytes();
+        let (donor_usage, donor_pages) = {
+            let donor = self.donor.lock();
+            (donor.donated_bytes(), donor.usage(None).pages)
+        };
         let mut nodes: Vec<NodeStatus> = config
             .nodes
             .iter()
@@ -958,6 +1128,7 @@ impl Inner {
                     } else {
                         g(|h| h.donated_bytes)
                     },
+                    held_for_others_pages: if me { donor_pages } else { g(|h| h.held_pages) },
                     own_pages_on_peers: g(|h| h.remote_pages),
                     own_bytes_on_peers: g(|h| h.remote_bytes),
                     stored_pages: g(|h| h.stored_pages),
@@ -992,6 +1163,7 @@ impl Inner {
                 used_bytes: own.used_bytes,
                 donate_bytes: self.donate_bytes,
                 held_for_others_bytes: donor_usage,
+                held_for_others_pages: donor_pages,
                 own_pages_on_peers: own.remote_pages,
                 own_bytes_on_peers: own.remote_bytes,
                 stored_pages: own.stored_pages,
@@ -1083,11 +1255,7 @@ impl ControlHandler for Control {
                 .ok_or_else(|| unavailable("node stopping"))?;
             match request {
                 peer_request::Kind::Heartbeat(hb) => {
-                    let incarnation = inner.peers.lock().get(&peer).map_or(0, |r| r.incarnation);
-                    inner
-                        .peers
-                        .lock()
-                        .record(&peer, Instant::now(), hb, incarnation, None);
+                    inner.peers.lock().record(&peer, Instant::now(), hb, None);
                     Ok(peer_response::Kind::Heartbeat(inner.own_heartbeat()))
                 }
                 peer_request::Kind::Raft(msg) => {
@@ -1105,6 +1273,9 @@ impl ControlHandler for Control {
                         body: body.into(),
                     }))
                 }
+                peer_request::Kind::ChangeNode(c) => Ok(peer_response::Kind::ChangeNode(
+                    inner.on_change_node(c).await,
+                )),
                 peer_request::Kind::Join(j) => {
                     if inner.membership.get().is_none() {
                         return Err(unavailable("membership not started"));

@@ -3,6 +3,10 @@
 //! back empty), re-create the missing copies from a surviving replica on
 //! other donors, so every page is back to its replica count.
 //!
+//! A draining donor is handled the same way, except that it still serves
+//! reads: its copies are re-created from it when no other replica exists,
+//! then released, until it holds nothing.
+//!
 //! Pages shipped in one remotify batch share a replica set, so repair works
 //! in groups: one get from a survivor, one put per new donor. A page whose
 //! every copy is lost cannot be repaired (that is what replicas prevent);
@@ -34,7 +38,26 @@ pub(super) struct RepairState {
     settled: Vec<DonorId>,
     /// When pages were first found degraded in the current episode.
     since: Option<Instant>,
+    /// When a stalled pass was last reported (at most every few seconds).
+    stall_reported: Option<Instant>,
 }
+
+/// Pages a pass could not repair, by why: what an operator needs to see
+/// when degraded pages do not go away.
+#[derive(Debug, Default)]
+struct Stalled {
+    /// No source answered a get.
+    no_source: u64,
+    /// A source answered without a good copy of the page.
+    no_copy: u64,
+    /// Too few donors could take the copies.
+    no_donor: u64,
+    /// A new donor refused or the page changed meanwhile.
+    not_settled: u64,
+}
+
+/// How often a stalled repair is reported.
+const STALL_REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// One repair pass, run by the movers every tick.
 pub(super) async fn repair(inner: &Arc<Inner>) {
@@ -54,7 +77,10 @@ pub(super) async fn repair(inner: &Arc<Inner>) {
         return;
     }
     loop {
-        let (refs, degraded, unrecoverable) = inner.store.remote_on(&lost, REPAIR_BATCH_PAGES);
+        let (refs, degraded, unrecoverable) =
+            inner
+                .store
+                .remote_on(&lost, &inner.draining_donors(), REPAIR_BATCH_PAGES);
         c.degraded_pages.store(degraded, Ordering::Relaxed);
         c.unrecoverable_pages
             .store(unrecoverable, Ordering::Relaxed);
@@ -72,22 +98,36 @@ pub(super) async fn repair(inner: &Arc<Inner>) {
             return;
         }
         inner.repair.lock().since.get_or_insert_with(Instant::now);
-        if repair_batch(inner, &lost, refs).await == 0 {
-            // No donor could take the copies now: try again next tick.
+        let mut stalled = Stalled::default();
+        if repair_batch(inner, &lost, refs, &mut stalled).await == 0 {
+            // Nothing could be repaired now: try again next tick.
+            let mut state = inner.repair.lock();
+            if state
+                .stall_reported
+                .is_none_or(|t| t.elapsed() >= STALL_REPORT_EVERY)
+            {
+                state.stall_reported = Some(Instant::now());
+                warn!(lost = ?lost, degraded, ?stalled, "repair made no progress");
+            }
             return;
         }
     }
 }
 
 /// Re-creates the lost copies of `refs`; the number of pages repaired.
-async fn repair_batch(inner: &Arc<Inner>, lost: &[DonorId], refs: Vec<RemoteRef>) -> u64 {
+async fn repair_batch(
+    inner: &Arc<Inner>,
+    lost: &[DonorId],
+    refs: Vec<RemoteRef>,
+    stalled: &mut Stalled,
+) -> u64 {
     let mut groups: HashMap<Replicas, Vec<RemoteRef>> = HashMap::new();
     for r in refs {
         groups.entry(r.replicas).or_default().push(r);
     }
     let mut repaired = 0;
     for (set, refs) in groups {
-        repaired += repair_group(inner, lost, set, &refs).await;
+        repaired += repair_group(inner, lost, set, &refs, stalled).await;
     }
     repaired
 }
@@ -97,6 +137,7 @@ async fn repair_group(
     lost: &[DonorId],
     set: Replicas,
     refs: &[RemoteRef],
+    stalled: &mut Stalled,
 ) -> u64 {
     let survivors: Vec<DonorId> = set
         .as_slice()
@@ -111,11 +152,23 @@ async fn repair_group(
         .filter(|d| lost.contains(d))
         .collect();
     let need = inner.replicas.saturating_sub(survivors.len());
-    // The survivors' copies, checked before they are copied anywhere.
-    let pages = match copies_from(inner, &survivors, refs).await {
+    // Read from the survivors first; a draining donor still serves its
+    // copies until they are all moved.
+    let draining = inner.draining_donors();
+    let sources: Vec<DonorId> = survivors
+        .iter()
+        .chain(gone.iter().filter(|d| draining.contains(d)))
+        .copied()
+        .collect();
+    // The copies, checked before they are copied anywhere.
+    let pages = match copies_from(inner, &sources, refs).await {
         Some(p) => p,
-        None => return 0,
+        None => {
+            stalled.no_source += refs.len() as u64;
+            return 0;
+        }
     };
+    stalled.no_copy += pages.iter().filter(|p| p.is_none()).count() as u64;
     let total: u64 = pages.iter().flatten().map(|p| p.data.len() as u64).sum();
     let candidates: Vec<_> = inner
         .donor_views()
@@ -124,6 +177,7 @@ async fn repair_group(
         .collect();
     let fresh = choose_donors(&candidates, need, total, &mut rand::rng());
     if fresh.len() < need {
+        stalled.no_donor += refs.len() as u64;
         return 0;
     }
     let donated: Vec<DonatedPage> = pages.iter().flatten().cloned().collect();
@@ -166,14 +220,19 @@ async fn repair_group(
                     key: r.key,
                     version: r.version,
                     replicas: old,
+                    placement: inner.endpoint.placement_mark(),
                 });
             }
-        } else if let Some(extra) = Replicas::new(holders) {
-            unwanted.push(Released {
-                key: r.key,
-                version: r.version,
-                replicas: extra,
-            });
+        } else {
+            stalled.not_settled += 1;
+            if let Some(extra) = Replicas::new(holders) {
+                unwanted.push(Released {
+                    key: r.key,
+                    version: r.version,
+                    replicas: extra,
+                    placement: inner.endpoint.placement_mark(),
+                });
+            }
         }
     }
     ClusterCounters::add(&inner.metrics.cluster.repaired_pages, repaired);
@@ -183,12 +242,12 @@ async fn repair_group(
     repaired
 }
 
-/// Gets `refs` from the first survivor that answers, each copy checked
-/// against its checksum; `None` for a page no survivor gave a good copy
-/// of. `None` overall if no survivor answered.
+/// Gets `refs` from the first of `sources` that answers, each copy checked
+/// against its checksum; `None` for a page it gave no good copy of. `None`
+/// overall if no source answered.
 async fn copies_from(
     inner: &Arc<Inner>,
-    survivors: &[DonorId],
+    sources: &[DonorId],
     refs: &[RemoteRef],
 ) -> Option<Vec<Option<DonatedPage>>> {
     let wanted: Vec<PageRef> = refs
@@ -199,7 +258,7 @@ async fn copies_from(
         })
         .collect();
     let mut scratch = Box::new([0u8; PAGE_BYTES]);
-    for &d in survivors {
+    for &d in sources {
         let got = async {
             let s = inner.donor_session(d as NodeId).await?;
             s.get_pages(&wanted).await.map_err(|e| e.to_string())

@@ -144,6 +144,7 @@ pub fn heartbeat_of(donor: &DonorStore) -> wire::Heartbeat {
     wire::Heartbeat {
         spare_bytes: donor.spare_bytes(),
         donated_bytes: donor.donated_bytes(),
+        held_pages: donor.usage(None).pages,
         load_permille: donor.load_permille(),
         donate_bytes: donor.config().donate_bytes,
         ..Default::default()
@@ -204,7 +205,9 @@ fn apply(
                     })
                 })
                 .collect::<Result<Vec<_>, RpcRefusal>>()?;
-            let s = donor.lock().put(&put.owner, put.incarnation, &pages)?;
+            let s = donor
+                .lock()
+                .put(&put.owner, put.incarnation, put.placement, &pages)?;
             R::PutPages(wire::PutPagesResult {
                 statuses: statuses(s),
             })
@@ -238,7 +241,9 @@ fn apply(
         peer_request::Kind::ReleasePages(rel) => {
             check_owner(&rel.owner, peer)?;
             let refs = refs_from_wire(&rel.pages)?;
-            let s = donor.lock().release(&rel.owner, rel.incarnation, &refs)?;
+            let s = donor
+                .lock()
+                .release(&rel.owner, rel.incarnation, rel.placement, &refs)?;
             R::ReleasePages(wire::ReleasePagesResult {
                 statuses: statuses(s),
             })
@@ -258,7 +263,9 @@ fn apply(
         peer_request::Kind::Heartbeat(_) => R::Heartbeat(heartbeat_of(&donor.lock())),
         // Membership requests are the control handler's; without one the
         // node is not (yet) a member of anything.
-        peer_request::Kind::Raft(_) | peer_request::Kind::Join(_) => {
+        peer_request::Kind::Raft(_)
+        | peer_request::Kind::Join(_)
+        | peer_request::Kind::ChangeNode(_) => {
             return Err(RpcRefusal::new(
                 PeerErrorCode::Unavailable,
                 "membership is not running on this node",
@@ -284,6 +291,7 @@ mod tests {
                 owner: owner.into(),
                 incarnation: 1,
                 pages,
+                placement: 1,
             })),
         }
     }

@@ -38,6 +38,9 @@ pub struct NodeStatus {
     pub donate_bytes: u64,
     /// Bytes of other owners' pages it holds now.
     pub held_for_others_bytes: u64,
+    /// Other owners' pages it holds now (a drained node: 0).
+    #[serde(default)]
+    pub held_for_others_pages: u64,
     /// The node's own pages kept on donors.
     pub own_pages_on_peers: u64,
     pub own_bytes_on_peers: u64,
@@ -185,7 +188,14 @@ impl ClusterStatus {
                 ));
             }
             if n.member_state == MemberState::Draining {
-                warnings.push(format!("node {} is draining", n.name));
+                warnings.push(if n.held_for_others_pages == 0 {
+                    format!(
+                        "node {} is drained (holds no peer's pages); `ramster cluster remove {}` takes it out",
+                        n.name, n.name
+                    )
+                } else {
+                    format!("node {} is draining", n.name)
+                });
             }
         }
         let status = if !errors.is_empty() {
@@ -221,6 +231,7 @@ mod tests {
             used_bytes: 100,
             donate_bytes: 500,
             held_for_others_bytes: 50,
+            held_for_others_pages: 0,
             own_pages_on_peers: 2,
             own_bytes_on_peers: 20,
             stored_pages: 10,
@@ -307,15 +318,19 @@ mod tests {
         full.used_bytes = 900; // exactly 90%
         let mut draining = node("d");
         draining.member_state = MemberState::Draining;
-        let s = cluster(vec![node("a"), suspect.clone(), full, draining]);
+        draining.held_for_others_pages = 1;
+        let mut drained = node("f");
+        drained.member_state = MemberState::Draining;
+        let s = cluster(vec![node("a"), suspect.clone(), full, draining, drained]);
         assert_eq!(s.health.status, HealthLevel::Warn);
-        assert_eq!(s.nodes_up, 3);
+        assert_eq!(s.nodes_up, 4);
         assert_eq!(
             s.health.reasons,
             [
                 "node b is suspect (last seen 2.1 s ago)",
                 "node c uses 90% of its capacity",
                 "node d is draining",
+                "node f is drained (holds no peer's pages); `ramster cluster remove f` takes it out",
             ]
         );
 

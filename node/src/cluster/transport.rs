@@ -240,6 +240,7 @@ fn is_control(kind: &peer_request::Kind) -> bool {
         peer_request::Kind::Heartbeat(_)
             | peer_request::Kind::Raft(_)
             | peer_request::Kind::Join(_)
+            | peer_request::Kind::ChangeNode(_)
     )
 }
 
@@ -255,6 +256,10 @@ struct Shared {
     seed_names: Mutex<HashMap<SocketAddr, String>>,
     control: OnceLock<Arc<dyn ControlHandler>>,
     metrics: Arc<NodeMetrics>,
+    /// The next placement number our puts carry (see the donor module):
+    /// one counter for every donor, starting at 1 (0 in a release means
+    /// every put).
+    placements: Arc<AtomicU64>,
 }
 
 impl Shared {
@@ -353,6 +358,7 @@ impl PeerEndpoint {
             seed_names: Mutex::new(HashMap::new()),
             control: OnceLock::new(),
             metrics: opts.metrics,
+            placements: Arc::new(AtomicU64::new(1)),
         });
         tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
         Ok(PeerEndpoint {
@@ -430,10 +436,11 @@ impl PeerEndpoint {
             .insert(addr, welcome.node.clone());
         let slot = self.shared.slot(&welcome.node);
         let mut current = slot.lock().await;
-        if let Some(s) = current.as_ref().filter(|s| s.is_alive()) {
+        if let Some(s) = current.as_ref().filter(|s| s.serves(welcome.incarnation)) {
             conn.close(CLOSE_DONE.into(), b"a session exists already");
             return Ok(s.clone());
         }
+        retire_stale(current.as_ref(), welcome.incarnation);
         tokio::spawn(serve_streams(
             conn.clone(),
             self.shared.clone(),
@@ -484,6 +491,17 @@ impl PeerEndpoint {
 
     pub fn node(&self) -> &str {
         &self.shared.node
+    }
+
+    /// This run's incarnation, as our hellos and welcomes announce it.
+    pub fn incarnation(&self) -> u64 {
+        self.shared.incarnation
+    }
+
+    /// The placement number our next put will carry: a release decided now
+    /// covers every put sent so far and none sent after.
+    pub fn placement_mark(&self) -> u64 {
+        self.shared.placements.load(Ordering::Relaxed)
     }
 
     /// Peers with a live session (dialled or accepted), sorted.
@@ -687,13 +705,19 @@ async fn accept_peer(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<(
     let peer: Arc<str> = hello.node.as_str().into();
     info!(peer = %peer, remote = %conn.remote_address(), incarnation = hello.incarnation, "peer connected");
     // The connection also carries our requests to this peer, unless we
-    // have a live session with it already (both dialled at once): then it
-    // only serves the peer's requests, and opening streams we would never
-    // use is avoided.
+    // have a live session with this run of it already (both dialled at
+    // once): then it only serves the peer's requests, and opening streams
+    // we would never use is avoided. A session with an earlier run is
+    // replaced: that process is gone, and its connection only looks alive
+    // until the idle timeout says otherwise.
     {
         let slot = shared.slot(&hello.node);
         let mut current = slot.lock().await;
-        if !current.as_ref().is_some_and(|s| s.is_alive()) {
+        if !current
+            .as_ref()
+            .is_some_and(|s| s.serves(hello.incarnation))
+        {
+            retire_stale(current.as_ref(), hello.incarnation);
             let session = PeerSession::start(
                 &shared,
                 conn.clone(),
@@ -708,6 +732,20 @@ async fn accept_peer(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<(
     tokio::spawn(serve_stream(shared.clone(), peer.clone(), reader, send));
     serve_streams(conn, shared, peer).await;
     Ok(())
+}
+
+/// Closes `current` if it is a live session with an earlier run of its peer
+/// than `incarnation`, failing its waiting requests at once.
+fn retire_stale(current: Option<&Arc<PeerSession>>, incarnation: u64) {
+    if let Some(s) = current.filter(|s| s.is_alive()) {
+        info!(
+            peer = %s.peer,
+            old = s.peer_incarnation,
+            new = incarnation,
+            "peer restarted; closing the session with its previous run"
+        );
+        s.conn.close(CLOSE_DONE.into(), b"the peer restarted");
+    }
 }
 
 /// The end-entity certificate the peer authenticated with.
@@ -842,6 +880,7 @@ pub struct PeerSession {
     in_flight: Semaphore,
     deadline: Duration,
     metrics: Arc<NodeMetrics>,
+    placements: Arc<AtomicU64>,
 }
 
 /// Removes a request's waiter however the call ends (answer, deadline,
@@ -897,6 +936,7 @@ impl PeerSession {
             in_flight: Semaphore::new(shared.config.in_flight_requests_max),
             deadline: shared.config.rpc_deadline,
             metrics: shared.metrics.clone(),
+            placements: shared.placements.clone(),
         })
     }
 
@@ -907,6 +947,12 @@ impl PeerSession {
     /// The peer's incarnation, as its hello or welcome said.
     pub fn peer_incarnation(&self) -> u64 {
         self.peer_incarnation
+    }
+
+    /// Whether this session is alive and reaches the peer's run
+    /// `incarnation`.
+    fn serves(&self, incarnation: u64) -> bool {
+        self.peer_incarnation == incarnation && self.is_alive()
     }
 
     pub fn is_alive(&self) -> bool {
@@ -1074,6 +1120,7 @@ impl PeerSession {
             owner: self.owner.clone(),
             incarnation: self.incarnation,
             pages: pages.iter().map(rpc::page_to_wire).collect(),
+            placement: self.placements.fetch_add(1, Ordering::Relaxed),
         });
         match self.call(req).await? {
             peer_response::Kind::PutPages(r) => self.statuses(r.statuses, pages.len()),
@@ -1120,11 +1167,18 @@ impl PeerSession {
     }
 
     /// Releases every version ≤ the one named of each page.
-    pub async fn release_pages(&self, refs: &[PageRef]) -> Result<Vec<PageStatus>, PeerError> {
+    /// Releases the copies of `refs` put before the placement mark
+    /// `placement` (see [`PeerEndpoint::placement_mark`]).
+    pub async fn release_pages(
+        &self,
+        refs: &[PageRef],
+        placement: u64,
+    ) -> Result<Vec<PageStatus>, PeerError> {
         let req = peer_request::Kind::ReleasePages(wire::ReleasePages {
             owner: self.owner.clone(),
             incarnation: self.incarnation,
             pages: refs.iter().map(rpc::ref_to_wire).collect(),
+            placement,
         });
         match self.call(req).await? {
             peer_response::Kind::ReleasePages(r) => self.statuses(r.statuses, refs.len()),
@@ -1181,6 +1235,20 @@ impl PeerSession {
         {
             peer_response::Kind::Join(r) => Ok(r),
             _ => Err(self.bad_answer("join answered with another kind")),
+        }
+    }
+
+    /// Asks the peer (the leader, we think) to change a member.
+    pub async fn change_node(
+        &self,
+        change: wire::ChangeNode,
+    ) -> Result<wire::ChangeNodeResult, PeerError> {
+        match self
+            .control(peer_request::Kind::ChangeNode(change), self.deadline)
+            .await?
+        {
+            peer_response::Kind::ChangeNode(r) => Ok(r),
+            _ => Err(self.bad_answer("change answered with another kind")),
         }
     }
 }

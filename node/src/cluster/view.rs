@@ -1,9 +1,17 @@
 //! The cluster as the admin endpoint shows it: status rows, readiness, and
 //! the cluster's own metric families (donor, peers, membership).
 
+use std::time::Duration;
+
 use super::node::ClusterNode;
 use super::status::{ClusterStatus, Liveness};
-use crate::admin::ClusterView;
+use ramster_protocol::peer::{self as wire, change_node::Action};
+
+use crate::admin::{ChangeError, ChangeFuture, ClusterView, MemberAction};
+
+/// The longest an operator's change waits for the leader: a Raft entry (two
+/// for a removal) and perhaps an election.
+pub const CHANGE_DEADLINE: Duration = Duration::from_secs(20);
 use crate::admin::exposition::{Family, MetricsWriter};
 
 static DONOR_HELD_BYTES: Family = Family::gauge(
@@ -50,6 +58,30 @@ impl ClusterView for ClusterNode {
 
     fn ready(&self) -> Result<(), String> {
         ClusterNode::ready(self)
+    }
+
+    fn change_member(&self, node: &str, action: MemberAction) -> ChangeFuture {
+        let inner = self.inner.clone();
+        let (action, force) = match action {
+            MemberAction::Drain => (Action::Drain, false),
+            MemberAction::Activate => (Action::Activate, false),
+            MemberAction::Remove { force } => (Action::Remove, force),
+        };
+        let change = wire::ChangeNode {
+            node: node.to_string(),
+            action: action as i32,
+            force,
+        };
+        Box::pin(async move {
+            tokio::time::timeout(CHANGE_DEADLINE, inner.change_node(change))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ChangeError::Unavailable(format!(
+                        "no answer from the leader within {} s",
+                        CHANGE_DEADLINE.as_secs()
+                    )))
+                })
+        })
     }
 
     fn write_metrics(&self, out: &mut MetricsWriter) {

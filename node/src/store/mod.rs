@@ -165,6 +165,10 @@ pub struct Released {
     pub key: PageKey,
     pub version: u64,
     pub replicas: Replicas,
+    /// The owner's next placement number when the release was decided: it
+    /// covers only copies put before (0: not stamped yet; the cluster layer
+    /// stamps the store's releases when it takes them).
+    pub placement: u64,
 }
 
 /// Store configuration.
@@ -516,6 +520,7 @@ impl PageStore {
                 key: e.key,
                 version: e.version,
                 replicas,
+                placement: 0,
             });
         }
     }
@@ -816,10 +821,17 @@ impl PageStore {
     }
 
     /// Repair's work list: up to `max` pages held on donors that have a
-    /// copy on one of the `lost` donors and at least one copy elsewhere.
-    /// Also returns how many pages have a lost copy in all (degraded) and
-    /// how many have no copy left at all (unrecoverable).
-    pub fn remote_on(&self, lost: &[DonorId], max: usize) -> (Vec<RemoteRef>, u64, u64) {
+    /// copy on one of the `gone` donors and a copy to re-create it from: on
+    /// a donor not gone, or on a gone one that is still `readable` (a
+    /// draining donor: leaving, but serving until it is empty). Also returns
+    /// how many pages have a gone copy in all (degraded) and how many have
+    /// no copy left to read (unrecoverable).
+    pub fn remote_on(
+        &self,
+        gone: &[DonorId],
+        readable: &[DonorId],
+        max: usize,
+    ) -> (Vec<RemoteRef>, u64, u64) {
         let (mut out, mut degraded, mut unrecoverable) = (Vec::new(), 0, 0);
         for shard in self.shards.iter() {
             let shard = shard.lock();
@@ -828,12 +840,14 @@ impl PageStore {
                     continue;
                 };
                 let held = remote.replicas.as_slice();
-                let gone = held.iter().filter(|d| lost.contains(d)).count();
-                if gone == 0 {
+                if !held.iter().any(|d| gone.contains(d)) {
                     continue;
                 }
                 degraded += 1;
-                if gone == held.len() {
+                if held
+                    .iter()
+                    .all(|d| gone.contains(d) && !readable.contains(d))
+                {
                     unrecoverable += 1;
                 } else if out.len() < max {
                     out.push(remote);
@@ -899,6 +913,7 @@ impl PageStore {
             key: remote.key,
             version: remote.version,
             replicas: remote.replicas,
+            placement: 0,
         })
     }
 

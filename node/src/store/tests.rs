@@ -379,3 +379,32 @@ fn an_aborted_remotify_puts_the_page_back_among_the_coldest() {
     assert_eq!(again, first, "aborted pages lost their place in line");
     s.audit();
 }
+
+#[test]
+fn repair_lists_pages_with_a_gone_copy_and_something_left_to_read() {
+    let s = PageStore::new(StoreConfig::with_capacity(64 << 20));
+    for i in 0..4 {
+        s.store(key(i), &page_of(i, true), Retention::Persistent);
+    }
+    let sets = [&[1, 2][..], &[2, 3], &[3], &[1]];
+    for o in s.begin_remotify(4) {
+        let set = sets[o.key.index as usize];
+        assert!(s.finish_remotify(o.key, o.version, donors(set)));
+    }
+    let listed = |gone: &[u32], readable: &[u32]| {
+        let (refs, degraded, unrecoverable) = s.remote_on(gone, readable, 10);
+        let mut keys: Vec<u64> = refs.iter().map(|r| r.key.index).collect();
+        keys.sort_unstable();
+        (keys, degraded, unrecoverable)
+    };
+    assert_eq!(listed(&[], &[]), (vec![], 0, 0));
+    // Donor 1 lost: page 0 has donor 2 left, page 3 nothing.
+    assert_eq!(listed(&[1], &[]), (vec![0], 2, 1));
+    // Donor 1 draining: it still serves, so page 3 can be moved too.
+    assert_eq!(listed(&[1], &[1]), (vec![0, 3], 2, 0));
+    // Donors 2 and 3 lost: pages 1 and 2 have no copy left.
+    assert_eq!(listed(&[2, 3], &[]), (vec![0], 3, 2));
+    // At most `max` listed; all counted.
+    let (refs, degraded, _) = s.remote_on(&[1, 2, 3], &[1, 2, 3], 1);
+    assert_eq!((refs.len(), degraded), (1, 4));
+}

@@ -35,7 +35,7 @@ fn a_put_page_comes_back_byte_identical_at_its_version_only() {
     let mut d = DonorStore::new(DonorConfig::with_donation(1 << 20));
     let p = page(1, 3, 1500);
     assert_eq!(
-        d.put("a", 1, std::slice::from_ref(&p)).unwrap(),
+        d.put("a", 1, 1, std::slice::from_ref(&p)).unwrap(),
         [PageStatus::Ok]
     );
     let got = d.get("a", 1, &[at(1, 3), at(1, 2), at(1, 4)]).unwrap();
@@ -49,9 +49,10 @@ fn a_put_page_comes_back_byte_identical_at_its_version_only() {
 #[test]
 fn a_release_that_overtakes_its_put_keeps_the_page_from_resurrecting() {
     let mut d = DonorStore::new(DonorConfig::with_donation(1 << 20));
-    assert_eq!(d.release("a", 1, &[at(5, 2)]).unwrap(), [PageStatus::Ok]);
+    assert_eq!(d.release("a", 1, 0, &[at(5, 2)]).unwrap(), [PageStatus::Ok]);
     assert_eq!(
-        d.put("a", 1, &[page(5, 2, 100), page(5, 1, 100)]).unwrap(),
+        d.put("a", 1, 1, &[page(5, 2, 100), page(5, 1, 100)])
+            .unwrap(),
         [PageStatus::StaleVersion, PageStatus::StaleVersion]
     );
     assert_eq!(
@@ -59,17 +60,75 @@ fn a_release_that_overtakes_its_put_keeps_the_page_from_resurrecting() {
         [Err(PageStatus::NotFound)]
     );
     // A newer version is a new page and replaces the tombstone.
-    assert_eq!(d.put("a", 1, &[page(5, 3, 100)]).unwrap(), [PageStatus::Ok]);
+    assert_eq!(
+        d.put("a", 1, 1, &[page(5, 3, 100)]).unwrap(),
+        [PageStatus::Ok]
+    );
     assert_eq!(d.usage(Some("a")).tombstones, 0);
     assert_eq!(d.usage(Some("a")).pages, 1);
     d.check_invariants();
 }
 
 #[test]
+fn placements_tell_a_put_again_after_a_release_from_one_it_overtook() {
+    let mut d = DonorStore::new(DonorConfig::with_donation(1 << 20));
+    let held = |d: &DonorStore| d.get("a", 1, &[at(5, 2)]).unwrap()[0].is_ok();
+    // Put as placement 10; released by a release decided at 11 (it covers
+    // puts 0..=10).
+    assert_eq!(
+        d.put("a", 1, 10, &[page(5, 2, 100)]).unwrap(),
+        [PageStatus::Ok]
+    );
+    assert_eq!(
+        d.release("a", 1, 11, &[at(5, 2)]).unwrap(),
+        [PageStatus::Ok]
+    );
+    assert!(!held(&d));
+    // A put of the same version sent before the release (placement 9,
+    // overtaken) is refused; one sent after it (12: repair moving the copy
+    // back) is taken.
+    assert_eq!(
+        d.put("a", 1, 9, &[page(5, 2, 100)]).unwrap(),
+        [PageStatus::StaleVersion]
+    );
+    assert_eq!(
+        d.put("a", 1, 12, &[page(5, 2, 100)]).unwrap(),
+        [PageStatus::Ok]
+    );
+    assert!(held(&d));
+    // A release decided before that put (an old one arriving late) does not
+    // remove it; one decided after it does.
+    assert_eq!(
+        d.release("a", 1, 11, &[at(5, 2)]).unwrap(),
+        [PageStatus::Ok]
+    );
+    assert!(held(&d), "a late release removed a copy put after it");
+    assert_eq!(
+        d.release("a", 1, 13, &[at(5, 2)]).unwrap(),
+        [PageStatus::Ok]
+    );
+    assert!(!held(&d));
+    // An older version is stale whatever its placement; placement 0 in a
+    // release covers every put.
+    assert_eq!(
+        d.put("a", 1, 99, &[page(5, 1, 100)]).unwrap(),
+        [PageStatus::StaleVersion]
+    );
+    assert_eq!(d.release("a", 1, 0, &[at(5, 2)]).unwrap(), [PageStatus::Ok]);
+    assert_eq!(
+        d.put("a", 1, 1_000, &[page(5, 2, 100)]).unwrap(),
+        [PageStatus::StaleVersion]
+    );
+    assert_eq!(d.usage(Some("a")).tombstones, 1);
+    d.check_invariants();
+}
+
+#[test]
 fn a_release_removes_older_versions_and_spares_a_newer_one() {
     let mut d = DonorStore::new(DonorConfig::with_donation(1 << 20));
-    d.put("a", 1, &[page(1, 5, 200), page(2, 5, 200)]).unwrap();
-    d.release("a", 1, &[at(1, 4), at(2, 9)]).unwrap();
+    d.put("a", 1, 1, &[page(1, 5, 200), page(2, 5, 200)])
+        .unwrap();
+    d.release("a", 1, 0, &[at(1, 4), at(2, 9)]).unwrap();
     let got = d.get("a", 1, &[at(1, 5), at(2, 5)]).unwrap();
     assert!(got[0].is_ok(), "version 5 is newer than the release of 4");
     assert_eq!(got[1], Err(PageStatus::NotFound));
@@ -83,16 +142,19 @@ fn a_release_removes_older_versions_and_spares_a_newer_one() {
 #[test]
 fn an_older_incarnation_is_refused_and_a_newer_one_drops_the_old_pages() {
     let mut d = DonorStore::new(DonorConfig::with_donation(1 << 20));
-    d.put("a", 5, &[page(1, 1, 300)]).unwrap();
+    d.put("a", 5, 1, &[page(1, 1, 300)]).unwrap();
     assert_eq!(
-        d.put("a", 4, &[page(2, 1, 300)]).unwrap(),
+        d.put("a", 4, 1, &[page(2, 1, 300)]).unwrap(),
         [PageStatus::WrongIncarnation]
     );
     assert_eq!(
         d.get("a", 4, &[at(1, 1)]).unwrap(),
         [Err(PageStatus::WrongIncarnation)]
     );
-    assert_eq!(d.put("a", 6, &[page(2, 1, 300)]).unwrap(), [PageStatus::Ok]);
+    assert_eq!(
+        d.put("a", 6, 1, &[page(2, 1, 300)]).unwrap(),
+        [PageStatus::Ok]
+    );
     assert_eq!(d.owner_incarnation("a"), Some(6));
     assert_eq!(d.usage(Some("a")).pages, 1);
     assert_eq!(
@@ -111,26 +173,31 @@ fn the_donation_limit_and_the_owner_quota_are_never_exceeded() {
         .put(
             "a",
             1,
+            1,
             &[page(1, 1, 1000), page(2, 1, 1000), page(3, 1, 1000)],
         )
         .unwrap();
     assert_eq!(st, [PageStatus::Ok, PageStatus::Ok, PageStatus::Quota]);
     let st = d
-        .put("b", 1, &[page(1, 1, 1000), page(2, 1, 1000)])
+        .put("b", 1, 1, &[page(1, 1, 1000), page(2, 1, 1000)])
         .unwrap();
     assert_eq!(st, [PageStatus::Ok, PageStatus::NoCapacity]);
     assert_eq!(d.donated_bytes(), 3 * cost);
     assert_eq!(d.spare_bytes(), 0);
     // Rewriting a page with a smaller one needs no new room.
-    assert_eq!(d.put("b", 1, &[page(1, 2, 10)]).unwrap(), [PageStatus::Ok]);
+    assert_eq!(
+        d.put("b", 1, 1, &[page(1, 2, 10)]).unwrap(),
+        [PageStatus::Ok]
+    );
     d.check_invariants();
 }
 
 #[test]
 fn release_owner_drops_pages_and_tombstones_and_forgets_the_owner() {
     let mut d = DonorStore::new(DonorConfig::with_donation(1 << 20));
-    d.put("a", 1, &[page(1, 1, 100), page(2, 1, 100)]).unwrap();
-    d.release("a", 1, &[at(3, 1)]).unwrap();
+    d.put("a", 1, 1, &[page(1, 1, 100), page(2, 1, 100)])
+        .unwrap();
+    d.release("a", 1, 0, &[at(3, 1)]).unwrap();
     assert_eq!(d.release_owner("a", 0), Err(PageStatus::WrongIncarnation));
     assert_eq!(d.release_owner("a", 1), Ok(2));
     assert_eq!(d.donated_bytes(), 0);
@@ -146,22 +213,22 @@ fn malformed_batches_are_refused_whole_before_anything_is_applied() {
     let mut d = DonorStore::new(DonorConfig::with_donation(1 << 20));
     let mut bad = page(2, 1, 100);
     bad.data = Bytes::new();
-    let err = d.put("a", 1, &[page(1, 1, 100), bad]).unwrap_err();
+    let err = d.put("a", 1, 1, &[page(1, 1, 100), bad]).unwrap_err();
     assert!(
         matches!(err, DonorError::InvalidPage { item: 1, .. }),
         "{err}"
     );
     let mut raw = page(3, 1, PAGE_BYTES);
     raw.data = Bytes::from(vec![0u8; PAGE_BYTES - 1]);
-    assert!(d.put("a", 1, &[raw]).is_err());
+    assert!(d.put("a", 1, 1, &[raw]).is_err());
     let mut big = page(4, 1, 100);
     big.data = Bytes::from(vec![0u8; PAGE_BYTES + 1]);
-    assert!(d.put("a", 1, &[big]).is_err());
+    assert!(d.put("a", 1, 1, &[big]).is_err());
     let many: Vec<_> = (0..=PEER_BATCH_PAGES_MAX as u64)
         .map(|i| page(i, 1, 10))
         .collect();
     assert!(matches!(
-        d.put("a", 1, &many),
+        d.put("a", 1, 1, &many),
         Err(DonorError::BatchTooLarge { .. })
     ));
     assert_eq!(d.donated_bytes(), 0);
@@ -174,7 +241,7 @@ fn a_kept_page_does_not_pin_its_request_frame() {
     let frame = Bytes::from(vec![1u8; 64 * 1024]);
     let mut p = page(1, 1, 100);
     p.data = frame.slice(0..100);
-    d.put("a", 1, &[p]).unwrap();
+    d.put("a", 1, 1, &[p]).unwrap();
     let got = d.get("a", 1, &[at(1, 1)]).unwrap();
     let data = &got[0].as_ref().unwrap().data;
     let frame_range = frame.as_ptr() as usize..frame.as_ptr() as usize + frame.len();
@@ -318,7 +385,7 @@ proptest! {
             match op {
                 Op::Put { owner, incarnation, index, version, len } => {
                     let p = page(index, version, len);
-                    let got = d.put(&name(owner), incarnation, std::slice::from_ref(&p)).unwrap()[0];
+                    let got = d.put(&name(owner), incarnation, 1, std::slice::from_ref(&p)).unwrap()[0];
                     let want = if !m.enter(owner, incarnation) {
                         PageStatus::WrongIncarnation
                     } else {
@@ -358,7 +425,7 @@ proptest! {
                     }
                 }
                 Op::Release { owner, incarnation, index, version } => {
-                    let got = d.release(&name(owner), incarnation, &[at(index, version)]).unwrap()[0];
+                    let got = d.release(&name(owner), incarnation, 0, &[at(index, version)]).unwrap()[0];
                     let want = if !m.enter(owner, incarnation) {
                         PageStatus::WrongIncarnation
                     } else {

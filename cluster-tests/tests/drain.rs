@@ -1,0 +1,183 @@
+//! Taking a donor out without losing a copy: `ramster cluster drain` makes
+//! owners move the copies it holds to other donors, `ramster status` shows
+//! it drained, `ramster cluster remove` takes it out, and once it is gone
+//! every page still loads with two copies. A node that still holds pages
+//! is not removed without `--force`.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use ramster_cluster_tests::{Member, MemberSpec, TestCluster, wait_for};
+use ramster_node::cli::corpus::Pages;
+use ramster_node::cluster::membership::MemberState;
+use ramster_node::cluster::status::NodeStatus;
+use ramster_node::frontend::client::BlockingClient;
+use ramster_protocol::v1;
+
+const AREA: u32 = 1;
+const FORM_TIMEOUT: Duration = Duration::from_secs(30);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn store_all(client: &BlockingClient, pages: &Pages) -> Vec<u64> {
+    client.init_area(AREA, false).unwrap();
+    let mut accepted = Vec::new();
+    let offsets: Vec<u64> = (0..pages.len() as u64).collect();
+    for chunk in offsets.chunks(256) {
+        let batch: Vec<(u64, Bytes)> = chunk
+            .iter()
+            .map(|&o| (o, pages.page_bytes(o as usize)))
+            .collect();
+        for (&o, s) in chunk.iter().zip(client.store_pages(AREA, &batch).unwrap()) {
+            match s {
+                v1::Status::Ok => accepted.push(o),
+                v1::Status::RejectedIncompressible => {}
+                other => panic!("page {o} refused: {other:?}"),
+            }
+        }
+    }
+    accepted
+}
+
+fn verify(client: &BlockingClient, pages: &Pages, offsets: &[u64]) {
+    for chunk in offsets.chunks(256) {
+        for (&o, g) in chunk.iter().zip(client.load_pages(AREA, chunk).unwrap()) {
+            let page = g.unwrap_or_else(|s| panic!("page {o} did not load: {s:?}"));
+            assert!(
+                page[..] == pages.page(o as usize)[..],
+                "page {o} came back different"
+            );
+        }
+    }
+}
+
+fn row(m: &Member, name: &str) -> Option<NodeStatus> {
+    m.status().ok()?.nodes.into_iter().find(|n| n.name == name)
+}
+
+/// `ramster cluster <args>` through `m`'s endpoint: exit code and stderr.
+fn cluster_cli(m: &Member, args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(ramster_cluster_tests::ramster_bin())
+        .arg("cluster")
+        .args(args)
+        .args(["--endpoint", &m.admin])
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+fn gauge(m: &Member, name: &str) -> Option<f64> {
+    let text = ramster_node::cli::admin_client::get(&m.admin, "/metrics")
+        .ok()?
+        .body;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn a_drained_donor_is_removed_without_losing_a_copy() {
+    let mut cluster = TestCluster::start(&[
+        MemberSpec {
+            name: "owner",
+            capacity: "32MiB",
+            extra: &["--replicas", "2"],
+        },
+        MemberSpec {
+            name: "memsrv",
+            capacity: "256MiB",
+            extra: &["--role", "memory-server"],
+        },
+        MemberSpec {
+            name: "peer1",
+            capacity: "256MiB",
+            extra: &["--donate", "192MiB"],
+        },
+        MemberSpec {
+            name: "peer2",
+            capacity: "256MiB",
+            extra: &["--donate", "192MiB"],
+        },
+    ])
+    .unwrap();
+    cluster.wait_up("owner", 4, FORM_TIMEOUT).unwrap();
+    let owner = cluster.member("owner");
+    let client = BlockingClient::connect(&owner.socket()).unwrap();
+    let pages = Pages::synthetic(32_768, 23);
+    let accepted = store_all(&client, &pages);
+    // Every remote page is on the memory server (preferred) and a peer.
+    let held = wait_for(FORM_TIMEOUT, || {
+        let r = row(owner, "memsrv")?;
+        (r.held_for_others_pages > 0).then_some(r.held_for_others_pages)
+    })
+    .unwrap();
+    eprintln!("memsrv holds {held} pages before the drain");
+
+    // Removing a node that holds pages needs a drain first.
+    let (code, said) = cluster_cli(cluster.member("peer2"), &["remove", "memsrv"]);
+    assert_ne!(code, 0, "removed a node holding pages: {said}");
+    assert!(said.contains("drain it first"), "{said}");
+    let (code, said) = cluster_cli(owner, &["drain", "nosuchnode"]);
+    assert_ne!(code, 0);
+    assert!(said.contains("no member is named"), "{said}");
+
+    // Asked of a follower, made by the leader.
+    let (code, said) = cluster_cli(cluster.member("peer2"), &["drain", "memsrv"]);
+    assert_eq!(code, 0, "{said}");
+    let drained = wait_for(DRAIN_TIMEOUT, || {
+        let r = row(owner, "memsrv")?;
+        (r.member_state == MemberState::Draining && r.held_for_others_pages == 0).then_some(r)
+    })
+    .unwrap_or_else(|e| {
+        let log = owner.log();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        panic!(
+            "memsrv never drained ({e}): {:?}\nthe owner's log ends:\n{}",
+            row(owner, "memsrv"),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    });
+    assert_eq!(drained.held_for_others_pages, 0);
+    let (_, table) = owner.cli(&["status"]);
+    assert!(table.contains("up,drained"), "{table}");
+    assert_eq!(gauge(owner, "ramster_unrecoverable_pages"), Some(0.0));
+    verify(&client, &pages, &accepted);
+
+    let (code, said) = cluster_cli(owner, &["remove", "memsrv"]);
+    assert_eq!(code, 0, "{said}");
+    wait_for(FORM_TIMEOUT, || {
+        let s = owner.status().ok()?;
+        (s.nodes_total == 3 && s.nodes.iter().all(|n| n.name != "memsrv")).then_some(())
+    })
+    .unwrap();
+    cluster.member_mut("memsrv").kill();
+
+    // Gone for good: nothing to repair, every page at two copies.
+    let owner = cluster.member("owner");
+    verify(&client, &pages, &accepted);
+    wait_for(FORM_TIMEOUT, || {
+        (gauge(owner, "ramster_degraded_pages")? == 0.0).then_some(())
+    })
+    .unwrap();
+    assert_eq!(gauge(owner, "ramster_unrecoverable_pages"), Some(0.0));
+    let remote = client.stats().unwrap().store.unwrap().remote_pages;
+    assert!(remote > 0);
+    // Copies left over by the moves are released in the background.
+    wait_for(FORM_TIMEOUT, || {
+        let s = owner.status().ok()?;
+        let copies: u64 = s
+            .nodes
+            .iter()
+            .filter(|n| n.name != "owner")
+            .map(|n| n.held_for_others_pages)
+            .sum();
+        (copies == 2 * remote).then_some(())
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "not every remote page has two copies ({e}): {:?}",
+            owner.status()
+        )
+    });
+}
