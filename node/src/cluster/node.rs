@@ -35,6 +35,7 @@ use super::membership::{
     RaftTransport, Role,
 };
 use super::placement::DonorView;
+use super::repair;
 use super::rpc::{self, RpcRefusal};
 use super::status::{ClusterStatus, Health, HealthLevel, Liveness, NodeStatus};
 use super::transport::{
@@ -667,25 +668,26 @@ impl Inner {
     /// Donors whose copies of our pages are gone or out of reach: down,
     /// no longer members, or back with a new incarnation (empty).
     pub(super) fn lost_donors(&self) -> Vec<DonorId> {
-        let config = self.membership().config();
-        let now = Instant::now();
-        let peers = self.peers.lock();
-        self.shipped
-            .lock()
-            .iter()
-            .filter(
-                |(id, incarnation)| match config.nodes.get(&(**id as NodeId)) {
-                    None => true,
-                    Some(n) => {
-                        peers.state(&n.name, now) == Liveness::Down
-                            || peers.get(&n.name).is_some_and(|r| {
-                                r.incarnation != 0 && r.incarnation != **incarnation
-                            })
-                    }
-                },
-            )
-            .map(|(id, _)| *id)
+        let shipped: Vec<(DonorId, u64)> =
+            self.shipped.lock().iter().map(|(&d, &i)| (d, i)).collect();
+        shipped
+            .into_iter()
+            .filter(|&(id, incarnation)| repair::copies_lost(incarnation, self.sight(id)))
+            .map(|(id, _)| id)
             .collect()
+    }
+
+    /// What membership and heartbeats say of a donor, for repair.
+    fn sight(&self, donor: DonorId) -> repair::DonorSight {
+        let config = self.membership().config();
+        let Some(n) = config.nodes.get(&(donor as NodeId)) else {
+            return repair::DonorSight::Removed;
+        };
+        let peers = self.peers.lock();
+        repair::DonorSight::Member {
+            down: peers.state(&n.name, Instant::now()) == Liveness::Down,
+            incarnation: peers.get(&n.name).map_or(0, |r| r.incarnation),
+        }
     }
 
     /// Our copies are on `donor`, in its incarnation `incarnation`.
@@ -696,19 +698,15 @@ impl Inner {
     /// Repair re-created every copy the `lost` donors held: a donor that is
     /// back (with a new incarnation) holds only what it got since.
     pub(super) fn forget_lost_copies(&self, lost: &[DonorId]) {
-        let config = self.membership().config();
-        let now = Instant::now();
-        let peers = self.peers.lock();
-        let mut shipped = self.shipped.lock();
-        for d in lost {
-            let Some(n) = config.nodes.get(&(*d as NodeId)) else {
-                shipped.remove(d);
-                continue;
-            };
-            if peers.state(&n.name, now) != Liveness::Down
-                && let Some(r) = peers.get(&n.name)
-            {
-                shipped.insert(*d, r.incarnation);
+        for &d in lost {
+            match repair::after_repair(self.sight(d)) {
+                repair::AfterRepair::Forget => {
+                    self.shipped.lock().remove(&d);
+                }
+                repair::AfterRepair::Holds(incarnation) => {
+                    self.shipped.lock().insert(d, incarnation);
+                }
+                repair::AfterRepair::Keep => {}
             }
         }
     }
