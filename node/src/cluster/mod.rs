@@ -18,6 +18,8 @@ pub mod placement;
 pub mod pressure;
 pub mod repair;
 pub mod rpc;
+#[cfg(test)]
+mod sim;
 pub mod status;
 pub mod tls;
 pub mod transport;

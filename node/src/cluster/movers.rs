@@ -128,10 +128,14 @@ async fn ship(inner: Arc<Inner>, out: Vec<Outbound>) -> bool {
     for &d in &donors {
         let (inner, pages) = (inner.clone(), pages.clone());
         puts.spawn(async move {
+            // Err((sent, why)): whether the put left before it failed.
             let r = async {
-                let s = inner.donor_session(d as NodeId).await?;
+                let s = inner
+                    .donor_session(d as NodeId)
+                    .await
+                    .map_err(|e| (false, e))?;
                 inner.note_shipped(d, s.peer_incarnation());
-                s.put_pages(&pages).await.map_err(|e| e.to_string())
+                s.put_pages(&pages).await.map_err(|e| (true, e.to_string()))
             }
             .await;
             (d, r)
@@ -139,6 +143,8 @@ async fn ship(inner: Arc<Inner>, out: Vec<Outbound>) -> bool {
     }
     // acked[i]: the donors that hold page i.
     let mut acked: Vec<Vec<u32>> = vec![Vec::new(); out.len()];
+    // Donors that got the batch and never answered: they may hold it.
+    let mut unanswered = Vec::new();
     while let Some(done) = puts.join_next().await {
         let Ok((d, r)) = done else { continue };
         match r {
@@ -149,41 +155,37 @@ async fn ship(inner: Arc<Inner>, out: Vec<Outbound>) -> bool {
                     }
                 }
             }
-            Err(e) => warn!(donor = d, reason = %e, "remotify put failed"),
+            Err((sent, e)) => {
+                warn!(donor = d, reason = %e, "remotify put failed");
+                if sent {
+                    unanswered.push(d);
+                }
+            }
         }
     }
     let mut moved = 0;
     let mut moved_bytes = 0;
     let mut unwanted = Vec::new();
     for (o, holders) in out.iter().zip(&acked) {
-        let replicas = Replicas::new(holders);
-        let complete = holders.len() == donors.len();
-        match replicas {
-            Some(r) if complete => {
-                if inner.store.finish_remotify(o.key, o.version, r) {
-                    moved += 1;
-                    moved_bytes += o.compressed.len() as u64;
-                } else {
-                    // Rewritten or invalidated meanwhile: the copies are stale.
-                    unwanted.push(Released {
-                        key: o.key,
-                        version: o.version,
-                        replicas: r,
-                        placement: inner.endpoint.placement_mark(),
-                    });
-                }
-            }
-            partial => {
+        let settled = settle_shipped(&donors, holders, &unanswered);
+        let freed = match settled.record {
+            Some(r) => inner.store.finish_remotify(o.key, o.version, r),
+            None => {
                 inner.store.abort_remotify(o.key, o.version);
-                if let Some(r) = partial {
-                    unwanted.push(Released {
-                        key: o.key,
-                        version: o.version,
-                        replicas: r,
-                        placement: inner.endpoint.placement_mark(),
-                    });
-                }
+                false
             }
+        };
+        if freed {
+            moved += 1;
+            moved_bytes += o.compressed.len() as u64;
+        }
+        if let Some(replicas) = settled.unwanted(freed) {
+            unwanted.push(Released {
+                key: o.key,
+                version: o.version,
+                replicas,
+                placement: inner.endpoint.placement_mark(),
+            });
         }
     }
     ClusterCounters::add(&c.remotified_pages, moved);
@@ -195,6 +197,43 @@ async fn ship(inner: Arc<Inner>, out: Vec<Outbound>) -> bool {
         inner.release_backlog.lock().extend(unwanted);
     }
     moved > 0
+}
+
+/// One page's outcome of a remotify batch, once its puts are answered.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct ShipSettle {
+    /// Every chosen donor acked: the set to record, after which the local
+    /// copy is freed. `None`: the page stays home.
+    pub record: Option<Replicas>,
+    /// The donors that hold a copy, or may: a put that went unanswered may
+    /// still land, and the release sent after it leaves a tombstone that
+    /// refuses it then.
+    made: Option<Replicas>,
+}
+
+impl ShipSettle {
+    /// The copies to release, given whether the store recorded the set (it
+    /// refuses when the page was rewritten or invalidated meanwhile).
+    pub fn unwanted(&self, recorded: bool) -> Option<Replicas> {
+        if recorded { None } else { self.made }
+    }
+}
+
+/// Settles one shipped page: `donors` were asked, `holders` acked it,
+/// `unanswered` got the batch and did not answer. The local copy may go
+/// only when every replica acked.
+pub fn settle_shipped(donors: &[u32], holders: &[u32], unanswered: &[u32]) -> ShipSettle {
+    let complete = !donors.is_empty() && donors.iter().all(|d| holders.contains(d));
+    let mut maybe = holders.to_vec();
+    maybe.extend(unanswered.iter().filter(|d| !holders.contains(d)));
+    ShipSettle {
+        record: if complete {
+            Replicas::new(holders)
+        } else {
+            None
+        },
+        made: Replicas::new(&maybe),
+    }
 }
 
 /// Brings about `bytes` of remote pages home, hottest first.
@@ -292,16 +331,17 @@ pub(super) async fn bring_home(inner: &Arc<Inner>, refs: &[RemoteRef]) -> usize 
 /// Tells donors to drop copies that are no longer wanted; what cannot be
 /// delivered now stays queued.
 pub(super) async fn release(inner: &Arc<Inner>) {
-    // The store's releases were decided since the last pass, after every
-    // put sent before now: they cover those puts and no later one.
+    // Releases not stamped yet (the store's, pages brought home) were
+    // decided since the last pass, after every put sent before now: they
+    // cover those puts and no later one.
     let mark = inner.endpoint.placement_mark();
     let mut todo = inner.store.take_released();
-    for r in &mut todo {
-        r.placement = mark;
-    }
     todo.append(&mut inner.release_backlog.lock());
     if todo.is_empty() {
         return;
+    }
+    for r in todo.iter_mut().filter(|r| r.placement == 0) {
+        r.placement = mark;
     }
     // One release message covers one placement mark.
     let mut by_donor: HashMap<(u32, u64), Vec<&Released>> = HashMap::new();

@@ -36,6 +36,7 @@ use super::membership::{
     RaftRequest, RaftTransport, Role,
 };
 use super::placement::DonorView;
+use super::repair;
 use super::rpc::{self, RpcRefusal};
 use super::status::{ClusterStatus, Health, HealthLevel, Liveness, NodeStatus};
 use super::transport::{
@@ -807,27 +808,27 @@ impl Inner {
     /// Donors whose copies of our pages must be re-created elsewhere: down,
     /// no longer members, back with a new incarnation (empty), or draining.
     pub(super) fn lost_donors(&self) -> Vec<DonorId> {
-        let config = self.membership().config();
-        let now = Instant::now();
-        let peers = self.peers.lock();
-        self.shipped
-            .lock()
-            .iter()
-            .filter(
-                |(id, incarnation)| match config.nodes.get(&(**id as NodeId)) {
-                    None => true,
-                    Some(n) => {
-                        n.state == MemberState::Draining
-                            || peers.state(&n.name, now) == Liveness::Down
-                            || peers.get(&n.name).is_some_and(|r| {
-                                let now_running = r.heartbeat.incarnation;
-                                now_running != 0 && now_running != **incarnation
-                            })
-                    }
-                },
-            )
-            .map(|(id, _)| *id)
+        let shipped: Vec<(DonorId, u64)> =
+            self.shipped.lock().iter().map(|(&d, &i)| (d, i)).collect();
+        shipped
+            .into_iter()
+            .filter(|&(id, incarnation)| repair::copies_lost(incarnation, self.sight(id)))
+            .map(|(id, _)| id)
             .collect()
+    }
+
+    /// What membership and heartbeats say of a donor, for repair.
+    fn sight(&self, donor: DonorId) -> repair::DonorSight {
+        let config = self.membership().config();
+        let Some(n) = config.nodes.get(&(donor as NodeId)) else {
+            return repair::DonorSight::Removed;
+        };
+        let peers = self.peers.lock();
+        repair::DonorSight::Member {
+            down: peers.state(&n.name, Instant::now()) == Liveness::Down,
+            incarnation: peers.get(&n.name).map_or(0, |r| r.heartbeat.incarnation),
+            draining: n.state == MemberState::Draining,
+        }
     }
 
     /// Draining donors that still answer: their copies are moved elsewhere,
@@ -863,19 +864,15 @@ impl Inner {
     /// Repair re-created every copy the `lost` donors held: a donor that is
     /// back (with a new incarnation) holds only what it got since.
     pub(super) fn forget_lost_copies(&self, lost: &[DonorId]) {
-        let config = self.membership().config();
-        let now = Instant::now();
-        let peers = self.peers.lock();
-        let mut shipped = self.shipped.lock();
-        for d in lost {
-            let Some(n) = config.nodes.get(&(*d as NodeId)) else {
-                shipped.remove(d);
-                continue;
-            };
-            if peers.state(&n.name, now) != Liveness::Down
-                && let Some(r) = peers.get(&n.name)
-            {
-                shipped.insert(*d, r.heartbeat.incarnation);
+        for &d in lost {
+            match repair::after_repair(self.sight(d)) {
+                repair::AfterRepair::Forget => {
+                    self.shipped.lock().remove(&d);
+                }
+                repair::AfterRepair::Holds(incarnation) => {
+                    self.shipped.lock().insert(d, incarnation);
+                }
+                repair::AfterRepair::Keep => {}
             }
         }
     }

@@ -22,22 +22,28 @@ use tracing::{info, warn};
 use super::donor::{DonatedPage, PageRef, PageStatus};
 use super::membership::NodeId;
 use super::node::{Inner, decode_checked};
-use super::placement::choose_donors;
+use super::placement::{DonorView, choose_donors};
 use crate::metrics::ClusterCounters;
-use crate::store::{DonorId, PAGE_BYTES, Released, RemoteRef, Replicas};
+use crate::store::{DonorId, PAGE_BYTES, PageKey, Released, RemoteRef, Replicas};
 
 /// Pages looked at per pass.
 pub const REPAIR_BATCH_PAGES: usize = 1024;
+/// Most stale refusals remembered in one episode.
+const REFUSED_MAX: usize = 4096;
 
 /// Where repair stands between passes.
 #[derive(Default)]
-pub(super) struct RepairState {
+pub(crate) struct RepairState {
     /// The lost donors whose copies were all re-created (or found
     /// unrecoverable) in the last complete pass; nothing to walk again
     /// until the set changes.
     settled: Vec<DonorId>,
     /// When pages were first found degraded in the current episode.
     since: Option<Instant>,
+    /// (page, version, donor): the donor refused a copy as stale. It keeps
+    /// a tombstone of that very copy (released earlier) and will refuse it
+    /// every time, so repair looks elsewhere for the rest of the episode.
+    refused: Vec<(PageKey, u64, DonorId)>,
     /// When a stalled pass was last reported (at most every few seconds).
     stall_reported: Option<Instant>,
 }
@@ -59,22 +65,232 @@ struct Stalled {
 /// How often a stalled repair is reported.
 const STALL_REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// How a repair pass starts, given the lost donors (sorted).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub(crate) enum PassStart {
+    /// No donor is lost: nothing is degraded.
+    Healthy,
+    /// The last complete pass dealt with every copy these donors held: the
+    /// owner may forget them (a donor that is back, empty, takes pages
+    /// again).
+    Settled,
+    /// Walk the pages with a copy on a lost donor.
+    Walk,
+}
+
+impl RepairState {
+    pub(crate) fn start(&mut self, lost: &[DonorId]) -> PassStart {
+        if lost.is_empty() {
+            self.settled.clear();
+            self.refused.clear();
+            PassStart::Healthy
+        } else if self.settled == lost {
+            PassStart::Settled
+        } else {
+            PassStart::Walk
+        }
+    }
+
+    /// Pages were found degraded at `now`; the start of the episode.
+    pub(crate) fn degraded_at(&mut self, now: Instant) -> Instant {
+        *self.since.get_or_insert(now)
+    }
+
+    /// No page is left to repair on `lost`: remembers them as settled and
+    /// hands back when the episode started, if one was running.
+    pub(crate) fn settle(&mut self, lost: &[DonorId]) -> Option<Instant> {
+        self.settled = lost.to_vec();
+        self.refused.clear();
+        self.since.take()
+    }
+
+    /// `donor` answered `status` to a repair copy of (key, version).
+    pub(crate) fn answered(
+        &mut self,
+        key: PageKey,
+        version: u64,
+        donor: DonorId,
+        status: PageStatus,
+    ) {
+        if status == PageStatus::StaleVersion && self.refused.len() < REFUSED_MAX {
+            self.refused.push((key, version, donor));
+        }
+    }
+
+    /// Donors that refused a copy of one of `refs` as stale.
+    pub(crate) fn refused_by(&self, refs: &[RemoteRef]) -> Vec<DonorId> {
+        self.refused
+            .iter()
+            .filter(|(k, v, _)| refs.iter().any(|r| r.key == *k && r.version == *v))
+            .map(|(_, _, d)| *d)
+            .collect()
+    }
+}
+
+/// What an owner knows of a donor it shipped copies to.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum DonorSight {
+    /// No longer a member of the cluster.
+    Removed,
+    /// A member: whether heartbeats say it is down, the incarnation its
+    /// heartbeats last announced (0 when not known yet), and whether it is
+    /// draining.
+    Member {
+        down: bool,
+        incarnation: u64,
+        draining: bool,
+    },
+}
+
+/// Whether the copies shipped to a donor in `shipped_incarnation` must be
+/// re-created elsewhere: the donor left, is down, is back with another
+/// incarnation (a restarted donor comes back empty), or is draining.
+pub fn copies_lost(shipped_incarnation: u64, sight: DonorSight) -> bool {
+    match sight {
+        DonorSight::Removed => true,
+        DonorSight::Member {
+            down,
+            incarnation,
+            draining,
+        } => draining || down || (incarnation != 0 && incarnation != shipped_incarnation),
+    }
+}
+
+/// What the owner records for a lost donor once repair re-created every
+/// copy it held.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum AfterRepair {
+    /// It left the cluster: forget it.
+    Forget,
+    /// It is back in this incarnation and holds only what it got since.
+    Holds(u64),
+    /// Still down: it stays lost until it is heard from again.
+    Keep,
+}
+
+pub fn after_repair(sight: DonorSight) -> AfterRepair {
+    match sight {
+        DonorSight::Removed => AfterRepair::Forget,
+        DonorSight::Member {
+            down: false,
+            incarnation,
+            ..
+        } => AfterRepair::Holds(incarnation),
+        DonorSight::Member { down: true, .. } => AfterRepair::Keep,
+    }
+}
+
+/// How one replica set's pages are repaired.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupPlan {
+    /// Donors of the set that still hold copies.
+    pub survivors: Vec<DonorId>,
+    /// Donors of the set that are lost.
+    pub gone: Vec<DonorId>,
+    /// New donors needed to be back at the replica count.
+    pub need: usize,
+}
+
+pub fn plan_group(set: Replicas, lost: &[DonorId], replicas: usize) -> GroupPlan {
+    let (gone, survivors): (Vec<DonorId>, Vec<DonorId>) =
+        set.as_slice().iter().partition(|d| lost.contains(d));
+    let need = replicas.saturating_sub(survivors.len());
+    GroupPlan {
+        survivors,
+        gone,
+        need,
+    }
+}
+
+/// Donors a group's new copies may go to: none of the set (a copy is
+/// there already, or the donor is lost), none that is lost, and none with
+/// an unanswered release of one of the group's pages (the new copy has the
+/// same name as the released one, and the release, landing after it,
+/// would drop it while the owner lists it) or that refused one as stale
+/// (`shunned`).
+pub fn fresh_candidates(
+    views: Vec<DonorView>,
+    set: Replicas,
+    lost: &[DonorId],
+    shunned: &[DonorId],
+) -> Vec<DonorView> {
+    views
+        .into_iter()
+        .filter(|v| {
+            !set.as_slice().contains(&v.id) && !lost.contains(&v.id) && !shunned.contains(&v.id)
+        })
+        .collect()
+}
+
+/// The donors that `pending` (releases not answered yet) tells to drop one
+/// of `refs`' pages.
+pub fn releasing_to(pending: &[Released], refs: &[RemoteRef]) -> Vec<DonorId> {
+    let mut to: Vec<DonorId> = pending
+        .iter()
+        .filter(|p| {
+            refs.iter()
+                .any(|r| r.key == p.key && r.version == p.version)
+        })
+        .flat_map(|p| p.replicas.as_slice().iter().copied())
+        .collect();
+    to.sort_unstable();
+    to.dedup();
+    to
+}
+
+/// One page's outcome of a repair round, once the new donors answered.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct PageSettle {
+    /// The set to record when every new donor holds a copy: the survivors
+    /// and the new donors. `None`: the page keeps its old set.
+    pub record: Option<Replicas>,
+    /// Copies on the lost donors: unwanted once the new set is recorded.
+    gone: Option<Replicas>,
+    /// Copies the new donors acked: unwanted unless the new set is recorded.
+    made: Option<Replicas>,
+}
+
+impl PageSettle {
+    /// The copies to release, given whether the store took the new set (it
+    /// refuses when the page changed meanwhile: the new copies are stale).
+    pub fn unwanted(&self, recorded: bool) -> Option<Replicas> {
+        if recorded { self.gone } else { self.made }
+    }
+}
+
+/// Settles one page: `fresh` are the new donors asked, `holders` those
+/// that acked a copy of it.
+pub fn settle_page(plan: &GroupPlan, fresh: &[DonorId], holders: &[DonorId]) -> PageSettle {
+    let complete = fresh.iter().all(|d| holders.contains(d));
+    let record = complete.then(|| {
+        let mut now_on = plan.survivors.clone();
+        now_on.extend(holders);
+        Replicas::new(&now_on).expect("within REPLICAS_MAX")
+    });
+    PageSettle {
+        record,
+        gone: Replicas::new(&plan.gone),
+        made: Replicas::new(holders),
+    }
+}
+
 /// One repair pass, run by the movers every tick.
 pub(super) async fn repair(inner: &Arc<Inner>) {
     let mut lost = inner.lost_donors();
     lost.sort_unstable();
     let c = &inner.metrics.cluster;
-    if lost.is_empty() {
-        c.degraded_pages.store(0, Ordering::Relaxed);
-        c.unrecoverable_pages.store(0, Ordering::Relaxed);
-        inner.repair.lock().settled.clear();
-        return;
-    }
-    if inner.repair.lock().settled == lost {
-        // Nothing left to re-create; a donor that is back (empty) may take
-        // pages again.
-        inner.forget_lost_copies(&lost);
-        return;
+    let start = inner.repair.lock().start(&lost);
+    match start {
+        PassStart::Healthy => {
+            c.degraded_pages.store(0, Ordering::Relaxed);
+            c.unrecoverable_pages.store(0, Ordering::Relaxed);
+            return;
+        }
+        PassStart::Settled => {
+            inner.forget_lost_copies(&lost);
+            return;
+        }
+        PassStart::Walk => {}
     }
     loop {
         let (refs, degraded, unrecoverable) =
@@ -85,19 +301,17 @@ pub(super) async fn repair(inner: &Arc<Inner>) {
         c.unrecoverable_pages
             .store(unrecoverable, Ordering::Relaxed);
         if refs.is_empty() {
-            let mut state = inner.repair.lock();
-            if let Some(since) = state.since.take() {
+            let since = inner.repair.lock().settle(&lost);
+            if let Some(since) = since {
                 let secs = since.elapsed().as_secs_f64();
                 c.last_repair_micros
                     .store((secs * 1e6) as u64, Ordering::Relaxed);
                 info!(lost = ?lost, secs, unrecoverable, "replicas repaired");
             }
-            state.settled = lost.clone();
-            drop(state);
             inner.forget_lost_copies(&lost);
             return;
         }
-        inner.repair.lock().since.get_or_insert_with(Instant::now);
+        inner.repair.lock().degraded_at(Instant::now());
         let mut stalled = Stalled::default();
         if repair_batch(inner, &lost, refs, &mut stalled).await == 0 {
             // Nothing could be repaired now: try again next tick.
@@ -139,25 +353,14 @@ async fn repair_group(
     refs: &[RemoteRef],
     stalled: &mut Stalled,
 ) -> u64 {
-    let survivors: Vec<DonorId> = set
-        .as_slice()
-        .iter()
-        .copied()
-        .filter(|d| !lost.contains(d))
-        .collect();
-    let gone: Vec<DonorId> = set
-        .as_slice()
-        .iter()
-        .copied()
-        .filter(|d| lost.contains(d))
-        .collect();
-    let need = inner.replicas.saturating_sub(survivors.len());
+    let plan = plan_group(set, lost, inner.replicas);
     // Read from the survivors first; a draining donor still serves its
     // copies until they are all moved.
     let draining = inner.draining_donors();
-    let sources: Vec<DonorId> = survivors
+    let sources: Vec<DonorId> = plan
+        .survivors
         .iter()
-        .chain(gone.iter().filter(|d| draining.contains(d)))
+        .chain(plan.gone.iter().filter(|d| draining.contains(d)))
         .copied()
         .collect();
     // The copies, checked before they are copied anywhere.
@@ -170,13 +373,11 @@ async fn repair_group(
     };
     stalled.no_copy += pages.iter().filter(|p| p.is_none()).count() as u64;
     let total: u64 = pages.iter().flatten().map(|p| p.data.len() as u64).sum();
-    let candidates: Vec<_> = inner
-        .donor_views()
-        .into_iter()
-        .filter(|v| !set.as_slice().contains(&v.id) && !lost.contains(&v.id))
-        .collect();
-    let fresh = choose_donors(&candidates, need, total, &mut rand::rng());
-    if fresh.len() < need {
+    let mut shunned = releasing_to(&inner.release_backlog.lock(), refs);
+    shunned.extend(inner.repair.lock().refused_by(refs));
+    let candidates = fresh_candidates(inner.donor_views(), set, lost, &shunned);
+    let fresh = choose_donors(&candidates, plan.need, total, &mut rand::rng());
+    if fresh.len() < plan.need {
         stalled.no_donor += refs.len() as u64;
         return 0;
     }
@@ -195,7 +396,9 @@ async fn repair_group(
         .await;
         match put {
             Ok(statuses) => {
+                let mut state = inner.repair.lock();
                 for (i, st) in statuses.iter().enumerate() {
+                    state.answered(donated[i].key, donated[i].version, d, *st);
                     if *st == PageStatus::Ok {
                         acked[i].push(d);
                     }
@@ -209,30 +412,19 @@ async fn repair_group(
     let mut unwanted = Vec::new();
     for (page, holders) in donated.iter().zip(&acked) {
         let r = by_key[&(page.key, page.version)];
-        let mut now_on = survivors.clone();
-        now_on.extend(holders);
-        let complete = holders.len() == fresh.len();
-        let replicas = Replicas::new(&now_on).expect("within REPLICAS_MAX");
-        if complete && inner.store.set_replicas(r, replicas) {
-            repaired += 1;
-            if let Some(old) = Replicas::new(&gone) {
-                unwanted.push(Released {
-                    key: r.key,
-                    version: r.version,
-                    replicas: old,
-                    placement: inner.endpoint.placement_mark(),
-                });
-            }
-        } else {
-            stalled.not_settled += 1;
-            if let Some(extra) = Replicas::new(holders) {
-                unwanted.push(Released {
-                    key: r.key,
-                    version: r.version,
-                    replicas: extra,
-                    placement: inner.endpoint.placement_mark(),
-                });
-            }
+        let settle = settle_page(&plan, &fresh, holders);
+        let recorded = settle
+            .record
+            .is_some_and(|replicas| inner.store.set_replicas(r, replicas));
+        repaired += u64::from(recorded);
+        stalled.not_settled += u64::from(!recorded);
+        if let Some(replicas) = settle.unwanted(recorded) {
+            unwanted.push(Released {
+                key: r.key,
+                version: r.version,
+                replicas,
+                placement: inner.endpoint.placement_mark(),
+            });
         }
     }
     ClusterCounters::add(&inner.metrics.cluster.repaired_pages, repaired);

@@ -705,9 +705,10 @@ impl PageStore {
     }
 
     /// Remotify, step one: takes up to `max` of the coldest persistent pages
-    /// held here and hands out copies of their compressed bytes. They stay
-    /// here, loadable, until [`finish_remotify`](Self::finish_remotify) says
-    /// donors hold them; meanwhile they are not handed out again.
+    /// held here and hands out copies of their compressed bytes, each under
+    /// a new version. They stay here, loadable, until
+    /// [`finish_remotify`](Self::finish_remotify) says donors hold them;
+    /// meanwhile they are not handed out again.
     pub fn begin_remotify(&self, max: usize) -> Vec<Outbound> {
         let mut out = Vec::new();
         for cold in self.coldest(Retention::Persistent, max) {
@@ -726,10 +727,20 @@ impl PageStore {
             let mut compressed = vec![0u8; len as usize];
             self.arena
                 .read(Handle::from_bits(handle), len as usize, &mut compressed);
-            shard.relink(i, |e| e.remotifying = true);
+            // Every shipment names its copies by a version of its own. An
+            // earlier shipment of these bytes (aborted, or brought home
+            // since) may still have releases on their way to the same
+            // donors: under the old version they would drop the new copies
+            // when they land after them, or the donors' tombstones would
+            // refuse the new copies for good.
+            let version = self.tick();
+            shard.relink(i, |e| {
+                e.remotifying = true;
+                e.version = version;
+            });
             out.push(Outbound {
                 key: e.key,
-                version: e.version,
+                version,
                 checksum: e.checksum,
                 compressed,
             });
@@ -952,6 +963,17 @@ impl PageStore {
     /// reports as `used_bytes`, without walking the shards.
     pub fn used_bytes(&self) -> u64 {
         self.budget.used()
+    }
+
+    /// What the index says of a page, without loading it: its checksum and,
+    /// when donors hold it, where. For checks that look at every page after
+    /// every step of a simulation, where decompressing would cost too much.
+    #[cfg(test)]
+    pub(crate) fn peek(&self, key: PageKey) -> Option<(u64, Option<RemoteRef>)> {
+        let hash = hash_key(&key);
+        let shard = self.lock(hash);
+        let e = shard.entry(shard.find(&key, hash)?);
+        Some((e.checksum, e.remote_ref()))
     }
 
     /// Checks every invariant by walking the whole store; for tests.

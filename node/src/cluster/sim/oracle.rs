@@ -1,0 +1,280 @@
+//! What must hold, checked against what the nodes actually hold.
+//!
+//! The oracle knows, for every owner, the latest bytes (by checksum) it
+//! accepted for each key and did not invalidate since, and which donor
+//! incarnation each copy was put on. After every step it looks at every
+//! such page: the owner's index must name those bytes, and either hold them
+//! or list a donor that holds exactly that version; a page whose every
+//! listed copy is gone is excused only when at least R of them were lost to
+//! crashes (what replicas cannot prevent), never when a copy was released
+//! or never made.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::cluster::donor::{DonatedPage, PageRef};
+use crate::store::{PageKey, RemoteRef};
+
+use super::world::World;
+
+/// The key an owner's page `index` is stored under.
+pub fn key(index: u64) -> PageKey {
+    PageKey {
+        space: 1,
+        object: 0,
+        index,
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Expect {
+    pub checksum: u64,
+    /// Every replica was lost to crashes: loads may answer unavailable.
+    pub excused: bool,
+}
+
+#[derive(Default)]
+pub struct Oracle {
+    /// (owner node, key index) → the latest accepted bytes.
+    pub pages: BTreeMap<(usize, u64), Expect>,
+    /// (donor node, owner node, owner incarnation, key, version) → the
+    /// donor's incarnation the copy was put on. Looked up, never iterated.
+    placed: HashMap<(usize, usize, u64, PageKey, u64), u64>,
+}
+
+impl Oracle {
+    pub fn accepted(&mut self, owner: usize, index: u64, checksum: u64) {
+        self.pages.insert(
+            (owner, index),
+            Expect {
+                checksum,
+                excused: false,
+            },
+        );
+    }
+
+    /// Invalidated, or refused (a refused store drops the older copy).
+    pub fn dropped(&mut self, owner: usize, index: u64) {
+        self.pages.remove(&(owner, index));
+    }
+
+    pub fn expected(&self, owner: usize, index: u64) -> Option<Expect> {
+        self.pages.get(&(owner, index)).copied()
+    }
+
+    /// A restarted owner starts empty: its clients start over too.
+    pub fn owner_restarted(&mut self, owner: usize) {
+        let keys: Vec<_> = self
+            .pages
+            .range((owner, 0)..=(owner, u64::MAX))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in keys {
+            self.pages.remove(&k);
+        }
+    }
+
+    pub fn placed(
+        &mut self,
+        donor: usize,
+        owner: usize,
+        owner_incarnation: u64,
+        p: &DonatedPage,
+        donor_incarnation: u64,
+    ) {
+        self.placed.insert(
+            (donor, owner, owner_incarnation, p.key, p.version),
+            donor_incarnation,
+        );
+    }
+}
+
+/// Whether donor node `d` holds the owner's page at exactly `r.version`
+/// with its bytes.
+fn holds(w: &World, d: usize, owner: usize, r: &RemoteRef) -> bool {
+    let (dn, on) = (&w.nodes[d], &w.nodes[owner]);
+    if !dn.alive {
+        return false;
+    }
+    let asked = [PageRef {
+        key: r.key,
+        version: r.version,
+    }];
+    match dn.donor.get(&on.name, on.incarnation, &asked) {
+        Ok(got) => matches!(&got[0], Ok(p) if p.checksum == r.checksum && p.version == r.version),
+        Err(_) => false,
+    }
+}
+
+/// The invariants of every step: (a) no accepted page lost unless R of
+/// its replicas failed, (b) no stale bytes named anywhere, (c) no node over
+/// its limits.
+pub fn check_step(w: &mut World) -> Result<(), String> {
+    for n in &w.nodes {
+        let d = &n.donor;
+        if d.donated_bytes() > d.config().donate_bytes {
+            return Err(format!("donor {} holds more than it donates", n.name));
+        }
+        if let Some(o) = &n.owner
+            && o.store.used_bytes() > n.capacity_bytes
+        {
+            return Err(format!("owner {} is over its capacity", n.name));
+        }
+    }
+    let mut excused = Vec::new();
+    for (&(o, index), e) in &w.oracle.pages {
+        // Nothing that could change an untouched owner's pages happened.
+        if e.excused || !w.touched[o] {
+            continue;
+        }
+        let on = &w.nodes[o];
+        let store = &on.owner.as_ref().expect("pages only for owners").store;
+        let r = match store.peek(key(index)) {
+            None => {
+                return Err(format!(
+                    "lost: {} accepted page {index} and its index no longer has it",
+                    on.name
+                ));
+            }
+            Some((checksum, _)) if checksum != e.checksum => {
+                return Err(format!(
+                    "stale: {}'s index names other bytes than the latest stored for page {index}",
+                    on.name
+                ));
+            }
+            Some((_, None)) => continue,
+            Some((_, Some(r))) => r,
+        };
+        let listed = r.replicas.as_slice();
+        if listed.iter().any(|&d| holds(w, d as usize - 1, o, &r)) {
+            continue;
+        }
+        let crashed = listed
+            .iter()
+            .filter(|&&d| {
+                let d = d as usize - 1;
+                let at = (d, o, on.incarnation, r.key, r.version);
+                w.oracle
+                    .placed
+                    .get(&at)
+                    .is_some_and(|&inc| inc != w.nodes[d].incarnation)
+            })
+            .count();
+        if crashed >= w.replicas {
+            excused.push((o, index));
+            continue;
+        }
+        let why: Vec<String> = listed
+            .iter()
+            .map(|&d| {
+                let dn = &w.nodes[d as usize - 1];
+                let at = (d as usize - 1, o, on.incarnation, r.key, r.version);
+                format!(
+                    "{} (alive {}, incarnation {}, copy put on incarnation {:?})",
+                    dn.name,
+                    dn.alive,
+                    dn.incarnation,
+                    w.oracle.placed.get(&at)
+                )
+            })
+            .collect();
+        return Err(format!(
+            "lost: {}'s page {index} version {} is listed on {} and no copy is left ({crashed} lost to crashes)",
+            on.name,
+            r.version,
+            why.join(", ")
+        ));
+    }
+    w.touched.fill(false);
+    for k in excused {
+        w.stats.unrecoverable += 1;
+        if let Some(e) = w.oracle.pages.get_mut(&k) {
+            e.excused = true;
+        }
+    }
+    Ok(())
+}
+
+/// (d) Replicas converged: every remote page that was not lost beyond its
+/// redundancy is on exactly R distinct live donors that hold it, and every
+/// owner's index holds exactly the pages it accepted.
+pub fn converged(w: &World) -> Result<(), String> {
+    for (n, node) in w.nodes.iter().enumerate() {
+        let Some(o) = &node.owner else { continue };
+        let expected = w.oracle.pages.range((n, 0)..=(n, u64::MAX)).count() as u64;
+        let held = o.store.stats().pages;
+        if held != expected {
+            return Err(format!(
+                "{} holds {held} pages, {expected} accepted",
+                node.name
+            ));
+        }
+    }
+    for (&(o, index), e) in &w.oracle.pages {
+        if e.excused {
+            continue;
+        }
+        let on = &w.nodes[o];
+        let store = &on.owner.as_ref().expect("owner").store;
+        let Some((_, Some(r))) = store.peek(key(index)) else {
+            continue;
+        };
+        let listed = r.replicas.as_slice();
+        let mut distinct = listed.to_vec();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let holding = listed
+            .iter()
+            .filter(|&&d| holds(w, d as usize - 1, o, &r))
+            .count();
+        if distinct.len() != w.replicas || holding != w.replicas {
+            let side = on.owner.as_ref().expect("owner");
+            let seen: Vec<String> = listed
+                .iter()
+                .map(|&d| {
+                    let dn = &w.nodes[d as usize - 1];
+                    format!(
+                        "{} (holds {}, incarnation {}; the owner shipped to {:?}, hears {:?} of {:?})",
+                        dn.name,
+                        holds(w, d as usize - 1, o, &r),
+                        dn.incarnation,
+                        side.shipped.get(&d),
+                        side.peers.state(&dn.name, w.instant()),
+                        side.peers.get(&dn.name).map(|p| p.heartbeat.incarnation),
+                    )
+                })
+                .collect();
+            return Err(format!(
+                "{}'s page {index} is listed on {}; {holding} of them hold it, {} wanted",
+                on.name,
+                seen.join(", "),
+                w.replicas
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Copies donors hold for an owner's current run that its index does not
+/// list there (garbage: they cost donated memory until the owner restarts).
+pub fn leaked_copies(w: &World) -> u64 {
+    let mut leaked = 0;
+    for (o, on) in w.nodes.iter().enumerate() {
+        let Some(side) = &on.owner else { continue };
+        let mut listed: BTreeMap<u32, u64> = BTreeMap::new();
+        for (&(_, index), _) in w.oracle.pages.range((o, 0)..=(o, u64::MAX)) {
+            if let Some((_, Some(r))) = side.store.peek(key(index)) {
+                for &d in r.replicas.as_slice() {
+                    *listed.entry(d).or_default() += 1;
+                }
+            }
+        }
+        for dn in &w.nodes {
+            if dn.donor.owner_incarnation(&on.name) != Some(on.incarnation) {
+                continue;
+            }
+            let held = dn.donor.usage(Some(&on.name)).pages;
+            leaked += held.saturating_sub(listed.get(&dn.id).copied().unwrap_or(0));
+        }
+    }
+    leaked
+}

@@ -1,0 +1,762 @@
+//! A simulated node's tasks: the movers (releases, repair, remotify,
+//! suction), remote loads, heartbeats and a client storing, overwriting,
+//! invalidating and loading pages.
+//!
+//! This is the node's glue (`cluster::movers`, `cluster::repair`,
+//! `cluster::node`) retold over the simulated network, step for step; every
+//! decision in it is the node's own code: `Pressure::decide`,
+//! `choose_donors`, `repair::{copies_lost, after_repair, plan_group,
+//! fresh_candidates, settle_page}`, `RepairState`, `movers::settle_shipped`,
+//! and the real `PageStore` and `DonorStore`.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use ramster_protocol::PEER_BATCH_PAGES_MAX;
+use rand::{Rng, RngCore};
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::exec::join_all;
+use super::oracle::key;
+use super::world::{
+    OwnerSide, RPC_DEADLINE_MS, Reply, Request, SimRef, World, call, call_on, heartbeat_round,
+    session, sleep, with,
+};
+use crate::cluster::donor::{DonatedPage, PageRef, PageStatus};
+use crate::cluster::liveness::HEARTBEAT_INTERVAL_MS;
+use crate::cluster::movers::{MOVER_TICK_MS, settle_shipped};
+use crate::cluster::node::decode_checked;
+use crate::cluster::placement::{DonorView, choose_donors};
+use crate::cluster::repair::{
+    self, AfterRepair, DonorSight, PassStart, REPAIR_BATCH_PAGES, fresh_candidates, plan_group,
+    releasing_to, settle_page,
+};
+use crate::cluster::status::Liveness;
+use crate::cluster::watermarks::{Movement, Pressure, Watermarks};
+use crate::store::{
+    DonorId, LoadOutcome, Outbound, PAGE_BYTES, Page, Released, RemoteRef, Replicas, Retention,
+    StoreOutcome,
+};
+
+/// Pages per remotify batch; smaller than the node's so that batches
+/// interleave with everything else.
+const REMOTIFY_BATCH_PAGES: usize = 8;
+const REMOTIFY_BATCHES_IN_FLIGHT: usize = 3;
+const SUCTION_BATCH_PAGES: usize = 8;
+/// How long a remote load waits on a replica before it asks the next one.
+const HEDGE_AFTER_MS: u64 = 20;
+
+type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
+
+/// A put's answer, or why there is none and whether it left first.
+type PutAnswer = Result<Reply, (bool, String)>;
+
+fn owner(w: &World, me: usize) -> &OwnerSide {
+    w.nodes[me].owner.as_ref().expect("an owner")
+}
+
+fn owner_mut(w: &mut World, me: usize) -> &mut OwnerSide {
+    w.nodes[me].owner.as_mut().expect("an owner")
+}
+
+fn node_of(d: DonorId) -> usize {
+    d as usize - 1
+}
+
+/// `PeerSession::put_pages` stamping a put: the owner's next placement.
+fn next_placement(w: &mut World, me: usize) -> u64 {
+    let o = owner_mut(w, me);
+    o.placements += 1;
+    o.placements - 1
+}
+
+/// `Inner::sight`.
+fn sight(w: &World, me: usize, d: DonorId) -> DonorSight {
+    let o = owner(w, me);
+    let name = &w.nodes[node_of(d)].name;
+    DonorSight::Member {
+        down: o.peers.state(name, w.instant()) == Liveness::Down,
+        incarnation: o.peers.get(name).map_or(0, |r| r.heartbeat.incarnation),
+        draining: false,
+    }
+}
+
+/// `Inner::lost_donors`.
+fn lost_donors(w: &World, me: usize) -> Vec<DonorId> {
+    owner(w, me)
+        .shipped
+        .iter()
+        .filter(|&(&d, &inc)| repair::copies_lost(inc, sight(w, me, d)))
+        .map(|(&d, _)| d)
+        .collect()
+}
+
+/// `Inner::forget_lost_copies`.
+fn forget_lost_copies(w: &mut World, me: usize, lost: &[DonorId]) {
+    for &d in lost {
+        let after = repair::after_repair(sight(w, me, d));
+        let shipped = &mut owner_mut(w, me).shipped;
+        match after {
+            AfterRepair::Forget => {
+                shipped.remove(&d);
+            }
+            AfterRepair::Holds(inc) => {
+                shipped.insert(d, inc);
+            }
+            AfterRepair::Keep => {}
+        }
+    }
+}
+
+/// `Inner::note_shipped`.
+fn note_shipped(w: &mut World, me: usize, d: DonorId, inc: u64) {
+    owner_mut(w, me).shipped.entry(d).or_insert(inc);
+}
+
+/// `Inner::donor_views`.
+fn donor_views(w: &World, me: usize) -> Vec<DonorView> {
+    let lost = lost_donors(w, me);
+    let o = owner(w, me);
+    let now = w.instant();
+    w.nodes
+        .iter()
+        .enumerate()
+        .filter(|&(n, _)| n != me)
+        .map(|(_, n)| {
+            let spare = o
+                .peers
+                .get(&n.name)
+                .map_or(0, |r| r.heartbeat.spare_bytes)
+                .saturating_sub(o.sent_since_heartbeat.get(&n.id).copied().unwrap_or(0));
+            DonorView {
+                id: n.id,
+                role: n.role,
+                up: o.peers.state(&n.name, now) == Liveness::Up && !lost.contains(&n.id),
+                draining: false,
+                spare_bytes: spare,
+                zone: None,
+            }
+        })
+        .collect()
+}
+
+fn up_donors(w: &World, me: usize) -> Vec<DonorId> {
+    donor_views(w, me)
+        .into_iter()
+        .filter(|v| v.up)
+        .map(|v| v.id)
+        .collect()
+}
+
+fn has_room_below(w: &World, me: usize, fill: f64) -> bool {
+    let s = &owner(w, me).store;
+    (s.used_bytes() as f64) < fill * s.capacity_bytes() as f64
+}
+
+fn refs_of<'a>(items: impl Iterator<Item = (&'a crate::store::PageKey, u64)>) -> Vec<PageRef> {
+    items
+        .map(|(k, version)| PageRef { key: *k, version })
+        .collect()
+}
+
+pub async fn heartbeats(sim: SimRef, me: usize) {
+    loop {
+        sleep(&sim, HEARTBEAT_INTERVAL_MS).await;
+        with(&sim, |w| heartbeat_round(w, me));
+    }
+}
+
+/// `movers::run`.
+pub async fn movers(sim: SimRef, me: usize) {
+    let mut pressure = Pressure::default();
+    let watermarks = Watermarks::default();
+    loop {
+        sleep(&sim, MOVER_TICK_MS).await;
+        release(&sim, me).await;
+        repair(&sim, me).await;
+        let st = with(&sim, |w| owner(w, me).store.stats());
+        match pressure.decide(
+            &watermarks,
+            st.used_bytes,
+            st.capacity_bytes,
+            st.remote_bytes,
+        ) {
+            Movement::Remotify { bytes } => remotify(&sim, me, bytes).await,
+            Movement::Suction { bytes } => suction(&sim, me, bytes, &watermarks).await,
+            Movement::Idle => {}
+        }
+    }
+}
+
+/// `movers::release`.
+async fn release(sim: &SimRef, me: usize) {
+    let (todo, reachable) = with(sim, |w| {
+        let o = owner_mut(w, me);
+        let mut todo = o.store.take_released();
+        todo.append(&mut o.release_backlog);
+        for r in todo.iter_mut().filter(|r| r.placement == 0) {
+            r.placement = o.placements;
+        }
+        (todo, up_donors(w, me))
+    });
+    if todo.is_empty() {
+        return;
+    }
+    let mut by_donor: std::collections::BTreeMap<(DonorId, u64), Vec<Released>> =
+        Default::default();
+    for r in &todo {
+        for &d in r.replicas.as_slice() {
+            by_donor.entry((d, r.placement)).or_default().push(*r);
+        }
+    }
+    let mut retry = Vec::new();
+    for ((donor, placement), items) in by_donor {
+        let session = if reachable.contains(&donor) {
+            session(sim, me, node_of(donor)).await.ok()
+        } else {
+            None
+        };
+        for chunk in items.chunks(PEER_BATCH_PAGES_MAX) {
+            let refs = refs_of(chunk.iter().map(|r| (&r.key, r.version)));
+            let ok = match session {
+                Some(inc) => matches!(
+                    call_on(
+                        sim,
+                        me,
+                        node_of(donor),
+                        inc,
+                        Request::Release(placement, refs),
+                        RPC_DEADLINE_MS
+                    )
+                    .await,
+                    Ok(Reply::Release(Ok(_)))
+                ),
+                None => false,
+            };
+            if !ok {
+                let one = Replicas::new(&[donor]).expect("one donor");
+                retry.extend(chunk.iter().map(|r| Released {
+                    replicas: one,
+                    ..*r
+                }));
+            }
+        }
+    }
+    with(sim, |w| owner_mut(w, me).release_backlog.extend(retry));
+}
+
+/// `repair::repair`.
+async fn repair(sim: &SimRef, me: usize) {
+    let (lost, start) = with(sim, |w| {
+        let mut lost = lost_donors(w, me);
+        lost.sort_unstable();
+        let start = owner_mut(w, me).repair.start(&lost);
+        (lost, start)
+    });
+    match start {
+        PassStart::Healthy => return,
+        PassStart::Settled => {
+            with(sim, |w| forget_lost_copies(w, me, &lost));
+            return;
+        }
+        PassStart::Walk => {}
+    }
+    loop {
+        let refs = with(sim, |w| {
+            owner(w, me)
+                .store
+                .remote_on(&lost, &[], REPAIR_BATCH_PAGES)
+                .0
+        });
+        if refs.is_empty() {
+            with(sim, |w| {
+                owner_mut(w, me).repair.settle(&lost);
+                forget_lost_copies(w, me, &lost);
+            });
+            return;
+        }
+        with(sim, |w| {
+            let now = w.instant();
+            owner_mut(w, me).repair.degraded_at(now);
+        });
+        // Groups in the order first seen (the node's map has no order).
+        let mut groups: Vec<(Replicas, Vec<RemoteRef>)> = Vec::new();
+        for r in refs {
+            match groups.iter_mut().find(|(s, _)| *s == r.replicas) {
+                Some((_, g)) => g.push(r),
+                None => groups.push((r.replicas, vec![r])),
+            }
+        }
+        let mut repaired = 0;
+        for (set, refs) in groups {
+            repaired += repair_group(sim, me, &lost, set, &refs).await;
+        }
+        if repaired == 0 {
+            return;
+        }
+    }
+}
+
+/// `repair::repair_group`.
+async fn repair_group(
+    sim: &SimRef,
+    me: usize,
+    lost: &[DonorId],
+    set: Replicas,
+    refs: &[RemoteRef],
+) -> u64 {
+    let replicas = with(sim, |w| w.replicas);
+    let plan = plan_group(set, lost, replicas);
+    let Some(pages) = copies_from(sim, me, &plan.survivors, refs).await else {
+        return 0;
+    };
+    let total: u64 = pages.iter().flatten().map(|p| p.data.len() as u64).sum();
+    let fresh = with(sim, |w| {
+        let o = owner(w, me);
+        let mut shunned = releasing_to(&o.release_backlog, refs);
+        shunned.extend(o.repair.refused_by(refs));
+        let candidates = fresh_candidates(donor_views(w, me), set, lost, &shunned);
+        choose_donors(&candidates, plan.need, total, &mut w.rng)
+    });
+    if fresh.len() < plan.need {
+        return 0;
+    }
+    let donated: Vec<DonatedPage> = pages.into_iter().flatten().collect();
+    if donated.is_empty() {
+        return 0;
+    }
+    let mut acked: Vec<Vec<DonorId>> = vec![Vec::new(); donated.len()];
+    for &d in &fresh {
+        let put = async {
+            let inc = session(sim, me, node_of(d)).await?;
+            with(sim, |w| note_shipped(w, me, d, inc));
+            call_on(
+                sim,
+                me,
+                node_of(d),
+                inc,
+                Request::Put(with(sim, |w| next_placement(w, me)), donated.clone()),
+                RPC_DEADLINE_MS,
+            )
+            .await
+        }
+        .await;
+        if let Ok(Reply::Put(Ok(statuses))) = put {
+            with(sim, |w| {
+                let state = &mut owner_mut(w, me).repair;
+                for (i, s) in statuses.iter().enumerate() {
+                    state.answered(donated[i].key, donated[i].version, d, *s);
+                    if *s == PageStatus::Ok {
+                        acked[i].push(d);
+                    }
+                }
+            });
+        }
+    }
+    with(sim, |w| {
+        let mut repaired = 0;
+        for (page, holders) in donated.iter().zip(&acked) {
+            let r = refs
+                .iter()
+                .find(|r| r.key == page.key && r.version == page.version)
+                .expect("asked for");
+            let settle = settle_page(&plan, &fresh, holders);
+            let o = owner_mut(w, me);
+            let recorded = settle
+                .record
+                .is_some_and(|replicas| o.store.set_replicas(r, replicas));
+            repaired += u64::from(recorded);
+            if let Some(replicas) = settle.unwanted(recorded) {
+                let placement = o.placements;
+                o.release_backlog.push(Released {
+                    key: r.key,
+                    version: r.version,
+                    replicas,
+                    placement,
+                });
+            }
+        }
+        w.stats.repaired += repaired;
+        repaired
+    })
+}
+
+/// `repair::copies_from`.
+async fn copies_from(
+    sim: &SimRef,
+    me: usize,
+    survivors: &[DonorId],
+    refs: &[RemoteRef],
+) -> Option<Vec<Option<DonatedPage>>> {
+    let wanted = refs_of(refs.iter().map(|r| (&r.key, r.version)));
+    let mut scratch = Box::new([0u8; PAGE_BYTES]);
+    for &d in survivors {
+        let Ok(Reply::Get(Ok(got))) = call(sim, me, node_of(d), Request::Get(wanted.clone())).await
+        else {
+            continue;
+        };
+        return Some(
+            got.into_iter()
+                .zip(refs)
+                .map(|(g, r)| {
+                    g.ok()
+                        .filter(|p| decode_checked(p.compressed, &p.data, r.checksum, &mut scratch))
+                })
+                .collect(),
+        );
+    }
+    None
+}
+
+/// `movers::remotify`.
+async fn remotify(sim: &SimRef, me: usize, bytes: u64) {
+    let mut shipped = 0u64;
+    loop {
+        let mut batches: Vec<Boxed<'static, bool>> = Vec::new();
+        while shipped < bytes && batches.len() < REMOTIFY_BATCHES_IN_FLIGHT {
+            let out = with(sim, |w| {
+                owner(w, me).store.begin_remotify(REMOTIFY_BATCH_PAGES)
+            });
+            if out.is_empty() {
+                break;
+            }
+            shipped += out.iter().map(|o| o.compressed.len() as u64).sum::<u64>();
+            batches.push(Box::pin(ship(sim.clone(), me, out)));
+        }
+        if batches.is_empty() {
+            return;
+        }
+        // As the node: a batch no donor took ends the round.
+        if join_all(batches).await.contains(&false) {
+            return;
+        }
+    }
+}
+
+/// `movers::ship`.
+async fn ship(sim: SimRef, me: usize, out: Vec<Outbound>) -> bool {
+    let total: u64 = out.iter().map(|o| o.compressed.len() as u64).sum();
+    let donors = with(&sim, |w| {
+        let views = donor_views(w, me);
+        let replicas = w.replicas;
+        choose_donors(&views, replicas, total, &mut w.rng)
+    });
+    let replicas = with(&sim, |w| w.replicas);
+    if donors.len() < replicas {
+        with(&sim, |w| {
+            for o in &out {
+                owner(w, me).store.abort_remotify(o.key, o.version);
+            }
+        });
+        return false;
+    }
+    with(&sim, |w| {
+        for &d in &donors {
+            *owner_mut(w, me).sent_since_heartbeat.entry(d).or_default() += total;
+        }
+    });
+    let pages: Vec<DonatedPage> = out
+        .iter()
+        .map(|o| DonatedPage {
+            key: o.key,
+            version: o.version,
+            checksum: o.checksum,
+            compressed: true,
+            data: Bytes::copy_from_slice(&o.compressed),
+        })
+        .collect();
+    let puts: Vec<Boxed<'_, (DonorId, PutAnswer)>> = donors
+        .iter()
+        .map(|&d| {
+            let (sim, pages) = (&sim, pages.clone());
+            Box::pin(async move {
+                let r = async {
+                    let inc = session(sim, me, node_of(d)).await.map_err(|e| (false, e))?;
+                    with(sim, |w| note_shipped(w, me, d, inc));
+                    call_on(
+                        sim,
+                        me,
+                        node_of(d),
+                        inc,
+                        Request::Put(with(sim, |w| next_placement(w, me)), pages),
+                        RPC_DEADLINE_MS,
+                    )
+                    .await
+                    .map_err(|e| (true, e))
+                }
+                .await;
+                (d, r)
+            }) as Boxed<'_, _>
+        })
+        .collect();
+    let mut acked: Vec<Vec<DonorId>> = vec![Vec::new(); out.len()];
+    let mut unanswered = Vec::new();
+    for (d, r) in join_all(puts).await {
+        match r {
+            Ok(Reply::Put(Ok(statuses))) => {
+                for (i, s) in statuses.iter().enumerate() {
+                    if *s == PageStatus::Ok {
+                        acked[i].push(d);
+                    }
+                }
+            }
+            Err((true, _)) => unanswered.push(d),
+            _ => {}
+        }
+    }
+    with(&sim, |w| {
+        let mut moved = 0;
+        for (o, holders) in out.iter().zip(&acked) {
+            let settled = settle_shipped(&donors, holders, &unanswered);
+            let side = owner_mut(w, me);
+            let freed = match settled.record {
+                Some(r) => side.store.finish_remotify(o.key, o.version, r),
+                None => {
+                    side.store.abort_remotify(o.key, o.version);
+                    false
+                }
+            };
+            moved += u64::from(freed);
+            if let Some(replicas) = settled.unwanted(freed) {
+                let placement = side.placements;
+                side.release_backlog.push(Released {
+                    key: o.key,
+                    version: o.version,
+                    replicas,
+                    placement,
+                });
+            }
+        }
+        w.stats.remotified += moved;
+        moved > 0
+    })
+}
+
+/// `movers::suction`.
+async fn suction(sim: &SimRef, me: usize, bytes: u64, watermarks: &Watermarks) {
+    let mut moved = 0u64;
+    while moved < bytes {
+        let refs = with(sim, |w| {
+            owner(w, me).store.hottest_remote(SUCTION_BATCH_PAGES)
+        });
+        if refs.is_empty() {
+            return;
+        }
+        let (homed, homed_bytes) = bring_home(sim, me, &refs).await;
+        if homed == 0 {
+            return;
+        }
+        moved += homed_bytes;
+        if !with(sim, |w| has_room_below(w, me, watermarks.suction_stop)) {
+            return;
+        }
+    }
+}
+
+/// `movers::bring_home`: the pages and bytes brought home.
+async fn bring_home(sim: &SimRef, me: usize, refs: &[RemoteRef]) -> (u64, u64) {
+    let up = with(sim, |w| up_donors(w, me));
+    let mut by_donor: std::collections::BTreeMap<DonorId, Vec<RemoteRef>> = Default::default();
+    for r in refs {
+        if let Some(&d) = r.replicas.as_slice().iter().find(|d| up.contains(d)) {
+            by_donor.entry(d).or_default().push(*r);
+        }
+    }
+    let (mut homed, mut homed_bytes) = (0, 0);
+    let mut page = Box::new([0u8; PAGE_BYTES]);
+    for (donor, refs) in by_donor {
+        for chunk in refs.chunks(PEER_BATCH_PAGES_MAX) {
+            let asked = refs_of(chunk.iter().map(|r| (&r.key, r.version)));
+            let Ok(Reply::Get(Ok(got))) = call(sim, me, node_of(donor), Request::Get(asked)).await
+            else {
+                continue;
+            };
+            for (r, g) in chunk.iter().zip(got) {
+                let Ok(p) = g else { continue };
+                if !p.compressed || !decode_checked(true, &p.data, r.checksum, &mut page) {
+                    continue;
+                }
+                with(sim, |w| {
+                    let side = owner_mut(w, me);
+                    if let Some(rel) = side.store.install_fetched(r, &p.data) {
+                        side.release_backlog.push(rel);
+                        homed += 1;
+                        homed_bytes += p.data.len() as u64;
+                        w.stats.suctioned += 1;
+                    }
+                });
+            }
+        }
+    }
+    release(sim, me).await;
+    (homed, homed_bytes)
+}
+
+/// `Inner::fetch_many` for one page: replicas that are up first, the next
+/// one asked after the hedge delay, each copy checked. The page, or `None`
+/// (unavailable).
+async fn fetch(sim: &SimRef, me: usize, r: &RemoteRef) -> Option<Box<Page>> {
+    let order = with(sim, |w| {
+        let o = owner(w, me);
+        let now = w.instant();
+        let mut order = r.replicas.as_slice().to_vec();
+        order.sort_by_key(|&d| match o.peers.state(&w.nodes[node_of(d)].name, now) {
+            Liveness::Up => 0,
+            Liveness::Suspect => 1,
+            Liveness::Down => 2,
+        });
+        order
+    });
+    let mut out = Box::new([0u8; PAGE_BYTES]);
+    for (i, &d) in order.iter().enumerate() {
+        let deadline = if i + 1 < order.len() {
+            HEDGE_AFTER_MS
+        } else {
+            RPC_DEADLINE_MS
+        };
+        let asked = refs_of(std::iter::once((&r.key, r.version)));
+        let got = async {
+            let inc = session(sim, me, node_of(d)).await?;
+            call_on(sim, me, node_of(d), inc, Request::Get(asked), deadline).await
+        }
+        .await;
+        let Ok(Reply::Get(Ok(mut got))) = got else {
+            continue;
+        };
+        let Some(Ok(p)) = got.pop() else { continue };
+        if !decode_checked(p.compressed, &p.data, r.checksum, &mut out) {
+            continue;
+        }
+        // `Inner::install_if_room`.
+        with(sim, |w| {
+            if p.compressed && has_room_below(w, me, Watermarks::default().remotify_stop) {
+                let side = owner_mut(w, me);
+                if let Some(rel) = side.store.install_fetched(r, &p.data) {
+                    side.release_backlog.push(rel);
+                    w.stats.suctioned += 1;
+                }
+            }
+        });
+        return Some(out);
+    }
+    None
+}
+
+/// A page's bytes: a random head (its length by key, so pages fall in a
+/// few size classes) and zeros, or now and then one repeated word (kept
+/// as metadata, never remotified).
+fn make_page(w: &mut World, index: u64) -> Box<Page> {
+    let mut page = Box::new([0u8; PAGE_BYTES]);
+    if w.rng.random_ratio(1, 16) {
+        page.fill(w.rng.random());
+        return page;
+    }
+    let head = [600, 1200, 2000][(index % 3) as usize];
+    w.rng.fill_bytes(&mut page[..head]);
+    page
+}
+
+fn fail(w: &mut World, why: String) {
+    w.failure.get_or_insert(why);
+}
+
+/// A client of the owner: stores (new versions), invalidations, loads.
+/// Once faults stop it only loads, so the cluster can settle.
+pub async fn client(sim: SimRef, me: usize, keys: u64) {
+    let mut page = Box::new([0u8; PAGE_BYTES]);
+    loop {
+        let pause = with(&sim, |w| w.rng.random_range(4..=20));
+        sleep(&sim, pause).await;
+        let remote = with(&sim, |w| client_step(w, me, keys, &mut page));
+        let Some((index, r)) = remote else { continue };
+        with(&sim, |w| {
+            *owner_mut(w, me).busy.entry(index).or_default() += 1;
+            w.stats.remote_loads += 1;
+        });
+        let got = fetch(&sim, me, &r).await;
+        with(&sim, |w| {
+            let busy = &mut owner_mut(w, me).busy;
+            match busy.get_mut(&index) {
+                Some(n) if *n > 1 => *n -= 1,
+                _ => {
+                    busy.remove(&index);
+                }
+            }
+            let expected = w.oracle.expected(me, index);
+            match (got, expected) {
+                (None, _) => w.stats.unavailable_loads += 1,
+                (Some(p), Some(e)) if xxh3_64(&p[..]) == e.checksum => {}
+                (Some(_), _) => fail(
+                    w,
+                    format!(
+                        "stale read: a remote load of {}'s page {index} returned other bytes than the latest stored",
+                        w.nodes[me].name
+                    ),
+                ),
+            }
+        });
+    }
+}
+
+/// One client operation; a load of a remote page is handed back to be
+/// fetched.
+fn client_step(w: &mut World, me: usize, keys: u64, out: &mut Page) -> Option<(u64, RemoteRef)> {
+    let index = w.rng.random_range(0..keys);
+    let roll = w.rng.random_range(0..100);
+    if w.rng.random_ratio(1, 300) {
+        let o = owner_mut(w, me);
+        o.filling = !o.filling;
+    }
+    let filling = owner(w, me).filling;
+    let (store_below, invalidate_below) = match (w.faulty, filling) {
+        (false, _) => (0, 0),
+        (true, true) => (55, 62),
+        (true, false) => (8, 45),
+    };
+    if roll < invalidate_below && owner(w, me).busy.contains_key(&index) {
+        return None;
+    }
+    let name = w.nodes[me].name.clone();
+    if roll < store_below {
+        let page = make_page(w, index);
+        let checksum = xxh3_64(&page[..]);
+        w.stats.stores += 1;
+        match owner(w, me)
+            .store
+            .store(key(index), &page, Retention::Persistent)
+        {
+            StoreOutcome::Accepted => w.oracle.accepted(me, index, checksum),
+            StoreOutcome::Rejected(_) => {
+                w.stats.rejected += 1;
+                w.oracle.dropped(me, index);
+            }
+        }
+        return None;
+    }
+    if roll < invalidate_below {
+        owner(w, me).store.invalidate(key(index));
+        w.oracle.dropped(me, index);
+        return None;
+    }
+    w.stats.loads += 1;
+    let expected = w.oracle.expected(me, index);
+    match (owner(w, me).store.load(key(index), out), expected) {
+        (LoadOutcome::Remote(r), Some(_)) => return Some((index, r)),
+        (LoadOutcome::Hit, Some(e)) if xxh3_64(&out[..]) == e.checksum => {}
+        (LoadOutcome::Miss, None) => {}
+        (LoadOutcome::Miss, Some(e)) if e.excused => {}
+        (outcome, expected) => fail(
+            w,
+            format!(
+                "load of {name}'s page {index}: {outcome:?}, expected {}",
+                if expected.is_some() {
+                    "the latest bytes stored"
+                } else {
+                    "nothing (never stored, invalidated or refused)"
+                }
+            ),
+        ),
+    }
+    None
+}
