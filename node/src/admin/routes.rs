@@ -22,6 +22,19 @@ pub async fn answer(ctx: &AdminContext, req: &Request) -> Response {
 /// A change to a member, made through the Raft leader.
 async fn change(ctx: &AdminContext, req: &Request) -> Response {
     let Some((node, action)) = member_action(req) else {
+        if [
+            METRICS_PATH,
+            HEALTH_LIVE_PATH,
+            HEALTH_READY_PATH,
+            STATUS_PATH,
+        ]
+        .contains(&req.path.as_str())
+        {
+            return Response::text(
+                Status::MethodNotAllowed,
+                format!("{} is read with GET\n", req.path),
+            );
+        }
         return Response::text(
             Status::NotFound,
             format!(
@@ -216,11 +229,15 @@ mod tests {
             answer(&ctx, &post("/v1/members/gone/drain")).await.status,
             Status::Unavailable
         );
+        assert_eq!(
+            answer(&ctx, &post("/metrics")).await.status,
+            Status::MethodNotAllowed
+        );
         for bad in [
             "/v1/members/n2/explode",
             "/v1/members//drain",
             "/v1/members/n2",
-            "/metrics",
+            "/nope",
         ] {
             assert_eq!(
                 answer(&ctx, &post(bad)).await.status,
