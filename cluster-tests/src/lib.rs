@@ -248,6 +248,26 @@ impl Member {
         )
     }
 
+    /// One unlabelled sample of the member's `/metrics`.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let text = ramster_node::cli::admin_client::get(&self.admin, "/metrics")
+            .ok()?
+            .body;
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// The last `lines` lines of the member's log, without peers' refused
+    /// connections and Raft's chatter, for a failure's message.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let kept: Vec<&str> = log
+            .lines()
+            .filter(|l| !l.contains("peer refused") && !l.contains("openraft"))
+            .collect();
+        kept[kept.len().saturating_sub(lines)..].join("\n")
+    }
+
     /// The cluster as this node sees it (`ramster status -o json`).
     pub fn status(&self) -> anyhow::Result<ramster_node::cluster::status::ClusterStatus> {
         let (code, out) = self.cli(&["status", "-o", "json"]);
@@ -363,6 +383,26 @@ impl TestCluster {
             (s.nodes_up == up && s.leader.is_some()).then_some(s)
         })
         .with_context(|| format!("{name} never saw {up} nodes up: {}", m.log()))
+    }
+}
+
+/// Loads `offsets` of `area` back, 256 at a time, and panics unless each
+/// is byte for byte the corpus page it was stored from.
+pub fn verify_pages(
+    client: &ramster_node::frontend::client::BlockingClient,
+    area: u32,
+    pages: &ramster_node::cli::corpus::Pages,
+    offsets: &[u64],
+) {
+    for chunk in offsets.chunks(256) {
+        let got = client.load_pages(area, chunk).unwrap();
+        for (&o, g) in chunk.iter().zip(got) {
+            let page = g.unwrap_or_else(|s| panic!("page {o} did not load: {s:?}"));
+            assert!(
+                page[..] == pages.page(o as usize)[..],
+                "page {o} came back different"
+            );
+        }
     }
 }
 

@@ -119,14 +119,6 @@ impl Owner {
     }
 }
 
-fn metric(m: &Member, name: &str) -> Option<f64> {
-    let text = ramster_node::cli::admin_client::get(&m.admin, "/metrics")
-        .ok()?
-        .body;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-}
-
 fn signal(m: &Member, sig: &str) {
     let pid = m.pid().expect("running").to_string();
     let ok = Command::new("kill")
@@ -239,7 +231,7 @@ fn accepted_pages_survive_a_seeded_schedule_of_donor_faults() {
             checked += o.verify(&pages).unwrap_or_else(|e| {
                 panic!(
                     "seed {seed} step {step}, {name} during the fault: {e}; its log ends:\n{}",
-                    log_tail(cluster.member(name))
+                    cluster.member(name).log_tail(60)
                 )
             });
         }
@@ -254,18 +246,18 @@ fn accepted_pages_survive_a_seeded_schedule_of_donor_faults() {
         for name in OWNERS {
             let m = cluster.member(name);
             wait_for(REPAIR_TIMEOUT, || {
-                (metric(m, "ramster_degraded_pages")? == 0.0).then_some(())
+                (m.metric("ramster_degraded_pages")? == 0.0).then_some(())
             })
             .unwrap_or_else(|e| {
                 panic!(
                     "seed {seed} step {step}: {name} never repaired: {e}; degraded {:?}, unrecoverable {:?}; its log ends:\n{}",
-                    metric(m, "ramster_degraded_pages"),
-                    metric(m, "ramster_unrecoverable_pages"),
-                    log_tail(m)
+                    m.metric("ramster_degraded_pages"),
+                    m.metric("ramster_unrecoverable_pages"),
+                    m.log_tail(60)
                 )
             });
             assert_eq!(
-                metric(m, "ramster_unrecoverable_pages"),
+                m.metric("ramster_unrecoverable_pages"),
                 Some(0.0),
                 "seed {seed} step {step}: {name} lost every copy of some page"
             );
@@ -274,27 +266,16 @@ fn accepted_pages_survive_a_seeded_schedule_of_donor_faults() {
             checked += o.verify(&pages).unwrap_or_else(|e| {
                 panic!(
                     "seed {seed} step {step}, {name} after repair: {e}; its log ends:\n{}",
-                    log_tail(cluster.member(name))
+                    cluster.member(name).log_tail(60)
                 )
             });
         }
     }
     let repaired: f64 = OWNERS
         .iter()
-        .filter_map(|n| metric(cluster.member(n), "ramster_repaired_pages_total"))
+        .filter_map(|n| cluster.member(n).metric("ramster_repaired_pages_total"))
         .sum();
     eprintln!(
         "chaos seed {seed}: {steps} faults, {checked} page loads checked, {repaired} copies repaired, 0 lost"
     );
-}
-
-/// The last lines of a member's log, warnings and up (the connection
-/// refusals of peers' restarts left out), for a failure's message.
-fn log_tail(m: &ramster_cluster_tests::Member) -> String {
-    let log = m.log();
-    let lines: Vec<&str> = log
-        .lines()
-        .filter(|l| !l.contains("peer refused") && !l.contains("openraft"))
-        .collect();
-    lines[lines.len().saturating_sub(60)..].join("\n")
 }

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use ramster_cluster_tests::{MemberSpec, TestCluster, wait_for};
+use ramster_cluster_tests::{MemberSpec, TestCluster, verify_pages, wait_for};
 use ramster_node::cli::corpus::Pages;
 use ramster_node::cluster::status::{HealthLevel, Liveness};
 use ramster_node::frontend::client::{BlockingClient, op};
@@ -43,28 +43,6 @@ fn fill(client: &BlockingClient, pages: &Pages, capacity: u64) -> Vec<u64> {
         );
     }
     accepted
-}
-
-fn verify(client: &BlockingClient, pages: &Pages, offsets: &[u64]) {
-    for chunk in offsets.chunks(256) {
-        let got = client.load_pages(AREA, chunk).unwrap();
-        for (&o, g) in chunk.iter().zip(got) {
-            let page = g.unwrap_or_else(|s| panic!("page {o} did not load: {s:?}"));
-            assert!(
-                page[..] == pages.page(o as usize)[..],
-                "page {o} came back different"
-            );
-        }
-    }
-}
-
-/// One unlabelled sample of the member's `/metrics`.
-fn metric(m: &ramster_cluster_tests::Member, name: &str) -> Option<f64> {
-    let text = ramster_node::cli::admin_client::get(&m.admin, "/metrics")
-        .ok()?
-        .body;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
 fn remote_pages(client: &BlockingClient) -> u64 {
@@ -112,7 +90,7 @@ fn a_small_node_takes_four_times_its_capacity_and_gets_every_page_back() {
         .map(|n| n.held_for_others_bytes)
         .sum();
     assert!(held > 0, "no donor reports holding pages: {status:?}");
-    verify(&client, &pages, &accepted);
+    verify_pages(&client, AREA, &pages, &accepted);
 
     // Free three quarters: the store empties below the suction line and
     // the remaining remote pages come home.
@@ -139,13 +117,13 @@ fn a_small_node_takes_four_times_its_capacity_and_gets_every_page_back() {
             small.log()
         )
     });
-    verify(&client, &pages, keep);
+    verify_pages(&client, AREA, &pages, keep);
     // Donors were told to drop what came home or was invalidated (they
     // keep small tombstones, not pages).
     for donor in ["big1", "big2"] {
         let m = cluster.member(donor);
         wait_for(Duration::from_secs(30), || {
-            (metric(m, "ramster_donor_held_pages")? == 0.0).then_some(())
+            (m.metric("ramster_donor_held_pages")? == 0.0).then_some(())
         })
         .unwrap_or_else(|_| panic!("{donor} still holds released pages"));
     }
@@ -201,7 +179,7 @@ fn memory_servers_receive_pages_before_peers() {
         memsrv.role,
         ramster_node::cluster::membership::Role::MemoryServer
     );
-    verify(&client, &pages, &accepted);
+    verify_pages(&client, AREA, &pages, &accepted);
 }
 
 #[test]

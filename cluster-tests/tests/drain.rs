@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use ramster_cluster_tests::{Member, MemberSpec, TestCluster, wait_for};
+use ramster_cluster_tests::{Member, MemberSpec, TestCluster, verify_pages, wait_for};
 use ramster_node::cli::corpus::Pages;
 use ramster_node::cluster::membership::MemberState;
 use ramster_node::cluster::status::NodeStatus;
@@ -38,18 +38,6 @@ fn store_all(client: &BlockingClient, pages: &Pages) -> Vec<u64> {
     accepted
 }
 
-fn verify(client: &BlockingClient, pages: &Pages, offsets: &[u64]) {
-    for chunk in offsets.chunks(256) {
-        for (&o, g) in chunk.iter().zip(client.load_pages(AREA, chunk).unwrap()) {
-            let page = g.unwrap_or_else(|s| panic!("page {o} did not load: {s:?}"));
-            assert!(
-                page[..] == pages.page(o as usize)[..],
-                "page {o} came back different"
-            );
-        }
-    }
-}
-
 fn row(m: &Member, name: &str) -> Option<NodeStatus> {
     m.status().ok()?.nodes.into_iter().find(|n| n.name == name)
 }
@@ -66,14 +54,6 @@ fn cluster_cli(m: &Member, args: &[&str]) -> (i32, String) {
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     )
-}
-
-fn gauge(m: &Member, name: &str) -> Option<f64> {
-    let text = ramster_node::cli::admin_client::get(&m.admin, "/metrics")
-        .ok()?
-        .body;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
 #[test]
@@ -130,19 +110,17 @@ fn a_drained_donor_is_removed_without_losing_a_copy() {
         (r.member_state == MemberState::Draining && r.held_for_others_pages == 0).then_some(r)
     })
     .unwrap_or_else(|e| {
-        let log = owner.log();
-        let tail: Vec<&str> = log.lines().rev().take(40).collect();
         panic!(
             "memsrv never drained ({e}): {:?}\nthe owner's log ends:\n{}",
             row(owner, "memsrv"),
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            owner.log_tail(40)
         )
     });
     assert_eq!(drained.held_for_others_pages, 0);
     let (_, table) = owner.cli(&["status"]);
     assert!(table.contains("up,drained"), "{table}");
-    assert_eq!(gauge(owner, "ramster_unrecoverable_pages"), Some(0.0));
-    verify(&client, &pages, &accepted);
+    assert_eq!(owner.metric("ramster_unrecoverable_pages"), Some(0.0));
+    verify_pages(&client, AREA, &pages, &accepted);
 
     let (code, said) = cluster_cli(owner, &["remove", "memsrv"]);
     assert_eq!(code, 0, "{said}");
@@ -155,12 +133,12 @@ fn a_drained_donor_is_removed_without_losing_a_copy() {
 
     // Gone for good: nothing to repair, every page at two copies.
     let owner = cluster.member("owner");
-    verify(&client, &pages, &accepted);
+    verify_pages(&client, AREA, &pages, &accepted);
     wait_for(FORM_TIMEOUT, || {
-        (gauge(owner, "ramster_degraded_pages")? == 0.0).then_some(())
+        (owner.metric("ramster_degraded_pages")? == 0.0).then_some(())
     })
     .unwrap();
-    assert_eq!(gauge(owner, "ramster_unrecoverable_pages"), Some(0.0));
+    assert_eq!(owner.metric("ramster_unrecoverable_pages"), Some(0.0));
     let remote = client.stats().unwrap().store.unwrap().remote_pages;
     assert!(remote > 0);
     // Copies left over by the moves are released in the background.
