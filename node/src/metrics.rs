@@ -120,6 +120,10 @@ pub struct ClusterCounters {
     pub store_throttles: AtomicU64,
     /// Lost copies re-created on other donors.
     pub repaired_pages: AtomicU64,
+    /// Copies struck off because their donor came back empty (a new run).
+    pub struck_pages: AtomicU64,
+    /// Pages left with no copy anywhere when their donors came back empty.
+    pub lost_pages: AtomicU64,
     /// Pages with a copy on a lost donor (gauge).
     pub degraded_pages: AtomicU64,
     /// Pages with no copy left (gauge).

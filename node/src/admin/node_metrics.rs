@@ -121,6 +121,14 @@ static REPAIRED_PAGES: Family = Family::counter(
     "ramster_repaired_pages_total",
     "Copies on lost donors re-created on other donors.",
 );
+static STRUCK_PAGES: Family = Family::counter(
+    "ramster_struck_pages_total",
+    "Copies struck off because their donor came back empty (restarted).",
+);
+static LOST_PAGES: Family = Family::counter(
+    "ramster_lost_pages_total",
+    "Pages left with no copy anywhere: every donor holding one came back empty.",
+);
 static DEGRADED_PAGES: Family = Family::gauge(
     "ramster_degraded_pages",
     "Pages held on donors with fewer copies than their replica count.",
@@ -314,6 +322,8 @@ fn write_cluster_counters(out: &mut MetricsWriter, metrics: &NodeMetrics) {
         (&RPC_ERRORS, &c.rpc_errors),
         (&STORE_THROTTLES, &c.store_throttles),
         (&REPAIRED_PAGES, &c.repaired_pages),
+        (&STRUCK_PAGES, &c.struck_pages),
+        (&LOST_PAGES, &c.lost_pages),
         (&DEGRADED_PAGES, &c.degraded_pages),
         (&UNRECOVERABLE_PAGES, &c.unrecoverable_pages),
     ] {

@@ -128,6 +128,7 @@ async fn ship(inner: Arc<Inner>, out: Vec<Outbound>) -> bool {
     for &d in &donors {
         let (inner, pages) = (inner.clone(), pages.clone());
         puts.spawn(async move {
+            // Ok((run, statuses)): the donor's run the put went to.
             // Err((sent, why)): whether the put left before it failed.
             let r = async {
                 let s = inner
@@ -135,7 +136,11 @@ async fn ship(inner: Arc<Inner>, out: Vec<Outbound>) -> bool {
                     .await
                     .map_err(|e| (false, e))?;
                 inner.note_shipped(d, s.peer_incarnation());
-                s.put_pages(&pages).await.map_err(|e| (true, e.to_string()))
+                let statuses = s
+                    .put_pages(&pages)
+                    .await
+                    .map_err(|e| (true, e.to_string()))?;
+                Ok((s.peer_incarnation(), statuses))
             }
             .await;
             (d, r)
@@ -145,10 +150,12 @@ async fn ship(inner: Arc<Inner>, out: Vec<Outbound>) -> bool {
     let mut acked: Vec<Vec<u32>> = vec![Vec::new(); out.len()];
     // Donors that got the batch and never answered: they may hold it.
     let mut unanswered = Vec::new();
+    let mut runs = Vec::new();
     while let Some(done) = puts.join_next().await {
         let Ok((d, r)) = done else { continue };
         match r {
-            Ok(statuses) => {
+            Ok((run, statuses)) => {
+                runs.push((d, run));
                 for (i, s) in statuses.iter().enumerate() {
                     if *s == PageStatus::Ok {
                         acked[i].push(d);
@@ -166,7 +173,16 @@ async fn ship(inner: Arc<Inner>, out: Vec<Outbound>) -> bool {
     let mut moved = 0;
     let mut moved_bytes = 0;
     let mut unwanted = Vec::new();
-    for (o, holders) in out.iter().zip(&acked) {
+    // Recorded under the lock that strikes a donor's copies off: a donor
+    // that came back empty since it acked holds nothing.
+    let shipped = inner.shipped_runs();
+    let gone_since: Vec<u32> = runs
+        .iter()
+        .filter(|(d, run)| shipped.get(d) != Some(run))
+        .map(|(d, _)| *d)
+        .collect();
+    for (o, holders) in out.iter().zip(&mut acked) {
+        holders.retain(|d| !gone_since.contains(d));
         let settled = settle_shipped(&donors, holders, &unanswered);
         let freed = match settled.record {
             Some(r) => inner.store.finish_remotify(o.key, o.version, r),
@@ -188,6 +204,7 @@ async fn ship(inner: Arc<Inner>, out: Vec<Outbound>) -> bool {
             });
         }
     }
+    drop(shipped);
     ClusterCounters::add(&c.remotified_pages, moved);
     ClusterCounters::add(&c.remotified_bytes, moved_bytes);
     if moved < out.len() as u64 {

@@ -856,9 +856,72 @@ impl Inner {
             .collect()
     }
 
-    /// Our copies are on `donor`, in its incarnation `incarnation`.
+    /// Our copies are on `donor`, in its run `incarnation` (as a session
+    /// or a heartbeat tells it). A newer run than the one recorded came
+    /// back empty: every copy listed on the donor is struck off at once,
+    /// so repair re-creates them and the donor takes new copies like any
+    /// other, instead of waiting as lost until all of them are re-created.
     pub(super) fn note_shipped(&self, donor: DonorId, incarnation: u64) {
-        self.shipped.lock().entry(donor).or_insert(incarnation);
+        let mut shipped = self.shipped.lock();
+        match shipped.get(&donor) {
+            None => {
+                shipped.insert(donor, incarnation);
+            }
+            Some(&had) if incarnation > had => {
+                // Under the lock: a batch recorded meanwhile is checked
+                // against the run it was put on (`shipped_runs`).
+                let (struck, orphaned) = self.store.strike_donor(donor);
+                shipped.insert(donor, incarnation);
+                self.repair.lock().struck();
+                if struck > 0 {
+                    let c = &self.metrics.cluster;
+                    ClusterCounters::add(&c.struck_pages, struck);
+                    ClusterCounters::add(&c.lost_pages, orphaned);
+                    if orphaned > 0 {
+                        warn!(
+                            donor,
+                            struck,
+                            orphaned,
+                            "a donor came back empty; pages whose only copy it held are lost"
+                        );
+                    } else {
+                        info!(
+                            donor,
+                            struck, "a donor came back empty; its copies are struck off for repair"
+                        );
+                    }
+                }
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// Donors whose heartbeats announce a newer run than the one our
+    /// copies are on: struck off (`note_shipped`).
+    pub(super) fn strike_restarted(&self) {
+        let heard: Vec<(DonorId, u64)> = {
+            let config = self.membership().config();
+            let peers = self.peers.lock();
+            self.shipped
+                .lock()
+                .iter()
+                .filter_map(|(&d, &had)| {
+                    let n = config.nodes.get(&(d as NodeId))?;
+                    let now = peers.get(&n.name)?.heartbeat.incarnation;
+                    (now > had).then_some((d, now))
+                })
+                .collect()
+        };
+        for (d, incarnation) in heard {
+            self.note_shipped(d, incarnation);
+        }
+    }
+
+    /// The runs our copies are on, held while a batch's acks are recorded:
+    /// an ack from a run older than the recorded one is from a donor that
+    /// has since come back empty, and counts for nothing.
+    pub(super) fn shipped_runs(&self) -> parking_lot::MutexGuard<'_, HashMap<DonorId, u64>> {
+        self.shipped.lock()
     }
 
     /// Repair re-created every copy the `lost` donors held: a donor that is
@@ -869,9 +932,9 @@ impl Inner {
                 repair::AfterRepair::Forget => {
                     self.shipped.lock().remove(&d);
                 }
-                repair::AfterRepair::Holds(incarnation) => {
-                    self.shipped.lock().insert(d, incarnation);
-                }
+                // Back in a newer run, it may have come back since the
+                // pass read the pages: strike what it is still listed for.
+                repair::AfterRepair::Holds(incarnation) => self.note_shipped(d, incarnation),
                 repair::AfterRepair::Keep => {}
             }
         }

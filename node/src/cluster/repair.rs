@@ -1,7 +1,8 @@
-//! Repair: when a donor holding copies of our pages is lost (down, removed
-//! from the cluster, or back with a new incarnation, which means it came
-//! back empty), re-create the missing copies from a surviving replica on
-//! other donors, so every page is back to its replica count.
+//! Repair: when a donor holding copies of our pages is lost (down or
+//! removed from the cluster), or came back empty (a new incarnation: its
+//! copies are struck off the pages' sets at once), re-create the missing
+//! copies from a surviving replica on other donors, so every page is back
+//! to its replica count.
 //!
 //! A draining donor is handled the same way, except that it still serves
 //! reads: its copies are re-created from it when no other replica exists,
@@ -46,6 +47,13 @@ pub(crate) struct RepairState {
     refused: Vec<(PageKey, u64, DonorId)>,
     /// When a stalled pass was last reported (at most every few seconds).
     stall_reported: Option<Instant>,
+    /// Bumped whenever a donor's copies are struck off (it came back
+    /// empty): pages may be short of copies with no donor lost.
+    struck: u64,
+    /// `struck` as of the last complete pass.
+    struck_settled: u64,
+    /// `struck` when the current pass started.
+    struck_walked: u64,
 }
 
 /// Pages a pass could not repair, by why: what an operator needs to see
@@ -80,15 +88,24 @@ pub(crate) enum PassStart {
 
 impl RepairState {
     pub(crate) fn start(&mut self, lost: &[DonorId]) -> PassStart {
-        if lost.is_empty() {
+        self.struck_walked = self.struck;
+        let walked = self.struck == self.struck_settled;
+        // A donor lost in the last pass may be back: its pages short of a
+        // copy (struck off elsewhere) can be repaired now, so walk once more.
+        if lost.is_empty() && walked && self.settled.is_empty() {
             self.settled.clear();
             self.refused.clear();
             PassStart::Healthy
-        } else if self.settled == lost {
+        } else if self.settled == lost && walked {
             PassStart::Settled
         } else {
             PassStart::Walk
         }
+    }
+
+    /// A donor's copies were struck off: the next pass walks the pages.
+    pub(crate) fn struck(&mut self) {
+        self.struck += 1;
     }
 
     /// Pages were found degraded at `now`; the start of the episode.
@@ -100,6 +117,8 @@ impl RepairState {
     /// hands back when the episode started, if one was running.
     pub(crate) fn settle(&mut self, lost: &[DonorId]) -> Option<Instant> {
         self.settled = lost.to_vec();
+        // Copies struck off during the pass are looked at by the next one.
+        self.struck_settled = self.struck_walked;
         self.refused.clear();
         self.since.take()
     }
@@ -144,7 +163,8 @@ pub enum DonorSight {
 
 /// Whether the copies shipped to a donor in `shipped_incarnation` must be
 /// re-created elsewhere: the donor left, is down, is back with another
-/// incarnation (a restarted donor comes back empty), or is draining.
+/// incarnation (a restarted donor comes back empty; until its copies are
+/// struck off), or is draining.
 pub fn copies_lost(shipped_incarnation: u64, sight: DonorSight) -> bool {
     match sight {
         DonorSight::Removed => true,
@@ -276,6 +296,7 @@ pub fn settle_page(plan: &GroupPlan, fresh: &[DonorId], holders: &[DonorId]) -> 
 
 /// One repair pass, run by the movers every tick.
 pub(super) async fn repair(inner: &Arc<Inner>) {
+    inner.strike_restarted();
     let mut lost = inner.lost_donors();
     lost.sort_unstable();
     let c = &inner.metrics.cluster;
@@ -283,7 +304,8 @@ pub(super) async fn repair(inner: &Arc<Inner>) {
     match start {
         PassStart::Healthy => {
             c.degraded_pages.store(0, Ordering::Relaxed);
-            c.unrecoverable_pages.store(0, Ordering::Relaxed);
+            c.unrecoverable_pages
+                .store(inner.store.stats().lost_pages, Ordering::Relaxed);
             return;
         }
         PassStart::Settled => {
@@ -293,10 +315,12 @@ pub(super) async fn repair(inner: &Arc<Inner>) {
         PassStart::Walk => {}
     }
     loop {
-        let (refs, degraded, unrecoverable) =
-            inner
-                .store
-                .remote_on(&lost, &inner.draining_donors(), REPAIR_BATCH_PAGES);
+        let (refs, degraded, unrecoverable) = inner.store.remote_on(
+            &lost,
+            &inner.draining_donors(),
+            inner.replicas,
+            REPAIR_BATCH_PAGES,
+        );
         c.degraded_pages.store(degraded, Ordering::Relaxed);
         c.unrecoverable_pages
             .store(unrecoverable, Ordering::Relaxed);
@@ -387,10 +411,13 @@ async fn repair_group(
     }
     // acked[i]: the new donors that hold donated[i].
     let mut acked: Vec<Vec<DonorId>> = vec![Vec::new(); donated.len()];
+    // The run each new donor was put on.
+    let mut runs = Vec::new();
     for &d in &fresh {
         let put = async {
             let s = inner.donor_session(d as NodeId).await?;
             inner.note_shipped(d, s.peer_incarnation());
+            runs.push((d, s.peer_incarnation()));
             s.put_pages(&donated).await.map_err(|e| e.to_string())
         }
         .await;
@@ -410,7 +437,15 @@ async fn repair_group(
     let by_key: HashMap<_, _> = refs.iter().map(|r| ((r.key, r.version), r)).collect();
     let mut repaired = 0;
     let mut unwanted = Vec::new();
-    for (page, holders) in donated.iter().zip(&acked) {
+    let shipped = inner.shipped_runs();
+    let gone_since: Vec<DonorId> = runs
+        .iter()
+        .filter(|(d, run)| shipped.get(d) != Some(run))
+        .map(|(d, _)| *d)
+        .collect();
+    for (page, holders) in donated.iter().zip(&mut acked) {
+        // A new donor that came back empty since it acked holds nothing.
+        holders.retain(|d| !gone_since.contains(d));
         let r = by_key[&(page.key, page.version)];
         let settle = settle_page(&plan, &fresh, holders);
         let recorded = settle
@@ -427,6 +462,7 @@ async fn repair_group(
             });
         }
     }
+    drop(shipped);
     ClusterCounters::add(&inner.metrics.cluster.repaired_pages, repaired);
     if !unwanted.is_empty() {
         inner.release_backlog.lock().extend(unwanted);

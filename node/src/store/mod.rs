@@ -112,7 +112,9 @@ pub const REPLICAS_MAX: usize = 3;
 /// assigned below 2^32 so a descriptor stays within the index entry).
 pub type DonorId = u32;
 
-/// The donors holding a page's compressed bytes.
+/// The donors holding a page's compressed bytes. Empty only for a page
+/// whose every copy was lost ([`Replicas::NONE`]): a load of it answers
+/// `unavailable`, never wrong bytes.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Replicas {
     ids: [DonorId; REPLICAS_MAX],
@@ -120,6 +122,22 @@ pub struct Replicas {
 }
 
 impl Replicas {
+    /// No copy left anywhere.
+    pub const NONE: Replicas = Replicas {
+        ids: [0; REPLICAS_MAX],
+        count: 0,
+    };
+
+    /// The set without `donor`.
+    pub fn without(&self, donor: DonorId) -> Replicas {
+        let mut out = Replicas::NONE;
+        for &d in self.as_slice().iter().filter(|&&d| d != donor) {
+            out.ids[out.count as usize] = d;
+            out.count += 1;
+        }
+        out
+    }
+
     /// `None` if there are no donors or more than [`REPLICAS_MAX`].
     pub fn new(donors: &[DonorId]) -> Option<Replicas> {
         if donors.is_empty() || donors.len() > REPLICAS_MAX {
@@ -263,6 +281,10 @@ pub struct StoreStats {
     /// Pages whose bytes are held by donors, and those bytes (compressed).
     pub remote_pages: u64,
     pub remote_bytes: u64,
+    /// Remote pages with no copy left anywhere (all their donors came back
+    /// empty): loads of them answer `unavailable` until they are written
+    /// again or invalidated.
+    pub lost_pages: u64,
 }
 
 impl StoreStats {
@@ -323,6 +345,7 @@ pub struct PageStore {
     evicted_pages: AtomicU64,
     remote_pages: AtomicU64,
     remote_bytes: AtomicU64,
+    lost_pages: AtomicU64,
     /// Donor copies to drop, collected for the cluster's release task.
     released: Mutex<Vec<Released>>,
     /// Shard where the next eviction starts, so evictions spread out.
@@ -344,6 +367,7 @@ impl PageStore {
             evicted_pages: AtomicU64::new(0),
             remote_pages: AtomicU64::new(0),
             remote_bytes: AtomicU64::new(0),
+            lost_pages: AtomicU64::new(0),
             released: Mutex::new(Vec::new()),
             evict_cursor: AtomicU64::new(0),
         }
@@ -497,9 +521,12 @@ impl PageStore {
             Body::Compressed { len, .. } => {
                 add_signed(&self.payload_bytes, sign * len as i64);
             }
-            Body::Remote { len, .. } => {
+            Body::Remote { len, replicas } => {
                 add_signed(&self.remote_pages, sign);
                 add_signed(&self.remote_bytes, sign * len as i64);
+                if replicas.as_slice().is_empty() {
+                    add_signed(&self.lost_pages, sign);
+                }
             }
         }
     }
@@ -797,10 +824,18 @@ impl PageStore {
         let mut all: Vec<(u64, RemoteRef)> = Vec::new();
         for shard in self.shards.iter() {
             let shard = shard.lock();
-            all.extend(shard.hottest(index::REMOTE_LIST, max).filter_map(|i| {
-                let e = shard.entry(i);
-                e.remote_ref().map(|r| (e.stamp, r))
-            }));
+            // A page with no copy left has nothing to bring home.
+            all.extend(
+                shard
+                    .hottest(index::REMOTE_LIST, usize::MAX)
+                    .filter_map(|i| {
+                        let e = shard.entry(i);
+                        e.remote_ref()
+                            .filter(|r| !r.replicas.as_slice().is_empty())
+                            .map(|r| (e.stamp, r))
+                    })
+                    .take(max),
+            );
         }
         all.sort_unstable_by_key(|(stamp, _)| std::cmp::Reverse(*stamp));
         all.into_iter().take(max).map(|(_, r)| r).collect()
@@ -831,16 +866,18 @@ impl PageStore {
         out
     }
 
-    /// Repair's work list: up to `max` pages held on donors that have a
-    /// copy on one of the `gone` donors and a copy to re-create it from: on
-    /// a donor not gone, or on a gone one that is still `readable` (a
-    /// draining donor: leaving, but serving until it is empty). Also returns
-    /// how many pages have a gone copy in all (degraded) and how many have
-    /// no copy left to read (unrecoverable).
+    /// Repair's work list: up to `max` pages held on donors that are
+    /// degraded (a copy on one of the `gone` donors, or fewer than `want`
+    /// donors listed) and have a copy to re-create the missing ones from:
+    /// on a donor not gone, or on a gone one that is still `readable` (a
+    /// draining donor: leaving, but serving until it is empty). Also
+    /// returns how many pages are degraded in all and how many have no copy
+    /// left to read (unrecoverable).
     pub fn remote_on(
         &self,
         gone: &[DonorId],
         readable: &[DonorId],
+        want: usize,
         max: usize,
     ) -> (Vec<RemoteRef>, u64, u64) {
         let (mut out, mut degraded, mut unrecoverable) = (Vec::new(), 0, 0);
@@ -851,7 +888,7 @@ impl PageStore {
                     continue;
                 };
                 let held = remote.replicas.as_slice();
-                if !held.iter().any(|d| gone.contains(d)) {
+                if held.len() >= want && !held.iter().any(|d| gone.contains(d)) {
                     continue;
                 }
                 degraded += 1;
@@ -869,7 +906,9 @@ impl PageStore {
     }
 
     /// Repair moved a page's copies: donors now hold it on `replicas`.
-    /// `false` if the page changed meanwhile (the new copies are stale).
+    /// `false` if the page changed meanwhile (the new copies are stale) or
+    /// its set did (a donor was struck off it since `remote` was read: the
+    /// set repair built on is out of date).
     pub fn set_replicas(&self, remote: &RemoteRef, replicas: Replicas) -> bool {
         let hash = hash_key(&remote.key);
         let mut shard = self.lock(hash);
@@ -878,12 +917,46 @@ impl PageStore {
         };
         let e = *shard.entry(i);
         match e.body {
-            Body::Remote { len, .. } if e.version == remote.version => {
+            Body::Remote { replicas: now, len }
+                if e.version == remote.version && now == remote.replicas =>
+            {
                 shard.update(i, |e| e.body = Body::Remote { replicas, len });
                 true
             }
             _ => false,
         }
+    }
+
+    /// A donor came back empty (a new incarnation): strikes it off every
+    /// page's set. Returns the pages struck and, of those, the ones left
+    /// with no copy at all (each had its only copy there).
+    pub fn strike_donor(&self, donor: DonorId) -> (u64, u64) {
+        let (mut struck, mut orphaned) = (0, 0);
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock();
+            let listed: Vec<u32> = shard
+                .hottest(index::REMOTE_LIST, usize::MAX)
+                .filter(|&i| {
+                    matches!(shard.entry(i).body,
+                        Body::Remote { replicas, .. } if replicas.as_slice().contains(&donor))
+                })
+                .collect();
+            for i in listed {
+                shard.update(i, |e| {
+                    if let Body::Remote { replicas, len } = e.body {
+                        let left = replicas.without(donor);
+                        struck += 1;
+                        orphaned += u64::from(left.as_slice().is_empty());
+                        e.body = Body::Remote {
+                            replicas: left,
+                            len,
+                        };
+                    }
+                });
+            }
+        }
+        self.lost_pages.fetch_add(orphaned, Ordering::Relaxed);
+        (struck, orphaned)
     }
 
     /// Brings a page fetched from a donor home (suction, or a remote load
@@ -952,6 +1025,7 @@ impl PageStore {
             evicted_pages: self.evicted_pages.load(Ordering::Relaxed),
             remote_pages: self.remote_pages.load(Ordering::Relaxed),
             remote_bytes: self.remote_bytes.load(Ordering::Relaxed),
+            lost_pages: self.lost_pages.load(Ordering::Relaxed),
         }
     }
 

@@ -392,7 +392,7 @@ fn repair_lists_pages_with_a_gone_copy_and_something_left_to_read() {
         assert!(s.finish_remotify(o.key, o.version, donors(set)));
     }
     let listed = |gone: &[u32], readable: &[u32]| {
-        let (refs, degraded, unrecoverable) = s.remote_on(gone, readable, 10);
+        let (refs, degraded, unrecoverable) = s.remote_on(gone, readable, 1, 10);
         let mut keys: Vec<u64> = refs.iter().map(|r| r.key.index).collect();
         keys.sort_unstable();
         (keys, degraded, unrecoverable)
@@ -405,6 +405,53 @@ fn repair_lists_pages_with_a_gone_copy_and_something_left_to_read() {
     // Donors 2 and 3 lost: pages 1 and 2 have no copy left.
     assert_eq!(listed(&[2, 3], &[]), (vec![0], 3, 2));
     // At most `max` listed; all counted.
-    let (refs, degraded, _) = s.remote_on(&[1, 2, 3], &[1, 2, 3], 1);
+    let (refs, degraded, _) = s.remote_on(&[1, 2, 3], &[1, 2, 3], 1, 1);
     assert_eq!((refs.len(), degraded), (1, 4));
+    // Two copies wanted: pages 2 and 3 are short of one.
+    assert_eq!(s.remote_on(&[], &[], 2, 10).0.len(), 2);
+}
+
+#[test]
+fn a_donor_struck_off_leaves_pages_short_or_lost_and_stale_sets_are_not_recorded() {
+    let s = PageStore::new(StoreConfig::with_capacity(64 << 20));
+    for i in 0..3 {
+        s.store(key(i), &page_of(i, true), Retention::Persistent);
+    }
+    let sets = [&[1, 2][..], &[2, 3], &[2]];
+    for o in s.begin_remotify(3) {
+        assert!(s.finish_remotify(o.key, o.version, donors(sets[o.key.index as usize])));
+    }
+    let before = s.remote_on(&[], &[], 2, 10).0;
+    let short = |s: &PageStore| {
+        let (refs, degraded, unrecoverable) = s.remote_on(&[], &[], 2, 10);
+        let mut keys: Vec<u64> = refs.iter().map(|r| r.key.index).collect();
+        keys.sort_unstable();
+        (keys, degraded, unrecoverable)
+    };
+    assert_eq!(short(&s), (vec![2], 1, 0));
+    // Donor 2 came back empty: every page loses its copy there; page 2
+    // had no other.
+    assert_eq!(s.strike_donor(2), (3, 1));
+    assert_eq!(s.strike_donor(2), (0, 0), "struck twice");
+    assert_eq!(short(&s), (vec![0, 1], 3, 1));
+    assert_eq!(s.stats().lost_pages, 1);
+    let mut out = Box::new([0u8; PAGE_BYTES]);
+    match s.load(key(2), &mut out) {
+        LoadOutcome::Remote(r) => assert!(r.replicas.as_slice().is_empty()),
+        other => panic!("a lost page must stay listed (unavailable), got {other:?}"),
+    }
+    // Repair built on the set read before the strike: not recorded.
+    let stale = before.iter().find(|r| r.key.index == 2).expect("page 2");
+    assert!(!s.set_replicas(stale, donors(&[2, 4])));
+    // Built on the current set: recorded.
+    let now = s.remote_on(&[], &[], 2, 10).0;
+    let r0 = now.iter().find(|r| r.key.index == 0).expect("page 0");
+    assert!(s.set_replicas(r0, donors(&[1, 4])));
+    assert_eq!(short(&s), (vec![1], 2, 1));
+    // Suction has nothing to bring home for a lost page.
+    assert!(s.hottest_remote(10).iter().all(|r| r.key.index != 2));
+    // Writing the page again makes it whole.
+    s.store(key(2), &page_of(2, true), Retention::Persistent);
+    assert_eq!(s.stats().lost_pages, 0);
+    s.audit();
 }

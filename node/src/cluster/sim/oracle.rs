@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::cluster::donor::{DonatedPage, PageRef};
-use crate::store::{PageKey, RemoteRef};
+use crate::store::{DonorId, PageKey, RemoteRef};
 
 use super::world::World;
 
@@ -39,10 +39,14 @@ pub struct Oracle {
     /// (donor node, owner node, owner incarnation, key, version) → the
     /// donor's incarnation the copy was put on. Looked up, never iterated.
     placed: HashMap<(usize, usize, u64, PageKey, u64), u64>,
+    /// (owner node, key index) → (version, donor) of copies the owner
+    /// struck off its index after they were lost to the donor's crash.
+    struck: HashMap<(usize, u64), Vec<(u64, DonorId)>>,
 }
 
 impl Oracle {
     pub fn accepted(&mut self, owner: usize, index: u64, checksum: u64) {
+        self.struck.remove(&(owner, index));
         self.pages.insert(
             (owner, index),
             Expect {
@@ -54,6 +58,7 @@ impl Oracle {
 
     /// Invalidated, or refused (a refused store drops the older copy).
     pub fn dropped(&mut self, owner: usize, index: u64) {
+        self.struck.remove(&(owner, index));
         self.pages.remove(&(owner, index));
     }
 
@@ -70,6 +75,7 @@ impl Oracle {
             .collect();
         for k in keys {
             self.pages.remove(&k);
+            self.struck.remove(&k);
         }
     }
 
@@ -85,6 +91,46 @@ impl Oracle {
             (donor, owner, owner_incarnation, p.key, p.version),
             donor_incarnation,
         );
+    }
+}
+
+/// Owner `owner` is about to strike donor `d` off its index (`d` came
+/// back with a new run): remembers the copies listed there that were lost
+/// to the crash, so a page left short of copies is judged on every copy
+/// it had. A copy put on `d`'s current run is not lost: striking it off
+/// is the owner's choice, and losing the page for it is a bug.
+pub fn striking(w: &mut World, owner: usize, d: DonorId) {
+    let on = &w.nodes[owner];
+    let store = &on.owner.as_ref().expect("an owner").store;
+    let dn = d as usize - 1;
+    let mut lost = Vec::new();
+    for &(o, index) in w
+        .oracle
+        .pages
+        .range((owner, 0)..=(owner, u64::MAX))
+        .map(|(k, _)| k)
+    {
+        let Some((_, Some(r))) = store.peek(key(index)) else {
+            continue;
+        };
+        if !r.replicas.as_slice().contains(&d) {
+            continue;
+        }
+        let at = (dn, o, on.incarnation, r.key, r.version);
+        if w.oracle
+            .placed
+            .get(&at)
+            .is_some_and(|&inc| inc != w.nodes[dn].incarnation)
+        {
+            lost.push((index, r.version));
+        }
+    }
+    for (index, version) in lost {
+        w.oracle
+            .struck
+            .entry((owner, index))
+            .or_default()
+            .push((version, d));
     }
 }
 
@@ -148,7 +194,7 @@ pub fn check_step(w: &mut World) -> Result<(), String> {
         if listed.iter().any(|&d| holds(w, d as usize - 1, o, &r)) {
             continue;
         }
-        let crashed = listed
+        let crashed_listed = listed
             .iter()
             .filter(|&&d| {
                 let d = d as usize - 1;
@@ -159,6 +205,15 @@ pub fn check_step(w: &mut World) -> Result<(), String> {
                     .is_some_and(|&inc| inc != w.nodes[d].incarnation)
             })
             .count();
+        // Sets are recorded whole (R donors) and shrink only when a donor
+        // that crashed is struck off: the copies missing from the listing
+        // are those.
+        let struck = w.oracle.struck.get(&(o, index)).map_or(0, |s| {
+            s.iter()
+                .filter(|(v, d)| *v == r.version && !listed.contains(d))
+                .count()
+        });
+        let crashed = crashed_listed + struck.min(w.replicas.saturating_sub(listed.len()));
         if crashed >= w.replicas {
             excused.push((o, index));
             continue;

@@ -7,7 +7,7 @@
 //! decision in it is the node's own code: `Pressure::decide`,
 //! `choose_donors`, `repair::{copies_lost, after_repair, plan_group,
 //! fresh_candidates, settle_page}`, `RepairState`, `movers::settle_shipped`,
-//! and the real `PageStore` and `DonorStore`.
+//! and the real `PageStore` (`strike_donor` included) and `DonorStore`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,7 +18,7 @@ use rand::{Rng, RngCore};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::exec::join_all;
-use super::oracle::key;
+use super::oracle::{self, key};
 use super::world::{
     OwnerSide, RPC_DEADLINE_MS, Reply, Request, SimRef, World, call, call_on, heartbeat_round,
     session, sleep, with,
@@ -95,23 +95,63 @@ fn lost_donors(w: &World, me: usize) -> Vec<DonorId> {
 /// `Inner::forget_lost_copies`.
 fn forget_lost_copies(w: &mut World, me: usize, lost: &[DonorId]) {
     for &d in lost {
-        let after = repair::after_repair(sight(w, me, d));
-        let shipped = &mut owner_mut(w, me).shipped;
-        match after {
+        match repair::after_repair(sight(w, me, d)) {
             AfterRepair::Forget => {
-                shipped.remove(&d);
+                owner_mut(w, me).shipped.remove(&d);
             }
-            AfterRepair::Holds(inc) => {
-                shipped.insert(d, inc);
-            }
+            AfterRepair::Holds(inc) => note_shipped(w, me, d, inc),
             AfterRepair::Keep => {}
         }
     }
 }
 
-/// `Inner::note_shipped`.
+/// `Inner::note_shipped`: a newer run of a donor came back empty, and
+/// its copies are struck off. The oracle hears which of them were lost to
+/// the donor's crash (a copy put on its new run is not).
 fn note_shipped(w: &mut World, me: usize, d: DonorId, inc: u64) {
-    owner_mut(w, me).shipped.entry(d).or_insert(inc);
+    match owner(w, me).shipped.get(&d) {
+        None => {
+            owner_mut(w, me).shipped.insert(d, inc);
+        }
+        Some(&had) if inc > had => {
+            oracle::striking(w, me, d);
+            let o = owner_mut(w, me);
+            o.store.strike_donor(d);
+            o.shipped.insert(d, inc);
+            o.repair.struck();
+        }
+        Some(_) => {}
+    }
+}
+
+/// `Inner::strike_restarted`.
+fn strike_restarted(w: &mut World, me: usize) {
+    let o = owner(w, me);
+    let heard: Vec<(DonorId, u64)> = o
+        .shipped
+        .iter()
+        .filter_map(|(&d, &had)| {
+            let now = o
+                .peers
+                .get(&w.nodes[node_of(d)].name)?
+                .heartbeat
+                .incarnation;
+            (now > had).then_some((d, now))
+        })
+        .collect();
+    for (d, inc) in heard {
+        note_shipped(w, me, d, inc);
+    }
+}
+
+/// Of `runs` (donor, the run a put reached), the donors that came back
+/// empty since: their acks count for nothing.
+fn gone_since(w: &World, me: usize, runs: &[(DonorId, u64)]) -> Vec<DonorId> {
+    let shipped = &owner(w, me).shipped;
+    runs.iter()
+        .filter(|(d, run)| shipped.get(d) != Some(run))
+        .map(|(d, _)| *d)
+        .collect()
 }
 
 /// `Inner::donor_views`.
@@ -249,6 +289,7 @@ async fn release(sim: &SimRef, me: usize) {
 /// `repair::repair`.
 async fn repair(sim: &SimRef, me: usize) {
     let (lost, start) = with(sim, |w| {
+        strike_restarted(w, me);
         let mut lost = lost_donors(w, me);
         lost.sort_unstable();
         let start = owner_mut(w, me).repair.start(&lost);
@@ -266,7 +307,7 @@ async fn repair(sim: &SimRef, me: usize) {
         let refs = with(sim, |w| {
             owner(w, me)
                 .store
-                .remote_on(&lost, &[], REPAIR_BATCH_PAGES)
+                .remote_on(&lost, &[], w.replicas, REPAIR_BATCH_PAGES)
                 .0
         });
         if refs.is_empty() {
@@ -327,10 +368,12 @@ async fn repair_group(
         return 0;
     }
     let mut acked: Vec<Vec<DonorId>> = vec![Vec::new(); donated.len()];
+    let mut runs = Vec::new();
     for &d in &fresh {
         let put = async {
             let inc = session(sim, me, node_of(d)).await?;
             with(sim, |w| note_shipped(w, me, d, inc));
+            runs.push((d, inc));
             call_on(
                 sim,
                 me,
@@ -356,7 +399,9 @@ async fn repair_group(
     }
     with(sim, |w| {
         let mut repaired = 0;
-        for (page, holders) in donated.iter().zip(&acked) {
+        let gone = gone_since(w, me, &runs);
+        for (page, holders) in donated.iter().zip(&mut acked) {
+            holders.retain(|d| !gone.contains(d));
             let r = refs
                 .iter()
                 .find(|r| r.key == page.key && r.version == page.version)
@@ -466,14 +511,16 @@ async fn ship(sim: SimRef, me: usize, out: Vec<Outbound>) -> bool {
             data: Bytes::copy_from_slice(&o.compressed),
         })
         .collect();
-    let puts: Vec<Boxed<'_, (DonorId, PutAnswer)>> = donors
+    let puts: Vec<Boxed<'_, (DonorId, u64, PutAnswer)>> = donors
         .iter()
         .map(|&d| {
             let (sim, pages) = (&sim, pages.clone());
             Box::pin(async move {
+                let mut run = 0;
                 let r = async {
                     let inc = session(sim, me, node_of(d)).await.map_err(|e| (false, e))?;
                     with(sim, |w| note_shipped(w, me, d, inc));
+                    run = inc;
                     call_on(
                         sim,
                         me,
@@ -486,15 +533,17 @@ async fn ship(sim: SimRef, me: usize, out: Vec<Outbound>) -> bool {
                     .map_err(|e| (true, e))
                 }
                 .await;
-                (d, r)
+                (d, run, r)
             }) as Boxed<'_, _>
         })
         .collect();
     let mut acked: Vec<Vec<DonorId>> = vec![Vec::new(); out.len()];
     let mut unanswered = Vec::new();
-    for (d, r) in join_all(puts).await {
+    let mut runs = Vec::new();
+    for (d, run, r) in join_all(puts).await {
         match r {
             Ok(Reply::Put(Ok(statuses))) => {
+                runs.push((d, run));
                 for (i, s) in statuses.iter().enumerate() {
                     if *s == PageStatus::Ok {
                         acked[i].push(d);
@@ -507,7 +556,9 @@ async fn ship(sim: SimRef, me: usize, out: Vec<Outbound>) -> bool {
     }
     with(&sim, |w| {
         let mut moved = 0;
-        for (o, holders) in out.iter().zip(&acked) {
+        let gone = gone_since(w, me, &runs);
+        for (o, holders) in out.iter().zip(&mut acked) {
+            holders.retain(|d| !gone.contains(d));
             let settled = settle_shipped(&donors, holders, &unanswered);
             let side = owner_mut(w, me);
             let freed = match settled.record {
