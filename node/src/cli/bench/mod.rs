@@ -175,6 +175,9 @@ pub struct PhaseReport {
     /// Pages that came back with other bytes, or refused pages that came back.
     pub wrong: usize,
     pub seconds: f64,
+    /// Latency of one request (of `--batch` pages), microseconds.
+    pub p50_us: f64,
+    pub p99_us: f64,
     /// True when every accepted page loaded back byte-identical.
     pub verified: bool,
 }
@@ -365,7 +368,7 @@ fn run_phase(args: &BenchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "{}: {} pages, {} accepted; {} good, {} lost, {} unavailable, {} corrupt, {} wrong ({:.1} s)",
+            "{}: {} pages, {} accepted; {} good, {} lost, {} unavailable, {} corrupt, {} wrong ({:.1} s; request p50 {:.0} µs, p99 {:.0} µs)",
             report.phase,
             report.pages,
             report.accepted,
@@ -374,7 +377,9 @@ fn run_phase(args: &BenchArgs) -> anyhow::Result<()> {
             report.unavailable,
             report.corrupt,
             report.wrong,
-            report.seconds
+            report.seconds,
+            report.p50_us,
+            report.p99_us
         );
     }
     if !report.verified {
@@ -425,7 +430,7 @@ async fn verify_phase(
     let client = Arc::new(connect(socket).await?);
     let area = state.area;
     let batch = batch_for(args, &client);
-    let loaded = load_offsets(
+    let mut loaded = load_offsets(
         args.depth,
         batch,
         &client,
@@ -438,6 +443,8 @@ async fn verify_phase(
         phase: "verify".into(),
         pages: pages.len(),
         accepted: accepted.iter().filter(|a| **a).count(),
+        p50_us: percentile_us(&mut loaded.latencies, 0.50),
+        p99_us: percentile_us(&mut loaded.latencies, 0.99),
         ..Default::default()
     };
     for (i, o) in loaded.outcomes {
