@@ -24,6 +24,7 @@
 # rate, load p99 idle and during repair, and whether every page was good.
 #
 # Environment: PAGES, CAPACITY, DONOR_CAPACITY, DEPTH (4), BATCH (16),
+# LOADS (1; 0: no loads during repair),
 # PORT_BASE (28800), OUT (a temp dir for logs and reports). Every process
 # this script starts is stopped by its PID on exit.
 
@@ -140,7 +141,7 @@ wait "${pid_of[$victim]}" 2>/dev/null || true
 say "loading and checking every page until repair is done"
 round=0
 (
-    while [[ ! -e "$out/repaired" ]]; do
+    while [[ "${LOADS:-1}" == 1 && ! -e "$out/repaired" ]]; do
         round=$((round + 1))
         "$ramster" bench --socket "$out/owner/api.sock" --phase verify --state "$out/state.json" \
             --depth "$depth" --batch "$batch" --json >"$out/during.$round.json" || touch "$out/verify-failed"

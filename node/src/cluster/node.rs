@@ -959,7 +959,7 @@ impl Inner {
         outs: &mut [&mut Page],
     ) -> Vec<LoadResult> {
         let started = Instant::now();
-        let orders: Vec<Vec<NodeId>> = {
+        let mut orders: Vec<Vec<NodeId>> = {
             let now = Instant::now();
             let config = self.membership().config();
             let peers = self.peers.lock();
@@ -985,6 +985,9 @@ impl Inner {
         let hedge_after = self.hedge_delay();
         let mut results = vec![LoadResult::Unavailable; refs.len()];
         let mut tried = vec![0usize; refs.len()];
+        // A replica given up on for being slow is asked again, once, after
+        // the others: a slow copy beats none when the others are gone.
+        let mut again = vec![false; refs.len()];
         let mut pending: Vec<usize> = (0..refs.len()).collect();
         while !pending.is_empty() {
             let mut by_donor: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
@@ -1015,19 +1018,23 @@ impl Inner {
                             .then_some(hedge_after);
                         asks.push(async move {
                             let get = session.get_pages(&wanted);
+                            // Err((slow, why)).
                             let got = match hedge {
                                 Some(after) => match tokio::time::timeout(after, get).await {
-                                    Ok(got) => got.map_err(|e| e.to_string()),
-                                    Err(_) => Err(format!(
-                                        "no answer within {after:?}; asking the next replica"
+                                    Ok(got) => got.map_err(|e| (false, e.to_string())),
+                                    Err(_) => Err((
+                                        true,
+                                        format!(
+                                            "no answer within {after:?}; asking the next replica"
+                                        ),
                                     )),
                                 },
-                                None => get.await.map_err(|e| e.to_string()),
+                                None => get.await.map_err(|e| (false, e.to_string())),
                             };
                             (donor, idx, got)
                         });
                     }
-                    Err(e) => answers.push((donor, idx, Err(e))),
+                    Err(e) => answers.push((donor, idx, Err((false, e)))),
                 }
             }
             // One donor (the common case for a small load) is awaited right
@@ -1047,9 +1054,13 @@ impl Inner {
             for (donor, idx, got) in answers {
                 let pages = match got {
                     Ok(pages) => pages,
-                    Err(reason) => {
+                    Err((slow, reason)) => {
                         warn!(donor, pages = idx.len(), %reason, "remote load from a replica failed");
                         for i in idx {
+                            if slow && !again[i] {
+                                again[i] = true;
+                                orders[i].push(donor);
+                            }
                             tried[i] += 1;
                             pending.push(i);
                         }

@@ -27,8 +27,15 @@ use super::placement::{DonorView, choose_donors};
 use crate::metrics::ClusterCounters;
 use crate::store::{DonorId, PAGE_BYTES, PageKey, Released, RemoteRef, Replicas};
 
-/// Pages looked at per pass.
-pub const REPAIR_BATCH_PAGES: usize = 1024;
+/// Degraded pages taken per walk of the index (a walk visits every remote
+/// page, so it should take many).
+pub const REPAIR_BATCH_PAGES: usize = 16_384;
+/// Pages of one replica set repaired together: one get, one put per new
+/// donor (as a remotify batch).
+pub const REPAIR_CHUNK_PAGES: usize = 256;
+/// Chunks repaired at once: copies flow from several survivors to several
+/// donors at the same time.
+pub const REPAIR_CHUNKS_IN_FLIGHT: usize = 8;
 /// Most stale refusals remembered in one episode.
 const REFUSED_MAX: usize = 4096;
 
@@ -59,7 +66,7 @@ pub(crate) struct RepairState {
 /// Pages a pass could not repair, by why: what an operator needs to see
 /// when degraded pages do not go away.
 #[derive(Debug, Default)]
-struct Stalled {
+pub(crate) struct Stalled {
     /// No source answered a get.
     no_source: u64,
     /// A source answered without a good copy of the page.
@@ -242,20 +249,41 @@ pub fn fresh_candidates(
         .collect()
 }
 
-/// The donors that `pending` (releases not answered yet) tells to drop one
-/// of `refs`' pages.
-pub fn releasing_to(pending: &[Released], refs: &[RemoteRef]) -> Vec<DonorId> {
-    let mut to: Vec<DonorId> = pending
-        .iter()
-        .filter(|p| {
-            refs.iter()
-                .any(|r| r.key == p.key && r.version == p.version)
-        })
-        .flat_map(|p| p.replicas.as_slice().iter().copied())
-        .collect();
-    to.sort_unstable();
-    to.dedup();
-    to
+/// Of the releases not answered yet, those of pages a repair pass works
+/// on, by page version: each chunk of the pass looks its pages up here
+/// rather than scanning the backlog (which grows by a release per copy on
+/// a lost donor, so a scan per chunk made repair quadratic).
+#[derive(Default)]
+pub struct PendingReleases(HashMap<(PageKey, u64), Vec<DonorId>>);
+
+impl PendingReleases {
+    pub fn of(pending: &[Released], refs: &[RemoteRef]) -> PendingReleases {
+        let wanted: hashbrown::HashSet<(PageKey, u64)> =
+            refs.iter().map(|r| (r.key, r.version)).collect();
+        let mut by_page: HashMap<(PageKey, u64), Vec<DonorId>> = HashMap::new();
+        for p in pending {
+            if wanted.contains(&(p.key, p.version)) {
+                by_page
+                    .entry((p.key, p.version))
+                    .or_default()
+                    .extend_from_slice(p.replicas.as_slice());
+            }
+        }
+        PendingReleases(by_page)
+    }
+
+    /// The donors told to drop one of `refs`' pages.
+    pub fn releasing_to(&self, refs: &[RemoteRef]) -> Vec<DonorId> {
+        let mut to: Vec<DonorId> = refs
+            .iter()
+            .filter_map(|r| self.0.get(&(r.key, r.version)))
+            .flatten()
+            .copied()
+            .collect();
+        to.sort_unstable();
+        to.dedup();
+        to
+    }
 }
 
 /// One page's outcome of a repair round, once the new donors answered.
@@ -352,27 +380,57 @@ pub(super) async fn repair(inner: &Arc<Inner>) {
     }
 }
 
-/// Re-creates the lost copies of `refs`; the number of pages repaired.
+/// Re-creates the lost copies of `refs`, a few chunks at once; the number
+/// of pages repaired.
 async fn repair_batch(
     inner: &Arc<Inner>,
     lost: &[DonorId],
     refs: Vec<RemoteRef>,
     stalled: &mut Stalled,
 ) -> u64 {
+    let pending = Arc::new(PendingReleases::of(&inner.release_backlog.lock(), &refs));
     let mut groups: HashMap<Replicas, Vec<RemoteRef>> = HashMap::new();
     for r in refs {
         groups.entry(r.replicas).or_default().push(r);
     }
+    let mut chunks = groups.into_iter().flat_map(|(set, refs)| {
+        refs.chunks(REPAIR_CHUNK_PAGES)
+            .map(|c| (set, c.to_vec()))
+            .collect::<Vec<_>>()
+    });
+    let lost: Arc<[DonorId]> = lost.into();
+    let mut running = tokio::task::JoinSet::new();
     let mut repaired = 0;
-    for (set, refs) in groups {
-        repaired += repair_group(inner, lost, set, &refs, stalled).await;
+    loop {
+        while running.len() < REPAIR_CHUNKS_IN_FLIGHT {
+            let Some((set, refs)) = chunks.next() else {
+                break;
+            };
+            let (inner, lost, pending) = (inner.clone(), lost.clone(), pending.clone());
+            running.spawn(async move {
+                let mut stalled = Stalled::default();
+                let n = repair_group(&inner, &lost, &pending, set, &refs, &mut stalled).await;
+                (n, stalled)
+            });
+        }
+        match running.join_next().await {
+            Some(Ok((n, s))) => {
+                repaired += n;
+                stalled.no_source += s.no_source;
+                stalled.no_copy += s.no_copy;
+                stalled.no_donor += s.no_donor;
+                stalled.not_settled += s.not_settled;
+            }
+            Some(Err(e)) => warn!(reason = %e, "repair task failed"),
+            None => return repaired,
+        }
     }
-    repaired
 }
 
 async fn repair_group(
     inner: &Arc<Inner>,
     lost: &[DonorId],
+    pending: &PendingReleases,
     set: Replicas,
     refs: &[RemoteRef],
     stalled: &mut Stalled,
@@ -397,7 +455,7 @@ async fn repair_group(
     };
     stalled.no_copy += pages.iter().filter(|p| p.is_none()).count() as u64;
     let total: u64 = pages.iter().flatten().map(|p| p.data.len() as u64).sum();
-    let mut shunned = releasing_to(&inner.release_backlog.lock(), refs);
+    let mut shunned = pending.releasing_to(refs);
     shunned.extend(inner.repair.lock().refused_by(refs));
     let candidates = fresh_candidates(inner.donor_views(), set, lost, &shunned);
     let fresh = choose_donors(&candidates, plan.need, total, &mut rand::rng());
@@ -408,6 +466,14 @@ async fn repair_group(
     let donated: Vec<DonatedPage> = pages.iter().flatten().cloned().collect();
     if donated.is_empty() {
         return 0;
+    }
+    {
+        // As remotify: the donors' spare room is that much smaller until
+        // their next heartbeat says what they hold.
+        let mut sent = inner.sent_since_heartbeat.lock();
+        for &d in &fresh {
+            *sent.entry(d as NodeId).or_default() += total;
+        }
     }
     // acked[i]: the new donors that hold donated[i].
     let mut acked: Vec<Vec<DonorId>> = vec![Vec::new(); donated.len()];

@@ -29,8 +29,8 @@ use crate::cluster::movers::{MOVER_TICK_MS, settle_shipped};
 use crate::cluster::node::decode_checked;
 use crate::cluster::placement::{DonorView, choose_donors};
 use crate::cluster::repair::{
-    self, AfterRepair, DonorSight, PassStart, REPAIR_BATCH_PAGES, fresh_candidates, plan_group,
-    releasing_to, settle_page,
+    self, AfterRepair, DonorSight, PassStart, PendingReleases, REPAIR_BATCH_PAGES,
+    fresh_candidates, plan_group, settle_page,
 };
 use crate::cluster::status::Liveness;
 use crate::cluster::watermarks::{Movement, Pressure, Watermarks};
@@ -44,6 +44,8 @@ use crate::store::{
 const REMOTIFY_BATCH_PAGES: usize = 8;
 const REMOTIFY_BATCHES_IN_FLIGHT: usize = 3;
 const SUCTION_BATCH_PAGES: usize = 8;
+const REPAIR_CHUNK_PAGES: usize = 8;
+const REPAIR_CHUNKS_IN_FLIGHT: usize = 3;
 /// How long a remote load waits on a replica before it asks the next one.
 const HEDGE_AFTER_MS: u64 = 20;
 
@@ -321,6 +323,9 @@ async fn repair(sim: &SimRef, me: usize) {
             let now = w.instant();
             owner_mut(w, me).repair.degraded_at(now);
         });
+        let pending = with(sim, |w| {
+            PendingReleases::of(&owner(w, me).release_backlog, &refs)
+        });
         // Groups in the order first seen (the node's map has no order).
         let mut groups: Vec<(Replicas, Vec<RemoteRef>)> = Vec::new();
         for r in refs {
@@ -329,9 +334,21 @@ async fn repair(sim: &SimRef, me: usize) {
                 None => groups.push((r.replicas, vec![r])),
             }
         }
+        // Chunks of a set, several at once (the node keeps a fixed number
+        // in flight; here they go in waves).
+        let chunks: Vec<(Replicas, Vec<RemoteRef>)> = groups
+            .iter()
+            .flat_map(|(set, refs)| refs.chunks(REPAIR_CHUNK_PAGES).map(|c| (*set, c.to_vec())))
+            .collect();
         let mut repaired = 0;
-        for (set, refs) in groups {
-            repaired += repair_group(sim, me, &lost, set, &refs).await;
+        for wave in chunks.chunks(REPAIR_CHUNKS_IN_FLIGHT) {
+            let running: Vec<Boxed<'_, u64>> = wave
+                .iter()
+                .map(|(set, refs)| {
+                    Box::pin(repair_group(sim, me, &lost, &pending, *set, refs)) as Boxed<'_, u64>
+                })
+                .collect();
+            repaired += join_all(running).await.into_iter().sum::<u64>();
         }
         if repaired == 0 {
             return;
@@ -344,6 +361,7 @@ async fn repair_group(
     sim: &SimRef,
     me: usize,
     lost: &[DonorId],
+    pending: &PendingReleases,
     set: Replicas,
     refs: &[RemoteRef],
 ) -> u64 {
@@ -355,7 +373,7 @@ async fn repair_group(
     let total: u64 = pages.iter().flatten().map(|p| p.data.len() as u64).sum();
     let fresh = with(sim, |w| {
         let o = owner(w, me);
-        let mut shunned = releasing_to(&o.release_backlog, refs);
+        let mut shunned = pending.releasing_to(refs);
         shunned.extend(o.repair.refused_by(refs));
         let candidates = fresh_candidates(donor_views(w, me), set, lost, &shunned);
         choose_donors(&candidates, plan.need, total, &mut w.rng)
