@@ -386,6 +386,33 @@ impl TestCluster {
     }
 }
 
+/// Initialises `area` and stores every page of `pages` at its index, 256
+/// per request; the offsets accepted (incompressible pages are refused,
+/// anything else refused fails the test).
+pub fn store_pages(
+    client: &ramster_node::frontend::client::BlockingClient,
+    area: u32,
+    pages: &ramster_node::cli::corpus::Pages,
+) -> Vec<u64> {
+    client.init_area(area, false).unwrap();
+    let mut accepted = Vec::new();
+    let offsets: Vec<u64> = (0..pages.len() as u64).collect();
+    for chunk in offsets.chunks(256) {
+        let batch: Vec<(u64, bytes::Bytes)> = chunk
+            .iter()
+            .map(|&o| (o, pages.page_bytes(o as usize)))
+            .collect();
+        for (&o, s) in chunk.iter().zip(client.store_pages(area, &batch).unwrap()) {
+            match s {
+                ramster_protocol::v1::Status::Ok => accepted.push(o),
+                ramster_protocol::v1::Status::RejectedIncompressible => {}
+                other => panic!("page {o} refused: {other:?}"),
+            }
+        }
+    }
+    accepted
+}
+
 /// Loads `offsets` of `area` back, 256 at a time, and panics unless each
 /// is byte for byte the corpus page it was stored from.
 pub fn verify_pages(

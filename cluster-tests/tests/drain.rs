@@ -6,37 +6,15 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use ramster_cluster_tests::{Member, MemberSpec, TestCluster, verify_pages, wait_for};
+use ramster_cluster_tests::{Member, MemberSpec, TestCluster, store_pages, verify_pages, wait_for};
 use ramster_node::cli::corpus::Pages;
 use ramster_node::cluster::membership::MemberState;
 use ramster_node::cluster::status::NodeStatus;
 use ramster_node::frontend::client::BlockingClient;
-use ramster_protocol::v1;
 
 const AREA: u32 = 1;
 const FORM_TIMEOUT: Duration = Duration::from_secs(30);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn store_all(client: &BlockingClient, pages: &Pages) -> Vec<u64> {
-    client.init_area(AREA, false).unwrap();
-    let mut accepted = Vec::new();
-    let offsets: Vec<u64> = (0..pages.len() as u64).collect();
-    for chunk in offsets.chunks(256) {
-        let batch: Vec<(u64, Bytes)> = chunk
-            .iter()
-            .map(|&o| (o, pages.page_bytes(o as usize)))
-            .collect();
-        for (&o, s) in chunk.iter().zip(client.store_pages(AREA, &batch).unwrap()) {
-            match s {
-                v1::Status::Ok => accepted.push(o),
-                v1::Status::RejectedIncompressible => {}
-                other => panic!("page {o} refused: {other:?}"),
-            }
-        }
-    }
-    accepted
-}
 
 fn row(m: &Member, name: &str) -> Option<NodeStatus> {
     m.status().ok()?.nodes.into_iter().find(|n| n.name == name)
@@ -85,7 +63,7 @@ fn a_drained_donor_is_removed_without_losing_a_copy() {
     let owner = cluster.member("owner");
     let client = BlockingClient::connect(&owner.socket()).unwrap();
     let pages = Pages::synthetic(32_768, 23);
-    let accepted = store_all(&client, &pages);
+    let accepted = store_pages(&client, AREA, &pages);
     // Every remote page is on the memory server (preferred) and a peer.
     let held = wait_for(FORM_TIMEOUT, || {
         let r = row(owner, "memsrv")?;

@@ -122,6 +122,8 @@ pub struct ClusterCounters {
     pub repaired_pages: AtomicU64,
     /// Copies struck off because their donor came back empty (a new run).
     pub struck_pages: AtomicU64,
+    /// Pages moved off (or brought home from) donors that asked for memory back.
+    pub reclaimed_pages: AtomicU64,
     /// Pages left with no copy anywhere when their donors came back empty.
     pub lost_pages: AtomicU64,
     /// Pages with a copy on a lost donor (gauge).

@@ -40,6 +40,14 @@ pub struct Request {
 }
 
 impl Request {
+    /// The value of `name` in the query, if it is there.
+    pub fn value(&self, name: &str) -> Option<&str> {
+        self.query
+            .split('&')
+            .find_map(|pair| pair.split_once('=').filter(|(k, _)| *k == name))
+            .map(|(_, v)| v)
+    }
+
     /// Whether the query has `name` set to `1`, `true` or nothing at all.
     pub fn flag(&self, name: &str) -> bool {
         self.query

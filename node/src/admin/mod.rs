@@ -31,7 +31,9 @@ use crate::frontend::Frontend;
 use crate::frontend::nbd::Exports;
 use crate::metrics::NodeMetrics;
 pub use exposition::MetricsWriter;
-pub use routes::{HEALTH_LIVE_PATH, HEALTH_READY_PATH, MEMBERS_PATH, METRICS_PATH, STATUS_PATH};
+pub use routes::{
+    DONATE_PATH, HEALTH_LIVE_PATH, HEALTH_READY_PATH, MEMBERS_PATH, METRICS_PATH, STATUS_PATH,
+};
 
 /// Where the admin endpoint listens unless told otherwise; also where
 /// `ramster status` and `ramster health` look by default.
@@ -53,6 +55,8 @@ pub trait ClusterView: Send + Sync {
     fn write_metrics(&self, out: &mut MetricsWriter);
     /// Changes a member through the leader; what was done, or why not.
     fn change_member(&self, node: &str, action: MemberAction) -> ChangeFuture;
+    /// Donates `bytes` from now on (up to `--donate`); what was done.
+    fn set_donation(&self, bytes: u64) -> Result<String, ChangeError>;
 }
 
 /// An operator's change to a member.
@@ -159,6 +163,15 @@ impl AdminContext {
             None => Box::pin(std::future::ready(Err(ChangeError::Refused(
                 "this node is not in a cluster".into(),
             )))),
+        }
+    }
+
+    /// Changes what this node donates; a node outside any cluster donates
+    /// nothing.
+    pub fn set_donation(&self, bytes: u64) -> Result<String, ChangeError> {
+        match &self.cluster {
+            Some(c) => c.set_donation(bytes),
+            None => Err(ChangeError::Refused("this node is not in a cluster".into())),
         }
     }
 

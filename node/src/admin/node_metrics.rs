@@ -121,6 +121,10 @@ static REPAIRED_PAGES: Family = Family::counter(
     "ramster_repaired_pages_total",
     "Copies on lost donors re-created on other donors.",
 );
+static RECLAIMED_PAGES: Family = Family::counter(
+    "ramster_reclaimed_pages_total",
+    "Pages moved off, or brought home from, donors that asked for their memory back.",
+);
 static STRUCK_PAGES: Family = Family::counter(
     "ramster_struck_pages_total",
     "Copies struck off because their donor came back empty (restarted).",
@@ -322,6 +326,7 @@ fn write_cluster_counters(out: &mut MetricsWriter, metrics: &NodeMetrics) {
         (&RPC_ERRORS, &c.rpc_errors),
         (&STORE_THROTTLES, &c.store_throttles),
         (&REPAIRED_PAGES, &c.repaired_pages),
+        (&RECLAIMED_PAGES, &c.reclaimed_pages),
         (&STRUCK_PAGES, &c.struck_pages),
         (&LOST_PAGES, &c.lost_pages),
         (&DEGRADED_PAGES, &c.degraded_pages),

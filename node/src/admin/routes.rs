@@ -10,6 +10,8 @@ pub const HEALTH_READY_PATH: &str = "/health/ready";
 pub const STATUS_PATH: &str = "/v1/status";
 /// `POST /v1/members/NAME/{drain,activate,remove}[?force]`.
 pub const MEMBERS_PATH: &str = "/v1/members/";
+/// `POST /v1/donate?bytes=N`: what this node donates from now on.
+pub const DONATE_PATH: &str = "/v1/donate";
 
 /// Answers one request: changes (POST) may wait on the cluster, reads never.
 pub async fn answer(ctx: &AdminContext, req: &Request) -> Response {
@@ -21,6 +23,21 @@ pub async fn answer(ctx: &AdminContext, req: &Request) -> Response {
 
 /// A change to a member, made through the Raft leader.
 async fn change(ctx: &AdminContext, req: &Request) -> Response {
+    if req.path == DONATE_PATH {
+        let Some(bytes) = req.value("bytes").and_then(|v| v.parse::<u64>().ok()) else {
+            return Response::text(
+                Status::BadRequest,
+                format!("{DONATE_PATH} needs ?bytes=N (a number of bytes)\n"),
+            );
+        };
+        return match ctx.set_donation(bytes) {
+            Ok(done) => Response::text(Status::Ok, format!("{done}\n")),
+            Err(ChangeError::Refused(why)) => Response::text(Status::Conflict, format!("{why}\n")),
+            Err(ChangeError::Unavailable(why)) => {
+                Response::text(Status::Unavailable, format!("{why}\n"))
+            }
+        };
+    }
     let Some((node, action)) = member_action(req) else {
         if [
             METRICS_PATH,
@@ -194,6 +211,9 @@ mod tests {
             };
             Box::pin(std::future::ready(answer))
         }
+        fn set_donation(&self, bytes: u64) -> Result<String, ChangeError> {
+            Ok(format!("donates {bytes}"))
+        }
     }
 
     fn post(target: &str) -> Request {
@@ -250,6 +270,17 @@ mod tests {
             Status::MethodNotAllowed,
             "a GET changes nothing"
         );
+        assert_eq!(
+            text(answer(&ctx, &post("/v1/donate?bytes=4096")).await),
+            (Status::Ok, "donates 4096\n".into())
+        );
+        for bad in ["/v1/donate", "/v1/donate?bytes=4MiB", "/v1/donate?bytes=-1"] {
+            assert_eq!(
+                answer(&ctx, &post(bad)).await.status,
+                Status::BadRequest,
+                "{bad}"
+            );
+        }
         let standalone = context(None);
         assert_eq!(
             answer(&standalone, &post("/v1/members/n2/drain"))

@@ -2,6 +2,10 @@
 //! members, asked of any node's admin endpoint, which has the Raft leader
 //! make them.
 //!
+//! `ramster cluster donate SIZE` changes how much the node answering donates
+//! (up to its `--donate`); lowered below what it holds, its owners are asked
+//! to take the excess back.
+//!
 //! Taking a donor out without losing a replica: `drain` it (owners move
 //! the copies it holds to other donors; `ramster status` shows it
 //! `draining`, then `drained`), then `remove` it, then stop it. `remove`
@@ -10,8 +14,9 @@
 use clap::{Args, Subcommand};
 
 use super::admin_client;
+use super::size::parse_size;
 use super::status::Endpoint;
-use crate::admin::MEMBERS_PATH;
+use crate::admin::{DONATE_PATH, MEMBERS_PATH};
 
 #[derive(Args, Debug)]
 pub struct ClusterArgs {
@@ -36,6 +41,12 @@ pub enum Change {
         #[arg(long)]
         force: bool,
     },
+    /// Donate SIZE (up to `--donate`) on the node answering; what it holds
+    /// above that, its owners take back.
+    Donate {
+        #[arg(value_parser = parse_size)]
+        size: u64,
+    },
 }
 
 impl Change {
@@ -48,6 +59,7 @@ impl Change {
                 let force = if *force { "?force=1" } else { "" };
                 format!("{MEMBERS_PATH}{node}/remove{force}")
             }
+            Change::Donate { size } => format!("{DONATE_PATH}?bytes={size}"),
         }
     }
 }
@@ -77,6 +89,10 @@ mod tests {
         assert_eq!(
             Change::Activate { node: node() }.path(),
             "/v1/members/n2/activate"
+        );
+        assert_eq!(
+            Change::Donate { size: 4 << 20 }.path(),
+            "/v1/donate?bytes=4194304"
         );
         assert_eq!(
             Change::Remove {

@@ -204,6 +204,10 @@ pub struct DonorStore {
     owners: HashMap<String, Owner>,
     quotas: HashMap<String, u64>,
     used_bytes: u64,
+    /// What new puts may fill up to: the donation, or less while this node
+    /// wants memory back (reclaim). Pages already held above it are never
+    /// dropped; owners are asked to take them back.
+    limit_bytes: u64,
 }
 
 /// Why a request was not admitted for its owner.
@@ -216,6 +220,7 @@ enum Refused {
 impl DonorStore {
     pub fn new(config: DonorConfig) -> Self {
         DonorStore {
+            limit_bytes: config.donate_bytes,
             config,
             owners: HashMap::new(),
             quotas: HashMap::new(),
@@ -234,16 +239,50 @@ impl DonorStore {
 
     /// Bytes this donor would still take.
     pub fn spare_bytes(&self) -> u64 {
-        self.config.donate_bytes.saturating_sub(self.used_bytes)
+        self.limit_bytes.saturating_sub(self.used_bytes)
     }
 
     /// How full the donation is, in thousandths (1000 when nothing is
     /// donated at all: such a node takes no pages).
     pub fn load_permille(&self) -> u32 {
-        if self.config.donate_bytes == 0 {
+        if self.limit_bytes == 0 {
             return 1000;
         }
-        (u128::from(self.used_bytes) * 1000 / u128::from(self.config.donate_bytes)) as u32
+        (u128::from(self.used_bytes) * 1000 / u128::from(self.limit_bytes)).min(1000) as u32
+    }
+
+    /// What new puts may fill the donation up to now.
+    pub fn limit_bytes(&self) -> u64 {
+        self.limit_bytes
+    }
+
+    /// Lowers (or raises, up to `--donate`) what new puts may fill; what
+    /// is held above it is asked back from its owners ([`Self::reclaim_from`]).
+    /// Returns the limit now in force.
+    pub fn set_limit(&mut self, bytes: u64) -> u64 {
+        self.limit_bytes = bytes.min(self.config.donate_bytes);
+        self.limit_bytes
+    }
+
+    /// Bytes held above the limit: what this donor wants back.
+    pub fn reclaim_bytes(&self) -> u64 {
+        self.used_bytes.saturating_sub(self.limit_bytes)
+    }
+
+    /// `owner`'s share of [`Self::reclaim_bytes`], in proportion to what it
+    /// holds here (at least a page's worth while it holds anything, so a
+    /// small owner is not left out of a reclaim that needs everyone).
+    pub fn reclaim_from(&self, owner: &str) -> u64 {
+        let want = self.reclaim_bytes();
+        let Some(o) = self.owners.get(owner).filter(|o| o.pages > 0) else {
+            return 0;
+        };
+        if want == 0 || self.used_bytes == 0 {
+            return 0;
+        }
+        let share =
+            (u128::from(want) * u128::from(o.used_bytes) / u128::from(self.used_bytes)) as u64;
+        share.max(PAGE_BYTES as u64).min(o.used_bytes)
     }
 
     /// What the donor holds, for one owner or (None) for all.
@@ -328,7 +367,7 @@ impl DonorStore {
         if let Err(r) = self.admit(owner, incarnation, true) {
             return Ok(vec![refusal_status(r); pages.len()]);
         }
-        let donate = self.config.donate_bytes;
+        let donate = self.limit_bytes;
         let o = self.owners.get_mut(owner).expect("admitted");
         let mut statuses = Vec::with_capacity(pages.len());
         for p in pages {
@@ -382,7 +421,7 @@ impl DonorStore {
             self.used_bytes = self.used_bytes - old_cost + new_cost;
             statuses.push(PageStatus::Ok);
         }
-        debug_assert!(self.used_bytes <= donate);
+        debug_assert!(self.used_bytes <= self.config.donate_bytes);
         Ok(statuses)
     }
 

@@ -3,7 +3,8 @@
 //! - [`membership`]: who is in the cluster (openraft), persisted.
 //! - [`watermarks`]: when pages move; [`placement`]: where they go.
 //! - [`pressure`]: what the host says about memory (cgroups, PSI).
-//! - [`donor`]: peers' pages held here (sans-IO).
+//! - [`donor`]: peers' pages held here (sans-IO); [`reclaim`]: how much of
+//!   them a donor keeps when it needs memory back.
 //! - [`rpc`]: peer requests checked and applied to the donor (sans-IO).
 //! - [`tls`]: the cluster CA, node certificates and the mutual-TLS configs.
 //! - [`transport`]: QUIC connections between peers, page batches on
@@ -16,6 +17,7 @@ pub mod movers;
 pub mod node;
 pub mod placement;
 pub mod pressure;
+pub mod reclaim;
 pub mod repair;
 pub mod rpc;
 #[cfg(test)]

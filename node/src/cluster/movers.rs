@@ -45,6 +45,7 @@ pub(super) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
         }
         release(&inner).await;
         super::repair::repair(&inner).await;
+        super::repair::reclaim(&inner).await;
         let st = inner.store.stats();
         match pressure.decide(
             &inner.watermarks,

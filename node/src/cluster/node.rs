@@ -14,6 +14,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -36,7 +37,6 @@ use super::membership::{
     RaftRequest, RaftTransport, Role,
 };
 use super::placement::DonorView;
-use super::repair;
 use super::rpc::{self, RpcRefusal};
 use super::status::{ClusterStatus, Health, HealthLevel, Liveness, NodeStatus};
 use super::transport::{
@@ -44,6 +44,7 @@ use super::transport::{
     TransportConfig,
 };
 use super::watermarks::Watermarks;
+use super::{pressure, reclaim, repair};
 use crate::admin::ChangeError;
 use crate::frontend::{Fetch, LoadResult, RemotePages};
 use crate::metrics::{ClusterCounters, NodeMetrics};
@@ -119,6 +120,12 @@ pub(super) struct Inner {
     /// Bytes put on each donor since its last heartbeat (its spare figure
     /// is that much too high until the next one).
     pub(super) sent_since_heartbeat: Mutex<HashMap<NodeId, u64>>,
+    /// Bytes taken back from each donor since its last heartbeat asked for
+    /// some (its ask is that much smaller until the next one).
+    reclaimed_since_heartbeat: Mutex<HashMap<NodeId, u64>>,
+    /// What the operator donates now: `--donate`, or `ramster cluster
+    /// donate` since.
+    donation: std::sync::atomic::AtomicU64,
     resolved: Mutex<HashMap<String, SocketAddr>>,
     /// Whether this run is registered (joined) in the cluster.
     registered: watch::Sender<bool>,
@@ -127,6 +134,42 @@ pub(super) struct Inner {
     /// copies live in: a donor back with another one came back empty.
     shipped: Mutex<HashMap<DonorId, u64>>,
     pub(super) repair: Mutex<super::repair::RepairState>,
+}
+
+/// A donor's watch on its memory: every tick, the limit new puts may fill
+/// up to is the operator's donation less what host pressure calls for
+/// ([`reclaim::ReclaimPolicy`]); what is held above it, owners are asked
+/// to take back in heartbeats.
+async fn reclaim_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let mut policy = reclaim::ReclaimPolicy::default();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(reclaim::RECLAIM_TICK) => {}
+            _ = stop.changed() => return,
+        }
+        let host = pressure::read_host(std::path::Path::new("/"));
+        let mut donor = inner.donor.lock();
+        let reading = reclaim::Reading {
+            donation: inner.donation.load(Ordering::Relaxed),
+            held: donor.donated_bytes(),
+            host,
+        };
+        let before = donor.limit_bytes();
+        let limit = donor.set_limit(policy.limit(Instant::now(), &reading));
+        let reclaim = donor.reclaim_bytes();
+        drop(donor);
+        if limit != before {
+            info!(
+                limit,
+                held = reading.held,
+                reclaim,
+                psi_some_avg10 = ?reading.host.psi_some_avg10,
+                cgroup_usage = ?reading.host.cgroup_usage_bytes,
+                cgroup_limit = ?reading.host.cgroup_limit_bytes,
+                "donation limit changed"
+            );
+        }
+    }
 }
 
 /// Bounds of the delay after which a remote load asks the next replica.
@@ -204,6 +247,8 @@ impl ClusterNode {
             room: Notify::new(),
             release_backlog: Mutex::new(Vec::new()),
             sent_since_heartbeat: Mutex::new(HashMap::new()),
+            reclaimed_since_heartbeat: Mutex::new(HashMap::new()),
+            donation: std::sync::atomic::AtomicU64::new(s.donate_bytes),
             resolved: Mutex::new(HashMap::new()),
             registered: watch::channel(false).0,
             heartbeats_in_flight: Mutex::new(HashSet::new()),
@@ -228,6 +273,9 @@ impl ClusterNode {
         tokio::spawn(node.clone().join_loop(stop.clone()));
         tokio::spawn(node.clone().heartbeat_loop(stop.clone()));
         tokio::spawn(node.clone().follow_config(stop.clone()));
+        if s.role != Role::Client {
+            tokio::spawn(reclaim_loop(node.inner.clone(), stop.clone()));
+        }
         tokio::spawn(super::movers::run(node.inner.clone(), stop));
         Ok(node)
     }
@@ -722,10 +770,10 @@ impl Inner {
         }
     }
 
-    /// What we tell peers about ourselves.
-    pub(super) fn own_heartbeat(&self) -> wire::Heartbeat {
+    /// What we tell peer `to` about ourselves.
+    pub(super) fn own_heartbeat(&self, to: &str) -> wire::Heartbeat {
         let st = self.store.stats();
-        let mut hb = rpc::heartbeat_of(&self.donor.lock());
+        let mut hb = rpc::heartbeat_of(&self.donor.lock(), to);
         // A memory server's capacity is what it donates.
         if self.role == Role::MemoryServer {
             hb.capacity_bytes = hb.donate_bytes;
@@ -762,7 +810,7 @@ impl Inner {
         let answer = async {
             let s = self.session(name, advertise).await?;
             let hb = s
-                .heartbeat(self.own_heartbeat())
+                .heartbeat(self.own_heartbeat(name))
                 .await
                 .map_err(|e| e.to_string())?;
             Ok::<_, String>(hb)
@@ -772,6 +820,7 @@ impl Inner {
             let now = Instant::now();
             self.peers.lock().record(name, now, hb, Some(now - started));
             self.sent_since_heartbeat.lock().remove(&id);
+            self.reclaimed_since_heartbeat.lock().remove(&id);
         }
     }
 
@@ -803,6 +852,59 @@ impl Inner {
                 }
             })
             .collect()
+    }
+
+    /// Donors that ask for bytes of our pages back (their last heartbeat
+    /// said how many), less what we took back since; only those that are
+    /// up, since the copies are read from them.
+    pub(super) fn reclaims(&self) -> Vec<(DonorId, u64)> {
+        let config = self.membership().config();
+        let now = Instant::now();
+        let peers = self.peers.lock();
+        let taken = self.reclaimed_since_heartbeat.lock();
+        config
+            .nodes
+            .iter()
+            .filter(|&(&id, n)| id != self.id && peers.state(&n.name, now) == Liveness::Up)
+            .filter_map(|(&id, n)| {
+                let asked = peers.get(&n.name)?.heartbeat.reclaim_bytes;
+                let left = asked.saturating_sub(taken.get(&id).copied().unwrap_or(0));
+                (left > 0).then_some((id as DonorId, left))
+            })
+            .collect()
+    }
+
+    /// `bytes` of our pages left `donor` for a reclaim.
+    pub(super) fn note_reclaimed(&self, donor: DonorId, bytes: u64) {
+        *self
+            .reclaimed_since_heartbeat
+            .lock()
+            .entry(donor as NodeId)
+            .or_default() += bytes;
+    }
+
+    /// The operator's new donation, up to `--donate`: new puts stop at it,
+    /// and owners are asked to take back what is held above it.
+    pub(super) fn set_donation(&self, bytes: u64) -> Result<String, ChangeError> {
+        if self.role == Role::Client {
+            return Err(ChangeError::Refused("a client node donates nothing".into()));
+        }
+        let bytes = bytes.min(self.donate_bytes);
+        self.donation.store(bytes, Ordering::Relaxed);
+        let (limit, held) = {
+            let mut donor = self.donor.lock();
+            // The policy may hold it lower for host pressure; this applies
+            // the operator's part at once.
+            let limit = donor.set_limit(bytes);
+            (limit, donor.donated_bytes())
+        };
+        info!(donation = bytes, limit, held, "donation changed");
+        Ok(format!(
+            "{} donates {bytes} bytes (at most {} from --donate); it holds {held}, {} to give back",
+            self.name,
+            self.donate_bytes,
+            held.saturating_sub(limit)
+        ))
     }
 
     /// Donors whose copies of our pages must be re-created elsewhere: down,
@@ -1156,7 +1258,7 @@ impl Inner {
         let config = m.config();
         let now = Instant::now();
         let leader = m.raft().metrics().borrow().current_leader;
-        let own = self.own_heartbeat();
+        let own = self.own_heartbeat(&self.name);
         let peers = self.peers.lock();
         let (donor_usage, donor_pages) = {
             let donor = self.donor.lock();
@@ -1327,7 +1429,7 @@ impl ControlHandler for Control {
             match request {
                 peer_request::Kind::Heartbeat(hb) => {
                     inner.peers.lock().record(&peer, Instant::now(), hb, None);
-                    Ok(peer_response::Kind::Heartbeat(inner.own_heartbeat()))
+                    Ok(peer_response::Kind::Heartbeat(inner.own_heartbeat(&peer)))
                 }
                 peer_request::Kind::Raft(msg) => {
                     let m = inner

@@ -365,7 +365,10 @@ pub(super) async fn repair(inner: &Arc<Inner>) {
         }
         inner.repair.lock().degraded_at(Instant::now());
         let mut stalled = Stalled::default();
-        if repair_batch(inner, &lost, refs, &mut stalled).await == 0 {
+        let readable = inner.draining_donors();
+        let repaired = repair_batch(inner, &lost, &readable, refs, &mut stalled).await;
+        ClusterCounters::add(&c.repaired_pages, repaired);
+        if repaired == 0 {
             // Nothing could be repaired now: try again next tick.
             let mut state = inner.repair.lock();
             if state
@@ -380,11 +383,62 @@ pub(super) async fn repair(inner: &Arc<Inner>) {
     }
 }
 
+/// Takes back what donors ask for (their heartbeats say how many bytes of
+/// our pages): that many bytes of copies are moved off each such donor to
+/// others, read from the donor itself, as a drain moves them; when no other
+/// donor has room they are brought home if this node has room. A copy is
+/// released on the donor only once it exists elsewhere or at home: nothing
+/// is dropped to make room.
+pub(super) async fn reclaim(inner: &Arc<Inner>) {
+    for (donor, bytes) in inner.reclaims() {
+        let (candidates, _, _) = inner
+            .store
+            .remote_on(&[donor], &[donor], 0, REPAIR_BATCH_PAGES);
+        let mut taken = 0u64;
+        let refs: Vec<RemoteRef> = candidates
+            .into_iter()
+            .take_while(|r| {
+                let more = taken < bytes;
+                taken += u64::from(r.len);
+                more
+            })
+            .collect();
+        if refs.is_empty() {
+            continue;
+        }
+        let total: u64 = refs.iter().map(|r| u64::from(r.len)).sum();
+        let mut stalled = Stalled::default();
+        let mut moved = repair_batch(inner, &[donor], &[donor], refs.clone(), &mut stalled).await;
+        if moved == 0 {
+            moved = super::movers::bring_home(inner, &refs).await as u64;
+        }
+        if moved == 0 {
+            let mut state = inner.repair.lock();
+            if state
+                .stall_reported
+                .is_none_or(|t| t.elapsed() >= STALL_REPORT_EVERY)
+            {
+                state.stall_reported = Some(Instant::now());
+                warn!(
+                    donor,
+                    bytes,
+                    ?stalled,
+                    "a donor wants memory back and no other donor nor this node has room"
+                );
+            }
+            continue;
+        }
+        ClusterCounters::add(&inner.metrics.cluster.reclaimed_pages, moved);
+        inner.note_reclaimed(donor, total * moved / refs.len() as u64);
+    }
+}
+
 /// Re-creates the lost copies of `refs`, a few chunks at once; the number
 /// of pages repaired.
 async fn repair_batch(
     inner: &Arc<Inner>,
     lost: &[DonorId],
+    readable: &[DonorId],
     refs: Vec<RemoteRef>,
     stalled: &mut Stalled,
 ) -> u64 {
@@ -399,6 +453,7 @@ async fn repair_batch(
             .collect::<Vec<_>>()
     });
     let lost: Arc<[DonorId]> = lost.into();
+    let readable: Arc<[DonorId]> = readable.into();
     let mut running = tokio::task::JoinSet::new();
     let mut repaired = 0;
     loop {
@@ -407,9 +462,11 @@ async fn repair_batch(
                 break;
             };
             let (inner, lost, pending) = (inner.clone(), lost.clone(), pending.clone());
+            let readable = readable.clone();
             running.spawn(async move {
                 let mut stalled = Stalled::default();
-                let n = repair_group(&inner, &lost, &pending, set, &refs, &mut stalled).await;
+                let n = repair_group(&inner, &lost, &readable, &pending, set, &refs, &mut stalled)
+                    .await;
                 (n, stalled)
             });
         }
@@ -430,19 +487,19 @@ async fn repair_batch(
 async fn repair_group(
     inner: &Arc<Inner>,
     lost: &[DonorId],
+    readable: &[DonorId],
     pending: &PendingReleases,
     set: Replicas,
     refs: &[RemoteRef],
     stalled: &mut Stalled,
 ) -> u64 {
     let plan = plan_group(set, lost, inner.replicas);
-    // Read from the survivors first; a draining donor still serves its
-    // copies until they are all moved.
-    let draining = inner.draining_donors();
+    // Read from the survivors first; a draining (or reclaiming) donor still
+    // serves its copies until they are all moved.
     let sources: Vec<DonorId> = plan
         .survivors
         .iter()
-        .chain(plan.gone.iter().filter(|d| draining.contains(d)))
+        .chain(plan.gone.iter().filter(|d| readable.contains(d)))
         .copied()
         .collect();
     // The copies, checked before they are copied anywhere.
@@ -529,7 +586,6 @@ async fn repair_group(
         }
     }
     drop(shipped);
-    ClusterCounters::add(&inner.metrics.cluster.repaired_pages, repaired);
     if !unwanted.is_empty() {
         inner.release_backlog.lock().extend(unwanted);
     }

@@ -140,8 +140,11 @@ fn check_owner(owner: &str, peer: &str) -> Result<(), RpcRefusal> {
 }
 
 /// What the serving node tells about itself in a heartbeat answer.
-pub fn heartbeat_of(donor: &DonorStore) -> wire::Heartbeat {
+/// The donor's part of a heartbeat to `to`: what it would take, what it
+/// holds, and how much of `to`'s pages it wants back.
+pub fn heartbeat_of(donor: &DonorStore, to: &str) -> wire::Heartbeat {
     wire::Heartbeat {
+        reclaim_bytes: donor.reclaim_from(to),
         spare_bytes: donor.spare_bytes(),
         donated_bytes: donor.donated_bytes(),
         held_pages: donor.usage(None).pages,
@@ -260,7 +263,7 @@ fn apply(
                 released_pages,
             })
         }
-        peer_request::Kind::Heartbeat(_) => R::Heartbeat(heartbeat_of(&donor.lock())),
+        peer_request::Kind::Heartbeat(_) => R::Heartbeat(heartbeat_of(&donor.lock(), peer)),
         // Membership requests are the control handler's; without one the
         // node is not (yet) a member of anything.
         peer_request::Kind::Raft(_)

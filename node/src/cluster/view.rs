@@ -24,7 +24,11 @@ static DONOR_HELD_PAGES: Family = Family::gauge(
 );
 static DONOR_LIMIT_BYTES: Family = Family::gauge(
     "ramster_donor_limit_bytes",
-    "Most bytes this node holds for others (--donate).",
+    "Bytes new puts may fill the donation up to: --donate, or less while reclaiming.",
+);
+static DONOR_RECLAIM_BYTES: Family = Family::gauge(
+    "ramster_donor_reclaim_bytes",
+    "Bytes held for others above the limit: what owners are asked to take back.",
 );
 static DONOR_TOMBSTONES: Family = Family::gauge(
     "ramster_donor_tombstones",
@@ -84,14 +88,19 @@ impl ClusterView for ClusterNode {
         })
     }
 
+    fn set_donation(&self, bytes: u64) -> Result<String, ChangeError> {
+        self.inner.set_donation(bytes)
+    }
+
     fn write_metrics(&self, out: &mut MetricsWriter) {
         let donor = self.inner.donor.lock();
         let usage = donor.usage(None);
-        let limit = donor.config().donate_bytes;
+        let (limit, reclaim) = (donor.limit_bytes(), donor.reclaim_bytes());
         drop(donor);
         out.sample(&DONOR_HELD_BYTES, &[], usage.bytes);
         out.sample(&DONOR_HELD_PAGES, &[], usage.pages);
         out.sample(&DONOR_LIMIT_BYTES, &[], limit);
+        out.sample(&DONOR_RECLAIM_BYTES, &[], reclaim);
         out.sample(&DONOR_TOMBSTONES, &[], usage.tombstones);
         let status = self.status();
         for n in status.nodes.iter().filter(|n| n.name != status.answered_by) {

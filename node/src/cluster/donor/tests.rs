@@ -193,6 +193,59 @@ fn the_donation_limit_and_the_owner_quota_are_never_exceeded() {
 }
 
 #[test]
+fn a_lowered_limit_refuses_new_puts_keeps_what_is_held_and_asks_each_owner_its_share() {
+    let mut d = DonorStore::new(DonorConfig::with_donation(1 << 20));
+    let a: Vec<DonatedPage> = (0..30).map(|i| page(i, 1, 3000)).collect();
+    let b: Vec<DonatedPage> = (100..110).map(|i| page(i, 1, 3000)).collect();
+    assert!(
+        d.put("a", 1, 1, &a)
+            .unwrap()
+            .iter()
+            .all(|s| *s == PageStatus::Ok)
+    );
+    assert!(
+        d.put("b", 1, 1, &b)
+            .unwrap()
+            .iter()
+            .all(|s| *s == PageStatus::Ok)
+    );
+    let held = d.donated_bytes();
+    assert_eq!(d.reclaim_bytes(), 0);
+    assert_eq!(d.reclaim_from("a"), 0);
+
+    // Lowered to half of what is held: nothing is dropped, nothing new
+    // is taken, and the owners are asked for the excess by their share.
+    assert_eq!(d.set_limit(held / 2), held / 2);
+    assert_eq!(d.donated_bytes(), held);
+    assert_eq!(d.spare_bytes(), 0);
+    assert_eq!(d.load_permille(), 1000);
+    assert_eq!(d.reclaim_bytes(), held - held / 2);
+    assert_eq!(
+        d.put("a", 1, 2, &[page(50, 1, 100)]).unwrap(),
+        [PageStatus::NoCapacity]
+    );
+    let (ra, rb) = (d.reclaim_from("a"), d.reclaim_from("b"));
+    assert!(
+        ra > 2 * rb && rb > 0,
+        "a holds three times b's bytes: {ra} {rb}"
+    );
+    assert!(ra + rb <= d.reclaim_bytes() + 2);
+    assert_eq!(d.reclaim_from("nobody"), 0);
+    // Every page still reads back.
+    let got = d.get("a", 1, &[at(0, 1), at(29, 1)]).unwrap();
+    assert!(got.iter().all(|g| g.is_ok()));
+
+    // Releases bring it under the limit; no more is asked.
+    let refs: Vec<PageRef> = (0..30).map(|i| at(i, 1)).collect();
+    d.release("a", 1, 0, &refs).unwrap();
+    assert_eq!(d.reclaim_bytes(), 0);
+    assert_eq!(d.reclaim_from("b"), 0);
+    // The limit never goes above the donation.
+    assert_eq!(d.set_limit(u64::MAX), 1 << 20);
+    d.check_invariants();
+}
+
+#[test]
 fn release_owner_drops_pages_and_tombstones_and_forgets_the_owner() {
     let mut d = DonorStore::new(DonorConfig::with_donation(1 << 20));
     d.put("a", 1, 1, &[page(1, 1, 100), page(2, 1, 100)])

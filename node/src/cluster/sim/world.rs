@@ -252,8 +252,8 @@ impl World {
 
     /// A node's owner side as a fresh run finds it: empty.
     /// What node `n` tells peers of itself, its incarnation included.
-    fn heartbeat_of(&self, n: usize) -> Heartbeat {
-        let mut hb = heartbeat_of(&self.nodes[n].donor);
+    fn heartbeat_of(&self, n: usize, to: usize) -> Heartbeat {
+        let mut hb = heartbeat_of(&self.nodes[n].donor, &self.nodes[to].name);
         hb.incarnation = self.nodes[n].incarnation;
         hb
     }
@@ -385,7 +385,7 @@ impl World {
                 if let Some(o) = &mut self.nodes[m.to].owner {
                     o.peers.record(&from, now, hb, None);
                 }
-                let answer = self.heartbeat_of(m.to);
+                let answer = self.heartbeat_of(m.to, m.from);
                 self.send(
                     m.to,
                     m.from,
@@ -544,10 +544,10 @@ pub async fn sleep(sim: &SimRef, ms: u64) {
 
 /// Sends a heartbeat from `from` to every other node.
 pub fn heartbeat_round(w: &mut World, from: usize) {
-    let hb = w.heartbeat_of(from);
     for to in 0..w.nodes.len() {
         if to != from {
-            w.send(from, to, 0, Body::Heartbeat(hb.clone()));
+            let hb = w.heartbeat_of(from, to);
+            w.send(from, to, 0, Body::Heartbeat(hb));
         }
     }
 }
