@@ -41,27 +41,8 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${OUT:-$(mktemp -d /tmp/ramster-bench-repair.XXXXXX)}"
 mkdir -p "$out"
 
-pids=()
-# Stops what this script started and has not reaped yet: `jobs -p` lists only
-# our live children, so a PID reused by someone else is never signalled.
-stop_all() {
-    local pid live
-    live=" $(jobs -p | tr '\n' ' ') "
-    for pid in "${pids[@]}"; do
-        [[ "$live" == *" $pid "* ]] || continue
-        kill "$pid" 2>/dev/null || true
-        for _ in $(seq 1 50); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill -9 "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
-    done
-    pids=()
-}
-trap stop_all EXIT
-
-say() { echo "== $*" >&2; }
+# shellcheck source=lib/processes.sh
+source "$root/scripts/lib/processes.sh"
 now() { date +%s.%N; }
 
 source_args=(--synthetic)

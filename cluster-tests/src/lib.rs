@@ -299,6 +299,32 @@ pub struct TestCluster {
     pub members: Vec<Member>,
 }
 
+/// An owner with a small store and room for few pages, a memory server and
+/// two peers that donate: most of the owner's pages go to the memory
+/// server, their second copies to the peers.
+pub const OWNER_MEMSRV_TWO_PEERS: [MemberSpec<'static>; 4] = [
+    MemberSpec {
+        name: "owner",
+        capacity: "32MiB",
+        extra: &["--replicas", "2"],
+    },
+    MemberSpec {
+        name: "memsrv",
+        capacity: "256MiB",
+        extra: &["--role", "memory-server"],
+    },
+    MemberSpec {
+        name: "peer1",
+        capacity: "256MiB",
+        extra: &["--donate", "192MiB"],
+    },
+    MemberSpec {
+        name: "peer2",
+        capacity: "256MiB",
+        extra: &["--donate", "192MiB"],
+    },
+];
+
 impl TestCluster {
     /// Makes the CA and node certificates and starts every member.
     pub fn start(specs: &[MemberSpec<'_>]) -> anyhow::Result<TestCluster> {

@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use ramster_cluster_tests::{Member, MemberSpec, TestCluster, store_pages, verify_pages, wait_for};
+use ramster_cluster_tests::{
+    Member, OWNER_MEMSRV_TWO_PEERS, TestCluster, store_pages, verify_pages, wait_for,
+};
 use ramster_node::cli::corpus::Pages;
 use ramster_node::cluster::membership::MemberState;
 use ramster_node::cluster::status::NodeStatus;
@@ -36,29 +38,7 @@ fn cluster_cli(m: &Member, args: &[&str]) -> (i32, String) {
 
 #[test]
 fn a_drained_donor_is_removed_without_losing_a_copy() {
-    let mut cluster = TestCluster::start(&[
-        MemberSpec {
-            name: "owner",
-            capacity: "32MiB",
-            extra: &["--replicas", "2"],
-        },
-        MemberSpec {
-            name: "memsrv",
-            capacity: "256MiB",
-            extra: &["--role", "memory-server"],
-        },
-        MemberSpec {
-            name: "peer1",
-            capacity: "256MiB",
-            extra: &["--donate", "192MiB"],
-        },
-        MemberSpec {
-            name: "peer2",
-            capacity: "256MiB",
-            extra: &["--donate", "192MiB"],
-        },
-    ])
-    .unwrap();
+    let mut cluster = TestCluster::start(&OWNER_MEMSRV_TWO_PEERS).unwrap();
     cluster.wait_up("owner", 4, FORM_TIMEOUT).unwrap();
     let owner = cluster.member("owner");
     let client = BlockingClient::connect(&owner.socket()).unwrap();

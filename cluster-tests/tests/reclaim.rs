@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use ramster_cluster_tests::{MemberSpec, TestCluster, store_pages, verify_pages, wait_for};
+use ramster_cluster_tests::{
+    OWNER_MEMSRV_TWO_PEERS, TestCluster, store_pages, verify_pages, wait_for,
+};
 use ramster_node::cli::corpus::Pages;
 use ramster_node::frontend::client::BlockingClient;
 
@@ -17,29 +19,7 @@ const MIB: f64 = (1 << 20) as f64;
 
 #[test]
 fn a_donor_that_lowers_its_donation_gets_memory_back_and_no_page_is_lost() {
-    let cluster = TestCluster::start(&[
-        MemberSpec {
-            name: "owner",
-            capacity: "32MiB",
-            extra: &["--replicas", "2"],
-        },
-        MemberSpec {
-            name: "memsrv",
-            capacity: "256MiB",
-            extra: &["--role", "memory-server"],
-        },
-        MemberSpec {
-            name: "peer1",
-            capacity: "256MiB",
-            extra: &["--donate", "192MiB"],
-        },
-        MemberSpec {
-            name: "peer2",
-            capacity: "256MiB",
-            extra: &["--donate", "192MiB"],
-        },
-    ])
-    .unwrap();
+    let cluster = TestCluster::start(&OWNER_MEMSRV_TWO_PEERS).unwrap();
     cluster.wait_up("owner", 4, FORM_TIMEOUT).unwrap();
     let owner = cluster.member("owner");
     let memsrv = cluster.member("memsrv");

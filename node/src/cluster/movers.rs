@@ -177,13 +177,9 @@ async fn ship(inner: Arc<Inner>, out: Vec<Outbound>) -> bool {
     // Recorded under the lock that strikes a donor's copies off: a donor
     // that came back empty since it acked holds nothing.
     let shipped = inner.shipped_runs();
-    let gone_since: Vec<u32> = runs
-        .iter()
-        .filter(|(d, run)| shipped.get(d) != Some(run))
-        .map(|(d, _)| *d)
-        .collect();
+    let gone = super::repair::gone_since(&runs, |d| shipped.get(&d).copied());
     for (o, holders) in out.iter().zip(&mut acked) {
-        holders.retain(|d| !gone_since.contains(d));
+        holders.retain(|d| !gone.contains(d));
         let settled = settle_shipped(&donors, holders, &unanswered);
         let freed = match settled.record {
             Some(r) => inner.store.finish_remotify(o.key, o.version, r),

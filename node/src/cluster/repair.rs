@@ -110,6 +110,18 @@ impl RepairState {
         }
     }
 
+    /// Whether a stalled pass should be reported now (at most every
+    /// [`STALL_REPORT_EVERY`]); if so, the report is counted as made.
+    pub(crate) fn stall_report_due(&mut self) -> bool {
+        let due = self
+            .stall_reported
+            .is_none_or(|t| t.elapsed() >= STALL_REPORT_EVERY);
+        if due {
+            self.stall_reported = Some(Instant::now());
+        }
+        due
+    }
+
     /// A donor's copies were struck off: the next pass walks the pages.
     pub(crate) fn struck(&mut self) {
         self.struck += 1;
@@ -249,6 +261,19 @@ pub fn fresh_candidates(
         .collect()
 }
 
+/// Of `runs` (a donor and the run a put of a batch reached), the donors
+/// that came back empty since: `current` gives the run our copies on a
+/// donor are recorded in now. Their acks count for nothing.
+pub fn gone_since(
+    runs: &[(DonorId, u64)],
+    current: impl Fn(DonorId) -> Option<u64>,
+) -> Vec<DonorId> {
+    runs.iter()
+        .filter(|&&(d, run)| current(d) != Some(run))
+        .map(|&(d, _)| d)
+        .collect()
+}
+
 /// Of the releases not answered yet, those of pages a repair pass works
 /// on, by page version: each chunk of the pass looks its pages up here
 /// rather than scanning the backlog (which grows by a release per copy on
@@ -333,7 +358,7 @@ pub(super) async fn repair(inner: &Arc<Inner>) {
         PassStart::Healthy => {
             c.degraded_pages.store(0, Ordering::Relaxed);
             c.unrecoverable_pages
-                .store(inner.store.stats().lost_pages, Ordering::Relaxed);
+                .store(inner.store.lost_pages(), Ordering::Relaxed);
             return;
         }
         PassStart::Settled => {
@@ -370,12 +395,7 @@ pub(super) async fn repair(inner: &Arc<Inner>) {
         ClusterCounters::add(&c.repaired_pages, repaired);
         if repaired == 0 {
             // Nothing could be repaired now: try again next tick.
-            let mut state = inner.repair.lock();
-            if state
-                .stall_reported
-                .is_none_or(|t| t.elapsed() >= STALL_REPORT_EVERY)
-            {
-                state.stall_reported = Some(Instant::now());
+            if inner.repair.lock().stall_report_due() {
                 warn!(lost = ?lost, degraded, ?stalled, "repair made no progress");
             }
             return;
@@ -413,12 +433,7 @@ pub(super) async fn reclaim(inner: &Arc<Inner>) {
             moved = super::movers::bring_home(inner, &refs).await as u64;
         }
         if moved == 0 {
-            let mut state = inner.repair.lock();
-            if state
-                .stall_reported
-                .is_none_or(|t| t.elapsed() >= STALL_REPORT_EVERY)
-            {
-                state.stall_reported = Some(Instant::now());
+            if inner.repair.lock().stall_report_due() {
                 warn!(
                     donor,
                     bytes,
@@ -561,14 +576,10 @@ async fn repair_group(
     let mut repaired = 0;
     let mut unwanted = Vec::new();
     let shipped = inner.shipped_runs();
-    let gone_since: Vec<DonorId> = runs
-        .iter()
-        .filter(|(d, run)| shipped.get(d) != Some(run))
-        .map(|(d, _)| *d)
-        .collect();
+    let gone = gone_since(&runs, |d| shipped.get(&d).copied());
     for (page, holders) in donated.iter().zip(&mut acked) {
         // A new donor that came back empty since it acked holds nothing.
-        holders.retain(|d| !gone_since.contains(d));
+        holders.retain(|d| !gone.contains(d));
         let r = by_key[&(page.key, page.version)];
         let settle = settle_page(&plan, &fresh, holders);
         let recorded = settle

@@ -1033,6 +1033,11 @@ impl PageStore {
         self.budget.capacity()
     }
 
+    /// [`StoreStats::lost_pages`], without walking the shards.
+    pub fn lost_pages(&self) -> u64 {
+        self.lost_pages.load(Ordering::Relaxed)
+    }
+
     /// Bytes charged against the capacity: what [`stats`](Self::stats)
     /// reports as `used_bytes`, without walking the shards.
     pub fn used_bytes(&self) -> u64 {

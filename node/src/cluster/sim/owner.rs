@@ -146,14 +146,10 @@ fn strike_restarted(w: &mut World, me: usize) {
     }
 }
 
-/// Of `runs` (donor, the run a put reached), the donors that came back
-/// empty since: their acks count for nothing.
+/// `repair::gone_since` against the owner's record of runs.
 fn gone_since(w: &World, me: usize, runs: &[(DonorId, u64)]) -> Vec<DonorId> {
     let shipped = &owner(w, me).shipped;
-    runs.iter()
-        .filter(|(d, run)| shipped.get(d) != Some(run))
-        .map(|(d, _)| *d)
-        .collect()
+    repair::gone_since(runs, |d| shipped.get(&d).copied())
 }
 
 /// `Inner::donor_views`.
@@ -385,6 +381,11 @@ async fn repair_group(
     if donated.is_empty() {
         return 0;
     }
+    with(sim, |w| {
+        for &d in &fresh {
+            *owner_mut(w, me).sent_since_heartbeat.entry(d).or_default() += total;
+        }
+    });
     let mut acked: Vec<Vec<DonorId>> = vec![Vec::new(); donated.len()];
     let mut runs = Vec::new();
     for &d in &fresh {
