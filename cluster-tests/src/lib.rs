@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
+pub mod netns;
+
 /// How long a node may take to start serving.
 pub const NODE_START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -155,6 +157,8 @@ pub struct Member {
     pub admin: String,
     /// The peer (QUIC) address.
     pub peer: String,
+    /// The network namespace the process runs in, if not the machine's.
+    pub netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -171,7 +175,16 @@ impl Member {
             .create(true)
             .append(true)
             .open(self.data_dir.join("node.log"))?;
-        let child = Command::new(ramster_bin())
+        // `ip netns exec` execs the node in place: the PID is the node's.
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns]).arg(ramster_bin());
+                cmd
+            }
+            None => Command::new(ramster_bin()),
+        };
+        let child = cmd
             .args(["node", "--name", &self.name, "--data-dir"])
             .arg(&self.data_dir)
             .args(&self.args)
@@ -292,11 +305,15 @@ pub struct MemberSpec<'a> {
     pub extra: &'a [&'a str],
 }
 
-/// Nodes on 127.0.0.1 with certificates of one fresh CA, every one given
-/// the same seed list.
+/// Nodes with certificates of one fresh CA, every one given the same seed
+/// list: on 127.0.0.1, or each in a network namespace of its own.
 pub struct TestCluster {
-    pub dir: tempfile::TempDir,
+    // Dropped in this order: the processes, then the test thread's way
+    // into the namespaces, then the namespaces, then the files.
     pub members: Vec<Member>,
+    entered: Option<netns::Entered>,
+    network: Option<netns::Network>,
+    pub dir: tempfile::TempDir,
 }
 
 /// An owner with a small store and room for few pages, a memory server and
@@ -335,8 +352,65 @@ impl TestCluster {
         Ok(cluster)
     }
 
+    /// Starts every member in a network namespace of its own (see
+    /// [`netns`]), member `i` as host `i`, so that links between them can be
+    /// cut with [`TestCluster::network`]. The calling thread moves into the
+    /// namespaces' switch while the cluster lives: the admin endpoints and
+    /// `ramster` commands it runs reach every member from there.
+    pub fn start_in_namespaces(specs: &[MemberSpec<'_>]) -> anyhow::Result<TestCluster> {
+        // Built before the thread leaves the machine's network.
+        ramster_bin();
+        let network = netns::Network::create(specs.len())?;
+        let addresses = (0..specs.len())
+            .map(|i| {
+                let ip = network.address(i);
+                (format!("{ip}:7946"), format!("{ip}:9946"))
+            })
+            .collect();
+        let mut cluster = TestCluster::with_addresses(specs, addresses)?;
+        for (i, m) in cluster.members.iter_mut().enumerate() {
+            m.netns = Some(network.namespace(i).to_string());
+        }
+        cluster.entered = Some(network.enter_switch()?);
+        cluster.network = Some(network);
+        for m in &mut cluster.members {
+            m.start()?;
+        }
+        Ok(cluster)
+    }
+
+    /// The namespaces of a cluster from [`TestCluster::start_in_namespaces`].
+    pub fn network(&self) -> &netns::Network {
+        self.network.as_ref().expect("a cluster in namespaces")
+    }
+
+    /// Member `name`'s host number in [`TestCluster::network`].
+    pub fn host(&self, name: &str) -> usize {
+        self.members
+            .iter()
+            .position(|m| m.name == name)
+            .expect("member")
+    }
+
     /// Makes the CA, certificates and settings without starting anything.
     pub fn new(specs: &[MemberSpec<'_>]) -> anyhow::Result<TestCluster> {
+        let addresses = specs
+            .iter()
+            .map(|_| {
+                (
+                    format!("127.0.0.1:{}", free_loopback_udp_port()),
+                    format!("127.0.0.1:{}", free_loopback_port()),
+                )
+            })
+            .collect();
+        TestCluster::with_addresses(specs, addresses)
+    }
+
+    /// As [`TestCluster::new`], each member with its (peer, admin) address.
+    fn with_addresses(
+        specs: &[MemberSpec<'_>],
+        addresses: Vec<(String, String)>,
+    ) -> anyhow::Result<TestCluster> {
         let dir = tempfile::tempdir()?;
         let ca = dir.path().join("ca");
         run_ok(
@@ -344,19 +418,18 @@ impl TestCluster {
                 .args(["cert", "create-ca", "--certs-dir"])
                 .arg(&ca),
         )?;
-        let peers: Vec<String> = specs
+        let seeds = addresses
             .iter()
-            .map(|_| format!("127.0.0.1:{}", free_loopback_udp_port()))
-            .collect();
-        let seeds = peers.join(",");
+            .map(|(peer, _)| peer.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
         let mut members = Vec::new();
-        for (spec, peer) in specs.iter().zip(&peers) {
+        for (spec, (peer, admin)) in specs.iter().zip(addresses) {
             run_ok(
                 Command::new(ramster_bin())
                     .args(["cert", "create-node", spec.name, "--certs-dir"])
                     .arg(&ca),
             )?;
-            let admin = format!("127.0.0.1:{}", free_loopback_port());
             let mut args: Vec<String> = vec![
                 "--capacity".into(),
                 spec.capacity.into(),
@@ -375,11 +448,17 @@ impl TestCluster {
                 data_dir: dir.path().join(spec.name),
                 args,
                 admin,
-                peer: peer.clone(),
+                peer,
+                netns: None,
                 child: None,
             });
         }
-        Ok(TestCluster { dir, members })
+        Ok(TestCluster {
+            members,
+            entered: None,
+            network: None,
+            dir,
+        })
     }
 
     pub fn member(&self, name: &str) -> &Member {

@@ -427,6 +427,12 @@ impl Inner {
         })
     }
 
+    /// The live session with a donor, without dialling it.
+    fn live_donor_session(&self, id: NodeId) -> Option<Arc<PeerSession>> {
+        let name = self.membership().config().nodes.get(&id)?.name.clone();
+        self.endpoint.live_session(&name)
+    }
+
     /// The session with a donor, by its id in page descriptors.
     pub(super) async fn donor_session(&self, id: NodeId) -> Result<Arc<PeerSession>, String> {
         let (name, addr) = {
@@ -1055,34 +1061,50 @@ impl Inner {
     /// round asks every donor once for all the pages it is next in line
     /// for; a page whose donor failed, or whose copy failed its checksum,
     /// is asked of its next replica in the following round.
+    ///
+    /// The whole fetch has one RPC deadline, however many replicas it goes
+    /// through: a page none of whose copies answers in time is
+    /// `Unavailable` then, not after a deadline per replica. A donor called
+    /// down is asked only over a connection that is still up; dialling it
+    /// here would spend the deadline on a peer that is most likely gone.
     pub(super) async fn fetch_many(
         &self,
         refs: &[RemoteRef],
         outs: &mut [&mut Page],
     ) -> Vec<LoadResult> {
         let started = Instant::now();
-        let mut orders: Vec<Vec<NodeId>> = {
+        let deadline = tokio::time::Instant::from_std(started) + self.endpoint.rpc_deadline();
+        let (mut orders, down): (Vec<Vec<NodeId>>, HashSet<NodeId>) = {
             let now = Instant::now();
             let config = self.membership().config();
             let peers = self.peers.lock();
-            let rank = |id: &NodeId| {
+            let state = |id: &NodeId| {
                 config
                     .nodes
                     .get(id)
-                    .map_or(2, |n| match peers.state(&n.name, now) {
-                        Liveness::Up => 0,
-                        Liveness::Suspect => 1,
-                        Liveness::Down => 2,
-                    })
+                    .map_or(Liveness::Down, |n| peers.state(&n.name, now))
             };
-            refs.iter()
+            let rank = |id: &NodeId| match state(id) {
+                Liveness::Up => 0,
+                Liveness::Suspect => 1,
+                Liveness::Down => 2,
+            };
+            let orders: Vec<Vec<NodeId>> = refs
+                .iter()
                 .map(|r| {
                     let mut order: Vec<NodeId> =
                         r.replicas.as_slice().iter().map(|&d| d as NodeId).collect();
                     order.sort_by_key(rank);
                     order
                 })
-                .collect()
+                .collect();
+            let down = orders
+                .iter()
+                .flatten()
+                .copied()
+                .filter(|d| state(d) == Liveness::Down)
+                .collect();
+            (orders, down)
         };
         let hedge_after = self.hedge_delay();
         let mut results = vec![LoadResult::Unavailable; refs.len()];
@@ -1091,7 +1113,7 @@ impl Inner {
         // the others: a slow copy beats none when the others are gone.
         let mut again = vec![false; refs.len()];
         let mut pending: Vec<usize> = (0..refs.len()).collect();
-        while !pending.is_empty() {
+        while !pending.is_empty() && tokio::time::Instant::now() < deadline {
             let mut by_donor: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
             for &i in &pending {
                 if let Some(&donor) = orders[i].get(tried[i]) {
@@ -1101,7 +1123,15 @@ impl Inner {
             let mut answers = Vec::new();
             let mut asks = Vec::new();
             for (donor, idx) in by_donor {
-                match self.donor_session(donor).await {
+                let session = if down.contains(&donor) {
+                    self.live_donor_session(donor)
+                        .ok_or_else(|| "down, and no connection is up".to_string())
+                } else {
+                    tokio::time::timeout_at(deadline, self.donor_session(donor))
+                        .await
+                        .unwrap_or_else(|_| Err("no connection within the deadline".into()))
+                };
+                match session {
                     Ok(session) => {
                         let wanted: Vec<PageRef> = idx
                             .iter()
@@ -1122,7 +1152,12 @@ impl Inner {
                             let get = session.get_pages(&wanted);
                             // Err((slow, why)).
                             let got = match hedge {
-                                Some(after) => match tokio::time::timeout(after, get).await {
+                                Some(after) => match tokio::time::timeout_at(
+                                    deadline.min(tokio::time::Instant::now() + after),
+                                    get,
+                                )
+                                .await
+                                {
                                     Ok(got) => got.map_err(|e| (false, e.to_string())),
                                     Err(_) => Err((
                                         true,
@@ -1131,7 +1166,10 @@ impl Inner {
                                         ),
                                     )),
                                 },
-                                None => get.await.map_err(|e| (false, e.to_string())),
+                                None => match tokio::time::timeout_at(deadline, get).await {
+                                    Ok(got) => got.map_err(|e| (false, e.to_string())),
+                                    Err(_) => Err((false, "the load's deadline passed".into())),
+                                },
                             };
                             (donor, idx, got)
                         });

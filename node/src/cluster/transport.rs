@@ -527,6 +527,18 @@ impl PeerEndpoint {
         live
     }
 
+    /// The deadline of one RPC, and of one remote load as a whole.
+    pub fn rpc_deadline(&self) -> Duration {
+        self.shared.config.rpc_deadline
+    }
+
+    /// The live session with `peer`, if there is one, without dialling.
+    pub fn live_session(&self, peer: &str) -> Option<Arc<PeerSession>> {
+        let slot = self.shared.slot(peer);
+        let current = slot.try_lock().ok()?;
+        current.as_ref().filter(|s| s.is_alive()).cloned()
+    }
+
     /// The session with `peer` at `addr`: the live one, or a new connection.
     /// Connecting is bounded by the RPC deadline.
     pub async fn session(
