@@ -17,10 +17,16 @@ pub mod netns;
 pub const NODE_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The `ramster` binary of this workspace, built (once per test process) in
-/// the same profile as the tests.
+/// the same profile as the tests; or the one `RAMSTER_BIN` names, so that a
+/// loop of test runs (`scripts/chaos-schedules.sh`) builds it once.
 pub fn ramster_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("RAMSTER_BIN") {
+            let bin = PathBuf::from(bin);
+            assert!(bin.is_file(), "RAMSTER_BIN={} is not a file", bin.display());
+            return bin;
+        }
         let exe = std::env::current_exe().expect("test executable path");
         // target/<profile>/deps/<test> -> target/<profile>
         let profile_dir = exe

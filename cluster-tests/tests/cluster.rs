@@ -82,14 +82,20 @@ fn a_small_node_takes_four_times_its_capacity_and_gets_every_page_back() {
     );
     let remote = remote_pages(&client);
     assert!(remote > 10_000, "only {remote} pages went to peers");
-    let status = small.status().unwrap();
-    let held: u64 = status
-        .nodes
-        .iter()
-        .filter(|n| n.name != "small")
-        .map(|n| n.held_for_others_bytes)
-        .sum();
-    assert!(held > 0, "no donor reports holding pages: {status:?}");
+    // Status tells what donors hold as of their last heartbeat: wait for
+    // one sent after the pages arrived.
+    wait_for(Duration::from_secs(10), || {
+        let held: u64 = small
+            .status()
+            .ok()?
+            .nodes
+            .iter()
+            .filter(|n| n.name != "small")
+            .map(|n| n.held_for_others_bytes)
+            .sum();
+        (held > 0).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("no donor reports holding pages ({e}): {:?}", small.status()));
     verify_pages(&client, AREA, &pages, &accepted);
 
     // Free three quarters: the store empties below the suction line and

@@ -311,6 +311,24 @@ impl DonorStore {
         self.owners.get(owner).map(|o| o.incarnation)
     }
 
+    /// `owner` runs `incarnation` now (a heartbeat of its says so): the
+    /// pages of an older run can never be asked for again and are dropped,
+    /// as that run's first request here would drop them. A restarted owner
+    /// that never sends this donor a request (it has no pages to place
+    /// here, say, because this donor is full) would otherwise leave them
+    /// behind for good, counted against the donation. The pages dropped.
+    pub fn owner_restarted(&mut self, owner: &str, incarnation: u64) -> u64 {
+        match self.owners.get(owner) {
+            Some(o) if incarnation > o.incarnation => {
+                let dropped = o.pages;
+                self.admit(owner, incarnation, false)
+                    .unwrap_or_else(|_| unreachable!("a newer run is admitted"));
+                dropped
+            }
+            _ => 0,
+        }
+    }
+
     /// Sets one owner's quota. Lowering it below what the owner holds keeps
     /// the pages; the owner's puts are refused until it is back under.
     pub fn set_owner_quota(&mut self, owner: &str, quota_bytes: u64) {

@@ -824,9 +824,22 @@ impl Inner {
         .await;
         if let Ok(hb) = answer {
             let now = Instant::now();
+            self.owner_heard(name, hb.incarnation);
             self.peers.lock().record(name, now, hb, Some(now - started));
             self.sent_since_heartbeat.lock().remove(&id);
             self.reclaimed_since_heartbeat.lock().remove(&id);
+        }
+    }
+
+    /// A peer's heartbeat named its run: if it is newer than the run this
+    /// node holds pages for, those pages can never be asked for again.
+    fn owner_heard(&self, owner: &str, incarnation: u64) {
+        let dropped = self.donor.lock().owner_restarted(owner, incarnation);
+        if dropped > 0 {
+            info!(
+                owner,
+                incarnation, dropped, "dropped the pages of an owner's previous run"
+            );
         }
     }
 
@@ -1466,6 +1479,7 @@ impl ControlHandler for Control {
                 .ok_or_else(|| unavailable("node stopping"))?;
             match request {
                 peer_request::Kind::Heartbeat(hb) => {
+                    inner.owner_heard(&peer, hb.incarnation);
                     inner.peers.lock().record(&peer, Instant::now(), hb, None);
                     Ok(peer_response::Kind::Heartbeat(inner.own_heartbeat(&peer)))
                 }

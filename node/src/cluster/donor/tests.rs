@@ -165,6 +165,28 @@ fn an_older_incarnation_is_refused_and_a_newer_one_drops_the_old_pages() {
 }
 
 #[test]
+fn a_heartbeat_from_a_restarted_owner_drops_its_previous_runs_pages() {
+    let mut d = DonorStore::new(DonorConfig::with_donation(1 << 20));
+    d.put("a", 5, 1, &[page(1, 1, 300), page(2, 1, 300)])
+        .unwrap();
+    // The same run, or an older one, changes nothing.
+    assert_eq!(d.owner_restarted("a", 5), 0);
+    assert_eq!(d.owner_restarted("a", 4), 0);
+    assert_eq!(d.owner_restarted("b", 9), 0);
+    assert_eq!(d.usage(Some("a")).pages, 2);
+    // The new run never sent a request here: its heartbeat is enough.
+    assert_eq!(d.owner_restarted("a", 6), 2);
+    assert_eq!(d.usage(Some("a")).pages, 0);
+    assert_eq!(d.donated_bytes(), 0);
+    // The old run's late requests are refused.
+    assert_eq!(
+        d.put("a", 5, 1, &[page(3, 1, 300)]).unwrap(),
+        [PageStatus::WrongIncarnation]
+    );
+    d.check_invariants();
+}
+
+#[test]
 fn the_donation_limit_and_the_owner_quota_are_never_exceeded() {
     let cost = ENTRY_OVERHEAD_BYTES + 1000;
     let mut d = DonorStore::new(DonorConfig::with_donation(3 * cost));
@@ -332,6 +354,11 @@ enum Op {
         owner: u8,
         quota: u64,
     },
+    /// A heartbeat names the owner's run.
+    Heartbeat {
+        owner: u8,
+        incarnation: u64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -351,7 +378,8 @@ fn op() -> impl Strategy<Value = Op> {
             |(owner, incarnation, index, version)| Op::Release { owner, incarnation, index, version }
         ),
         1 => (owner.clone(), inc.clone()).prop_map(|(owner, incarnation)| Op::ReleaseOwner { owner, incarnation }),
-        1 => (owner, 0u64..6000).prop_map(|(owner, quota)| Op::SetQuota { owner, quota }),
+        1 => (owner.clone(), 0u64..6000).prop_map(|(owner, quota)| Op::SetQuota { owner, quota }),
+        1 => (owner, inc).prop_map(|(owner, incarnation)| Op::Heartbeat { owner, incarnation }),
     ]
 }
 
@@ -516,6 +544,18 @@ proptest! {
                 Op::SetQuota { owner, quota } => {
                     d.set_owner_quota(&name(owner), quota);
                     m.quotas.insert(owner, quota);
+                }
+                Op::Heartbeat { owner, incarnation } => {
+                    let got = d.owner_restarted(&name(owner), incarnation);
+                    let want = match m.owners.get(&owner) {
+                        Some((inc, slots)) if incarnation > *inc => {
+                            let pages = slots.values().filter(|s| matches!(s, ModelSlot::Page(_))).count() as u64;
+                            m.enter(owner, incarnation);
+                            pages
+                        }
+                        _ => 0,
+                    };
+                    prop_assert_eq!(got, want);
                 }
             }
             d.check_invariants();

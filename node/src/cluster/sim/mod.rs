@@ -2,7 +2,8 @@
 //!
 //! A seed draws a cluster (peers, memory servers, clients; capacities and
 //! donations), a network (loss, long delays that reorder) and a fault
-//! schedule (node crashes and restarts, nodes cut off for a while), and
+//! schedule (node crashes and restarts, nodes cut off for a while, donors
+//! that want some or all of their memory back for a while), and
 //! runs it on a simulated clock: one thread, one executor, every choice
 //! drawn from the seed, so a failing seed replays exactly.
 //!
@@ -12,10 +13,11 @@
 //! versions, tombstones, limits), `PeerTable` liveness, and every decision
 //! the node's movers take: `Pressure::decide`, `choose_donors`,
 //! `repair::{copies_lost, after_repair, plan_group, fresh_candidates,
-//! settle_page}`, `RepairState`, `movers::settle_shipped`.
+//! settle_page}`, `RepairState`, `movers::settle_shipped`, and the donors'
+//! reclaim asks in their heartbeats (`rpc::heartbeat_of`).
 //!
 //! **Modelled:** the glue around them ([`owner`] retells `movers.rs`,
-//! `repair.rs` and the remote-load and donor-view parts of `node.rs` step
+//! `repair.rs` (reclaim included) and the remote-load and donor-view parts of `node.rs` step
 //! for step over the simulated network, with smaller batches); QUIC
 //! connections (a connection reaches one run of a peer; calls on it to a
 //! run that crashed go unanswered until the deadline closes it); heartbeats
@@ -29,8 +31,10 @@
 //! listed donor that holds exactly its version, unless R replicas of it
 //! were lost to crashes; (b) no index, donor copy or load names older
 //! bytes than the latest stored; (c) no donor over its donation, no owner
-//! over its capacity. When faults stop and the network heals, (d) every
-//! remote page must be back on R live donors within [`HEAL_MS_MAX`].
+//! over its capacity. When faults stop and the network heals (half the
+//! seeds leaving one donor wanting half its memory back for good), (d)
+//! every remote page must be back on R live donors, and every donor within
+//! its limit or holding no page an owner lists, within [`HEAL_MS_MAX`].
 //!
 //! `RAMSTER_SIM_SEEDS=N` runs N seeds (default [`SEEDS_DEFAULT`]),
 //! `RAMSTER_SIM_FIRST_SEED` shifts them, `RAMSTER_SIM_SEED=S` replays one
@@ -99,6 +103,7 @@ fn build(seed: u64) -> (World, u64) {
         long_delay: rng.random_range(0.0..0.15),
         crash_every_ms: rng.random_range(800..4_000),
         partition_every_ms: rng.random_range(1_000..6_000),
+        reclaim_every_ms: rng.random_range(1_500..6_000),
     };
     let mut w = World::new(rng.random(), faults, REPLICAS);
     let nodes = rng.random_range(5..=7);
@@ -140,9 +145,17 @@ pub fn run(seed: u64) -> Outcome {
     for n in 0..nodes {
         start_node(&sim, n, keys);
     }
-    let (mut next_crash, mut next_partition) = with_world(&sim, |w| {
-        let (c, p) = (w.faults.crash_every_ms, w.faults.partition_every_ms);
-        (w.rng.random_range(0..2 * c), w.rng.random_range(0..2 * p))
+    let (mut next_crash, mut next_partition, mut next_reclaim) = with_world(&sim, |w| {
+        let (c, p, r) = (
+            w.faults.crash_every_ms,
+            w.faults.partition_every_ms,
+            w.faults.reclaim_every_ms,
+        );
+        (
+            w.rng.random_range(0..2 * c),
+            w.rng.random_range(0..2 * p),
+            w.rng.random_range(0..2 * r),
+        )
     });
     let mut next_poll = FAULT_MS;
     let trace = std::env::var("RAMSTER_SIM_TRACE").ok().and_then(|t| {
@@ -185,7 +198,7 @@ pub fn run(seed: u64) -> Outcome {
         let mut w = sim.world.borrow_mut();
         let next = w.next_at().expect("every node has a task asleep");
         if w.faulty {
-            let fault_at = next_crash.min(next_partition);
+            let fault_at = next_crash.min(next_partition).min(next_reclaim);
             if fault_at <= next && fault_at < FAULT_MS {
                 w.now = w.now.max(fault_at);
                 if fault_at == next_crash {
@@ -199,6 +212,18 @@ pub fn run(seed: u64) -> Outcome {
                         sim.exec.kill(n);
                         w.crash(n, down_ms);
                     }
+                } else if fault_at == next_reclaim {
+                    let r = w.faults.reclaim_every_ms;
+                    next_reclaim += w.rng.random_range(r / 2..=r * 3 / 2);
+                    // A donor wants some or all of its memory back for a
+                    // while, always given back before faults stop.
+                    let donors: Vec<usize> = (0..nodes)
+                        .filter(|&n| w.nodes[n].alive && w.nodes[n].role != Role::Client)
+                        .collect();
+                    let n = donors[w.rng.random_range(0..donors.len())];
+                    let permille = w.rng.random_range(0..=800);
+                    let ms = w.rng.random_range(500..=4_000).min(FAULT_MS - 1 - w.now);
+                    w.lower_limit(n, permille, Some(ms));
                 } else {
                     let p = w.faults.partition_every_ms;
                     next_partition += w.rng.random_range(p / 2..=p * 3 / 2);
@@ -211,6 +236,14 @@ pub fn run(seed: u64) -> Outcome {
             if next >= FAULT_MS {
                 w.now = w.now.max(FAULT_MS);
                 w.heal();
+                // Half the seeds end with a donor that keeps wanting half
+                // its memory back: convergence includes owners taking it.
+                if w.rng.random_bool(0.5) {
+                    let n = w.rng.random_range(0..nodes);
+                    if w.nodes[n].role != Role::Client {
+                        w.lower_limit(n, 500, None);
+                    }
+                }
                 for n in w.down_nodes() {
                     w.revive(n);
                     drop(w);
@@ -313,8 +346,9 @@ fn run_seeds(test: &str, converge: bool) {
     unconverged.sort();
     eprintln!(
         "{seeds} seeds in {:.1?}: {} failed, {} did not converge; {} steps, {} messages ({} lost, \
-         {} delayed, {} reordered), {} crashes ({} of owners), {} partitions; {} stores ({} refused), \
-         {} loads ({} remote, {} unavailable); {} remotified, {} brought home, {} repaired, \
+         {} delayed, {} reordered), {} crashes ({} of owners), {} partitions, {} reclaims; {} stores \
+         ({} refused), {} loads ({} remote, {} unavailable); {} remotified, {} brought home, {} repaired, \
+         {} reclaimed, \
          {} stale puts refused; {} pages lost beyond R replicas; {} leaked copies; slowest \
          convergence {} ms",
         started.elapsed(),
@@ -328,6 +362,7 @@ fn run_seeds(test: &str, converge: bool) {
         t.crashes,
         t.owner_crashes,
         t.partitions,
+        t.reclaims,
         t.stores,
         t.rejected,
         t.loads,
@@ -336,6 +371,7 @@ fn run_seeds(test: &str, converge: bool) {
         t.remotified,
         t.suctioned,
         t.repaired,
+        t.reclaimed,
         t.stale_puts,
         t.unrecoverable,
         t.leaked_copies,

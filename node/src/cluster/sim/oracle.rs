@@ -250,9 +250,31 @@ pub fn check_step(w: &mut World) -> Result<(), String> {
 }
 
 /// (d) Replicas converged: every remote page that was not lost beyond its
-/// redundancy is on exactly R distinct live donors that hold it, and every
-/// owner's index holds exactly the pages it accepted.
+/// redundancy is on exactly R distinct live donors that hold it, every
+/// owner's index holds exactly the pages it accepted, and every donor that
+/// wants memory back got what owners can give: it is within its limit or
+/// holds no page an owner lists.
 pub fn converged(w: &World) -> Result<(), String> {
+    let listed = listed_copies(w);
+    for node in &w.nodes {
+        // Within its limit, or holding nothing an owner could take back:
+        // tombstones, and copies no owner lists (see `leaked_copies`).
+        let d = &node.donor;
+        let wanted: u64 = listed
+            .iter()
+            .filter(|((_, donor), _)| *donor == node.id)
+            .map(|(_, pages)| pages)
+            .sum();
+        if d.reclaim_bytes() > 0 && wanted > 0 {
+            return Err(format!(
+                "donor {} holds {} bytes, above its limit of {}, in {} pages, {wanted} of them listed by owners",
+                node.name,
+                d.donated_bytes(),
+                d.limit_bytes(),
+                d.usage(None).pages,
+            ));
+        }
+    }
     for (n, node) in w.nodes.iter().enumerate() {
         let Some(o) = &node.owner else { continue };
         let expected = w.oracle.pages.range((n, 0)..=(n, u64::MAX)).count() as u64;
@@ -309,26 +331,35 @@ pub fn converged(w: &World) -> Result<(), String> {
     Ok(())
 }
 
-/// Copies donors hold for an owner's current run that its index does not
-/// list there (garbage: they cost donated memory until the owner restarts).
-pub fn leaked_copies(w: &World) -> u64 {
-    let mut leaked = 0;
+/// How many of each owner's pages its index lists on each donor:
+/// (owner node, donor id) → pages.
+fn listed_copies(w: &World) -> BTreeMap<(usize, u32), u64> {
+    let mut listed = BTreeMap::new();
     for (o, on) in w.nodes.iter().enumerate() {
         let Some(side) = &on.owner else { continue };
-        let mut listed: BTreeMap<u32, u64> = BTreeMap::new();
         for (&(_, index), _) in w.oracle.pages.range((o, 0)..=(o, u64::MAX)) {
             if let Some((_, Some(r))) = side.store.peek(key(index)) {
                 for &d in r.replicas.as_slice() {
-                    *listed.entry(d).or_default() += 1;
+                    *listed.entry((o, d)).or_default() += 1;
                 }
             }
         }
+    }
+    listed
+}
+
+/// Copies donors hold for an owner's current run that its index does not
+/// list there (garbage: they cost donated memory until the owner restarts).
+pub fn leaked_copies(w: &World) -> u64 {
+    let listed = listed_copies(w);
+    let mut leaked = 0;
+    for (o, on) in w.nodes.iter().enumerate() {
         for dn in &w.nodes {
             if dn.donor.owner_incarnation(&on.name) != Some(on.incarnation) {
                 continue;
             }
             let held = dn.donor.usage(Some(&on.name)).pages;
-            leaked += held.saturating_sub(listed.get(&dn.id).copied().unwrap_or(0));
+            leaked += held.saturating_sub(listed.get(&(o, dn.id)).copied().unwrap_or(0));
         }
     }
     leaked

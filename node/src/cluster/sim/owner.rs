@@ -1,5 +1,5 @@
-//! A simulated node's tasks: the movers (releases, repair, remotify,
-//! suction), remote loads, heartbeats and a client storing, overwriting,
+//! A simulated node's tasks: the movers (releases, repair, reclaim,
+//! remotify, suction), remote loads, heartbeats and a client storing, overwriting,
 //! invalidating and loading pages.
 //!
 //! This is the node's glue (`cluster::movers`, `cluster::repair`,
@@ -213,6 +213,7 @@ pub async fn movers(sim: SimRef, me: usize) {
         sleep(&sim, MOVER_TICK_MS).await;
         release(&sim, me).await;
         repair(&sim, me).await;
+        reclaim(&sim, me).await;
         let st = with(&sim, |w| owner(w, me).store.stats());
         match pressure.decide(
             &watermarks,
@@ -319,37 +320,113 @@ async fn repair(sim: &SimRef, me: usize) {
             let now = w.instant();
             owner_mut(w, me).repair.degraded_at(now);
         });
-        let pending = with(sim, |w| {
-            PendingReleases::of(&owner(w, me).release_backlog, &refs)
-        });
-        // Groups in the order first seen (the node's map has no order).
-        let mut groups: Vec<(Replicas, Vec<RemoteRef>)> = Vec::new();
-        for r in refs {
-            match groups.iter_mut().find(|(s, _)| *s == r.replicas) {
-                Some((_, g)) => g.push(r),
-                None => groups.push((r.replicas, vec![r])),
-            }
-        }
-        // Chunks of a set, several at once (the node keeps a fixed number
-        // in flight; here they go in waves).
-        let chunks: Vec<(Replicas, Vec<RemoteRef>)> = groups
-            .iter()
-            .flat_map(|(set, refs)| refs.chunks(REPAIR_CHUNK_PAGES).map(|c| (*set, c.to_vec())))
-            .collect();
-        let mut repaired = 0;
-        for wave in chunks.chunks(REPAIR_CHUNKS_IN_FLIGHT) {
-            let running: Vec<Boxed<'_, u64>> = wave
-                .iter()
-                .map(|(set, refs)| {
-                    Box::pin(repair_group(sim, me, &lost, &pending, *set, refs)) as Boxed<'_, u64>
-                })
-                .collect();
-            repaired += join_all(running).await.into_iter().sum::<u64>();
-        }
-        if repaired == 0 {
+        if repair_batch(sim, me, &lost, &[], refs).await == 0 {
             return;
         }
     }
+}
+
+/// `repair::reclaim`: copies taken off donors that ask for memory back,
+/// moved to other donors (read from the donor that asks) or brought home.
+async fn reclaim(sim: &SimRef, me: usize) {
+    for (donor, bytes) in with(sim, |w| reclaims(w, me)) {
+        let refs: Vec<RemoteRef> = with(sim, |w| {
+            let candidates = owner(w, me)
+                .store
+                .remote_on(&[donor], &[donor], 0, REPAIR_BATCH_PAGES)
+                .0;
+            let mut taken = 0u64;
+            candidates
+                .into_iter()
+                .take_while(|r| {
+                    let more = taken < bytes;
+                    taken += u64::from(r.len);
+                    more
+                })
+                .collect()
+        });
+        if refs.is_empty() {
+            continue;
+        }
+        let total: u64 = refs.iter().map(|r| u64::from(r.len)).sum();
+        let mut moved = repair_batch(sim, me, &[donor], &[donor], refs.clone()).await;
+        if moved == 0 {
+            moved = bring_home(sim, me, &refs).await.0;
+        }
+        if moved == 0 {
+            continue;
+        }
+        with(sim, |w| {
+            w.stats.reclaimed += moved;
+            *owner_mut(w, me)
+                .reclaimed_since_heartbeat
+                .entry(donor)
+                .or_default() += total * moved / refs.len() as u64;
+        });
+    }
+}
+
+/// `Inner::reclaims`: donors (up) that ask for bytes of our pages back,
+/// less what was taken since their last heartbeat.
+fn reclaims(w: &World, me: usize) -> Vec<(DonorId, u64)> {
+    let o = owner(w, me);
+    let now = w.instant();
+    w.nodes
+        .iter()
+        .enumerate()
+        .filter(|&(n, dn)| n != me && o.peers.state(&dn.name, now) == Liveness::Up)
+        .filter_map(|(_, dn)| {
+            let asked = o.peers.get(&dn.name)?.heartbeat.reclaim_bytes;
+            let taken = o
+                .reclaimed_since_heartbeat
+                .get(&dn.id)
+                .copied()
+                .unwrap_or(0);
+            let left = asked.saturating_sub(taken);
+            (left > 0).then_some((dn.id, left))
+        })
+        .collect()
+}
+
+/// `repair::repair_batch`: the lost copies of `refs` re-created, read from
+/// the survivors and from `readable` donors among the lost; the number of
+/// pages repaired.
+async fn repair_batch(
+    sim: &SimRef,
+    me: usize,
+    lost: &[DonorId],
+    readable: &[DonorId],
+    refs: Vec<RemoteRef>,
+) -> u64 {
+    let pending = with(sim, |w| {
+        PendingReleases::of(&owner(w, me).release_backlog, &refs)
+    });
+    // Groups in the order first seen (the node's map has no order).
+    let mut groups: Vec<(Replicas, Vec<RemoteRef>)> = Vec::new();
+    for r in refs {
+        match groups.iter_mut().find(|(s, _)| *s == r.replicas) {
+            Some((_, g)) => g.push(r),
+            None => groups.push((r.replicas, vec![r])),
+        }
+    }
+    // Chunks of a set, several at once (the node keeps a fixed number
+    // in flight; here they go in waves).
+    let chunks: Vec<(Replicas, Vec<RemoteRef>)> = groups
+        .iter()
+        .flat_map(|(set, refs)| refs.chunks(REPAIR_CHUNK_PAGES).map(|c| (*set, c.to_vec())))
+        .collect();
+    let mut repaired = 0;
+    for wave in chunks.chunks(REPAIR_CHUNKS_IN_FLIGHT) {
+        let running: Vec<Boxed<'_, u64>> = wave
+            .iter()
+            .map(|(set, refs)| {
+                Box::pin(repair_group(sim, me, lost, readable, &pending, *set, refs))
+                    as Boxed<'_, u64>
+            })
+            .collect();
+        repaired += join_all(running).await.into_iter().sum::<u64>();
+    }
+    repaired
 }
 
 /// `repair::repair_group`.
@@ -357,13 +434,22 @@ async fn repair_group(
     sim: &SimRef,
     me: usize,
     lost: &[DonorId],
+    readable: &[DonorId],
     pending: &PendingReleases,
     set: Replicas,
     refs: &[RemoteRef],
 ) -> u64 {
     let replicas = with(sim, |w| w.replicas);
     let plan = plan_group(set, lost, replicas);
-    let Some(pages) = copies_from(sim, me, &plan.survivors, refs).await else {
+    // The survivors first; a reclaiming donor serves its copies until they
+    // are moved.
+    let sources: Vec<DonorId> = plan
+        .survivors
+        .iter()
+        .chain(plan.gone.iter().filter(|d| readable.contains(d)))
+        .copied()
+        .collect();
+    let Some(pages) = copies_from(sim, me, &sources, refs).await else {
         return 0;
     };
     let total: u64 = pages.iter().flatten().map(|p| p.data.len() as u64).sum();

@@ -66,6 +66,8 @@ enum Event {
     Timer(SlotRef<()>),
     RpcDeadline(u64),
     Restart(usize),
+    /// A donor's donation limit changes (a reclaim starts or ends).
+    Limit(usize, u64),
     /// A cut-off node is reachable again (only the clock needs to get there).
     Rejoin,
 }
@@ -78,6 +80,8 @@ pub struct Faults {
     /// Mean time between crashes and between partitions, in ms; 0: none.
     pub crash_every_ms: u64,
     pub partition_every_ms: u64,
+    /// Mean time between donors asking for memory back, in ms.
+    pub reclaim_every_ms: u64,
 }
 
 /// What happened in a run, summed over seeds in the report.
@@ -91,6 +95,8 @@ pub struct Stats {
     pub crashes: u64,
     pub owner_crashes: u64,
     pub partitions: u64,
+    /// Donation limits lowered below what a donor held.
+    pub reclaims: u64,
     pub stores: u64,
     pub rejected: u64,
     pub loads: u64,
@@ -99,6 +105,8 @@ pub struct Stats {
     pub remotified: u64,
     pub suctioned: u64,
     pub repaired: u64,
+    /// Copies moved off a donor (or brought home) because it asked.
+    pub reclaimed: u64,
     pub stale_puts: u64,
     /// Pages whose every replica was lost to crashes before repair could
     /// copy them (allowed: more than R - 1 failures).
@@ -118,6 +126,7 @@ impl Stats {
         self.crashes += o.crashes;
         self.owner_crashes += o.owner_crashes;
         self.partitions += o.partitions;
+        self.reclaims += o.reclaims;
         self.stores += o.stores;
         self.rejected += o.rejected;
         self.loads += o.loads;
@@ -126,6 +135,7 @@ impl Stats {
         self.remotified += o.remotified;
         self.suctioned += o.suctioned;
         self.repaired += o.repaired;
+        self.reclaimed += o.reclaimed;
         self.stale_puts += o.stale_puts;
         self.unrecoverable += o.unrecoverable;
         self.leaked_copies += o.leaked_copies;
@@ -139,6 +149,7 @@ pub struct OwnerSide {
     pub peers: PeerTable,
     pub shipped: BTreeMap<DonorId, u64>,
     pub sent_since_heartbeat: BTreeMap<DonorId, u64>,
+    pub reclaimed_since_heartbeat: BTreeMap<DonorId, u64>,
     pub release_backlog: Vec<Released>,
     /// The placement number the next put carries (`PeerEndpoint`'s).
     pub placements: u64,
@@ -268,6 +279,7 @@ impl World {
             peers: PeerTable::new(LivenessTimings::default()),
             shipped: BTreeMap::new(),
             sent_since_heartbeat: BTreeMap::new(),
+            reclaimed_since_heartbeat: BTreeMap::new(),
             release_backlog: Vec::new(),
             placements: 1,
             repair: RepairState::default(),
@@ -347,6 +359,9 @@ impl World {
                 }
             }
             Event::Deliver(m) => self.deliver(m),
+            Event::Limit(n, bytes) => {
+                self.nodes[n].donor.set_limit(bytes);
+            }
             Event::Restart(_) | Event::Rejoin => unreachable!("handled by the driver"),
         }
     }
@@ -382,6 +397,9 @@ impl World {
             Body::Heartbeat(hb) => {
                 // As the control handler does: the heartbeat names its run.
                 let from = self.nodes[m.from].name.clone();
+                self.nodes[m.to]
+                    .donor
+                    .owner_restarted(&from, hb.incarnation);
                 if let Some(o) = &mut self.nodes[m.to].owner {
                     o.peers.record(&from, now, hb, None);
                 }
@@ -396,9 +414,13 @@ impl World {
             Body::HeartbeatAnswer(hb) => {
                 let name = self.nodes[m.from].name.clone();
                 let id = self.nodes[m.from].id;
+                self.nodes[m.to]
+                    .donor
+                    .owner_restarted(&name, hb.incarnation);
                 if let Some(o) = &mut self.nodes[m.to].owner {
                     o.peers.record(&name, now, hb, None);
                     o.sent_since_heartbeat.remove(&id);
+                    o.reclaimed_since_heartbeat.remove(&id);
                 }
             }
         }
@@ -491,6 +513,31 @@ impl World {
         self.stats.partitions += 1;
         self.nodes[n].isolated_until = self.now + ms;
         self.schedule(self.now + ms, Event::Rejoin);
+    }
+
+    /// Donor `n` wants memory back: its limit drops to `permille` of what
+    /// it holds, until `for_ms` have passed (for good with `None`). A crash
+    /// in between brings it back with its whole donation anyway.
+    pub fn lower_limit(&mut self, n: usize, permille: u64, for_ms: Option<u64>) {
+        let donor = &mut self.nodes[n].donor;
+        let held = donor.donated_bytes();
+        if held == 0 {
+            return;
+        }
+        self.stats.reclaims += 1;
+        donor.set_limit(held * permille / 1000);
+        if let Some(ms) = for_ms {
+            let donate = donor.config().donate_bytes;
+            self.schedule(self.now + ms, Event::Limit(n, donate));
+        }
+        if self.trace.is_some() {
+            eprintln!(
+                "{} ms: {} lowers its limit to {} bytes (holds {held})",
+                self.now,
+                self.nodes[n].name,
+                self.nodes[n].donor.limit_bytes()
+            );
+        }
     }
 
     /// Faults stop: every node is back and reachable, no message is lost.
