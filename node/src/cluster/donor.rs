@@ -329,6 +329,22 @@ impl DonorStore {
         }
     }
 
+    /// The pages (not tombstones) held for `owner`.
+    pub fn held_pages(&self, owner: &str) -> Vec<PageRef> {
+        self.owners.get(owner).map_or_else(Vec::new, |o| {
+            o.slots
+                .iter()
+                .filter_map(|(&key, slot)| match slot {
+                    Slot::Page(h) => Some(PageRef {
+                        key,
+                        version: h.version,
+                    }),
+                    Slot::Released { .. } => None,
+                })
+                .collect()
+        })
+    }
+
     /// Sets one owner's quota. Lowering it below what the owner holds keeps
     /// the pages; the owner's puts are refused until it is back under.
     pub fn set_owner_quota(&mut self, owner: &str, quota_bytes: u64) {

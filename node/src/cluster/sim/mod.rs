@@ -63,6 +63,9 @@ pub const SEEDS_DEFAULT: u64 = 1_000;
 pub const FAULT_MS: u64 = 12_000;
 /// Then the cluster has this long to converge.
 pub const HEAL_MS_MAX: u64 = 30_000;
+/// How long after convergence copies no owner lists are looked at again:
+/// those still there are leaked.
+const LEAK_SETTLE_MS: u64 = 2_000;
 /// How often convergence is looked at once faults stopped.
 const CONVERGE_POLL_MS: u64 = 100;
 /// Replicas per remote page (the node's default).
@@ -166,6 +169,9 @@ pub fn run(seed: u64) -> Outcome {
     let mut traced = None;
     let mut ran = vec![false; nodes];
     let mut unconverged = None;
+    // Once converged: when to look again for copies nobody lists, and the
+    // ones seen at convergence.
+    let mut leak_check: Option<(u64, std::collections::BTreeSet<_>)> = None;
     let failure = loop {
         sim.exec.run_ready(&mut ran);
         let verdict = with_world(&sim, |w| {
@@ -254,20 +260,28 @@ pub fn run(seed: u64) -> Outcome {
             }
         } else if w.now >= next_poll {
             next_poll = w.now + CONVERGE_POLL_MS;
-            match oracle::converged(&w) {
-                Ok(()) => {
-                    w.stats.converge_ms = w.now - FAULT_MS;
-                    w.stats.leaked_copies = oracle::leaked_copies(&w);
+            if let Some((due, first)) = &leak_check {
+                if w.now >= *due {
+                    // Only copies still unlisted a while later are garbage.
+                    let now = oracle::leaked_copies(&w);
+                    w.stats.leaked_copies = first.intersection(&now).count() as u64;
                     break None;
                 }
-                Err(why) if w.now >= FAULT_MS + HEAL_MS_MAX => {
-                    unconverged = Some(format!(
-                        "at {} ms: not converged {HEAL_MS_MAX} ms after faults stopped: {why}",
-                        w.now
-                    ));
-                    break None;
+            } else {
+                match oracle::converged(&w) {
+                    Ok(()) => {
+                        w.stats.converge_ms = w.now - FAULT_MS;
+                        leak_check = Some((w.now + LEAK_SETTLE_MS, oracle::leaked_copies(&w)));
+                    }
+                    Err(why) if w.now >= FAULT_MS + HEAL_MS_MAX => {
+                        unconverged = Some(format!(
+                            "at {} ms: not converged {HEAL_MS_MAX} ms after faults stopped: {why}",
+                            w.now
+                        ));
+                        break None;
+                    }
+                    Err(_) => {}
                 }
-                Err(_) => {}
             }
         }
         if let Some(n) = w.step()

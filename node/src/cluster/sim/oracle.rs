@@ -9,7 +9,7 @@
 //! crashes (what replicas cannot prevent), never when a copy was released
 //! or never made.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::cluster::donor::{DonatedPage, PageRef};
 use crate::store::{DonorId, PageKey, RemoteRef};
@@ -349,17 +349,27 @@ fn listed_copies(w: &World) -> BTreeMap<(usize, u32), u64> {
 }
 
 /// Copies donors hold for an owner's current run that its index does not
-/// list there (garbage: they cost donated memory until the owner restarts).
-pub fn leaked_copies(w: &World) -> u64 {
-    let listed = listed_copies(w);
-    let mut leaked = 0;
+/// list there at that version: (owner node, donor id, key index, version).
+/// Some are on their way out (a release queued, a remotify not yet acked);
+/// those still there a while later are garbage, costing donated memory
+/// until the owner restarts.
+pub fn leaked_copies(w: &World) -> BTreeSet<(usize, u32, u64, u64)> {
+    let mut leaked = BTreeSet::new();
     for (o, on) in w.nodes.iter().enumerate() {
+        let Some(side) = &on.owner else { continue };
         for dn in &w.nodes {
             if dn.donor.owner_incarnation(&on.name) != Some(on.incarnation) {
                 continue;
             }
-            let held = dn.donor.usage(Some(&on.name)).pages;
-            leaked += held.saturating_sub(listed.get(&(o, dn.id)).copied().unwrap_or(0));
+            for held in dn.donor.held_pages(&on.name) {
+                let listed = matches!(
+                    side.store.peek(held.key),
+                    Some((_, Some(r))) if r.version == held.version && r.replicas.as_slice().contains(&dn.id)
+                );
+                if !listed {
+                    leaked.insert((o, dn.id, held.key.index, held.version));
+                }
+            }
         }
     }
     leaked

@@ -111,7 +111,8 @@ pub struct Stats {
     /// Pages whose every replica was lost to crashes before repair could
     /// copy them (allowed: more than R - 1 failures).
     pub unrecoverable: u64,
-    /// Donor copies no owner refers to, once the cluster converged.
+    /// Donor copies no owner lists, seen at convergence and still there
+    /// `LEAK_SETTLE_MS` later (garbage, not in-flight work).
     pub leaked_copies: u64,
     pub converge_ms: u64,
 }
