@@ -319,7 +319,8 @@ pub struct PageSettle {
     pub record: Option<Replicas>,
     /// Copies on the lost donors: unwanted once the new set is recorded.
     gone: Option<Replicas>,
-    /// Copies the new donors acked: unwanted unless the new set is recorded.
+    /// Copies the new donors acked, or may hold (the put left and its answer
+    /// never came): unwanted unless the new set is recorded.
     made: Option<Replicas>,
 }
 
@@ -332,18 +333,26 @@ impl PageSettle {
 }
 
 /// Settles one page: `fresh` are the new donors asked, `holders` those
-/// that acked a copy of it.
-pub fn settle_page(plan: &GroupPlan, fresh: &[DonorId], holders: &[DonorId]) -> PageSettle {
+/// that acked a copy of it, `unanswered` those that got the put and did not
+/// answer (they may hold a copy nobody would ever release otherwise).
+pub fn settle_page(
+    plan: &GroupPlan,
+    fresh: &[DonorId],
+    holders: &[DonorId],
+    unanswered: &[DonorId],
+) -> PageSettle {
     let complete = fresh.iter().all(|d| holders.contains(d));
     let record = complete.then(|| {
         let mut now_on = plan.survivors.clone();
         now_on.extend(holders);
         Replicas::new(&now_on).expect("within REPLICAS_MAX")
     });
+    let mut maybe = holders.to_vec();
+    maybe.extend(unanswered.iter().filter(|d| !holders.contains(d)));
     PageSettle {
         record,
         gone: Replicas::new(&plan.gone),
-        made: Replicas::new(holders),
+        made: Replicas::new(&maybe),
     }
 }
 
@@ -551,6 +560,8 @@ async fn repair_group(
     let mut acked: Vec<Vec<DonorId>> = vec![Vec::new(); donated.len()];
     // The run each new donor was put on.
     let mut runs = Vec::new();
+    // New donors that got the put and gave no answer.
+    let mut unanswered = Vec::new();
     for &d in &fresh {
         let put = async {
             let s = inner.donor_session(d as NodeId).await?;
@@ -569,7 +580,14 @@ async fn repair_group(
                     }
                 }
             }
-            Err(e) => warn!(donor = d, reason = %e, "repair put failed"),
+            Err(e) => {
+                warn!(donor = d, reason = %e, "repair put failed");
+                // Sent (a session was there) but not answered: it may hold
+                // copies.
+                if runs.last().is_some_and(|&(r, _)| r == d) {
+                    unanswered.push(d);
+                }
+            }
         }
     }
     let by_key: HashMap<_, _> = refs.iter().map(|r| ((r.key, r.version), r)).collect();
@@ -577,11 +595,12 @@ async fn repair_group(
     let mut unwanted = Vec::new();
     let shipped = inner.shipped_runs();
     let gone = gone_since(&runs, |d| shipped.get(&d).copied());
+    unanswered.retain(|d| !gone.contains(d));
     for (page, holders) in donated.iter().zip(&mut acked) {
         // A new donor that came back empty since it acked holds nothing.
         holders.retain(|d| !gone.contains(d));
         let r = by_key[&(page.key, page.version)];
-        let settle = settle_page(&plan, &fresh, holders);
+        let settle = settle_page(&plan, &fresh, holders, &unanswered);
         let recorded = settle
             .record
             .is_some_and(|replicas| inner.store.set_replicas(r, replicas));
@@ -643,4 +662,36 @@ async fn copies_from(
         );
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(ds: &[DonorId]) -> Replicas {
+        Replicas::new(ds).expect("a set")
+    }
+
+    #[test]
+    fn a_page_settles_on_survivors_and_new_copies_or_releases_what_it_made() {
+        // Copies on 1 and 2; 2 is lost; 3 was asked for a new copy.
+        let plan = plan_group(set(&[1, 2]), &[2], 2);
+        assert_eq!((plan.survivors.clone(), plan.need), (vec![1], 1));
+
+        let acked = settle_page(&plan, &[3], &[3], &[]);
+        assert_eq!(acked.record, Some(set(&[1, 3])));
+        assert_eq!(acked.unwanted(true), Some(set(&[2])));
+        // The page changed meanwhile: the new copy is stale.
+        assert_eq!(acked.unwanted(false), Some(set(&[3])));
+
+        // 3 got the put and never answered: the set stays, and 3's copy,
+        // if it made one, is released rather than left behind for good.
+        let silent = settle_page(&plan, &[3], &[], &[3]);
+        assert_eq!(silent.record, None);
+        assert_eq!(silent.unwanted(false), Some(set(&[3])));
+
+        // 3 refused (it answered): nothing to release.
+        let refused = settle_page(&plan, &[3], &[], &[]);
+        assert_eq!(refused.unwanted(false), None);
+    }
 }

@@ -474,6 +474,7 @@ async fn repair_group(
     });
     let mut acked: Vec<Vec<DonorId>> = vec![Vec::new(); donated.len()];
     let mut runs = Vec::new();
+    let mut unanswered = Vec::new();
     for &d in &fresh {
         let put = async {
             let inc = session(sim, me, node_of(d)).await?;
@@ -490,8 +491,8 @@ async fn repair_group(
             .await
         }
         .await;
-        if let Ok(Reply::Put(Ok(statuses))) = put {
-            with(sim, |w| {
+        match put {
+            Ok(Reply::Put(Ok(statuses))) => with(sim, |w| {
                 let state = &mut owner_mut(w, me).repair;
                 for (i, s) in statuses.iter().enumerate() {
                     state.answered(donated[i].key, donated[i].version, d, *s);
@@ -499,19 +500,22 @@ async fn repair_group(
                         acked[i].push(d);
                     }
                 }
-            });
+            }),
+            Err(_) if runs.last().is_some_and(|&(r, _)| r == d) => unanswered.push(d),
+            _ => {}
         }
     }
     with(sim, |w| {
         let mut repaired = 0;
         let gone = gone_since(w, me, &runs);
+        unanswered.retain(|d| !gone.contains(d));
         for (page, holders) in donated.iter().zip(&mut acked) {
             holders.retain(|d| !gone.contains(d));
             let r = refs
                 .iter()
                 .find(|r| r.key == page.key && r.version == page.version)
                 .expect("asked for");
-            let settle = settle_page(&plan, &fresh, holders);
+            let settle = settle_page(&plan, &fresh, holders, &unanswered);
             let o = owner_mut(w, me);
             let recorded = settle
                 .record
