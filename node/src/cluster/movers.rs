@@ -238,16 +238,22 @@ impl ShipSettle {
 /// only when every replica acked.
 pub fn settle_shipped(donors: &[u32], holders: &[u32], unanswered: &[u32]) -> ShipSettle {
     let complete = !donors.is_empty() && donors.iter().all(|d| holders.contains(d));
-    let mut maybe = holders.to_vec();
-    maybe.extend(unanswered.iter().filter(|d| !holders.contains(d)));
     ShipSettle {
         record: if complete {
             Replicas::new(holders)
         } else {
             None
         },
-        made: Replicas::new(&maybe),
+        made: may_hold(holders, unanswered),
     }
+}
+
+/// The donors that may hold a copy after a put: those that acked it and
+/// those that got it and never answered.
+pub fn may_hold(holders: &[u32], unanswered: &[u32]) -> Option<Replicas> {
+    let mut maybe = holders.to_vec();
+    maybe.extend(unanswered.iter().filter(|d| !holders.contains(d)));
+    Replicas::new(&maybe)
 }
 
 /// Brings about `bytes` of remote pages home, hottest first.

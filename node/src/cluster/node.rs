@@ -1164,24 +1164,19 @@ impl Inner {
                         asks.push(async move {
                             let get = session.get_pages(&wanted);
                             // Err((slow, why)).
-                            let got = match hedge {
-                                Some(after) => match tokio::time::timeout_at(
-                                    deadline.min(tokio::time::Instant::now() + after),
-                                    get,
-                                )
-                                .await
-                                {
-                                    Ok(got) => got.map_err(|e| (false, e.to_string())),
-                                    Err(_) => Err((
+                            let until = hedge.map_or(deadline, |after| {
+                                deadline.min(tokio::time::Instant::now() + after)
+                            });
+                            let got = match tokio::time::timeout_at(until, get).await {
+                                Ok(got) => got.map_err(|e| (false, e.to_string())),
+                                Err(_) => match hedge {
+                                    Some(after) if until < deadline => Err((
                                         true,
                                         format!(
                                             "no answer within {after:?}; asking the next replica"
                                         ),
                                     )),
-                                },
-                                None => match tokio::time::timeout_at(deadline, get).await {
-                                    Ok(got) => got.map_err(|e| (false, e.to_string())),
-                                    Err(_) => Err((false, "the load's deadline passed".into())),
+                                    _ => Err((false, "the load's deadline passed".into())),
                                 },
                             };
                             (donor, idx, got)

@@ -25,7 +25,7 @@ use super::membership::NodeId;
 use super::node::{Inner, decode_checked};
 use super::placement::{DonorView, choose_donors};
 use crate::metrics::ClusterCounters;
-use crate::store::{DonorId, PAGE_BYTES, PageKey, Released, RemoteRef, Replicas};
+use crate::store::{DonorId, PAGE_BYTES, PageKey, PageStore, Released, RemoteRef, Replicas};
 
 /// Degraded pages taken per walk of the index (a walk visits every remote
 /// page, so it should take many).
@@ -230,6 +230,19 @@ pub struct GroupPlan {
     pub need: usize,
 }
 
+impl GroupPlan {
+    /// Where the group's copies are read from: the survivors first, then
+    /// lost donors that still serve theirs (a draining or reclaiming donor
+    /// does until they are all moved).
+    pub fn sources(&self, readable: &[DonorId]) -> Vec<DonorId> {
+        self.survivors
+            .iter()
+            .chain(self.gone.iter().filter(|d| readable.contains(d)))
+            .copied()
+            .collect()
+    }
+}
+
 pub fn plan_group(set: Replicas, lost: &[DonorId], replicas: usize) -> GroupPlan {
     let (gone, survivors): (Vec<DonorId>, Vec<DonorId>) =
         set.as_slice().iter().partition(|d| lost.contains(d));
@@ -347,12 +360,10 @@ pub fn settle_page(
         now_on.extend(holders);
         Replicas::new(&now_on).expect("within REPLICAS_MAX")
     });
-    let mut maybe = holders.to_vec();
-    maybe.extend(unanswered.iter().filter(|d| !holders.contains(d)));
     PageSettle {
         record,
         gone: Replicas::new(&plan.gone),
-        made: Replicas::new(&maybe),
+        made: super::movers::may_hold(holders, unanswered),
     }
 }
 
@@ -420,18 +431,7 @@ pub(super) async fn repair(inner: &Arc<Inner>) {
 /// is dropped to make room.
 pub(super) async fn reclaim(inner: &Arc<Inner>) {
     for (donor, bytes) in inner.reclaims() {
-        let (candidates, _, _) = inner
-            .store
-            .remote_on(&[donor], &[donor], 0, REPAIR_BATCH_PAGES);
-        let mut taken = 0u64;
-        let refs: Vec<RemoteRef> = candidates
-            .into_iter()
-            .take_while(|r| {
-                let more = taken < bytes;
-                taken += u64::from(r.len);
-                more
-            })
-            .collect();
+        let refs = reclaim_batch(&inner.store, donor, bytes);
         if refs.is_empty() {
             continue;
         }
@@ -455,6 +455,21 @@ pub(super) async fn reclaim(inner: &Arc<Inner>) {
         ClusterCounters::add(&inner.metrics.cluster.reclaimed_pages, moved);
         inner.note_reclaimed(donor, total * moved / refs.len() as u64);
     }
+}
+
+/// The copies on `donor` to move for a reclaim of `bytes`: enough pages to
+/// cover them, within one repair batch.
+pub fn reclaim_batch(store: &PageStore, donor: DonorId, bytes: u64) -> Vec<RemoteRef> {
+    let (candidates, _, _) = store.remote_on(&[donor], &[donor], 0, REPAIR_BATCH_PAGES);
+    let mut taken = 0u64;
+    candidates
+        .into_iter()
+        .take_while(|r| {
+            let more = taken < bytes;
+            taken += u64::from(r.len);
+            more
+        })
+        .collect()
 }
 
 /// Re-creates the lost copies of `refs`, a few chunks at once; the number
@@ -518,16 +533,8 @@ async fn repair_group(
     stalled: &mut Stalled,
 ) -> u64 {
     let plan = plan_group(set, lost, inner.replicas);
-    // Read from the survivors first; a draining (or reclaiming) donor still
-    // serves its copies until they are all moved.
-    let sources: Vec<DonorId> = plan
-        .survivors
-        .iter()
-        .chain(plan.gone.iter().filter(|d| readable.contains(d)))
-        .copied()
-        .collect();
     // The copies, checked before they are copied anywhere.
-    let pages = match copies_from(inner, &sources, refs).await {
+    let pages = match copies_from(inner, &plan.sources(readable), refs).await {
         Some(p) => p,
         None => {
             stalled.no_source += refs.len() as u64;

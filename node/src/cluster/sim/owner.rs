@@ -30,7 +30,7 @@ use crate::cluster::node::decode_checked;
 use crate::cluster::placement::{DonorView, choose_donors};
 use crate::cluster::repair::{
     self, AfterRepair, DonorSight, PassStart, PendingReleases, REPAIR_BATCH_PAGES,
-    fresh_candidates, plan_group, settle_page,
+    fresh_candidates, plan_group, reclaim_batch, settle_page,
 };
 use crate::cluster::status::Liveness;
 use crate::cluster::watermarks::{Movement, Pressure, Watermarks};
@@ -330,21 +330,7 @@ async fn repair(sim: &SimRef, me: usize) {
 /// moved to other donors (read from the donor that asks) or brought home.
 async fn reclaim(sim: &SimRef, me: usize) {
     for (donor, bytes) in with(sim, |w| reclaims(w, me)) {
-        let refs: Vec<RemoteRef> = with(sim, |w| {
-            let candidates = owner(w, me)
-                .store
-                .remote_on(&[donor], &[donor], 0, REPAIR_BATCH_PAGES)
-                .0;
-            let mut taken = 0u64;
-            candidates
-                .into_iter()
-                .take_while(|r| {
-                    let more = taken < bytes;
-                    taken += u64::from(r.len);
-                    more
-                })
-                .collect()
-        });
+        let refs = with(sim, |w| reclaim_batch(&owner(w, me).store, donor, bytes));
         if refs.is_empty() {
             continue;
         }
@@ -441,15 +427,7 @@ async fn repair_group(
 ) -> u64 {
     let replicas = with(sim, |w| w.replicas);
     let plan = plan_group(set, lost, replicas);
-    // The survivors first; a reclaiming donor serves its copies until they
-    // are moved.
-    let sources: Vec<DonorId> = plan
-        .survivors
-        .iter()
-        .chain(plan.gone.iter().filter(|d| readable.contains(d)))
-        .copied()
-        .collect();
-    let Some(pages) = copies_from(sim, me, &sources, refs).await else {
+    let Some(pages) = copies_from(sim, me, &plan.sources(readable), refs).await else {
         return 0;
     };
     let total: u64 = pages.iter().flatten().map(|p| p.data.len() as u64).sum();
