@@ -69,6 +69,10 @@ static STORE_EVICTED: Family = Family::counter(
     "ramster_store_evicted_pages_total",
     "Droppable pages evicted to make room.",
 );
+static STORE_DROPPED_REMOTE: Family = Family::counter(
+    "ramster_store_dropped_remote_pages_total",
+    "Writethrough pages on donors dropped rather than repaired, moved or fetched (their loads answer a miss).",
+);
 static STORE_REMOTE_PAGES: Family = Family::gauge(
     "ramster_store_remote_pages",
     "This node's pages held by donors.",
@@ -215,6 +219,7 @@ pub(super) static FAMILIES: &[&Family] = &[
     &STORE_SLAB,
     &STORE_INDEX,
     &STORE_EVICTED,
+    &STORE_DROPPED_REMOTE,
     &STORE_REMOTE_PAGES,
     &STORE_REMOTE_BYTES,
     &REMOTIFIED_PAGES,
@@ -305,6 +310,7 @@ fn write_store(out: &mut MetricsWriter, frontend: &Frontend) {
         (&STORE_SLAB, s.slab_bytes),
         (&STORE_INDEX, s.index_bytes),
         (&STORE_EVICTED, s.evicted_pages),
+        (&STORE_DROPPED_REMOTE, s.dropped_remote_pages),
         (&STORE_REMOTE_PAGES, s.remote_pages),
         (&STORE_REMOTE_BYTES, s.remote_bytes),
     ] {

@@ -20,7 +20,7 @@ use super::node::{Inner, decode_checked};
 use super::placement::choose_donors;
 use super::watermarks::{Movement, Pressure};
 use crate::metrics::ClusterCounters;
-use crate::store::{Outbound, PAGE_BYTES, Released, RemoteRef, Replicas};
+use crate::store::{Outbound, PAGE_BYTES, Released, RemoteRef, Replicas, Retention};
 
 /// How often the movers look at the store when nothing wakes them.
 pub const MOVER_TICK_MS: u64 = 50;
@@ -71,7 +71,14 @@ async fn remotify(inner: &Arc<Inner>, bytes: u64) {
                 break;
             }
             shipped += out.iter().map(|o| o.compressed.len() as u64).sum::<u64>();
-            batches.spawn(ship(inner.clone(), out));
+            let (droppable, persistent): (Vec<_>, Vec<_>) =
+                out.into_iter().partition(|o| o.retention.droppable());
+            for batch in [persistent, droppable] {
+                if let Some(first) = batch.first() {
+                    let copies = copies_wanted(first.retention, inner.replicas);
+                    batches.spawn(ship(inner.clone(), batch, copies));
+                }
+            }
         }
         match batches.join_next().await {
             Some(Ok(ok)) => {
@@ -90,18 +97,20 @@ async fn remotify(inner: &Arc<Inner>, bytes: u64) {
     }
 }
 
-/// Puts one batch on `replicas` donors; frees the local copies every
-/// replica acked. `false` if no set of donors could be found or all failed.
-async fn ship(inner: Arc<Inner>, out: Vec<Outbound>) -> bool {
+/// How many donors hold a page of `retention` when the cluster keeps
+/// `replicas` copies: a writethrough page needs one, since the client keeps
+/// its own copy and a lost one only costs a miss.
+pub fn copies_wanted(retention: Retention, replicas: usize) -> usize {
+    if retention.droppable() { 1 } else { replicas }
+}
+
+/// Puts one batch on `copies` donors; frees the local copies every one of
+/// them acked. `false` if no set of donors could be found or all failed.
+async fn ship(inner: Arc<Inner>, out: Vec<Outbound>, copies: usize) -> bool {
     let c = &inner.metrics.cluster;
     let total: u64 = out.iter().map(|o| o.compressed.len() as u64).sum();
-    let donors = choose_donors(
-        &inner.donor_views(),
-        inner.replicas,
-        total,
-        &mut rand::rng(),
-    );
-    if donors.len() < inner.replicas {
+    let donors = choose_donors(&inner.donor_views(), copies, total, &mut rand::rng());
+    if donors.len() < copies {
         for o in &out {
             inner.store.abort_remotify(o.key, o.version);
         }

@@ -137,7 +137,8 @@ pub(super) struct Inner {
 }
 
 /// A donor's watch on its memory: every tick, the limit new puts may fill
-/// up to is the operator's donation less what host pressure calls for
+/// up to is the operator's donation less what host pressure, or its own
+/// pages' growth, calls for
 /// ([`reclaim::ReclaimPolicy`]); what is held above it, owners are asked
 /// to take back in heartbeats.
 async fn reclaim_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
@@ -152,6 +153,8 @@ async fn reclaim_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
         let reading = reclaim::Reading {
             donation: inner.donation.load(Ordering::Relaxed),
             held: donor.donated_bytes(),
+            own_fill: inner.store.used_bytes() as f64 / inner.store.capacity_bytes().max(1) as f64,
+            own_fill_max: inner.watermarks.remotify_start,
             host,
         };
         let before = donor.limit_bytes();
@@ -163,6 +166,7 @@ async fn reclaim_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
                 limit,
                 held = reading.held,
                 reclaim,
+                own_fill = reading.own_fill,
                 psi_some_avg10 = ?reading.host.psi_some_avg10,
                 cgroup_usage = ?reading.host.cgroup_usage_bytes,
                 cgroup_limit = ?reading.host.cgroup_limit_bytes,

@@ -5,8 +5,10 @@
 //! sans-IO): the operator's donation (`--donate`, lowered or restored at
 //! runtime with `ramster donate`), less what the host needs when the
 //! cgroup nears its limit (v2 `memory.max` / `memory.current`, v1
-//! `memory.limit_in_bytes` / `memory.usage_in_bytes`) or PSI shows tasks
-//! stalled on memory. New puts are refused above that limit; each
+//! `memory.limit_in_bytes` / `memory.usage_in_bytes`), when PSI shows
+//! tasks stalled on memory, or when the node's own pages grow past its
+//! remotify line (it is short of memory itself: its own pages come before
+//! its peers'). New puts are refused above that limit; each
 //! heartbeat tells each owner its share of the excess. Owners move that
 //! many bytes of copies to other donors, or bring them home when no donor
 //! has room (the owner side is [`super::repair::reclaim`]). Persistent
@@ -21,9 +23,12 @@ use super::pressure::HostMemory;
 /// donation gives back the excess.
 pub const CGROUP_FILL_MAX: f64 = 0.90;
 /// PSI "some avg10" at or above this (percent of time some task stalled
-/// on memory) shrinks the donation by [`PSI_STEP`] of what is held.
+/// on memory) shrinks the donation by [`PRESSURE_STEP`] of what is held.
 pub const PSI_STALL_PERCENT: f64 = 10.0;
-pub const PSI_STEP: f64 = 0.10;
+/// What a tick of PSI stalls, or of the node's own pages over its remotify
+/// line, takes off the donation: a share of what is held, so the pages go
+/// back gradually and stop going once the pressure does.
+pub const PRESSURE_STEP: f64 = 0.10;
 /// A limit lowered for pressure holds this long after the last sign of
 /// it, so pages do not flow back the moment the host breathes again.
 pub const PRESSURE_HOLD: Duration = Duration::from_secs(30);
@@ -37,6 +42,11 @@ pub struct Reading {
     pub donation: u64,
     /// Bytes held for peers.
     pub held: u64,
+    /// The node's own store: the share of its capacity in use, and the
+    /// remotify start line (above it the node ships its own pages out, and
+    /// should not be holding its peers').
+    pub own_fill: f64,
+    pub own_fill_max: f64,
     pub host: HostMemory,
 }
 
@@ -75,11 +85,12 @@ fn pressure_cap(r: &Reading) -> Option<u64> {
             cap = Some(r.held.saturating_sub(usage - allowed));
         }
     }
-    if r.host
+    let stalled = r
+        .host
         .psi_some_avg10
-        .is_some_and(|stalled| stalled >= PSI_STALL_PERCENT)
-    {
-        let stepped = (r.held as f64 * (1.0 - PSI_STEP)) as u64;
+        .is_some_and(|stalled| stalled >= PSI_STALL_PERCENT);
+    if stalled || r.own_fill > r.own_fill_max {
+        let stepped = (r.held as f64 * (1.0 - PRESSURE_STEP)) as u64;
         cap = Some(cap.map_or(stepped, |c| c.min(stepped)));
     }
     cap
@@ -95,6 +106,8 @@ mod tests {
         Reading {
             donation,
             held,
+            own_fill: 0.5,
+            own_fill_max: 0.85,
             host,
         }
     }
@@ -170,5 +183,30 @@ mod tests {
         );
         let t3 = t1 + PRESSURE_HOLD;
         assert_eq!(p.limit(t3, &reading(512 * MIB, 162 * MIB, calm)), 512 * MIB);
+    }
+
+    #[test]
+    fn own_pages_past_the_remotify_line_step_the_limit_down_until_they_settle() {
+        let mut p = ReclaimPolicy::default();
+        let t0 = Instant::now();
+        let own = |fill| Reading {
+            own_fill: fill,
+            ..reading(512 * MIB, 200 * MIB, HostMemory::default())
+        };
+        // At the line, not past it: the node has room for its own pages.
+        assert_eq!(p.limit(t0, &own(0.85)), 512 * MIB);
+        // Past it: the node ships its own pages out; it takes no more of
+        // its peers' and gives back a tenth of what it holds per tick.
+        assert_eq!(p.limit(t0, &own(0.90)), 180 * MIB);
+        let t1 = t0 + RECLAIM_TICK;
+        let held = Reading {
+            held: 180 * MIB,
+            ..own(0.88)
+        };
+        assert_eq!(p.limit(t1, &held), 162 * MIB);
+        // Back under the line: the limit holds a while, then lifts.
+        let t2 = t1 + RECLAIM_TICK;
+        assert_eq!(p.limit(t2, &own(0.70)), 162 * MIB);
+        assert_eq!(p.limit(t1 + PRESSURE_HOLD, &own(0.70)), 512 * MIB);
     }
 }

@@ -387,6 +387,12 @@ pub(super) async fn repair(inner: &Arc<Inner>) {
         }
         PassStart::Walk => {}
     }
+    // Writethrough pages are not worth a repair: a copy on a lost donor
+    // drops its page, and a load of it answers a miss.
+    let (dropped, _) = inner.store.drop_droppable_on(&lost, u64::MAX);
+    if dropped > 0 {
+        info!(lost = ?lost, dropped, "writethrough pages with a lost copy dropped");
+    }
     loop {
         let (refs, degraded, unrecoverable) = inner.store.remote_on(
             &lost,
@@ -427,10 +433,19 @@ pub(super) async fn repair(inner: &Arc<Inner>) {
 /// our pages): that many bytes of copies are moved off each such donor to
 /// others, read from the donor itself, as a drain moves them; when no other
 /// donor has room they are brought home if this node has room. A copy is
-/// released on the donor only once it exists elsewhere or at home: nothing
-/// is dropped to make room.
+/// released on the donor only once it exists elsewhere or at home: no
+/// persistent page is dropped to make room. Writethrough pages are the
+/// exception, and go first: dropping them costs their next load a miss.
 pub(super) async fn reclaim(inner: &Arc<Inner>) {
     for (donor, bytes) in inner.reclaims() {
+        let (dropped, freed) = inner.store.drop_droppable_on(&[donor], bytes);
+        if dropped > 0 {
+            ClusterCounters::add(&inner.metrics.cluster.reclaimed_pages, dropped);
+            inner.note_reclaimed(donor, freed);
+        }
+        let Some(bytes) = bytes.checked_sub(freed).filter(|&b| b > 0) else {
+            continue;
+        };
         let refs = reclaim_batch(&inner.store, donor, bytes);
         if refs.is_empty() {
             continue;

@@ -15,7 +15,7 @@ use parking_lot::RwLock;
 
 use super::counters::{Counters, Event};
 use super::{Frontend, LoadResult, OpError, Reject, StoreResult, as_page};
-use crate::store::{LoadOutcome, Page, PageKey, RejectReason, Retention, StoreOutcome};
+use crate::store::{LoadOutcome, Page, PageKey, PageStore, RejectReason, Retention, StoreOutcome};
 
 pub type AreaId = u32;
 
@@ -190,7 +190,7 @@ impl Frontend {
         if let (false, Some(cluster)) = (remote.refs.is_empty(), self.remote()) {
             let mut targets = remote.targets(outs);
             let fetched = cluster.wait(cluster.fetch_many(&remote.refs, &mut targets));
-            remote.apply(&mut results, fetched);
+            remote.apply(&self.store, &mut results, fetched);
         }
         self.record_loads(area, &results, &remote.at);
         Ok(results)
@@ -208,7 +208,7 @@ impl Frontend {
         if let (false, Some(cluster)) = (remote.refs.is_empty(), self.remote().cloned()) {
             let mut targets = remote.targets(outs);
             let fetched = cluster.fetch_many(&remote.refs, &mut targets).await;
-            remote.apply(&mut results, fetched);
+            remote.apply(&self.store, &mut results, fetched);
         }
         self.record_loads(area, &results, &remote.at);
         Ok(results)
@@ -372,9 +372,18 @@ impl RemoteLoads {
             .collect()
     }
 
-    fn apply(&self, results: &mut [LoadResult], fetched: Vec<LoadResult>) {
-        for (&i, r) in self.at.iter().zip(fetched) {
-            results[i] = r;
+    /// Puts the fetched results in place. A writethrough page no good copy
+    /// of which could be reached is dropped and answers a miss: the client
+    /// has its own copy, which serves (it may store the page again).
+    fn apply(&self, store: &PageStore, results: &mut [LoadResult], fetched: Vec<LoadResult>) {
+        for ((&i, remote), r) in self.at.iter().zip(&self.refs).zip(fetched) {
+            results[i] = match r {
+                LoadResult::Unavailable | LoadResult::Corrupt if remote.retention.droppable() => {
+                    store.drop_unreachable(remote);
+                    LoadResult::NotFound
+                }
+                r => r,
+            };
         }
     }
 }

@@ -59,6 +59,7 @@ impl Entry {
                 checksum: self.checksum,
                 len,
                 replicas,
+                retention: self.retention,
             }),
             _ => None,
         }

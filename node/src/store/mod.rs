@@ -65,7 +65,10 @@ pub enum Retention {
 impl Retention {
     pub const COUNT: usize = 3;
 
-    fn droppable(self) -> bool {
+    /// The node may drop such a page (the client keeps its own copy, or
+    /// the page is a cache): evicted under pressure here, and on donors a
+    /// copy that is lost or wanted back is dropped rather than repaired.
+    pub fn droppable(self) -> bool {
         self != Retention::Persistent
     }
 }
@@ -164,6 +167,8 @@ pub struct Outbound {
     /// xxh3-64 of the uncompressed page: donors store it, loads check it.
     pub checksum: u64,
     pub compressed: Vec<u8>,
+    /// Writethrough pages travel with fewer copies: the client has one.
+    pub retention: Retention,
 }
 
 /// Where a page held on donors is, as a load finds it.
@@ -174,6 +179,9 @@ pub struct RemoteRef {
     pub checksum: u64,
     pub len: u16,
     pub replicas: Replicas,
+    /// A droppable page is dropped, and a load answers a miss, when no
+    /// copy can be reached; a persistent one is repaired or `unavailable`.
+    pub retention: Retention,
 }
 
 /// Copies on donors that are no longer wanted (the page was overwritten,
@@ -285,6 +293,10 @@ pub struct StoreStats {
     /// empty): loads of them answer `unavailable` until they are written
     /// again or invalidated.
     pub lost_pages: u64,
+    /// Droppable pages held on donors that were dropped rather than
+    /// fetched, repaired or moved: a copy died or could not be reached, or
+    /// its donor wanted the memory back. Their loads answered a miss.
+    pub dropped_remote_pages: u64,
 }
 
 impl StoreStats {
@@ -346,6 +358,7 @@ pub struct PageStore {
     remote_pages: AtomicU64,
     remote_bytes: AtomicU64,
     lost_pages: AtomicU64,
+    dropped_remote_pages: AtomicU64,
     /// Donor copies to drop, collected for the cluster's release task.
     released: Mutex<Vec<Released>>,
     /// Shard where the next eviction starts, so evictions spread out.
@@ -368,6 +381,7 @@ impl PageStore {
             remote_pages: AtomicU64::new(0),
             remote_bytes: AtomicU64::new(0),
             lost_pages: AtomicU64::new(0),
+            dropped_remote_pages: AtomicU64::new(0),
             released: Mutex::new(Vec::new()),
             evict_cursor: AtomicU64::new(0),
         }
@@ -731,14 +745,19 @@ impl PageStore {
         all
     }
 
-    /// Remotify, step one: takes up to `max` of the coldest persistent pages
-    /// held here and hands out copies of their compressed bytes, each under
-    /// a new version. They stay here, loadable, until
-    /// [`finish_remotify`](Self::finish_remotify) says donors hold them;
-    /// meanwhile they are not handed out again.
+    /// Remotify, step one: takes up to `max` of the coldest persistent and
+    /// writethrough pages held here and hands out copies of their
+    /// compressed bytes, each under a new version. They stay here, loadable,
+    /// until [`finish_remotify`](Self::finish_remotify) says donors hold
+    /// them; meanwhile they are not handed out again. Ephemeral (cleancache)
+    /// pages stay home: they are evicted, not shipped.
     pub fn begin_remotify(&self, max: usize) -> Vec<Outbound> {
+        let mut cold = self.coldest(Retention::Persistent, max);
+        cold.extend(self.coldest(Retention::Writethrough, max));
+        cold.sort_unstable_by_key(|c| c.stamp);
+        cold.truncate(max);
         let mut out = Vec::new();
-        for cold in self.coldest(Retention::Persistent, max) {
+        for cold in cold {
             let hash = hash_key(&cold.key);
             let mut shard = self.lock(hash);
             let Some(i) = shard.find(&cold.key, hash) else {
@@ -770,6 +789,7 @@ impl PageStore {
                 version,
                 checksum: e.checksum,
                 compressed,
+                retention: e.retention,
             });
         }
         out
@@ -866,8 +886,8 @@ impl PageStore {
         out
     }
 
-    /// Repair's work list: up to `max` pages held on donors that are
-    /// degraded (a copy on one of the `gone` donors, or fewer than `want`
+    /// Repair's work list: up to `max` persistent pages held on donors that
+    /// are degraded (a copy on one of the `gone` donors, or fewer than `want`
     /// donors listed) and have a copy to re-create the missing ones from:
     /// on a donor not gone, or on a gone one that is still `readable` (a
     /// draining donor: leaving, but serving until it is empty). Also
@@ -887,6 +907,11 @@ impl PageStore {
                 let Some(remote) = shard.entry(i).remote_ref() else {
                     continue;
                 };
+                // A droppable page is never repaired: its lost copies drop
+                // it ([`drop_droppable_on`](Self::drop_droppable_on)).
+                if remote.retention.droppable() {
+                    continue;
+                }
                 let held = remote.replicas.as_slice();
                 if held.len() >= want && !held.iter().any(|d| gone.contains(d)) {
                     continue;
@@ -942,21 +967,109 @@ impl PageStore {
                 })
                 .collect();
             for i in listed {
+                struck += 1;
+                let e = *shard.entry(i);
+                let Body::Remote { replicas, len } = e.body else {
+                    continue;
+                };
+                let left = replicas.without(donor);
+                if e.retention.droppable() {
+                    // Not worth repairing: dropped, the survivors released.
+                    shard.remove(i, hash_key(&e.key));
+                    self.forgotten(&e, left);
+                    continue;
+                }
+                orphaned += u64::from(left.as_slice().is_empty());
                 shard.update(i, |e| {
-                    if let Body::Remote { replicas, len } = e.body {
-                        let left = replicas.without(donor);
-                        struck += 1;
-                        orphaned += u64::from(left.as_slice().is_empty());
-                        e.body = Body::Remote {
-                            replicas: left,
-                            len,
-                        };
+                    e.body = Body::Remote {
+                        replicas: left,
+                        len,
                     }
                 });
             }
         }
         self.lost_pages.fetch_add(orphaned, Ordering::Relaxed);
         (struck, orphaned)
+    }
+
+    /// A droppable page removed while its copies live on `still_held`:
+    /// those are released, and the page counts as dropped.
+    fn forgotten(&self, e: &Entry, still_held: Replicas) {
+        debug_assert!(matches!(e.body, Body::Remote { .. }));
+        self.count_body(e.body, -1);
+        if !still_held.as_slice().is_empty() {
+            self.released.lock().push(Released {
+                key: e.key,
+                version: e.version,
+                replicas: still_held,
+                placement: 0,
+            });
+        }
+        self.dropped_remote_pages.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A load reached no good copy of a droppable page: the page is dropped
+    /// (its copies released) and the load answers a miss; the client's own
+    /// copy serves. `false` if the page changed meanwhile.
+    pub fn drop_unreachable(&self, remote: &RemoteRef) -> bool {
+        debug_assert!(remote.retention.droppable());
+        let hash = hash_key(&remote.key);
+        let mut shard = self.lock(hash);
+        let Some(i) = shard.find(&remote.key, hash) else {
+            return false;
+        };
+        let e = *shard.entry(i);
+        match e.body {
+            Body::Remote { replicas, .. } if e.version == remote.version => {
+                shard.remove(i, hash);
+                drop(shard);
+                self.forgotten(&e, replicas);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Drops droppable pages with a copy on any of `donors` (down, or
+    /// wanting their memory back), coldest first, until about `max_bytes`
+    /// of copies there are gone; their copies are released. Returns the
+    /// pages dropped and their bytes on those donors.
+    pub fn drop_droppable_on(&self, donors: &[DonorId], max_bytes: u64) -> (u64, u64) {
+        let (mut pages, mut bytes) = (0, 0);
+        for shard in self.shards.iter() {
+            if bytes >= max_bytes {
+                break;
+            }
+            let mut shard = shard.lock();
+            let mut doomed = Vec::new();
+            for i in shard.coldest(index::REMOTE_LIST, usize::MAX) {
+                if bytes >= max_bytes {
+                    break;
+                }
+                let e = shard.entry(i);
+                if let (true, Body::Remote { replicas, len }) = (e.retention.droppable(), e.body) {
+                    let on = replicas
+                        .as_slice()
+                        .iter()
+                        .filter(|d| donors.contains(d))
+                        .count() as u64;
+                    if on > 0 {
+                        doomed.push(i);
+                        pages += 1;
+                        bytes += on * u64::from(len);
+                    }
+                }
+            }
+            for i in doomed {
+                let hash = hash_key(&shard.entry(i).key);
+                let e = shard.remove(i, hash);
+                let Body::Remote { replicas, .. } = e.body else {
+                    unreachable!("picked remote pages")
+                };
+                self.forgotten(&e, replicas);
+            }
+        }
+        (pages, bytes)
     }
 
     /// Brings a page fetched from a donor home (suction, or a remote load
@@ -970,7 +1083,7 @@ impl PageStore {
         {
             return None;
         }
-        let handle = self.alloc_or_evict(compressed, Retention::Persistent)?;
+        let handle = self.alloc_or_evict(compressed, remote.retention)?;
         let hash = hash_key(&remote.key);
         let mut shard = self.lock(hash);
         let current = shard.find(&remote.key, hash).map(|i| (i, *shard.entry(i)));
@@ -1026,6 +1139,7 @@ impl PageStore {
             remote_pages: self.remote_pages.load(Ordering::Relaxed),
             remote_bytes: self.remote_bytes.load(Ordering::Relaxed),
             lost_pages: self.lost_pages.load(Ordering::Relaxed),
+            dropped_remote_pages: self.dropped_remote_pages.load(Ordering::Relaxed),
         }
     }
 

@@ -455,3 +455,130 @@ fn a_donor_struck_off_leaves_pages_short_or_lost_and_stale_sets_are_not_recorded
     assert_eq!(s.stats().lost_pages, 0);
     s.audit();
 }
+
+#[test]
+fn writethrough_pages_ship_and_are_dropped_not_repaired_when_a_copy_is_lost() {
+    let s = PageStore::new(StoreConfig::with_capacity(64 << 20));
+    let wt = |i: u64| PageKey {
+        space: 2,
+        object: 0,
+        index: i,
+    };
+    // Oldest first: two persistent pages, four writethrough ones, then an
+    // ephemeral one, which never ships.
+    for i in 0..2 {
+        s.store(key(i), &page_of(i, true), Retention::Persistent);
+    }
+    for i in 0..4 {
+        s.store(wt(i), &page_of(100 + i, true), Retention::Writethrough);
+    }
+    s.store(key(50), &page_of(50, true), Retention::Ephemeral);
+    let outbound = s.begin_remotify(10);
+    let shipped: Vec<(u32, Retention)> = outbound
+        .iter()
+        .map(|o| (o.key.space, o.retention))
+        .collect();
+    assert_eq!(
+        shipped.len(),
+        6,
+        "persistent and writethrough pages, coldest first"
+    );
+    assert!(
+        shipped[..2]
+            .iter()
+            .all(|&(sp, r)| sp == 1 && r == Retention::Persistent)
+    );
+    assert!(
+        shipped[2..]
+            .iter()
+            .all(|&(sp, r)| sp == 2 && r == Retention::Writethrough)
+    );
+    // Writethrough pages 0 and 1 on donor 5, 2 on 6, 3 on 5 and 6;
+    // persistent pages on 5 alone.
+    for o in &outbound {
+        let set: &[DonorId] = match (o.key.space, o.key.index) {
+            (2, 2) => &[6],
+            (2, 3) => &[5, 6],
+            _ => &[5],
+        };
+        assert!(s.finish_remotify(o.key, o.version, donors(set)));
+    }
+    s.take_released();
+    let mut out = Box::new([0u8; PAGE_BYTES]);
+    match s.load(wt(1), &mut out) {
+        LoadOutcome::Remote(r) => assert_eq!(r.retention, Retention::Writethrough),
+        other => panic!("expected Remote, got {other:?}"),
+    }
+
+    // Repair lists only the persistent pages on a lost donor.
+    let (refs, degraded, _) = s.remote_on(&[5], &[5], 1, 10);
+    assert!(refs.iter().all(|r| r.retention == Retention::Persistent));
+    assert_eq!((refs.len(), degraded), (2, 2));
+
+    // A reclaim of one page's bytes from donor 6 drops one page (the
+    // coldest there: page 2), and releases its copy.
+    let len2 = outbound
+        .iter()
+        .find(|o| o.key == wt(2))
+        .unwrap()
+        .compressed
+        .len() as u64;
+    assert_eq!(s.drop_droppable_on(&[6], 1), (1, len2));
+    assert!(!s.contains(wt(2)));
+    let released = s.take_released();
+    assert_eq!((released.len(), released[0].replicas), (1, donors(&[6])));
+
+    // Donor 5 comes back empty: its writethrough pages are dropped, the
+    // copy of page 3 on donor 6 is released, nothing counts as lost; the
+    // persistent pages lose their only copy and are lost.
+    let before = s.stats();
+    assert_eq!(s.strike_donor(5), (5, 2));
+    let after = s.stats();
+    assert_eq!(after.lost_pages, 2);
+    assert_eq!(after.dropped_remote_pages, before.dropped_remote_pages + 3);
+    assert_eq!(after.remote_pages, before.remote_pages - 3);
+    for i in 0..4 {
+        assert!(!s.contains(wt(i)), "writethrough page {i} still listed");
+    }
+    let released = s.take_released();
+    assert_eq!(released.len(), 1, "only page 3 had a copy left");
+    assert_eq!(
+        (released[0].key, released[0].replicas),
+        (wt(3), donors(&[6]))
+    );
+    s.audit();
+}
+
+#[test]
+fn an_unreachable_writethrough_page_is_dropped_only_at_the_version_fetched() {
+    let s = PageStore::new(StoreConfig::with_capacity(64 << 20));
+    let k = PageKey {
+        space: 1,
+        object: 0,
+        index: 9,
+    };
+    let mut out = Box::new([0u8; PAGE_BYTES]);
+    let remote = |s: &PageStore, seed| {
+        s.store(k, &page_of(seed, true), Retention::Writethrough);
+        let o = s.begin_remotify(1).pop().unwrap();
+        assert!(s.finish_remotify(o.key, o.version, donors(&[3])));
+        let mut out = Box::new([0u8; PAGE_BYTES]);
+        match s.load(k, &mut out) {
+            LoadOutcome::Remote(r) => r,
+            other => panic!("expected Remote, got {other:?}"),
+        }
+    };
+    let old = remote(&s, 1);
+    let new = remote(&s, 2);
+    s.take_released();
+    assert!(
+        !s.drop_unreachable(&old),
+        "an older version dropped the new one"
+    );
+    assert!(matches!(s.load(k, &mut out), LoadOutcome::Remote(_)));
+    assert!(s.drop_unreachable(&new));
+    assert_eq!(s.load(k, &mut out), LoadOutcome::Miss);
+    assert_eq!(s.take_released()[0].replicas, donors(&[3]));
+    assert_eq!(s.stats().dropped_remote_pages, 1);
+    s.audit();
+}

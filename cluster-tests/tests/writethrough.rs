@@ -1,0 +1,159 @@
+//! A writethrough area is a cache: the client keeps its own copy of every
+//! page. Its pages use peers' spare RAM like any other, with one copy each
+//! instead of R, and a copy that dies is not repaired: the page is dropped
+//! and its next load answers NOT_FOUND, never UNAVAILABLE and never wrong
+//! bytes. Persistent pages beside it keep their R copies and all load.
+
+use std::time::Duration;
+
+use ramster_cluster_tests::{
+    OWNER_MEMSRV_TWO_PEERS, TestCluster, store_into, store_pages, verify_pages, wait_for,
+};
+use ramster_node::cli::corpus::Pages;
+use ramster_node::cluster::status::Liveness;
+use ramster_node::frontend::client::BlockingClient;
+use ramster_protocol::v1::Status;
+
+const PERSISTENT: u32 = 1;
+const WRITETHROUGH: u32 = 2;
+const FORM_TIMEOUT: Duration = Duration::from_secs(30);
+const DOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Donor copies of the owner's pages, as the donors' last heartbeats say.
+fn copies_held(cluster: &TestCluster) -> Option<u64> {
+    let s = cluster.member("owner").status().ok()?;
+    Some(
+        s.nodes
+            .iter()
+            .filter(|n| n.name != "owner")
+            .map(|n| n.held_for_others_pages)
+            .sum(),
+    )
+}
+
+fn remote_pages(client: &BlockingClient) -> u64 {
+    client.stats().unwrap().store.unwrap().remote_pages
+}
+
+#[test]
+fn writethrough_pages_travel_with_one_copy_and_a_lost_one_is_a_miss() {
+    let mut cluster = TestCluster::start(&OWNER_MEMSRV_TWO_PEERS).unwrap();
+    cluster.wait_up("owner", 4, FORM_TIMEOUT).unwrap();
+    let client = BlockingClient::connect(&cluster.member("owner").socket()).unwrap();
+
+    // Twice the owner's store in writethrough pages: the coldest go to
+    // donors, one copy each.
+    let cache = Pages::synthetic(32_768, 41);
+    client.init_area(WRITETHROUGH, true).unwrap();
+    let cached = store_into(&client, WRITETHROUGH, &cache, &[Status::RejectedNoCapacity]);
+    let remote = wait_for(FORM_TIMEOUT, || {
+        let remote = remote_pages(&client);
+        (remote > 1_000 && copies_held(&cluster)? == remote).then_some(remote)
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "writethrough pages are not on donors with one copy each ({e}): {} remote, {:?} copies; {:?}; the owner's log ends:\n{}",
+            remote_pages(&client),
+            copies_held(&cluster),
+            client.stats().unwrap().store,
+            cluster.member("owner").log_tail(30)
+        )
+    });
+    eprintln!(
+        "{} of {} writethrough pages accepted, {remote} on donors with one copy each",
+        cached.len(),
+        cache.len()
+    );
+
+    // Persistent pages beside them push more out; theirs have two copies.
+    let kept = Pages::synthetic(8_192, 43);
+    let accepted = store_pages(&client, PERSISTENT, &kept);
+    verify_pages(&client, PERSISTENT, &kept, &accepted);
+
+    // The memory server, which holds most copies, dies for good.
+    let memsrv_copies = cluster
+        .member("owner")
+        .status()
+        .unwrap()
+        .nodes
+        .iter()
+        .find(|n| n.name == "memsrv")
+        .map(|n| n.held_for_others_pages)
+        .unwrap();
+    assert!(memsrv_copies > 0, "the memory server holds nothing");
+    cluster.member_mut("memsrv").kill();
+    wait_for(DOWN_TIMEOUT, || {
+        let s = cluster.member("owner").status().ok()?;
+        s.nodes
+            .iter()
+            .any(|n| n.name == "memsrv" && n.state == Liveness::Down)
+            .then_some(())
+    })
+    .unwrap();
+
+    // Every persistent page loads; every writethrough page loads right or
+    // is a miss.
+    verify_pages(&client, PERSISTENT, &kept, &accepted);
+    let (mut hits, mut misses) = (0u64, 0u64);
+    for chunk in cached.chunks(256) {
+        for (&o, got) in chunk
+            .iter()
+            .zip(client.load_pages(WRITETHROUGH, chunk).unwrap())
+        {
+            match got {
+                Ok(page) => {
+                    assert!(
+                        page[..] == cache.page(o as usize)[..],
+                        "page {o} came back different"
+                    );
+                    hits += 1;
+                }
+                Err(Status::NotFound) => misses += 1,
+                Err(other) => {
+                    panic!("writethrough page {o} answered {other:?}, not a hit or a miss")
+                }
+            }
+        }
+    }
+    eprintln!("after the kill: {hits} writethrough hits, {misses} misses");
+    assert!(
+        misses > 0,
+        "no writethrough page had its copy on the memory server"
+    );
+    let owner = cluster.member("owner");
+    let dropped = owner
+        .metric("ramster_store_dropped_remote_pages_total")
+        .unwrap();
+    assert!(dropped > 0.0, "nothing counted as dropped");
+    assert_eq!(owner.metric("ramster_unrecoverable_pages"), Some(0.0));
+    assert_eq!(owner.metric("ramster_lost_pages_total"), Some(0.0));
+
+    // A miss is the client's cue to store the page again: it loads.
+    let again = cached
+        .iter()
+        .copied()
+        .find(|&o| {
+            matches!(
+                client.load_pages(WRITETHROUGH, &[o]).unwrap()[0],
+                Err(Status::NotFound)
+            )
+        })
+        .expect("a missing page");
+    let statuses = client
+        .store_pages(WRITETHROUGH, &[(again, cache.page_bytes(again as usize))])
+        .unwrap();
+    assert_eq!(statuses, vec![Status::Ok]);
+    let got = client
+        .load_pages(WRITETHROUGH, &[again])
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert!(got.unwrap()[..] == cache.page(again as usize)[..]);
+
+    // Repair brings every persistent page back to two copies.
+    wait_for(DOWN_TIMEOUT, || {
+        (owner.metric("ramster_degraded_pages")? == 0.0).then_some(())
+    })
+    .unwrap();
+    verify_pages(&client, PERSISTENT, &kept, &accepted);
+}
