@@ -2,15 +2,18 @@
 //! `ramster cluster donate SIZE` lowers a memory server's donation below
 //! what it holds, its heartbeats ask the owner for the excess, and the
 //! owner moves that many copies to other donors (or home) before they are
-//! released there. Every page still loads, with two copies.
+//! released there. Every page still loads, with two copies. A donor whose
+//! own pages fill its store gives back what it holds the same way.
 
 use std::time::Duration;
 
 use ramster_cluster_tests::{
-    OWNER_MEMSRV_TWO_PEERS, TestCluster, store_pages, verify_pages, wait_for,
+    MemberSpec, OWNER_MEMSRV_TWO_PEERS, TestCluster, store_into, store_pages, verify_pages,
+    wait_for,
 };
 use ramster_node::cli::corpus::Pages;
 use ramster_node::frontend::client::BlockingClient;
+use ramster_protocol::v1::Status;
 
 const AREA: u32 = 1;
 const FORM_TIMEOUT: Duration = Duration::from_secs(30);
@@ -90,4 +93,79 @@ fn a_donor_that_lowers_its_donation_gets_memory_back_and_no_page_is_lost() {
         memsrv.metric("ramster_donor_limit_bytes"),
         Some(256.0 * MIB)
     );
+}
+
+/// Two owners that both fill: `a` also donates, and holds copies of
+/// `b`'s pages until its own pages fill its store.
+const A_DONATES_THEN_FILLS: [MemberSpec<'static>; 4] = [
+    MemberSpec {
+        name: "a",
+        capacity: "32MiB",
+        extra: &["--donate", "64MiB"],
+    },
+    MemberSpec {
+        name: "b",
+        capacity: "32MiB",
+        extra: &["--role", "client"],
+    },
+    MemberSpec {
+        name: "memsrv",
+        capacity: "256MiB",
+        extra: &["--role", "memory-server"],
+    },
+    MemberSpec {
+        name: "c",
+        capacity: "256MiB",
+        extra: &["--donate", "64MiB"],
+    },
+];
+
+#[test]
+fn a_donor_whose_own_pages_grow_gives_back_what_it_holds() {
+    let cluster = TestCluster::start(&A_DONATES_THEN_FILLS).unwrap();
+    cluster.wait_up("b", 4, FORM_TIMEOUT).unwrap();
+    let (a, b) = (cluster.member("a"), cluster.member("b"));
+    let b_client = BlockingClient::connect(&b.socket()).unwrap();
+    let b_pages = Pages::synthetic(32_768, 31);
+    let b_accepted = store_pages(&b_client, AREA, &b_pages);
+    let held = wait_for(FORM_TIMEOUT, || {
+        let held = a.metric("ramster_donor_held_bytes")?;
+        (held > 2.0 * MIB).then_some(held)
+    })
+    .unwrap();
+    eprintln!("a holds {:.1} MiB of b's pages", held / MIB);
+    assert_eq!(a.metric("ramster_donor_limit_bytes"), Some(64.0 * MIB));
+
+    // a's own client stores four times a's store: a ships its own pages
+    // out, and while its store is past the remotify line it takes no more
+    // of b's and asks b to take back a tenth of what it holds each second.
+    let a_client = BlockingClient::connect(&a.socket()).unwrap();
+    let a_pages = Pages::synthetic(65_536, 37);
+    a_client.init_area(AREA, false).unwrap();
+    // Refusals are allowed once the donors a ships to are full.
+    let a_accepted = store_into(&a_client, AREA, &a_pages, &[Status::RejectedNoCapacity]);
+    let limit = a.metric("ramster_donor_limit_bytes").unwrap();
+    assert!(
+        limit < held,
+        "a's limit stayed at {:.1} MiB with its own store full",
+        limit / MIB
+    );
+    let reclaimed = wait_for(RECLAIM_TIMEOUT, || {
+        let n = b.metric("ramster_reclaimed_pages_total")?;
+        (n > 0.0).then_some(n)
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "b took nothing back from a ({e}); b's log ends:\n{}",
+            b.log_tail(40)
+        )
+    });
+    eprintln!(
+        "a's limit fell to {:.1} MiB; b took back {reclaimed} pages; a holds {:.1} MiB",
+        limit / MIB,
+        a.metric("ramster_donor_held_bytes").unwrap_or(0.0) / MIB
+    );
+    verify_pages(&b_client, AREA, &b_pages, &b_accepted);
+    verify_pages(&a_client, AREA, &a_pages, &a_accepted);
+    assert_eq!(b.metric("ramster_unrecoverable_pages"), Some(0.0));
 }

@@ -20,7 +20,7 @@ use super::node::{Inner, decode_checked};
 use super::placement::choose_donors;
 use super::watermarks::{Movement, Pressure};
 use crate::metrics::ClusterCounters;
-use crate::store::{Outbound, PAGE_BYTES, Released, RemoteRef, Replicas, Retention};
+use crate::store::{Outbound, PAGE_BYTES, Released, RemoteRef, Replicas};
 
 /// How often the movers look at the store when nothing wakes them.
 pub const MOVER_TICK_MS: u64 = 50;
@@ -71,13 +71,16 @@ async fn remotify(inner: &Arc<Inner>, bytes: u64) {
                 break;
             }
             shipped += out.iter().map(|o| o.compressed.len() as u64).sum::<u64>();
-            let (droppable, persistent): (Vec<_>, Vec<_>) =
-                out.into_iter().partition(|o| o.retention.droppable());
-            for batch in [persistent, droppable] {
-                if let Some(first) = batch.first() {
-                    let copies = copies_wanted(first.retention, inner.replicas);
-                    batches.spawn(ship(inner.clone(), batch, copies));
-                }
+            // One placement per number of copies wanted.
+            let mut by_copies: HashMap<usize, Vec<Outbound>> = HashMap::new();
+            for o in out {
+                let want = inner
+                    .store
+                    .replicas_wanted(o.key.space, o.retention, inner.replicas);
+                by_copies.entry(want).or_default().push(o);
+            }
+            for (copies, batch) in by_copies {
+                batches.spawn(ship(inner.clone(), batch, copies));
             }
         }
         match batches.join_next().await {
@@ -95,13 +98,6 @@ async fn remotify(inner: &Arc<Inner>, bytes: u64) {
             None => return,
         }
     }
-}
-
-/// How many donors hold a page of `retention` when the cluster keeps
-/// `replicas` copies: a writethrough page needs one, since the client keeps
-/// its own copy and a lost one only costs a miss.
-pub fn copies_wanted(retention: Retention, replicas: usize) -> usize {
-    if retention.droppable() { 1 } else { replicas }
 }
 
 /// Puts one batch on `copies` donors; frees the local copies every one of

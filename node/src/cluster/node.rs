@@ -1065,6 +1065,13 @@ impl Inner {
         }
     }
 
+    /// Donor copies wanted of a page held on donors: its area's number, or
+    /// the node's `--replicas` (one for a writethrough page).
+    pub(super) fn replicas_wanted(&self, r: &RemoteRef) -> usize {
+        self.store
+            .replicas_wanted(r.key.space, r.retention, self.replicas)
+    }
+
     /// Whether any donor could take a page now.
     pub(super) fn any_donor(&self) -> bool {
         self.donor_views()

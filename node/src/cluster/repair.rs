@@ -479,6 +479,8 @@ pub fn reclaim_batch(store: &PageStore, donor: DonorId, bytes: u64) -> Vec<Remot
     let mut taken = 0u64;
     candidates
         .into_iter()
+        // Also listed: pages short of copies elsewhere, not this donor's.
+        .filter(|r| r.replicas.as_slice().contains(&donor))
         .take_while(|r| {
             let more = taken < bytes;
             taken += u64::from(r.len);
@@ -497,13 +499,16 @@ async fn repair_batch(
     stalled: &mut Stalled,
 ) -> u64 {
     let pending = Arc::new(PendingReleases::of(&inner.release_backlog.lock(), &refs));
-    let mut groups: HashMap<Replicas, Vec<RemoteRef>> = HashMap::new();
+    // Pages with the same set and the same number of copies wanted share
+    // a plan.
+    let mut groups: HashMap<(Replicas, usize), Vec<RemoteRef>> = HashMap::new();
     for r in refs {
-        groups.entry(r.replicas).or_default().push(r);
+        let want = inner.replicas_wanted(&r);
+        groups.entry((r.replicas, want)).or_default().push(r);
     }
-    let mut chunks = groups.into_iter().flat_map(|(set, refs)| {
+    let mut chunks = groups.into_iter().flat_map(|(group, refs)| {
         refs.chunks(REPAIR_CHUNK_PAGES)
-            .map(|c| (set, c.to_vec()))
+            .map(|c| (group, c.to_vec()))
             .collect::<Vec<_>>()
     });
     let lost: Arc<[DonorId]> = lost.into();
@@ -512,15 +517,24 @@ async fn repair_batch(
     let mut repaired = 0;
     loop {
         while running.len() < REPAIR_CHUNKS_IN_FLIGHT {
-            let Some((set, refs)) = chunks.next() else {
+            let Some(((set, want), refs)) = chunks.next() else {
                 break;
             };
             let (inner, lost, pending) = (inner.clone(), lost.clone(), pending.clone());
             let readable = readable.clone();
             running.spawn(async move {
                 let mut stalled = Stalled::default();
-                let n = repair_group(&inner, &lost, &readable, &pending, set, &refs, &mut stalled)
-                    .await;
+                let group = (set, want);
+                let n = repair_group(
+                    &inner,
+                    &lost,
+                    &readable,
+                    &pending,
+                    group,
+                    &refs,
+                    &mut stalled,
+                )
+                .await;
                 (n, stalled)
             });
         }
@@ -543,11 +557,11 @@ async fn repair_group(
     lost: &[DonorId],
     readable: &[DonorId],
     pending: &PendingReleases,
-    set: Replicas,
+    (set, want): (Replicas, usize),
     refs: &[RemoteRef],
     stalled: &mut Stalled,
 ) -> u64 {
-    let plan = plan_group(set, lost, inner.replicas);
+    let plan = plan_group(set, lost, want);
     // The copies, checked before they are copied anywhere.
     let pages = match copies_from(inner, &plan.sources(readable), refs).await {
         Some(p) => p,

@@ -316,7 +316,9 @@ fn op_error(e: OpError) -> v1::OpResult {
     let s = match e {
         OpError::UnknownArea(_) => v1::Status::UnknownArea,
         OpError::UnknownPool(_) => v1::Status::UnknownPool,
-        OpError::PageSize(_) | OpError::AreaOutOfRange(_) => v1::Status::InvalidArgument,
+        OpError::PageSize(_) | OpError::AreaOutOfRange(_) | OpError::Replicas(_) => {
+            v1::Status::InvalidArgument
+        }
     };
     v1::OpResult {
         detail: e.to_string(),
@@ -410,7 +412,9 @@ fn execute_op(fe: &Frontend, kind: Kind) -> v1::OpResult {
     }
     let ok = |_| status(v1::Status::Ok);
     let res: Result<v1::OpResult, OpError> = match kind {
-        Kind::InitArea(o) => fe.init_area(o.area, o.writethrough).map(ok),
+        Kind::InitArea(o) => fe
+            .init_area_replicas(o.area, o.writethrough, o.replicas)
+            .map(ok),
         Kind::Store(o) => fe
             .store_page(o.area, o.offset, &o.page)
             .map(|r| stored(r, false)),
@@ -475,6 +479,7 @@ impl Frontend {
                     invalidated: a.invalidated,
                     curr_pages: a.curr_pages,
                     counters: Some(a.counters),
+                    replicas: a.replicas.map_or(0, |n| n as u32),
                 })
                 .collect(),
             store: Some((&s).into()),

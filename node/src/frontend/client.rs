@@ -113,8 +113,23 @@ impl Client {
     }
 
     pub async fn init_area(&self, area: u32, writethrough: bool) -> Result<(), ClientError> {
+        self.init_area_replicas(area, writethrough, 0).await
+    }
+
+    /// [`init_area`](Self::init_area) with the donor copies each page of
+    /// the area gets (1..=3; 0 is the node's default).
+    pub async fn init_area_replicas(
+        &self,
+        area: u32,
+        writethrough: bool,
+        replicas: u32,
+    ) -> Result<(), ClientError> {
         ok(self
-            .call_one(Kind::InitArea(v1::InitArea { area, writethrough }))
+            .call_one(Kind::InitArea(v1::InitArea {
+                area,
+                writethrough,
+                replicas,
+            }))
             .await?)
         .map(drop)
     }
@@ -249,6 +264,16 @@ impl BlockingClient {
 
     pub fn init_area(&self, area: u32, writethrough: bool) -> Result<(), ClientError> {
         self.rt.block_on(self.inner.init_area(area, writethrough))
+    }
+
+    pub fn init_area_replicas(
+        &self,
+        area: u32,
+        writethrough: bool,
+        replicas: u32,
+    ) -> Result<(), ClientError> {
+        self.rt
+            .block_on(self.inner.init_area_replicas(area, writethrough, replicas))
     }
 
     pub fn store_pages(

@@ -15,7 +15,9 @@ use parking_lot::RwLock;
 
 use super::counters::{Counters, Event};
 use super::{Frontend, LoadResult, OpError, Reject, StoreResult, as_page};
-use crate::store::{LoadOutcome, Page, PageKey, PageStore, RejectReason, Retention, StoreOutcome};
+use crate::store::{
+    LoadOutcome, Page, PageKey, PageStore, REPLICAS_MAX, RejectReason, Retention, StoreOutcome,
+};
 
 pub type AreaId = u32;
 
@@ -77,6 +79,8 @@ pub struct AreaSummary {
     pub invalidated: bool,
     pub curr_pages: u64,
     pub counters: ramster_protocol::v1::Counters,
+    /// Donor copies the area asked for, if not the node's default.
+    pub replicas: Option<usize>,
 }
 
 impl Frontend {
@@ -96,15 +100,32 @@ impl Frontend {
 
     /// (Re)creates `area` empty. Later stores are accepted again.
     pub fn init_area(&self, area: AreaId, writethrough: bool) -> Result<(), OpError> {
+        self.init_area_replicas(area, writethrough, 0)
+    }
+
+    /// [`init_area`](Self::init_area), with the donor copies each of its
+    /// pages gets once it leaves the node: 1..=3, or 0 for the node's
+    /// default (`--replicas`, or one for a writethrough area).
+    pub fn init_area_replicas(
+        &self,
+        area: AreaId,
+        writethrough: bool,
+        replicas: u32,
+    ) -> Result<(), OpError> {
         if area > AREA_ID_MAX {
             return Err(OpError::AreaOutOfRange(area));
         }
+        if replicas as usize > REPLICAS_MAX {
+            return Err(OpError::Replicas(replicas));
+        }
+        let replicas = (replicas > 0).then_some(replicas as usize);
         let fresh = Mode::Active { writethrough };
         {
             let map = self.areas.map.read();
             if let Some(a) = map.get(&area) {
                 let mut mode = a.mode.write();
                 self.store.invalidate_matching(area, None);
+                self.store.set_space_replicas(area, replicas);
                 *mode = fresh;
                 return Ok(());
             }
@@ -117,6 +138,7 @@ impl Frontend {
         // Another init may have created it meanwhile: re-create it empty.
         let mut mode = a.mode.write();
         self.store.invalidate_matching(area, None);
+        self.store.set_space_replicas(area, replicas);
         *mode = fresh;
         Ok(())
     }
@@ -345,6 +367,7 @@ impl Frontend {
                     writethrough: matches!(mode, Mode::Active { writethrough: true }),
                     invalidated: mode == Mode::Invalidated,
                     curr_pages: self.store.space_pages(area),
+                    replicas: self.store.space_replicas(area),
                     counters: a.counters.to_wire(),
                 }
             })

@@ -14,7 +14,7 @@ pub mod nbd;
 
 use std::sync::{Arc, OnceLock};
 
-use crate::store::{PAGE_BYTES, Page, PageStore, RejectReason, RemoteRef};
+use crate::store::{PAGE_BYTES, Page, PageStore, REPLICAS_MAX, RejectReason, RemoteRef};
 
 pub use cleancache::PoolId;
 pub use counters::Counters;
@@ -79,6 +79,10 @@ pub enum OpError {
     AreaOutOfRange(u32),
     #[error("pool {0} does not exist")]
     UnknownPool(u32),
+    #[error(
+        "replicas {0}: an area's pages have 1..={REPLICAS_MAX} copies on donors (0: the node's default)"
+    )]
+    Replicas(u32),
 }
 
 /// Borrows a client's bytes as a page, or says why they are not one.

@@ -19,7 +19,8 @@ pub mod arena;
 pub mod compress;
 mod index;
 
-use parking_lot::{Mutex, MutexGuard};
+use hashbrown::HashMap;
+use parking_lot::{Mutex, MutexGuard, RwLock};
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use xxhash_rust::xxh3::xxh3_64;
@@ -359,6 +360,9 @@ pub struct PageStore {
     remote_bytes: AtomicU64,
     lost_pages: AtomicU64,
     dropped_remote_pages: AtomicU64,
+    /// Donor copies wanted of the pages of a space, where its area asked
+    /// for a number of its own.
+    space_replicas: RwLock<HashMap<u32, u8>>,
     /// Donor copies to drop, collected for the cluster's release task.
     released: Mutex<Vec<Released>>,
     /// Shard where the next eviction starts, so evictions spread out.
@@ -382,6 +386,7 @@ impl PageStore {
             remote_bytes: AtomicU64::new(0),
             lost_pages: AtomicU64::new(0),
             dropped_remote_pages: AtomicU64::new(0),
+            space_replicas: RwLock::new(HashMap::new()),
             released: Mutex::new(Vec::new()),
             evict_cursor: AtomicU64::new(0),
         }
@@ -717,6 +722,42 @@ impl PageStore {
         handed
     }
 
+    /// The donor copies each page of `space` should have, in place of the
+    /// cluster's default (`None` puts the default back).
+    pub fn set_space_replicas(&self, space: u32, replicas: Option<usize>) {
+        debug_assert!(replicas.is_none_or(|n| (1..=REPLICAS_MAX).contains(&n)));
+        let mut map = self.space_replicas.write();
+        match replicas {
+            Some(n) => map.insert(space, n as u8),
+            None => map.remove(&space),
+        };
+    }
+
+    /// The donor copies `space` asked for, if it asked.
+    pub fn space_replicas(&self, space: u32) -> Option<usize> {
+        self.space_replicas.read().get(&space).map(|&n| n as usize)
+    }
+
+    /// Donor copies wanted of a page of `space` and `retention`: what its
+    /// area asked for, else `default` for a persistent page and one for a
+    /// droppable one (the client keeps its own copy).
+    pub fn replicas_wanted(&self, space: u32, retention: Retention, default: usize) -> usize {
+        Self::wanted_in(&self.space_replicas.read(), space, retention, default)
+    }
+
+    fn wanted_in(
+        map: &HashMap<u32, u8>,
+        space: u32,
+        retention: Retention,
+        default: usize,
+    ) -> usize {
+        match map.get(&space) {
+            Some(&n) => n as usize,
+            None if retention.droppable() => 1,
+            None => default,
+        }
+    }
+
     /// Pages currently held for `space`.
     pub fn space_pages(&self, space: u32) -> u64 {
         self.shards
@@ -887,8 +928,9 @@ impl PageStore {
     }
 
     /// Repair's work list: up to `max` persistent pages held on donors that
-    /// are degraded (a copy on one of the `gone` donors, or fewer than `want`
-    /// donors listed) and have a copy to re-create the missing ones from:
+    /// are degraded (a copy on one of the `gone` donors, or fewer donors
+    /// listed than [`replicas_wanted`](Self::replicas_wanted) with `want` as
+    /// the default) and have a copy to re-create the missing ones from:
     /// on a donor not gone, or on a gone one that is still `readable` (a
     /// draining donor: leaving, but serving until it is empty). Also
     /// returns how many pages are degraded in all and how many have no copy
@@ -901,6 +943,7 @@ impl PageStore {
         max: usize,
     ) -> (Vec<RemoteRef>, u64, u64) {
         let (mut out, mut degraded, mut unrecoverable) = (Vec::new(), 0, 0);
+        let wanted = self.space_replicas.read().clone();
         for shard in self.shards.iter() {
             let shard = shard.lock();
             for i in shard.hottest(index::REMOTE_LIST, usize::MAX) {
@@ -913,6 +956,7 @@ impl PageStore {
                     continue;
                 }
                 let held = remote.replicas.as_slice();
+                let want = Self::wanted_in(&wanted, remote.key.space, remote.retention, want);
                 if held.len() >= want && !held.iter().any(|d| gone.contains(d)) {
                     continue;
                 }

@@ -582,3 +582,38 @@ fn an_unreachable_writethrough_page_is_dropped_only_at_the_version_fetched() {
     assert_eq!(s.stats().dropped_remote_pages, 1);
     s.audit();
 }
+
+#[test]
+fn an_area_may_want_its_own_number_of_copies() {
+    let s = PageStore::new(StoreConfig::with_capacity(64 << 20));
+    let in_space = |space: u32, i: u64| PageKey {
+        space,
+        object: 0,
+        index: i,
+    };
+    // Defaults: the cluster's for persistent pages, one for droppable ones.
+    assert_eq!(s.replicas_wanted(1, Retention::Persistent, 2), 2);
+    assert_eq!(s.replicas_wanted(1, Retention::Writethrough, 2), 1);
+    s.set_space_replicas(1, Some(3));
+    s.set_space_replicas(2, Some(1));
+    assert_eq!(s.replicas_wanted(1, Retention::Persistent, 2), 3);
+    assert_eq!(s.replicas_wanted(1, Retention::Writethrough, 2), 3);
+    assert_eq!(s.space_replicas(2), Some(1));
+    // Each page on two donors: short of copies only where three are wanted.
+    for space in [1, 2, 3] {
+        s.store(
+            in_space(space, 0),
+            &page_of(space as u64, true),
+            Retention::Persistent,
+        );
+    }
+    for o in s.begin_remotify(3) {
+        assert!(s.finish_remotify(o.key, o.version, donors(&[4, 5])));
+    }
+    let (refs, degraded, _) = s.remote_on(&[], &[], 2, 10);
+    assert_eq!(degraded, 1);
+    assert_eq!(refs[0].key, in_space(1, 0));
+    s.set_space_replicas(1, None);
+    assert_eq!(s.remote_on(&[], &[], 2, 10).1, 0);
+    s.audit();
+}

@@ -1,8 +1,13 @@
+//! What an area asks for at init, with real node processes.
+//!
 //! A writethrough area is a cache: the client keeps its own copy of every
 //! page. Its pages use peers' spare RAM like any other, with one copy each
 //! instead of R, and a copy that dies is not repaired: the page is dropped
 //! and its next load answers NOT_FOUND, never UNAVAILABLE and never wrong
 //! bytes. Persistent pages beside it keep their R copies and all load.
+//!
+//! An area may ask for its own number of copies (1..=3) in place of the
+//! node's `--replicas`.
 
 use std::time::Duration;
 
@@ -11,8 +16,8 @@ use ramster_cluster_tests::{
 };
 use ramster_node::cli::corpus::Pages;
 use ramster_node::cluster::status::Liveness;
-use ramster_node::frontend::client::BlockingClient;
-use ramster_protocol::v1::Status;
+use ramster_node::frontend::client::{BlockingClient, ClientError};
+use ramster_protocol::v1::{AreaStats, Status};
 
 const PERSISTENT: u32 = 1;
 const WRITETHROUGH: u32 = 2;
@@ -156,4 +161,76 @@ fn writethrough_pages_travel_with_one_copy_and_a_lost_one_is_a_miss() {
     })
     .unwrap();
     verify_pages(&client, PERSISTENT, &kept, &accepted);
+}
+
+fn area_stats(client: &BlockingClient, area: u32) -> AreaStats {
+    client
+        .stats()
+        .unwrap()
+        .areas
+        .into_iter()
+        .find(|a| a.area == area)
+        .expect("the area is listed")
+}
+
+#[test]
+fn an_area_asks_for_its_own_number_of_copies() {
+    let cluster = TestCluster::start(&OWNER_MEMSRV_TWO_PEERS).unwrap();
+    cluster.wait_up("owner", 4, FORM_TIMEOUT).unwrap();
+    let client = BlockingClient::connect(&cluster.member("owner").socket()).unwrap();
+
+    // More than three copies is refused, and the area is not created.
+    match client.init_area_replicas(PERSISTENT, false, 4) {
+        Err(ClientError::Op { status, detail }) => {
+            assert_eq!(status, Status::InvalidArgument);
+            assert!(detail.contains("replicas 4"), "{detail}");
+        }
+        other => panic!("four copies were not refused: {other:?}"),
+    }
+    assert!(
+        client
+            .stats()
+            .unwrap()
+            .areas
+            .iter()
+            .all(|a| a.area != PERSISTENT)
+    );
+
+    // Three copies of each page, though the node's default is two.
+    client.init_area_replicas(PERSISTENT, false, 3).unwrap();
+    assert_eq!(area_stats(&client, PERSISTENT).replicas, 3);
+    let pages = Pages::synthetic(32_768, 47);
+    let accepted = store_into(&client, PERSISTENT, &pages, &[]);
+    let remote = wait_for(FORM_TIMEOUT, || {
+        let remote = remote_pages(&client);
+        (remote > 1_000 && copies_held(&cluster)? == 3 * remote).then_some(remote)
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "pages are not on donors with three copies each ({e}): {} remote, {:?} copies",
+            remote_pages(&client),
+            copies_held(&cluster)
+        )
+    });
+    eprintln!("{remote} pages on donors with three copies each");
+    verify_pages(&client, PERSISTENT, &pages, &accepted);
+
+    // Re-created with one copy: the old pages are gone with their copies,
+    // the new ones have one each.
+    client.init_area_replicas(PERSISTENT, false, 1).unwrap();
+    assert_eq!(area_stats(&client, PERSISTENT).replicas, 1);
+    let accepted = store_into(&client, PERSISTENT, &pages, &[]);
+    let remote = wait_for(FORM_TIMEOUT, || {
+        let remote = remote_pages(&client);
+        (remote > 1_000 && copies_held(&cluster)? == remote).then_some(remote)
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "pages are not on donors with one copy each ({e}): {} remote, {:?} copies",
+            remote_pages(&client),
+            copies_held(&cluster)
+        )
+    });
+    eprintln!("{remote} pages on donors with one copy each");
+    verify_pages(&client, PERSISTENT, &pages, &accepted);
 }
