@@ -361,7 +361,7 @@ fn run_seeds(test: &str, converge: bool) {
     eprintln!(
         "{seeds} seeds in {:.1?}: {} failed, {} did not converge; {} steps, {} messages ({} lost, \
          {} delayed, {} reordered), {} crashes ({} of owners), {} partitions, {} reclaims; {} stores \
-         ({} refused), {} loads ({} remote, {} unavailable); {} remotified, {} brought home, {} repaired, \
+         ({} refused), {} loads ({} remote, {} unavailable, {} writethrough misses); {} remotified, {} brought home, {} repaired, \
          {} reclaimed, \
          {} stale puts refused; {} pages lost beyond R replicas; {} leaked copies; slowest \
          convergence {} ms",
@@ -382,6 +382,7 @@ fn run_seeds(test: &str, converge: bool) {
         t.loads,
         t.remote_loads,
         t.unavailable_loads,
+        t.dropped_loads,
         t.remotified,
         t.suctioned,
         t.repaired,

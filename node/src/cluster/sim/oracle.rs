@@ -7,12 +7,13 @@
 //! or list a donor that holds exactly that version; a page whose every
 //! listed copy is gone is excused only when at least R of them were lost to
 //! crashes (what replicas cannot prevent), never when a copy was released
-//! or never made.
+//! or never made. A writethrough page (every fourth key) may be gone, as
+//! the client keeps its own copy, but never stale.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::cluster::donor::{DonatedPage, PageRef};
-use crate::store::{DonorId, PageKey, RemoteRef};
+use crate::store::{DonorId, PageKey, RemoteRef, Retention};
 
 use super::world::World;
 
@@ -22,6 +23,25 @@ pub fn key(index: u64) -> PageKey {
         space: 1,
         object: 0,
         index,
+    }
+}
+
+/// How an owner's page `index` is stored: every fourth key is in a
+/// writethrough area (one donor copy, dropped rather than repaired).
+pub fn retention_of(index: u64) -> Retention {
+    if index % 4 == 3 {
+        Retention::Writethrough
+    } else {
+        Retention::Persistent
+    }
+}
+
+/// Donor copies a page listed on donors should converge to.
+fn copies_wanted(w: &World, index: u64) -> usize {
+    if retention_of(index).droppable() {
+        1
+    } else {
+        w.replicas
     }
 }
 
@@ -174,7 +194,10 @@ pub fn check_step(w: &mut World) -> Result<(), String> {
         }
         let on = &w.nodes[o];
         let store = &on.owner.as_ref().expect("pages only for owners").store;
+        let droppable = retention_of(index).droppable();
         let r = match store.peek(key(index)) {
+            // Dropped: the client's own copy serves.
+            None if droppable => continue,
             None => {
                 return Err(format!(
                     "lost: {} accepted page {index} and its index no longer has it",
@@ -188,6 +211,8 @@ pub fn check_step(w: &mut World) -> Result<(), String> {
                 ));
             }
             Some((_, None)) => continue,
+            // Its copies may be gone: the next load answers a miss.
+            Some((_, Some(_))) if droppable => continue,
             Some((_, Some(r))) => r,
         };
         let listed = r.replicas.as_slice();
@@ -277,7 +302,15 @@ pub fn converged(w: &World) -> Result<(), String> {
     }
     for (n, node) in w.nodes.iter().enumerate() {
         let Some(o) = &node.owner else { continue };
-        let expected = w.oracle.pages.range((n, 0)..=(n, u64::MAX)).count() as u64;
+        // Writethrough pages count only while the index has them.
+        let expected = w
+            .oracle
+            .pages
+            .range((n, 0)..=(n, u64::MAX))
+            .filter(|((_, index), _)| {
+                !retention_of(*index).droppable() || o.store.peek(key(*index)).is_some()
+            })
+            .count() as u64;
         let held = o.store.stats().pages;
         if held != expected {
             return Err(format!(
@@ -303,7 +336,8 @@ pub fn converged(w: &World) -> Result<(), String> {
             .iter()
             .filter(|&&d| holds(w, d as usize - 1, o, &r))
             .count();
-        if distinct.len() != w.replicas || holding != w.replicas {
+        let want = copies_wanted(w, index);
+        if distinct.len() != want || holding != want {
             let side = on.owner.as_ref().expect("owner");
             let seen: Vec<String> = listed
                 .iter()
@@ -321,10 +355,9 @@ pub fn converged(w: &World) -> Result<(), String> {
                 })
                 .collect();
             return Err(format!(
-                "{}'s page {index} is listed on {}; {holding} of them hold it, {} wanted",
+                "{}'s page {index} is listed on {}; {holding} of them hold it, {want} wanted",
                 on.name,
                 seen.join(", "),
-                w.replicas
             ));
         }
     }

@@ -9,6 +9,7 @@
 //! fresh_candidates, settle_page}`, `RepairState`, `movers::settle_shipped`,
 //! and the real `PageStore` (`strike_donor` included) and `DonorStore`.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -18,7 +19,7 @@ use rand::{Rng, RngCore};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::exec::join_all;
-use super::oracle::{self, key};
+use super::oracle::{self, key, retention_of};
 use super::world::{
     OwnerSide, RPC_DEADLINE_MS, Reply, Request, SimRef, World, call, call_on, heartbeat_round,
     session, sleep, with,
@@ -35,8 +36,7 @@ use crate::cluster::repair::{
 use crate::cluster::status::Liveness;
 use crate::cluster::watermarks::{Movement, Pressure, Watermarks};
 use crate::store::{
-    DonorId, LoadOutcome, Outbound, PAGE_BYTES, Page, Released, RemoteRef, Replicas, Retention,
-    StoreOutcome,
+    DonorId, LoadOutcome, Outbound, PAGE_BYTES, Page, Released, RemoteRef, Replicas, StoreOutcome,
 };
 
 /// Pages per remotify batch; smaller than the node's so that batches
@@ -302,6 +302,9 @@ async fn repair(sim: &SimRef, me: usize) {
         }
         PassStart::Walk => {}
     }
+    with(sim, |w| {
+        owner(w, me).store.drop_droppable_on(&lost, u64::MAX)
+    });
     loop {
         let refs = with(sim, |w| {
             owner(w, me)
@@ -330,6 +333,20 @@ async fn repair(sim: &SimRef, me: usize) {
 /// moved to other donors (read from the donor that asks) or brought home.
 async fn reclaim(sim: &SimRef, me: usize) {
     for (donor, bytes) in with(sim, |w| reclaims(w, me)) {
+        let freed = with(sim, |w| {
+            let (dropped, freed) = owner(w, me).store.drop_droppable_on(&[donor], bytes);
+            if dropped > 0 {
+                w.stats.reclaimed += dropped;
+                *owner_mut(w, me)
+                    .reclaimed_since_heartbeat
+                    .entry(donor)
+                    .or_default() += freed;
+            }
+            freed
+        });
+        let Some(bytes) = bytes.checked_sub(freed).filter(|&b| b > 0) else {
+            continue;
+        };
         let refs = with(sim, |w| reclaim_batch(&owner(w, me).store, donor, bytes));
         if refs.is_empty() {
             continue;
@@ -554,7 +571,21 @@ async fn remotify(sim: &SimRef, me: usize, bytes: u64) {
                 break;
             }
             shipped += out.iter().map(|o| o.compressed.len() as u64).sum::<u64>();
-            batches.push(Box::pin(ship(sim.clone(), me, out)));
+            // As the node: one placement per number of copies wanted, in
+            // a fixed order so the run replays.
+            let mut by_copies: BTreeMap<usize, Vec<Outbound>> = BTreeMap::new();
+            with(sim, |w| {
+                for o in out {
+                    let want =
+                        owner(w, me)
+                            .store
+                            .replicas_wanted(o.key.space, o.retention, w.replicas);
+                    by_copies.entry(want).or_default().push(o);
+                }
+            });
+            for (copies, batch) in by_copies {
+                batches.push(Box::pin(ship(sim.clone(), me, batch, copies)));
+            }
         }
         if batches.is_empty() {
             return;
@@ -567,15 +598,13 @@ async fn remotify(sim: &SimRef, me: usize, bytes: u64) {
 }
 
 /// `movers::ship`.
-async fn ship(sim: SimRef, me: usize, out: Vec<Outbound>) -> bool {
+async fn ship(sim: SimRef, me: usize, out: Vec<Outbound>, copies: usize) -> bool {
     let total: u64 = out.iter().map(|o| o.compressed.len() as u64).sum();
     let donors = with(&sim, |w| {
         let views = donor_views(w, me);
-        let replicas = w.replicas;
-        choose_donors(&views, replicas, total, &mut w.rng)
+        choose_donors(&views, copies, total, &mut w.rng)
     });
-    let replicas = with(&sim, |w| w.replicas);
-    if donors.len() < replicas {
+    if donors.len() < copies {
         with(&sim, |w| {
             for o in &out {
                 owner(w, me).store.abort_remotify(o.key, o.version);
@@ -823,6 +852,11 @@ pub async fn client(sim: SimRef, me: usize, keys: u64) {
             }
             let expected = w.oracle.expected(me, index);
             match (got, expected) {
+                // As the front end does: the page is dropped, a miss.
+                (None, _) if r.retention.droppable() => {
+                    owner(w, me).store.drop_unreachable(&r);
+                    w.stats.dropped_loads += 1;
+                }
                 (None, _) => w.stats.unavailable_loads += 1,
                 (Some(p), Some(e)) if xxh3_64(&p[..]) == e.checksum => {}
                 (Some(_), _) => fail(
@@ -862,7 +896,7 @@ fn client_step(w: &mut World, me: usize, keys: u64, out: &mut Page) -> Option<(u
         w.stats.stores += 1;
         match owner(w, me)
             .store
-            .store(key(index), &page, Retention::Persistent)
+            .store(key(index), &page, retention_of(index))
         {
             StoreOutcome::Accepted => w.oracle.accepted(me, index, checksum),
             StoreOutcome::Rejected(_) => {
@@ -884,6 +918,8 @@ fn client_step(w: &mut World, me: usize, keys: u64, out: &mut Page) -> Option<(u
         (LoadOutcome::Hit, Some(e)) if xxh3_64(&out[..]) == e.checksum => {}
         (LoadOutcome::Miss, None) => {}
         (LoadOutcome::Miss, Some(e)) if e.excused => {}
+        // Dropped (evicted, or its copy lost): the client's own copy serves.
+        (LoadOutcome::Miss, Some(_)) if retention_of(index).droppable() => {}
         (outcome, expected) => fail(
             w,
             format!(

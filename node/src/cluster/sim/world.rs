@@ -102,6 +102,9 @@ pub struct Stats {
     pub loads: u64,
     pub remote_loads: u64,
     pub unavailable_loads: u64,
+    /// Remote loads of writethrough pages that reached no copy: the page
+    /// was dropped and the load answered a miss.
+    pub dropped_loads: u64,
     pub remotified: u64,
     pub suctioned: u64,
     pub repaired: u64,
@@ -133,6 +136,7 @@ impl Stats {
         self.loads += o.loads;
         self.remote_loads += o.remote_loads;
         self.unavailable_loads += o.unavailable_loads;
+        self.dropped_loads += o.dropped_loads;
         self.remotified += o.remotified;
         self.suctioned += o.suctioned;
         self.repaired += o.repaired;
