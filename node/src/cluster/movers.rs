@@ -74,9 +74,7 @@ async fn remotify(inner: &Arc<Inner>, bytes: u64) {
             // One placement per number of copies wanted.
             let mut by_copies: HashMap<usize, Vec<Outbound>> = HashMap::new();
             for o in out {
-                let want = inner
-                    .store
-                    .replicas_wanted(o.key.space, o.retention, inner.replicas);
+                let want = inner.replicas_wanted(o.key.space, o.retention);
                 by_copies.entry(want).or_default().push(o);
             }
             for (copies, batch) in by_copies {

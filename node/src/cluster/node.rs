@@ -1065,11 +1065,10 @@ impl Inner {
         }
     }
 
-    /// Donor copies wanted of a page held on donors: its area's number, or
+    /// Donor copies wanted of a page of `space`: its area's number, or
     /// the node's `--replicas` (one for a writethrough page).
-    pub(super) fn replicas_wanted(&self, r: &RemoteRef) -> usize {
-        self.store
-            .replicas_wanted(r.key.space, r.retention, self.replicas)
+    pub(super) fn replicas_wanted(&self, space: u32, retention: store::Retention) -> usize {
+        self.store.replicas_wanted(space, retention, self.replicas)
     }
 
     /// Whether any donor could take a page now.

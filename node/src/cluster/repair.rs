@@ -503,7 +503,7 @@ async fn repair_batch(
     // a plan.
     let mut groups: HashMap<(Replicas, usize), Vec<RemoteRef>> = HashMap::new();
     for r in refs {
-        let want = inner.replicas_wanted(&r);
+        let want = inner.replicas_wanted(r.key.space, r.retention);
         groups.entry((r.replicas, want)).or_default().push(r);
     }
     let mut chunks = groups.into_iter().flat_map(|(group, refs)| {
