@@ -360,6 +360,9 @@ pub struct PageStore {
     remote_bytes: AtomicU64,
     lost_pages: AtomicU64,
     dropped_remote_pages: AtomicU64,
+    /// Droppable pages held on donors now: when there are none, repair has
+    /// nothing to drop and need not walk the index for them.
+    droppable_remote_pages: AtomicU64,
     /// Donor copies wanted of the pages of a space, where its area asked
     /// for a number of its own.
     space_replicas: RwLock<HashMap<u32, u8>>,
@@ -386,6 +389,7 @@ impl PageStore {
             remote_bytes: AtomicU64::new(0),
             lost_pages: AtomicU64::new(0),
             dropped_remote_pages: AtomicU64::new(0),
+            droppable_remote_pages: AtomicU64::new(0),
             space_replicas: RwLock::new(HashMap::new()),
             released: Mutex::new(Vec::new()),
             evict_cursor: AtomicU64::new(0),
@@ -471,7 +475,7 @@ impl PageStore {
             }
             evicted += 1;
         };
-        self.count_body(body, 1);
+        self.count_body(body, retention, 1);
         if let Some(old) = displaced {
             self.release(&old);
         }
@@ -532,7 +536,7 @@ impl PageStore {
         false
     }
 
-    fn count_body(&self, body: Body, sign: i64) {
+    fn count_body(&self, body: Body, retention: Retention, sign: i64) {
         match body {
             Body::SameFilled { .. } => {
                 add_signed(&self.same_filled_pages, sign);
@@ -545,6 +549,9 @@ impl PageStore {
                 add_signed(&self.remote_bytes, sign * len as i64);
                 if replicas.as_slice().is_empty() {
                     add_signed(&self.lost_pages, sign);
+                }
+                if retention.droppable() {
+                    add_signed(&self.droppable_remote_pages, sign);
                 }
             }
         }
@@ -559,7 +566,7 @@ impl PageStore {
     /// Frees what a removed entry held; copies on donors are queued for
     /// the cluster to drop.
     fn release(&self, e: &Entry) {
-        self.count_body(e.body, -1);
+        self.count_body(e.body, e.retention, -1);
         self.release_body(e.body);
         if let Body::Remote { replicas, .. } = e.body {
             self.released.lock().push(Released {
@@ -859,9 +866,9 @@ impl PageStore {
             e.remotifying = false;
         });
         drop(shard);
-        self.count_body(e.body, -1);
+        self.count_body(e.body, e.retention, -1);
         self.release_body(e.body);
-        self.count_body(remote, 1);
+        self.count_body(remote, e.retention, 1);
         true
     }
 
@@ -1040,7 +1047,7 @@ impl PageStore {
     /// those are released, and the page counts as dropped.
     fn forgotten(&self, e: &Entry, still_held: Replicas) {
         debug_assert!(matches!(e.body, Body::Remote { .. }));
-        self.count_body(e.body, -1);
+        self.count_body(e.body, e.retention, -1);
         if !still_held.as_slice().is_empty() {
             self.released.lock().push(Released {
                 key: e.key,
@@ -1080,6 +1087,9 @@ impl PageStore {
     /// pages dropped and their bytes on those donors.
     pub fn drop_droppable_on(&self, donors: &[DonorId], max_bytes: u64) -> (u64, u64) {
         let (mut pages, mut bytes) = (0, 0);
+        if self.droppable_remote_pages.load(Ordering::Relaxed) == 0 {
+            return (pages, bytes);
+        }
         for shard in self.shards.iter() {
             if bytes >= max_bytes {
                 break;
@@ -1148,8 +1158,8 @@ impl PageStore {
             e.stamp = stamp;
         });
         drop(shard);
-        self.count_body(e.body, -1);
-        self.count_body(home, 1);
+        self.count_body(e.body, e.retention, -1);
+        self.count_body(home, e.retention, 1);
         Some(Released {
             key: remote.key,
             version: remote.version,
@@ -1229,6 +1239,20 @@ impl PageStore {
         assert!(st.used_bytes <= st.capacity_bytes);
         let index_charged: u64 = self.shards.iter().map(|s| s.lock().charged_bytes()).sum();
         assert_eq!(st.used_bytes, st.slab_bytes + index_charged);
+        let droppable_remote: u64 = self
+            .shards
+            .iter()
+            .map(|s| {
+                let s = s.lock();
+                s.hottest(index::REMOTE_LIST, usize::MAX)
+                    .filter(|&i| s.entry(i).retention.droppable())
+                    .count() as u64
+            })
+            .sum();
+        assert_eq!(
+            self.droppable_remote_pages.load(Ordering::Relaxed),
+            droppable_remote
+        );
     }
 }
 
