@@ -40,6 +40,23 @@ fn remote_pages(client: &BlockingClient) -> u64 {
     client.stats().unwrap().store.unwrap().remote_pages
 }
 
+/// Waits until over a thousand of the owner's pages are on donors with
+/// exactly `copies` copies each; their number.
+fn wait_for_copies(cluster: &TestCluster, client: &BlockingClient, copies: u64) -> u64 {
+    wait_for(FORM_TIMEOUT, || {
+        let remote = remote_pages(client);
+        (remote > 1_000 && copies_held(cluster)? == copies * remote).then_some(remote)
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "pages are not on donors with {copies} copies each ({e}): {} remote, {:?} copies; the owner's log ends:\n{}",
+            remote_pages(client),
+            copies_held(cluster),
+            cluster.member("owner").log_tail(30)
+        )
+    })
+}
+
 #[test]
 fn writethrough_pages_travel_with_one_copy_and_a_lost_one_is_a_miss() {
     let mut cluster = TestCluster::start(&OWNER_MEMSRV_TWO_PEERS).unwrap();
@@ -51,19 +68,7 @@ fn writethrough_pages_travel_with_one_copy_and_a_lost_one_is_a_miss() {
     let cache = Pages::synthetic(32_768, 41);
     client.init_area(WRITETHROUGH, true).unwrap();
     let cached = store_into(&client, WRITETHROUGH, &cache, &[Status::RejectedNoCapacity]);
-    let remote = wait_for(FORM_TIMEOUT, || {
-        let remote = remote_pages(&client);
-        (remote > 1_000 && copies_held(&cluster)? == remote).then_some(remote)
-    })
-    .unwrap_or_else(|e| {
-        panic!(
-            "writethrough pages are not on donors with one copy each ({e}): {} remote, {:?} copies; {:?}; the owner's log ends:\n{}",
-            remote_pages(&client),
-            copies_held(&cluster),
-            client.stats().unwrap().store,
-            cluster.member("owner").log_tail(30)
-        )
-    });
+    let remote = wait_for_copies(&cluster, &client, 1);
     eprintln!(
         "{} of {} writethrough pages accepted, {remote} on donors with one copy each",
         cached.len(),
@@ -201,17 +206,7 @@ fn an_area_asks_for_its_own_number_of_copies() {
     assert_eq!(area_stats(&client, PERSISTENT).replicas, 3);
     let pages = Pages::synthetic(32_768, 47);
     let accepted = store_into(&client, PERSISTENT, &pages, &[]);
-    let remote = wait_for(FORM_TIMEOUT, || {
-        let remote = remote_pages(&client);
-        (remote > 1_000 && copies_held(&cluster)? == 3 * remote).then_some(remote)
-    })
-    .unwrap_or_else(|e| {
-        panic!(
-            "pages are not on donors with three copies each ({e}): {} remote, {:?} copies",
-            remote_pages(&client),
-            copies_held(&cluster)
-        )
-    });
+    let remote = wait_for_copies(&cluster, &client, 3);
     eprintln!("{remote} pages on donors with three copies each");
     verify_pages(&client, PERSISTENT, &pages, &accepted);
 
@@ -220,17 +215,7 @@ fn an_area_asks_for_its_own_number_of_copies() {
     client.init_area_replicas(PERSISTENT, false, 1).unwrap();
     assert_eq!(area_stats(&client, PERSISTENT).replicas, 1);
     let accepted = store_into(&client, PERSISTENT, &pages, &[]);
-    let remote = wait_for(FORM_TIMEOUT, || {
-        let remote = remote_pages(&client);
-        (remote > 1_000 && copies_held(&cluster)? == remote).then_some(remote)
-    })
-    .unwrap_or_else(|e| {
-        panic!(
-            "pages are not on donors with one copy each ({e}): {} remote, {:?} copies",
-            remote_pages(&client),
-            copies_held(&cluster)
-        )
-    });
+    let remote = wait_for_copies(&cluster, &client, 1);
     eprintln!("{remote} pages on donors with one copy each");
     verify_pages(&client, PERSISTENT, &pages, &accepted);
 }

@@ -4,6 +4,7 @@
 //! When to move is [`super::watermarks`]' decision, where to
 //! [`super::placement`]'s; this module only carries it out.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use super::node::{Inner, decode_checked};
 use super::placement::choose_donors;
 use super::watermarks::{Movement, Pressure};
 use crate::metrics::ClusterCounters;
-use crate::store::{Outbound, PAGE_BYTES, Released, RemoteRef, Replicas};
+use crate::store::{CopiesWanted, Outbound, PAGE_BYTES, Released, RemoteRef, Replicas};
 
 /// How often the movers look at the store when nothing wakes them.
 pub const MOVER_TICK_MS: u64 = 50;
@@ -71,13 +72,7 @@ async fn remotify(inner: &Arc<Inner>, bytes: u64) {
                 break;
             }
             shipped += out.iter().map(|o| o.compressed.len() as u64).sum::<u64>();
-            // One placement per number of copies wanted.
-            let mut by_copies: HashMap<usize, Vec<Outbound>> = HashMap::new();
-            for o in out {
-                let want = inner.replicas_wanted(o.key.space, o.retention);
-                by_copies.entry(want).or_default().push(o);
-            }
-            for (copies, batch) in by_copies {
+            for (copies, batch) in by_copies(out, &inner.copies_wanted()) {
                 batches.spawn(ship(inner.clone(), batch, copies));
             }
         }
@@ -96,6 +91,18 @@ async fn remotify(inner: &Arc<Inner>, bytes: u64) {
             None => return,
         }
     }
+}
+
+/// A remotify batch split by the number of donor copies its pages want:
+/// one placement per count, in order (a simulated run replays).
+pub fn by_copies(out: Vec<Outbound>, wanted: &CopiesWanted) -> BTreeMap<usize, Vec<Outbound>> {
+    let mut by = BTreeMap::<usize, Vec<Outbound>>::new();
+    for o in out {
+        by.entry(wanted.of(o.key.space, o.retention))
+            .or_default()
+            .push(o);
+    }
+    by
 }
 
 /// Puts one batch on `copies` donors; frees the local copies every one of

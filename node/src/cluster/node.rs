@@ -1065,10 +1065,10 @@ impl Inner {
         }
     }
 
-    /// Donor copies wanted of a page of `space`: its area's number, or
-    /// the node's `--replicas` (one for a writethrough page).
-    pub(super) fn replicas_wanted(&self, space: u32, retention: store::Retention) -> usize {
-        self.store.replicas_wanted(space, retention, self.replicas)
+    /// Donor copies wanted per page: its area's number, or the node's
+    /// `--replicas` (one for a writethrough page).
+    pub(super) fn copies_wanted(&self) -> store::CopiesWanted {
+        self.store.copies_wanted(self.replicas)
     }
 
     /// Whether any donor could take a page now.

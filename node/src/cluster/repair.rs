@@ -438,15 +438,15 @@ pub(super) async fn repair(inner: &Arc<Inner>) {
 /// exception, and go first: dropping them costs their next load a miss.
 pub(super) async fn reclaim(inner: &Arc<Inner>) {
     for (donor, bytes) in inner.reclaims() {
-        let (dropped, freed) = inner.store.drop_droppable_on(&[donor], bytes);
+        let ReclaimStep {
+            dropped,
+            dropped_bytes,
+            to_move: refs,
+        } = reclaim_step(&inner.store, donor, bytes);
         if dropped > 0 {
             ClusterCounters::add(&inner.metrics.cluster.reclaimed_pages, dropped);
-            inner.note_reclaimed(donor, freed);
+            inner.note_reclaimed(donor, dropped_bytes);
         }
-        let Some(bytes) = bytes.checked_sub(freed).filter(|&b| b > 0) else {
-            continue;
-        };
-        let refs = reclaim_batch(&inner.store, donor, bytes);
         if refs.is_empty() {
             continue;
         }
@@ -472,21 +472,49 @@ pub(super) async fn reclaim(inner: &Arc<Inner>) {
     }
 }
 
-/// The copies on `donor` to move for a reclaim of `bytes`: enough pages to
-/// cover them, within one repair batch.
-pub fn reclaim_batch(store: &PageStore, donor: DonorId, bytes: u64) -> Vec<RemoteRef> {
+/// One round of a reclaim of `bytes` from `donor`, as far as the store
+/// decides it.
+#[derive(Debug, Default)]
+pub struct ReclaimStep {
+    /// Writethrough pages dropped, and the bytes of their copies on the
+    /// donor (released already, so they count as given back).
+    pub dropped: u64,
+    pub dropped_bytes: u64,
+    /// Copies on the donor to move for what is left: enough to cover it,
+    /// within one repair batch.
+    pub to_move: Vec<RemoteRef>,
+}
+
+/// Writethrough pages on `donor` go first (dropped, costing their next
+/// load a miss); persistent copies covering the rest of `bytes` are listed
+/// to be moved.
+pub fn reclaim_step(store: &PageStore, donor: DonorId, bytes: u64) -> ReclaimStep {
+    let (dropped, dropped_bytes) = store.drop_droppable_on(&[donor], bytes);
+    let left = bytes.saturating_sub(dropped_bytes);
+    if left == 0 {
+        return ReclaimStep {
+            dropped,
+            dropped_bytes,
+            to_move: Vec::new(),
+        };
+    }
     let (candidates, _, _) = store.remote_on(&[donor], &[donor], 0, REPAIR_BATCH_PAGES);
     let mut taken = 0u64;
-    candidates
+    let to_move = candidates
         .into_iter()
         // Also listed: pages short of copies elsewhere, not this donor's.
         .filter(|r| r.replicas.as_slice().contains(&donor))
         .take_while(|r| {
-            let more = taken < bytes;
+            let more = taken < left;
             taken += u64::from(r.len);
             more
         })
-        .collect()
+        .collect();
+    ReclaimStep {
+        dropped,
+        dropped_bytes,
+        to_move,
+    }
 }
 
 /// Re-creates the lost copies of `refs`, a few chunks at once; the number
@@ -502,8 +530,9 @@ async fn repair_batch(
     // Pages with the same set and the same number of copies wanted share
     // a plan.
     let mut groups: HashMap<(Replicas, usize), Vec<RemoteRef>> = HashMap::new();
+    let wanted = inner.copies_wanted();
     for r in refs {
-        let want = inner.replicas_wanted(r.key.space, r.retention);
+        let want = wanted.of(r.key.space, r.retention);
         groups.entry((r.replicas, want)).or_default().push(r);
     }
     let mut chunks = groups.into_iter().flat_map(|(group, refs)| {

@@ -185,6 +185,27 @@ pub struct RemoteRef {
     pub retention: Retention,
 }
 
+/// Donor copies wanted per page, as the areas asked when they were
+/// created ([`PageStore::copies_wanted`]).
+#[derive(Clone, Debug)]
+pub struct CopiesWanted {
+    by_space: HashMap<u32, u8>,
+    default: usize,
+}
+
+impl CopiesWanted {
+    /// For a page of `space` and `retention`: what its area asked for,
+    /// else the default for a persistent page and one for a droppable one
+    /// (the client keeps its own copy).
+    pub fn of(&self, space: u32, retention: Retention) -> usize {
+        match self.by_space.get(&space) {
+            Some(&n) => n as usize,
+            None if retention.droppable() => 1,
+            None => self.default,
+        }
+    }
+}
+
 /// Copies on donors that are no longer wanted (the page was overwritten,
 /// invalidated, or brought home): the cluster tells the donors to drop them.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -566,13 +587,23 @@ impl PageStore {
     /// Frees what a removed entry held; copies on donors are queued for
     /// the cluster to drop.
     fn release(&self, e: &Entry) {
+        let held = match e.body {
+            Body::Remote { replicas, .. } => replicas,
+            _ => Replicas::NONE,
+        };
+        self.release_to(e, held);
+    }
+
+    /// [`release`](Self::release), with the copies to drop on `held` only
+    /// (a donor struck off holds none).
+    fn release_to(&self, e: &Entry, held: Replicas) {
         self.count_body(e.body, e.retention, -1);
         self.release_body(e.body);
-        if let Body::Remote { replicas, .. } = e.body {
+        if !held.as_slice().is_empty() {
             self.released.lock().push(Released {
                 key: e.key,
                 version: e.version,
-                replicas,
+                replicas: held,
                 placement: 0,
             });
         }
@@ -745,23 +776,13 @@ impl PageStore {
         self.space_replicas.read().get(&space).map(|&n| n as usize)
     }
 
-    /// Donor copies wanted of a page of `space` and `retention`: what its
-    /// area asked for, else `default` for a persistent page and one for a
-    /// droppable one (the client keeps its own copy).
-    pub fn replicas_wanted(&self, space: u32, retention: Retention, default: usize) -> usize {
-        Self::wanted_in(&self.space_replicas.read(), space, retention, default)
-    }
-
-    fn wanted_in(
-        map: &HashMap<u32, u8>,
-        space: u32,
-        retention: Retention,
-        default: usize,
-    ) -> usize {
-        match map.get(&space) {
-            Some(&n) => n as usize,
-            None if retention.droppable() => 1,
-            None => default,
+    /// How many donor copies each page wants, as the areas ask now, with
+    /// `default` (the cluster's `--replicas`) where they do not: read once
+    /// per batch, not once per page.
+    pub fn copies_wanted(&self, default: usize) -> CopiesWanted {
+        CopiesWanted {
+            by_space: self.space_replicas.read().clone(),
+            default,
         }
     }
 
@@ -936,7 +957,7 @@ impl PageStore {
 
     /// Repair's work list: up to `max` persistent pages held on donors that
     /// are degraded (a copy on one of the `gone` donors, or fewer donors
-    /// listed than [`replicas_wanted`](Self::replicas_wanted) with `want` as
+    /// listed than [`copies_wanted`](Self::copies_wanted) with `want` as
     /// the default) and have a copy to re-create the missing ones from:
     /// on a donor not gone, or on a gone one that is still `readable` (a
     /// draining donor: leaving, but serving until it is empty). Also
@@ -950,7 +971,7 @@ impl PageStore {
         max: usize,
     ) -> (Vec<RemoteRef>, u64, u64) {
         let (mut out, mut degraded, mut unrecoverable) = (Vec::new(), 0, 0);
-        let wanted = self.space_replicas.read().clone();
+        let wanted = self.copies_wanted(want);
         for shard in self.shards.iter() {
             let shard = shard.lock();
             for i in shard.hottest(index::REMOTE_LIST, usize::MAX) {
@@ -963,7 +984,7 @@ impl PageStore {
                     continue;
                 }
                 let held = remote.replicas.as_slice();
-                let want = Self::wanted_in(&wanted, remote.key.space, remote.retention, want);
+                let want = wanted.of(remote.key.space, remote.retention);
                 if held.len() >= want && !held.iter().any(|d| gone.contains(d)) {
                     continue;
                 }
@@ -1047,15 +1068,7 @@ impl PageStore {
     /// those are released, and the page counts as dropped.
     fn forgotten(&self, e: &Entry, still_held: Replicas) {
         debug_assert!(matches!(e.body, Body::Remote { .. }));
-        self.count_body(e.body, e.retention, -1);
-        if !still_held.as_slice().is_empty() {
-            self.released.lock().push(Released {
-                key: e.key,
-                version: e.version,
-                replicas: still_held,
-                placement: 0,
-            });
-        }
+        self.release_to(e, still_held);
         self.dropped_remote_pages.fetch_add(1, Ordering::Relaxed);
     }
 

@@ -592,12 +592,12 @@ fn an_area_may_want_its_own_number_of_copies() {
         index: i,
     };
     // Defaults: the cluster's for persistent pages, one for droppable ones.
-    assert_eq!(s.replicas_wanted(1, Retention::Persistent, 2), 2);
-    assert_eq!(s.replicas_wanted(1, Retention::Writethrough, 2), 1);
+    assert_eq!(s.copies_wanted(2).of(1, Retention::Persistent), 2);
+    assert_eq!(s.copies_wanted(2).of(1, Retention::Writethrough), 1);
     s.set_space_replicas(1, Some(3));
     s.set_space_replicas(2, Some(1));
-    assert_eq!(s.replicas_wanted(1, Retention::Persistent, 2), 3);
-    assert_eq!(s.replicas_wanted(1, Retention::Writethrough, 2), 3);
+    assert_eq!(s.copies_wanted(2).of(1, Retention::Persistent), 3);
+    assert_eq!(s.copies_wanted(2).of(1, Retention::Writethrough), 3);
     assert_eq!(s.space_replicas(2), Some(1));
     // Each page on two donors: short of copies only where three are wanted.
     for space in [1, 2, 3] {

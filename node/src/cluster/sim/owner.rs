@@ -9,7 +9,6 @@
 //! fresh_candidates, settle_page}`, `RepairState`, `movers::settle_shipped`,
 //! and the real `PageStore` (`strike_donor` included) and `DonorStore`.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -26,12 +25,12 @@ use super::world::{
 };
 use crate::cluster::donor::{DonatedPage, PageRef, PageStatus};
 use crate::cluster::liveness::HEARTBEAT_INTERVAL_MS;
-use crate::cluster::movers::{MOVER_TICK_MS, settle_shipped};
+use crate::cluster::movers::{MOVER_TICK_MS, by_copies, settle_shipped};
 use crate::cluster::node::decode_checked;
 use crate::cluster::placement::{DonorView, choose_donors};
 use crate::cluster::repair::{
     self, AfterRepair, DonorSight, PassStart, PendingReleases, REPAIR_BATCH_PAGES,
-    fresh_candidates, plan_group, reclaim_batch, settle_page,
+    fresh_candidates, plan_group, reclaim_step, settle_page,
 };
 use crate::cluster::status::Liveness;
 use crate::cluster::watermarks::{Movement, Pressure, Watermarks};
@@ -333,21 +332,17 @@ async fn repair(sim: &SimRef, me: usize) {
 /// moved to other donors (read from the donor that asks) or brought home.
 async fn reclaim(sim: &SimRef, me: usize) {
     for (donor, bytes) in with(sim, |w| reclaims(w, me)) {
-        let freed = with(sim, |w| {
-            let (dropped, freed) = owner(w, me).store.drop_droppable_on(&[donor], bytes);
-            if dropped > 0 {
-                w.stats.reclaimed += dropped;
+        let refs = with(sim, |w| {
+            let step = reclaim_step(&owner(w, me).store, donor, bytes);
+            if step.dropped > 0 {
+                w.stats.reclaimed += step.dropped;
                 *owner_mut(w, me)
                     .reclaimed_since_heartbeat
                     .entry(donor)
-                    .or_default() += freed;
+                    .or_default() += step.dropped_bytes;
             }
-            freed
+            step.to_move
         });
-        let Some(bytes) = bytes.checked_sub(freed).filter(|&b| b > 0) else {
-            continue;
-        };
-        let refs = with(sim, |w| reclaim_batch(&owner(w, me).store, donor, bytes));
         if refs.is_empty() {
             continue;
         }
@@ -571,19 +566,8 @@ async fn remotify(sim: &SimRef, me: usize, bytes: u64) {
                 break;
             }
             shipped += out.iter().map(|o| o.compressed.len() as u64).sum::<u64>();
-            // As the node: one placement per number of copies wanted, in
-            // a fixed order so the run replays.
-            let mut by_copies: BTreeMap<usize, Vec<Outbound>> = BTreeMap::new();
-            with(sim, |w| {
-                for o in out {
-                    let want =
-                        owner(w, me)
-                            .store
-                            .replicas_wanted(o.key.space, o.retention, w.replicas);
-                    by_copies.entry(want).or_default().push(o);
-                }
-            });
-            for (copies, batch) in by_copies {
+            let wanted = with(sim, |w| owner(w, me).store.copies_wanted(w.replicas));
+            for (copies, batch) in by_copies(out, &wanted) {
                 batches.push(Box::pin(ship(sim.clone(), me, batch, copies)));
             }
         }
