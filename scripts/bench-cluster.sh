@@ -79,6 +79,13 @@ one_round() {
     say "round $round: ramster bench --cluster"
     "$ramster" bench --socket "$dir/owner/api.sock" --cluster "${source_args[@]}" \
         --pages "$pages" --depth "$depth" --batch "$batch" --json >"$out/cluster.$round.json"
+    # Each node's metrics (RPC and remote-load histograms among them) stay
+    # beside the report for a look at where the time went.
+    i=0
+    for name in "${names[@]}"; do
+        curl -fsS "http://127.0.0.1:$((base + 10 + i))/metrics" >"$dir/$name.metrics" 2>/dev/null || true
+        i=$((i + 1))
+    done
     stop_all
 
     say "round $round: Redis GET, one in flight"

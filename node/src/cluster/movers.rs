@@ -6,7 +6,8 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hashbrown::HashMap;
@@ -19,7 +20,7 @@ use super::donor::{DonatedPage, PageRef, PageStatus};
 use super::membership::NodeId;
 use super::node::{Inner, decode_checked};
 use super::placement::choose_donors;
-use super::watermarks::{Movement, Pressure};
+use super::watermarks::{Movement, Pressure, SuctionPace};
 use crate::metrics::ClusterCounters;
 use crate::store::{CopiesWanted, Outbound, PAGE_BYTES, Released, RemoteRef, Replicas};
 
@@ -29,8 +30,8 @@ pub const MOVER_TICK_MS: u64 = 50;
 pub const REMOTIFY_BATCH_PAGES: usize = 256;
 /// Remotify batches in flight at once.
 pub const REMOTIFY_BATCHES_IN_FLIGHT: usize = 8;
-/// Pages per suction batch.
-pub const SUCTION_BATCH_PAGES: usize = 128;
+/// Pages suction checks and installs between two yields to the runtime.
+const SUCTION_YIELD_PAGES: usize = 16;
 /// Most releases kept for donors that cannot be reached; past this the
 /// oldest are forgotten (the donor drops them when the owner's
 /// incarnation changes).
@@ -38,6 +39,7 @@ pub const RELEASE_BACKLOG_MAX: usize = 1 << 20;
 
 pub(super) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     let mut pressure = Pressure::default();
+    let mut pace = SuctionPace::default();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(MOVER_TICK_MS)) => {}
@@ -55,7 +57,7 @@ pub(super) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             st.remote_bytes,
         ) {
             Movement::Remotify { bytes } => remotify(&inner, bytes).await,
-            Movement::Suction { bytes } => suction(&inner, bytes).await,
+            Movement::Suction { bytes } => suction(&inner, bytes, &mut pace).await,
             Movement::Idle => {}
         }
     }
@@ -266,19 +268,22 @@ pub fn may_hold(holders: &[u32], unanswered: &[u32]) -> Option<Replicas> {
     Replicas::new(&maybe)
 }
 
-/// Brings about `bytes` of remote pages home, hottest first.
-async fn suction(inner: &Arc<Inner>, bytes: u64) {
+/// Brings about `bytes` of remote pages home, hottest first, at the pace
+/// the clients' activity allows.
+async fn suction(inner: &Arc<Inner>, bytes: u64, pace: &mut SuctionPace) {
     let mut moved = 0u64;
     while moved < bytes {
-        let refs = inner.store.hottest_remote(SUCTION_BATCH_PAGES);
+        let step = pace.next(inner.store.accesses());
+        let refs = inner.store.hottest_remote(step.pages);
         if refs.is_empty() {
             return;
         }
+        let started = Instant::now();
         let before = inner
             .metrics
             .cluster
             .suctioned_bytes
-            .load(std::sync::atomic::Ordering::Relaxed);
+            .load(Ordering::Relaxed);
         if bring_home(inner, &refs).await == 0 {
             return;
         }
@@ -286,8 +291,12 @@ async fn suction(inner: &Arc<Inner>, bytes: u64) {
             .metrics
             .cluster
             .suctioned_bytes
-            .load(std::sync::atomic::Ordering::Relaxed);
+            .load(Ordering::Relaxed);
         moved += after.saturating_sub(before);
+        let rest = step.rest(started.elapsed());
+        if !rest.is_zero() {
+            tokio::time::sleep(rest).await;
+        }
         // Leave the suction stop line to the watermarks: re-check the fill.
         if !inner.has_room_below(inner.watermarks.suction_stop) {
             return;
@@ -335,7 +344,13 @@ pub(super) async fn bring_home(inner: &Arc<Inner>, refs: &[RemoteRef]) -> usize 
                 }
             };
             let mut released = Vec::new();
-            for (r, g) in chunk.iter().zip(got) {
+            for (n, (r, g)) in chunk.iter().zip(got).enumerate() {
+                if n > 0 && n % SUCTION_YIELD_PAGES == 0 {
+                    // Checking and installing a whole batch is most of a
+                    // millisecond of CPU: a client's load that arrives
+                    // meanwhile goes first.
+                    tokio::task::yield_now().await;
+                }
                 let Ok(p) = g else { continue };
                 if !p.compressed || !decode_checked(true, &p.data, r.checksum, &mut page) {
                     warn!(donor, key = ?r.key, "a donor's copy failed its checksum");

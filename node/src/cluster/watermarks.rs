@@ -3,6 +3,8 @@
 //! sits under the remotify stop so a page brought home does not push the
 //! node back over the edge (no ping-pong).
 
+use std::time::Duration;
+
 /// Fractions of capacity.
 #[derive(Copy, Clone, Debug, PartialEq)]
 pub struct Watermarks {
@@ -105,6 +107,62 @@ impl Pressure {
     }
 }
 
+/// Pages per suction batch on a node no client is using.
+pub const SUCTION_BATCH_PAGES: usize = 128;
+/// ...and while clients are using it.
+pub const SUCTION_BUSY_BATCH_PAGES: usize = 32;
+/// While clients are active, suction rests this many times as long as its
+/// last batch took before the next one: it takes at most a ninth of the
+/// time, so the clients' own requests seldom queue behind it.
+pub const SUCTION_BUSY_REST_FACTOR: u32 = 8;
+/// The longest rest: suction always moves.
+pub const SUCTION_REST_MAX: Duration = Duration::from_millis(50);
+
+/// How hard suction pulls. Bringing pages home is never urgent (pressure
+/// has subsided; the pages load from donors meanwhile), so it gives way to
+/// clients: while they store or load, small batches with rests between;
+/// on a node nobody is using, full batches back to back.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct SuctionPace {
+    /// The store's access count when the last batch was chosen.
+    seen: Option<u64>,
+}
+
+/// One suction batch: its size, and the rest to take after it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct SuctionStep {
+    pub pages: usize,
+    /// The rest, as a multiple of the time the batch took.
+    pub rest_factor: u32,
+}
+
+impl SuctionStep {
+    pub fn rest(&self, batch_took: Duration) -> Duration {
+        (batch_took * self.rest_factor).min(SUCTION_REST_MAX)
+    }
+}
+
+impl SuctionPace {
+    /// The next batch, given the store's access count now. Clients count
+    /// as active if they made any access since the last batch (and, for
+    /// the first batch, always: nothing says they are not).
+    pub fn next(&mut self, accesses: u64) -> SuctionStep {
+        let busy = self.seen.is_none_or(|seen| accesses != seen);
+        self.seen = Some(accesses);
+        if busy {
+            SuctionStep {
+                pages: SUCTION_BUSY_BATCH_PAGES,
+                rest_factor: SUCTION_BUSY_REST_FACTOR,
+            }
+        } else {
+            SuctionStep {
+                pages: SUCTION_BATCH_PAGES,
+                rest_factor: 0,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,6 +221,25 @@ mod tests {
             }
         }
         assert_eq!(used, 700);
+    }
+
+    #[test]
+    fn suction_gives_way_while_clients_use_the_node() {
+        let mut pace = SuctionPace::default();
+        // Nothing known yet: careful.
+        let first = pace.next(10);
+        assert_eq!(first.pages, SUCTION_BUSY_BATCH_PAGES);
+        let took = Duration::from_micros(500);
+        assert_eq!(first.rest(took), took * SUCTION_BUSY_REST_FACTOR);
+        // No access since: full batches, no rest.
+        let idle = pace.next(10);
+        assert_eq!(idle.pages, SUCTION_BATCH_PAGES);
+        assert_eq!(idle.rest(took), Duration::ZERO);
+        // A client came back.
+        let busy = pace.next(11);
+        assert_eq!(busy.pages, SUCTION_BUSY_BATCH_PAGES);
+        // A slow batch never stops suction for long.
+        assert_eq!(busy.rest(Duration::from_secs(1)), SUCTION_REST_MAX);
     }
 
     #[test]

@@ -391,6 +391,9 @@ pub struct PageStore {
     released: Mutex<Vec<Released>>,
     /// Shard where the next eviction starts, so evictions spread out.
     evict_cursor: AtomicU64,
+    /// Stores and loads so far: how background work tells that clients
+    /// are using the node.
+    accesses: AtomicU64,
 }
 
 impl PageStore {
@@ -414,6 +417,7 @@ impl PageStore {
             space_replicas: RwLock::new(HashMap::new()),
             released: Mutex::new(Vec::new()),
             evict_cursor: AtomicU64::new(0),
+            accesses: AtomicU64::new(0),
         }
     }
 
@@ -437,6 +441,7 @@ impl PageStore {
 
     /// Stores a page. On refusal any older copy of `key` is dropped.
     pub fn store(&self, key: PageKey, page: &Page, retention: Retention) -> StoreOutcome {
+        self.accesses.fetch_add(1, Ordering::Relaxed);
         let hash = hash_key(&key);
         let checksum = xxh3_64(page);
         let body = if let Some(word) = compress::same_filled_word(page) {
@@ -620,6 +625,7 @@ impl PageStore {
     }
 
     fn load_inner(&self, key: PageKey, out: &mut Page, remove: bool) -> LoadOutcome {
+        self.accesses.fetch_add(1, Ordering::Relaxed);
         let hash = hash_key(&key);
         SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
@@ -1208,6 +1214,12 @@ impl PageStore {
             lost_pages: self.lost_pages.load(Ordering::Relaxed),
             dropped_remote_pages: self.dropped_remote_pages.load(Ordering::Relaxed),
         }
+    }
+
+    /// Stores and loads made so far (a page brought home or shipped by
+    /// the cluster is neither).
+    pub fn accesses(&self) -> u64 {
+        self.accesses.load(Ordering::Relaxed)
     }
 
     pub fn capacity_bytes(&self) -> u64 {
