@@ -490,57 +490,42 @@ async fn connecting_to_a_peer_that_never_answers_fails_at_the_deadline() {
     .await
 }
 
-#[test]
-fn an_rpc_to_a_peer_that_stops_answering_fails_at_the_deadline() {
-    tls::install_default_provider();
-    let cluster = Arc::new(Cluster::new(&["donor-a", "owner-b"]));
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (freeze_tx, freeze_rx) = tokio::sync::oneshot::channel::<()>();
-    let (thaw_tx, thaw_rx) = std::sync::mpsc::channel::<()>();
-    let (frozen_tx, frozen_rx) = std::sync::mpsc::channel::<()>();
-    let c = cluster.clone();
-    // The donor runs on its own single-threaded runtime, which the test then
-    // blocks: the peer is still there but answers nothing, like a stopped
-    // process.
-    let donor_thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let ep = bind(&c, "donor-a", donor(1 << 20));
-            addr_tx.send(ep.local_addr()).unwrap();
-            let _ = freeze_rx.await;
-            // No await between this ack and blocking: once the owner sees
-            // it, nothing on this runtime runs until the thaw.
-            frozen_tx.send(()).unwrap();
-            let _ = thaw_rx.recv_timeout(TEST_GUARD);
-            ep.close().await;
-        });
-    });
-    let donor_addr = addr_rx.recv_timeout(TEST_GUARD).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(guarded(async {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rpc_to_a_peer_that_stops_answering_fails_at_the_deadline() {
+    guarded(async {
+        let cluster = Cluster::new(&["donor-a", "owner-b"]);
+        let store = donor(1 << 20);
+        let donor_ep = bind(&cluster, "donor-a", store.clone());
         let tls = PeerTls::mutual(&cluster.identity("owner-b")).unwrap();
         let owner_ep = bind_with("owner-b", tls, short_deadline(), donor(0));
-        let session = owner_ep.session("donor-a", donor_addr).await.unwrap();
+        let session = owner_ep
+            .session("donor-a", donor_ep.local_addr())
+            .await
+            .unwrap();
         let ok = session.put_pages(&[donated(1, 1, false)]).await.unwrap();
         assert_eq!(ok, [PageStatus::Ok]);
-        freeze_tx.send(()).unwrap();
-        frozen_rx.recv_timeout(TEST_GUARD).unwrap();
+        // Another thread holds the donor's store: the donor's transport
+        // thread stops at its first request, and from then on answers
+        // nothing, acknowledges nothing, like a stopped process.
+        let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+        let (thaw_tx, thaw_rx) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            let _held = store.lock();
+            held_tx.send(()).unwrap();
+            let _ = thaw_rx.recv_timeout(TEST_GUARD);
+        });
+        held_rx.recv_timeout(TEST_GUARD).unwrap();
         let err = session
             .get_pages(&refs(1..2, 1))
             .await
-            .expect_err("a frozen peer answered");
+            .expect_err("a stopped peer answered");
         assert!(matches!(err, PeerError::Deadline { ms: 400, .. }), "{err}");
         thaw_tx.send(()).unwrap();
+        holder.join().unwrap();
         owner_ep.close().await;
-    }));
-    donor_thread.join().unwrap();
+        donor_ep.close().await;
+    })
+    .await
 }
 
 /// A raw authenticated QUIC connection to `target` after a proper hello:

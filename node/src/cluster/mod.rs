@@ -14,6 +14,7 @@ pub mod donor;
 pub mod liveness;
 pub mod membership;
 pub mod movers;
+mod net_thread;
 pub mod node;
 pub mod placement;
 pub mod pressure;

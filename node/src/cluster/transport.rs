@@ -46,6 +46,7 @@ use tokio::sync::{Semaphore, oneshot};
 use tracing::{debug, info, warn};
 
 use super::donor::{DonatedPage, DonorStore, PageRef, PageStatus};
+use super::net_thread::NetThread;
 use super::rpc::{self, RpcRefusal};
 use super::tls::{self, CertError, NodeIdentity};
 use crate::frontend::conn::{ConnError, FrameReader, encode_frame};
@@ -245,6 +246,8 @@ fn is_control(kind: &peer_request::Kind) -> bool {
 }
 
 struct Shared {
+    /// Where quinn and our stream tasks run (see [`super::net_thread`]).
+    net: tokio::runtime::Handle,
     node: String,
     /// `--insecure`: peers present no certificate to check names against.
     insecure: bool,
@@ -272,6 +275,8 @@ impl Shared {
 /// donor store) and dials them.
 #[derive(Clone)]
 pub struct PeerEndpoint {
+    /// Kept by every clone; the last one dropped stops the thread.
+    _net: Arc<NetThread>,
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
     seed_client_config: Option<quinn::ClientConfig>,
@@ -338,17 +343,22 @@ impl PeerEndpoint {
                 source,
             }
         })?;
+        let net = NetThread::start(&opts.node).map_err(|source| TransportError::Bind {
+            addr: opts.listen,
+            source,
+        })?;
         let endpoint = quinn::Endpoint::new(
             quinn::EndpointConfig::default(),
             Some(server_config),
             socket,
-            Arc::new(quinn::TokioRuntime),
+            net.runtime(),
         )
         .map_err(|source| TransportError::Bind {
             addr: opts.listen,
             source,
         })?;
         let shared = Arc::new(Shared {
+            net: net.handle().clone(),
             node: opts.node,
             insecure,
             incarnation: opts.incarnation,
@@ -360,8 +370,11 @@ impl PeerEndpoint {
             metrics: opts.metrics,
             placements: Arc::new(AtomicU64::new(1)),
         });
-        tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
+        shared
+            .net
+            .spawn(accept_loop(endpoint.clone(), shared.clone()));
         Ok(PeerEndpoint {
+            _net: Arc::new(net),
             endpoint,
             client_config,
             seed_client_config,
@@ -441,7 +454,7 @@ impl PeerEndpoint {
             return Ok(s.clone());
         }
         retire_stale(current.as_ref(), welcome.incarnation);
-        tokio::spawn(serve_streams(
+        self.shared.net.spawn(serve_streams(
             conn.clone(),
             self.shared.clone(),
             welcome.node.as_str().into(),
@@ -591,7 +604,7 @@ impl PeerEndpoint {
             )));
         }
         debug!(peer, %addr, incarnation = welcome.incarnation, "peer session up");
-        tokio::spawn(serve_streams(
+        self.shared.net.spawn(serve_streams(
             conn.clone(),
             self.shared.clone(),
             peer.into(),
@@ -661,7 +674,7 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             continue;
         };
         let shared = shared.clone();
-        tokio::spawn(async move {
+        shared.net.clone().spawn(async move {
             let remote = incoming.remote_address();
             if let Err(reason) = accept_peer(incoming, shared).await {
                 info!(%remote, %reason, "peer refused");
@@ -741,7 +754,9 @@ async fn accept_peer(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<(
             *current = Some(session);
         }
     }
-    tokio::spawn(serve_stream(shared.clone(), peer.clone(), reader, send));
+    shared
+        .net
+        .spawn(serve_stream(shared.clone(), peer.clone(), reader, send));
     serve_streams(conn, shared, peer).await;
     Ok(())
 }
@@ -775,7 +790,9 @@ async fn serve_streams(conn: quinn::Connection, shared: Arc<Shared>, peer: Arc<s
         match conn.accept_bi().await {
             Ok((send, recv)) => {
                 let reader = FrameReader::new(recv, FRAME_BYTES_MAX);
-                tokio::spawn(serve_stream(shared.clone(), peer.clone(), reader, send));
+                shared
+                    .net
+                    .spawn(serve_stream(shared.clone(), peer.clone(), reader, send));
             }
             Err(e) => {
                 debug!(peer = %peer, reason = %e, "peer connection closed");
@@ -934,7 +951,9 @@ impl PeerSession {
             readers.push(FrameReader::new(recv, FRAME_BYTES_MAX));
         }
         for reader in readers {
-            tokio::spawn(read_answers(reader, pending.clone(), conn.clone()));
+            shared
+                .net
+                .spawn(read_answers(reader, pending.clone(), conn.clone()));
         }
         Arc::new(PeerSession {
             peer,
