@@ -66,15 +66,7 @@ one_round() {
         i=$((i + 1))
     done
     say "round $round: waiting for the cluster"
-    local healthy=""
-    for _ in $(seq 1 300); do
-        if "$ramster" health --endpoint "127.0.0.1:$((base + 10))" >/dev/null 2>&1; then
-            healthy=yes
-            break
-        fi
-        sleep 0.1
-    done
-    [[ -n "$healthy" ]] || { "$ramster" status --endpoint "127.0.0.1:$((base + 10))" || true; echo "cluster not healthy; logs in $dir" >&2; exit 1; }
+    wait_cluster "127.0.0.1:$((base + 10))" 3
 
     say "round $round: ramster bench --cluster"
     "$ramster" bench --socket "$dir/owner/api.sock" --cluster "${source_args[@]}" \

@@ -72,16 +72,7 @@ done
 owner_admin="127.0.0.1:$((base + 10))"
 
 say "waiting for the cluster"
-healthy=""
-for _ in $(seq 1 300); do
-    if "$ramster" health --endpoint "$owner_admin" >/dev/null 2>&1 \
-        && [[ "$("$ramster" status --endpoint "$owner_admin" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["nodes_up"])')" == 4 ]]; then
-        healthy=yes
-        break
-    fi
-    sleep 0.1
-done
-[[ -n "$healthy" ]] || { "$ramster" status --endpoint "$owner_admin" || true; echo "cluster not healthy; logs in $out" >&2; exit 1; }
+wait_cluster "$owner_admin" 4
 
 metric() {
     curl -fsS "http://$owner_admin/metrics" | awk -v m="$1" '$1 == m { print $2 }'

@@ -38,3 +38,21 @@ wait_port() {
     echo "$what did not listen on 127.0.0.1:$port within 10 s" >&2
     return 1
 }
+
+# Waits (bounded, 30 s) until the node whose admin endpoint is $1 answers
+# healthy and counts $2 members up. Health alone is not enough: a seed that
+# bootstrapped is a healthy cluster of one before the others have joined.
+wait_cluster() {
+    local admin="$1" want="$2" up
+    for _ in $(seq 1 300); do
+        if "$ramster" health --endpoint "$admin" >/dev/null 2>&1; then
+            up="$("$ramster" status --endpoint "$admin" -o json \
+                | python3 -c 'import json,sys; print(json.load(sys.stdin)["nodes_up"])')"
+            [[ "$up" == "$want" ]] && return 0
+        fi
+        sleep 0.1
+    done
+    "$ramster" status --endpoint "$admin" || true
+    echo "cluster not healthy with $want nodes up within 30 s; logs in $out" >&2
+    return 1
+}

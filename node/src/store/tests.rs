@@ -153,6 +153,39 @@ fn coldest_pages_come_oldest_first_and_loads_warm_them() {
     assert!(s.coldest(Retention::Ephemeral, 10).is_empty());
 }
 
+/// The coldest pages, however unevenly they fall over the shards, are the
+/// ones a walk of every shard's whole list finds.
+#[test]
+fn coldest_is_exact_when_the_cold_pages_crowd_into_one_shard() {
+    let s = PageStore::new(StoreConfig::with_capacity(256 << 20));
+    let n = 8_000u64;
+    for i in 0..n {
+        s.store(key(i), &page_of(i, true), Retention::Persistent);
+    }
+    let full = |max| {
+        s.coldest_taking(Retention::Persistent, max, n as usize)
+            .expect("a full walk is exact")
+    };
+    let keys = |c: Vec<ColdPage>| c.into_iter().map(|c| c.key).collect::<Vec<_>>();
+    // Evenly spread: the first, cheap take is enough.
+    assert_eq!(keys(s.coldest(Retention::Persistent, 256)), keys(full(256)));
+    // Warm every page outside shard 0: its pages (about 125) become the
+    // coldest, far more than a fair share of 256 over 64 shards.
+    let mut out = Box::new([0u8; PAGE_BYTES]);
+    for i in 0..n {
+        if s.shard_of(hash_key(&key(i))) != 0 {
+            s.load(key(i), &mut out);
+        }
+    }
+    let cold = s.coldest(Retention::Persistent, 256);
+    let crowded = cold
+        .iter()
+        .filter(|c| s.shard_of(hash_key(&c.key)) == 0)
+        .count();
+    assert!(crowded > 64, "{crowded} of shard 0's pages among the coldest");
+    assert_eq!(keys(cold), keys(full(256)));
+}
+
 #[test]
 fn take_removes_and_invalidate_matching_drops_a_space() {
     let s = PageStore::new(StoreConfig::with_capacity(64 << 20));
