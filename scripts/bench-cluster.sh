@@ -15,7 +15,8 @@
 # process this script starts is stopped by its PID on exit.
 #
 # Environment: ROUNDS (3), CAPACITY (64MiB), PAGES (65536), DEPTH (16),
-# BATCH (16), PORT_BASE (27800: peers on PORT_BASE..+2 UDP, admin endpoints on
+# BATCH (16), REPLICAS (donor copies of each page; unset: the node's default,
+# 2), PORT_BASE (27800: peers on PORT_BASE..+2 UDP, admin endpoints on
 # PORT_BASE+10..+12, Redis on PORT_BASE+20), OUT (a temp dir for reports and
 # logs).
 
@@ -27,6 +28,8 @@ capacity="${CAPACITY:-64MiB}"
 pages="${PAGES:-65536}"
 depth="${DEPTH:-16}"
 batch="${BATCH:-16}"
+replicas=()
+[[ -n "${REPLICAS:-}" ]] && replicas=(--replicas "$REPLICAS")
 base="${PORT_BASE:-27800}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${OUT:-$(mktemp -d /tmp/ramster-bench-cluster.XXXXXX)}"
@@ -56,7 +59,7 @@ one_round() {
     for name in "${names[@]}"; do
         "$ramster" cert create-node "$name" --certs-dir "$dir/ca" >/dev/null
         local extra=(--capacity 1GiB)
-        [[ "$name" == owner ]] && extra=(--capacity "$capacity")
+        [[ "$name" == owner ]] && extra=(--capacity "$capacity" "${replicas[@]}")
         [[ "$name" == memory ]] && extra+=(--role memory-server)
         RUST_LOG=warn "$ramster" node --name "$name" --data-dir "$dir/$name" \
             --certs-dir "$dir/ca/$name" --listen "127.0.0.1:$((base + i))" --join "$seeds" \

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use ramster_cluster_tests::{MemberSpec, TestCluster, verify_pages, wait_for};
 use ramster_node::cli::corpus::Pages;
 use ramster_node::cluster::status::{HealthLevel, Liveness};
-use ramster_node::frontend::client::{BlockingClient, op};
+use ramster_node::frontend::client::{BlockingClient, Client, op};
 use ramster_protocol::v1::{self, op::Kind};
 
 const AREA: u32 = 1;
@@ -43,6 +43,42 @@ fn fill(client: &BlockingClient, pages: &Pages, capacity: u64) -> Vec<u64> {
         );
     }
     accepted
+}
+
+/// Loads the coldest pages one page per request, 16 requests in flight on
+/// one connection: such a request finishes on the transport's thread and
+/// its answer is written from there, between the connection's other
+/// answers. Every page must come back whole, and from donors.
+fn one_page_loads_from_donors(socket: &std::path::Path, pages: &Pages, accepted: &[u64]) {
+    let cold: Vec<u64> = accepted.iter().copied().take(2_000).collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let remote = rt.block_on(async {
+        let c = std::sync::Arc::new(Client::connect(socket).await.unwrap());
+        let before = c.stats().await.unwrap().counters.unwrap().loads_remote;
+        let mut tasks = tokio::task::JoinSet::new();
+        for lane in cold.chunks(cold.len().div_ceil(16)) {
+            let (c, lane) = (c.clone(), lane.to_vec());
+            let expected: Vec<Bytes> = lane.iter().map(|&o| pages.page_bytes(o as usize)).collect();
+            tasks.spawn(async move {
+                for (&o, want) in lane.iter().zip(expected) {
+                    let got = c.load_pages(AREA, &[o]).await.unwrap().pop().unwrap();
+                    assert!(got.unwrap() == want, "page {o} came back different");
+                }
+            });
+        }
+        while let Some(t) = tasks.join_next().await {
+            t.unwrap();
+        }
+        c.stats().await.unwrap().counters.unwrap().loads_remote - before
+    });
+    assert!(
+        remote > cold.len() as u64 / 2,
+        "only {remote} of {} one-page loads came from donors",
+        cold.len()
+    );
 }
 
 fn remote_pages(client: &BlockingClient) -> u64 {
@@ -97,6 +133,7 @@ fn a_small_node_takes_four_times_its_capacity_and_gets_every_page_back() {
     })
     .unwrap_or_else(|e| panic!("no donor reports holding pages ({e}): {:?}", small.status()));
     verify_pages(&client, AREA, &pages, &accepted);
+    one_page_loads_from_donors(&small.socket(), &pages, &accepted);
 
     // Free three quarters: the store empties below the suction line and
     // the remaining remote pages come home.

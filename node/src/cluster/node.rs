@@ -1588,4 +1588,8 @@ impl RemotePages for ClusterNode {
         self.inner
             .block_on(super::movers::bring_home(&self.inner, &refs))
     }
+
+    fn answers_on(&self) -> Option<tokio::runtime::Handle> {
+        Some(self.inner.endpoint.net_handle())
+    }
 }

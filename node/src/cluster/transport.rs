@@ -496,6 +496,11 @@ impl PeerEndpoint {
         Ok((writer, reader, welcome))
     }
 
+    /// The transport thread's runtime: where peers' answers arrive.
+    pub fn net_handle(&self) -> tokio::runtime::Handle {
+        self.shared.net.clone()
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.endpoint
             .local_addr()

@@ -2,7 +2,9 @@
 //!
 //! Per connection: a handshake, then requests decoded by one reader and
 //! executed concurrently (at most [`REQUESTS_IN_FLIGHT_MAX`] at a time), with
-//! responses queued to one writer. A request that cannot be decoded gets an
+//! responses going out through one [`FrameWriter`]. Small requests run in
+//! the reader; one that waits on donors finishes on the transport's thread,
+//! where their answer arrives. A request that cannot be decoded gets an
 //! error response; a broken frame (bad length) gets one and the connection
 //! is closed, since the stream position is lost. Nothing a client sends can
 //! stop the server from serving its other connections.
@@ -20,7 +22,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, info, warn};
 
-use super::conn::{ConnError, FrameReader, encode_frame, spawn_writer};
+use super::conn::{ConnError, FrameReader, FrameWriter, encode_frame};
 use super::{Frontend, LoadResult, OpError, Reject, StoreResult};
 use crate::metrics::NodeMetrics;
 use crate::store::{PAGE_BYTES, Page, StoreStats};
@@ -105,12 +107,19 @@ async fn serve_connection(
 ) -> Result<(), ConnError> {
     let (rd, wr) = stream.into_split();
     let mut reader = FrameReader::new(rd, FRAME_BYTES_MAX);
-    let writer = spawn_writer(wr);
+    let writer = FrameWriter::spawn(wr);
+    // Where small requests that wait on donors finish: the transport's
+    // thread when there is a cluster, so a donor's answer goes out to the
+    // client from the thread it arrived on, without waking this runtime.
+    let answers_on = frontend
+        .remote()
+        .and_then(|r| r.answers_on())
+        .unwrap_or_else(tokio::runtime::Handle::current);
     let send = |resp: v1::Response| {
         let writer = writer.clone();
         async move {
             let frame = encode_frame(&resp).expect("responses stay under the frame limit");
-            let _ = writer.send(frame).await;
+            writer.send(frame).await;
         }
     };
 
@@ -135,7 +144,7 @@ async fn serve_connection(
         });
     match welcome {
         Ok(w) => {
-            let _ = writer.send(encode_frame(&w).expect("small")).await;
+            writer.send(encode_frame(&w).expect("small")).await;
         }
         Err(resp) => {
             send(resp).await;
@@ -192,8 +201,7 @@ async fn serve_connection(
                 .as_mut()
                 .poll(&mut Context::from_waker(Waker::noop()));
             if let Poll::Ready(resp) = polled {
-                let frame = encode_frame(&resp).expect("responses stay under the frame limit");
-                let _ = writer.send(frame).await;
+                send(resp).await;
                 continue;
             }
         }
@@ -203,12 +211,26 @@ async fn serve_connection(
             .await
             .expect("never closed");
         let writer = writer.clone();
-        tokio::spawn(async move {
-            let resp = answer.await;
-            let frame = encode_frame(&resp).expect("responses stay under the frame limit");
-            let _ = writer.send(frame).await;
-            drop(permit);
-        });
+        if inline {
+            // Still running: it waits on donors. It finishes where their
+            // answer arrives and writes from there (a page or two to
+            // check and decompress).
+            answers_on.spawn(async move {
+                let resp = answer.await;
+                let frame = encode_frame(&resp).expect("responses stay under the frame limit");
+                writer.write_now(frame).await;
+                drop(permit);
+            });
+        } else {
+            // Bigger requests compress and decompress more: the workers'
+            // job.
+            tokio::spawn(async move {
+                let resp = answer.await;
+                let frame = encode_frame(&resp).expect("responses stay under the frame limit");
+                writer.send(frame).await;
+                drop(permit);
+            });
+        }
     }
     Ok(())
 }

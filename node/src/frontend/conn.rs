@@ -1,9 +1,10 @@
 //! One place for frame I/O on a byte stream, shared by the API server and the
 //! client: a reader that owns the read buffer ("parse what is buffered, else
-//! read more") and a writer task that coalesces queued frames into few
+//! read more") and a writer whose task coalesces queued frames into few
 //! syscalls.
 
 use std::io::IoSlice;
+use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 use ramster_protocol::frame::{self, FrameError};
@@ -65,32 +66,75 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
 /// Starts a task writing queued frames to `io`; dropping every sender ends it
 /// after the queue drains. Frames already encoded (length prefix included).
-/// Whatever is queued is written with one vectored write (no copy into a
-/// coalescing buffer): a response of 16 pages is 64 KiB.
-pub fn spawn_writer<W: AsyncWrite + Unpin + Send + 'static>(mut io: W) -> mpsc::Sender<BytesMut> {
-    let (tx, mut rx) = mpsc::channel::<BytesMut>(WRITE_QUEUE_FRAMES_MAX);
-    tokio::spawn(async move {
-        let mut batch: Vec<BytesMut> = Vec::new();
-        while let Some(first) = rx.recv().await {
-            let mut bytes = first.len();
-            batch.push(first);
-            while bytes < WRITE_COALESCE_BYTES_MAX && batch.len() < WRITE_COALESCE_FRAMES_MAX {
-                match rx.try_recv() {
-                    Ok(more) => {
-                        bytes += more.len();
-                        batch.push(more);
-                    }
-                    Err(_) => break,
-                }
-            }
-            if write_all_vectored(&mut io, &mut batch).await.is_err() {
-                break;
-            }
-            batch.clear();
+pub fn spawn_writer<W: AsyncWrite + Unpin + Send + 'static>(io: W) -> mpsc::Sender<BytesMut> {
+    FrameWriter::spawn(io).queue
+}
+
+/// The write side of a connection. Frames are queued to a task that writes
+/// whatever is queued with one vectored write (no copy into a coalescing
+/// buffer: a response of 16 pages is 64 KiB), or written at once by a task
+/// that has one ready on another thread, where handing it to the queue
+/// would first wake this runtime. A lock keeps frames whole between the two.
+pub struct FrameWriter<W> {
+    queue: mpsc::Sender<BytesMut>,
+    io: Arc<tokio::sync::Mutex<W>>,
+}
+
+impl<W> Clone for FrameWriter<W> {
+    fn clone(&self) -> Self {
+        FrameWriter {
+            queue: self.queue.clone(),
+            io: self.io.clone(),
         }
-        let _ = io.shutdown().await;
-    });
-    tx
+    }
+}
+
+impl<W: AsyncWrite + Unpin + Send + 'static> FrameWriter<W> {
+    /// Starts the queue's task; it ends, and shuts `io` down, once every
+    /// clone is dropped and the queue has drained.
+    pub fn spawn(io: W) -> Self {
+        let (queue, mut rx) = mpsc::channel::<BytesMut>(WRITE_QUEUE_FRAMES_MAX);
+        let io = Arc::new(tokio::sync::Mutex::new(io));
+        let writing = io.clone();
+        tokio::spawn(async move {
+            let mut batch: Vec<BytesMut> = Vec::new();
+            while let Some(first) = rx.recv().await {
+                let mut bytes = first.len();
+                batch.push(first);
+                while bytes < WRITE_COALESCE_BYTES_MAX && batch.len() < WRITE_COALESCE_FRAMES_MAX {
+                    match rx.try_recv() {
+                        Ok(more) => {
+                            bytes += more.len();
+                            batch.push(more);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if write_all_vectored(&mut *writing.lock().await, &mut batch)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                batch.clear();
+            }
+            let _ = writing.lock().await.shutdown().await;
+        });
+        FrameWriter { queue, io }
+    }
+
+    /// Queues `frame`; waits while the queue is full. A closed connection
+    /// drops it.
+    pub async fn send(&self, frame: BytesMut) {
+        let _ = self.queue.send(frame).await;
+    }
+
+    /// Writes `frame` from the calling task, between two of the queue's
+    /// writes. A closed connection drops it.
+    pub async fn write_now(&self, frame: BytesMut) {
+        let mut io = self.io.lock().await;
+        let _ = write_all_vectored(&mut *io, &mut [frame]).await;
+    }
 }
 
 /// Writes every frame, in order, with as few syscalls as the kernel allows.
@@ -119,7 +163,7 @@ async fn write_all_vectored<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Encodes one message as a frame ready for [`spawn_writer`].
+/// Encodes one message as a frame ready for a [`FrameWriter`].
 pub fn encode_frame<M: prost::Message>(msg: &M) -> Result<BytesMut, FrameError> {
     let mut out = BytesMut::new();
     frame::encode(msg, &mut out)?;

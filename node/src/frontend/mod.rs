@@ -119,6 +119,13 @@ pub trait RemotePages: Send + Sync {
     /// store (frontswap_shrink reaches them this way); the number brought
     /// home.
     fn bring_home(&self, space: u32, max: usize) -> usize;
+
+    /// The runtime whose thread receives donors' answers. A request that
+    /// waits on donors finishes there, and its connection writes there, so
+    /// the answer goes out on the thread it came in on.
+    fn answers_on(&self) -> Option<tokio::runtime::Handle> {
+        None
+    }
 }
 
 /// The contract, on one node: frontswap areas and cleancache pools over one

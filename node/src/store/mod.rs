@@ -814,24 +814,26 @@ impl PageStore {
         // sorting them all made this a tenth of remotify's time.
         let fair = max.div_ceil(self.shards.len());
         let take = (fair * COLDEST_FAIR_SHARES).max(COLDEST_TAKE_MIN);
-        if take < max
-            && let Some(cold) = self.coldest_taking(retention, max, take)
-        {
-            return cold;
+        if take < max {
+            let (cold, enough) = self.coldest_taking(retention, max, take);
+            if enough {
+                return cold;
+            }
         }
-        self.coldest_taking(retention, max, max)
-            .expect("taking max from every shard is always enough")
+        self.coldest_taking(retention, max, max).0
     }
 
-    /// The `max` coldest pages, from at most `take` of each shard's coldest;
-    /// `None` when a shard held more that might have been colder than the
-    /// last one chosen.
+    /// The `max` coldest pages by stamp, from at most `take` of each shard's
+    /// coldest, and whether that was enough: `false` when a shard held more
+    /// that might have been colder than the warmest one chosen. (A shard's
+    /// list is nearly, not strictly, in stamp order: a page whose remotify
+    /// failed goes back to its cold end.)
     fn coldest_taking(
         &self,
         retention: Retention,
         max: usize,
         take: usize,
-    ) -> Option<Vec<ColdPage>> {
+    ) -> (Vec<ColdPage>, bool) {
         let mut all = Vec::with_capacity(self.shards.len() * take.min(64));
         // The warmest page taken from each shard that had more than `take`.
         let mut cut_short = Vec::new();
@@ -858,7 +860,7 @@ impl PageStore {
             Some(last) if all.len() == max => cut_short.iter().all(|&s| s >= last.stamp),
             _ => cut_short.is_empty(),
         };
-        enough.then_some(all)
+        (all, enough)
     }
 
     /// Remotify, step one: takes up to `max` of the coldest persistent and
