@@ -161,14 +161,24 @@ fn a_small_node_takes_four_times_its_capacity_and_gets_every_page_back() {
         )
     });
     verify_pages(&client, AREA, &pages, keep);
-    // Donors were told to drop what came home or was invalidated (they
-    // keep small tombstones, not pages).
+    // Donors were told to drop what came home or was invalidated, and
+    // then, with nothing of small's left on them, to forget small: not
+    // even the tombstones of released pages stay.
     for donor in ["big1", "big2"] {
         let m = cluster.member(donor);
         wait_for(Duration::from_secs(30), || {
-            (m.metric("ramster_donor_held_pages")? == 0.0).then_some(())
+            (m.metric("ramster_donor_held_pages")? == 0.0
+                && m.metric("ramster_donor_tombstones")? == 0.0
+                && m.metric("ramster_donor_held_bytes")? == 0.0)
+                .then_some(())
         })
-        .unwrap_or_else(|_| panic!("{donor} still holds released pages"));
+        .unwrap_or_else(|_| {
+            panic!(
+                "{donor} still holds pages or tombstones of small's: {:?} pages, {:?} tombstones",
+                m.metric("ramster_donor_held_pages"),
+                m.metric("ramster_donor_tombstones")
+            )
+        });
     }
 }
 

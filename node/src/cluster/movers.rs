@@ -47,6 +47,7 @@ pub(super) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
         }
         release(&inner).await;
+        forget(&inner).await;
         super::repair::repair(&inner).await;
         super::repair::reclaim(&inner).await;
         let st = inner.store.stats();
@@ -223,6 +224,54 @@ async fn ship(inner: Arc<Inner>, out: Vec<Outbound>, copies: usize) -> bool {
         inner.release_backlog.lock().extend(unwanted);
     }
     moved > 0
+}
+
+/// Once no page of ours is on any donor and no release is owed, tells each
+/// donor put to since it last forgot us to forget us (`release_owner`). A
+/// donor keeps a tombstone for every page of ours released there, so that a
+/// put overtaken by its release never resurrects the page; those would
+/// otherwise stay, charged to our quota and its donation, until our next
+/// incarnation. Nothing of ours can still be put meanwhile: remotify and
+/// repair run in this same loop. (A put that went unanswered and lands
+/// after the forget leaves a page nobody refers to, until the next forget.)
+async fn forget(inner: &Arc<Inner>) {
+    if inner.unforgotten.lock().is_empty()
+        || inner.store.stats().remote_pages > 0
+        || !inner.release_backlog.lock().is_empty()
+    {
+        return;
+    }
+    // Only donors that are up: dialling one that is gone would hold up
+    // this loop for an RPC deadline. The others are asked once they are
+    // back (or forget us when our incarnation changes).
+    let up: Vec<u32> = inner
+        .donor_views()
+        .iter()
+        .filter(|d| d.up)
+        .map(|d| d.id)
+        .collect();
+    let donors: Vec<u32> = inner
+        .unforgotten
+        .lock()
+        .iter()
+        .copied()
+        .filter(|d| up.contains(d))
+        .collect();
+    for d in donors {
+        let forgot = async {
+            let s = inner.donor_session(d as NodeId).await?;
+            s.release_owner().await.map_err(|e| e.to_string())
+        }
+        .await;
+        match forgot {
+            // WrongIncarnation: it knows a newer run of ours, which holds
+            // nothing there either.
+            Ok(_) => {
+                inner.unforgotten.lock().remove(&d);
+            }
+            Err(e) => debug!(donor = d, reason = %e, "donor not told to forget us yet"),
+        }
+    }
 }
 
 /// One page's outcome of a remotify batch, once its puts are answered.

@@ -133,6 +133,10 @@ pub(super) struct Inner {
     /// Donors holding copies of our pages, with the incarnation those
     /// copies live in: a donor back with another one came back empty.
     shipped: Mutex<HashMap<DonorId, u64>>,
+    /// Donors put to since they last forgot us: they keep a tombstone for
+    /// every page of ours released there, until told to forget us
+    /// ([`super::movers`]' `forget`).
+    pub(super) unforgotten: Mutex<HashSet<DonorId>>,
     pub(super) repair: Mutex<super::repair::RepairState>,
 }
 
@@ -257,6 +261,7 @@ impl ClusterNode {
             registered: watch::channel(false).0,
             heartbeats_in_flight: Mutex::new(HashSet::new()),
             shipped: Mutex::new(HashMap::new()),
+            unforgotten: Mutex::new(HashSet::new()),
             repair: Mutex::new(Default::default()),
         });
         endpoint.set_control_handler(Arc::new(Control(Arc::downgrade(&inner))));
@@ -987,6 +992,7 @@ impl Inner {
     /// so repair re-creates them and the donor takes new copies like any
     /// other, instead of waiting as lost until all of them are re-created.
     pub(super) fn note_shipped(&self, donor: DonorId, incarnation: u64) {
+        self.unforgotten.lock().insert(donor);
         let mut shipped = self.shipped.lock();
         match shipped.get(&donor) {
             None => {
