@@ -47,10 +47,10 @@ pub(super) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             _ = stop.changed() => return,
         }
         release(&inner).await;
-        forget(&inner).await;
         super::repair::repair(&inner).await;
         super::repair::reclaim(&inner).await;
         let st = inner.store.stats();
+        forget(&inner, st.remote_pages).await;
         match pressure.decide(
             &inner.watermarks,
             st.used_bytes,
@@ -226,7 +226,8 @@ async fn ship(inner: Arc<Inner>, out: Vec<Outbound>, copies: usize) -> bool {
     moved > 0
 }
 
-/// Once no page of ours is on any donor and no release is owed, tells each
+/// Once no page of ours is on any donor (`remote_pages`, from the store's
+/// stats this round) and no release is owed, tells each
 /// donor put to since it last forgot us to forget us (`release_owner`). A
 /// donor keeps a tombstone for every page of ours released there, so that a
 /// put overtaken by its release never resurrects the page; those would
@@ -234,9 +235,9 @@ async fn ship(inner: Arc<Inner>, out: Vec<Outbound>, copies: usize) -> bool {
 /// incarnation. Nothing of ours can still be put meanwhile: remotify and
 /// repair run in this same loop. (A put that went unanswered and lands
 /// after the forget leaves a page nobody refers to, until the next forget.)
-async fn forget(inner: &Arc<Inner>) {
-    if inner.unforgotten.lock().is_empty()
-        || inner.store.stats().remote_pages > 0
+async fn forget(inner: &Arc<Inner>, remote_pages: u64) {
+    if remote_pages > 0
+        || inner.unforgotten.lock().is_empty()
         || !inner.release_backlog.lock().is_empty()
     {
         return;
@@ -244,12 +245,7 @@ async fn forget(inner: &Arc<Inner>) {
     // Only donors that are up: dialling one that is gone would hold up
     // this loop for an RPC deadline. The others are asked once they are
     // back (or forget us when our incarnation changes).
-    let up: Vec<u32> = inner
-        .donor_views()
-        .iter()
-        .filter(|d| d.up)
-        .map(|d| d.id)
-        .collect();
+    let up = inner.up_donors();
     let donors: Vec<u32> = inner
         .unforgotten
         .lock()
@@ -357,12 +353,7 @@ async fn suction(inner: &Arc<Inner>, bytes: u64, pace: &mut SuctionPace) {
 /// in the store; the donors' copies are then released. Returns the pages
 /// brought home.
 pub(super) async fn bring_home(inner: &Arc<Inner>, refs: &[RemoteRef]) -> usize {
-    let up: Vec<u32> = inner
-        .donor_views()
-        .iter()
-        .filter(|d| d.up)
-        .map(|d| d.id)
-        .collect();
+    let up = inner.up_donors();
     let mut by_donor: HashMap<u32, Vec<RemoteRef>> = HashMap::new();
     for r in refs {
         // A replica that is up; pages with none wait for a later round.

@@ -852,6 +852,15 @@ impl Inner {
         }
     }
 
+    /// The donors that are up now.
+    pub(super) fn up_donors(&self) -> Vec<DonorId> {
+        self.donor_views()
+            .iter()
+            .filter(|d| d.up)
+            .map(|d| d.id)
+            .collect()
+    }
+
     /// Donors as placement sees them: members other than us, with the spare
     /// room their last heartbeat gave minus what we put there since.
     pub(super) fn donor_views(&self) -> Vec<DonorView> {

@@ -211,25 +211,25 @@ async fn serve_connection(
             .await
             .expect("never closed");
         let writer = writer.clone();
-        if inline {
-            // Still running: it waits on donors. It finishes where their
-            // answer arrives and writes from there (a page or two to
-            // check and decompress).
-            answers_on.spawn(async move {
-                let resp = answer.await;
-                let frame = encode_frame(&resp).expect("responses stay under the frame limit");
+        let finish = async move {
+            let resp = answer.await;
+            let frame = encode_frame(&resp).expect("responses stay under the frame limit");
+            if inline {
                 writer.write_now(frame).await;
-                drop(permit);
-            });
+            } else {
+                writer.send(frame).await;
+            }
+            drop(permit);
+        };
+        if inline {
+            // Still running, so it waits on donors: it finishes where their
+            // answer arrives and writes from there (a page or two to check
+            // and decompress).
+            answers_on.spawn(finish);
         } else {
             // Bigger requests compress and decompress more: the workers'
             // job.
-            tokio::spawn(async move {
-                let resp = answer.await;
-                let frame = encode_frame(&resp).expect("responses stay under the frame limit");
-                writer.send(frame).await;
-                drop(permit);
-            });
+            tokio::spawn(finish);
         }
     }
     Ok(())

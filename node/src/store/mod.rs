@@ -834,7 +834,7 @@ impl PageStore {
         max: usize,
         take: usize,
     ) -> (Vec<ColdPage>, bool) {
-        let mut all = Vec::with_capacity(self.shards.len() * take.min(64));
+        let mut all = Vec::with_capacity(self.shards.len() * take.min(max));
         // The warmest page taken from each shard that had more than `take`.
         let mut cut_short = Vec::new();
         for shard in self.shards.iter() {
