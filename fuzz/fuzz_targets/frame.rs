@@ -31,13 +31,17 @@ fuzz_target!(|data: &[u8]| {
     // A fresh front end per input keeps every crash reproducible from its
     // input alone. Area 1 persistent, area 2 writethrough, pools 0 and 1
     // exist, so ops reach the store instead of stopping at "unknown".
-    let frontend = Frontend::new(
+    let frontend = Arc::new(Frontend::new(
         "fuzz",
         Arc::new(PageStore::new(StoreConfig::with_capacity(
             STORE_CAPACITY_BYTES,
         ))),
-    );
-    let metrics = NodeMetrics::default();
+    ));
+    let metrics = Arc::new(NodeMetrics::default());
+    // With no cluster nothing waits on a donor, so one thread runs it all.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a current-thread runtime");
     frontend.init_area(1, false).expect("area 1 is in range");
     frontend.init_area(2, true).expect("area 2 is in range");
     frontend.new_pool(false);
@@ -58,7 +62,11 @@ fuzz_target!(|data: &[u8]| {
                         // The server refuses larger batches before executing.
                         if request.ops.len() <= BATCH_OPS_MAX {
                             let ops = request.ops.len();
-                            let response = api::execute(&frontend, &metrics, request);
+                            let response = runtime.block_on(api::execute(
+                                frontend.clone(),
+                                metrics.clone(),
+                                request,
+                            ));
                             assert_eq!(response.results.len(), ops);
                             let mut out = BytesMut::new();
                             frame::encode(&response, &mut out)

@@ -1,8 +1,9 @@
 //! The NBD handshake and command parsers on arbitrary bytes, driven the way
 //! the server drives them: client flags, then options until one fails or
 //! the bytes run out; the same bytes as a stream of transmission requests,
-//! each checked against an export. Nothing may panic, and every parser must
-//! consume what it claims and no more.
+//! each checked against an export. Nothing may panic, every parser must
+//! consume what it claims and no more, and an incomplete request must say
+//! how many bytes it still lacks.
 
 #![no_main]
 
@@ -74,4 +75,11 @@ fuzz_target!(|data: &[u8]| {
             let _ = proto::check_request(r, u64::MAX);
         },
     );
+    // What the server waits for when a request is incomplete: never zero
+    // (it must read on), and never more than the request still lacks.
+    if let Ok(None) = proto::parse_request(data) {
+        let missing = proto::request_bytes_missing(data);
+        assert!(missing >= 1);
+        assert!(data.len() + missing <= proto::REQUEST_HEADER_BYTES + proto::REQUEST_BYTES_MAX);
+    }
 });

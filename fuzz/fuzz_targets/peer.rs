@@ -37,8 +37,7 @@ fuzz_target!(|data: &[u8]| {
                         let _ = peer_handshake::accept(&hello, "donor", 1);
                     }
                     if let Ok(req) = frame::decode::<PeerRequest>(body.clone()) {
-                        if let Some(ramster_protocol::peer::peer_request::Kind::Raft(m)) =
-                            &req.kind
+                        if let Some(ramster_protocol::peer::peer_request::Kind::Raft(m)) = &req.kind
                         {
                             let _ = serde_json::from_slice::<RaftRequest>(&m.body);
                         }
