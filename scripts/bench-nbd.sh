@@ -9,7 +9,8 @@
 # client's view.
 #
 # Usage: scripts/bench-nbd.sh [CORPUS]   (default /tmp/corpus.bin)
-# Env: CAPACITY (ramster store, default 1GiB), PORT (default 10950), RUNS (default 3).
+# Env: CAPACITY (ramster store, default 1GiB), PORT (default 10950), RUNS (default 3),
+#      BIN (the ramster binary; default: build this checkout).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,8 +23,11 @@ for t in nbdkit qemu-img python3; do
 done
 [ -f "$CORPUS" ] || { echo "no corpus at $CORPUS"; exit 1; }
 
-cargo build --release -q -p ramster-node --bin ramster
-BIN=target/release/ramster
+# BIN: a ramster binary to measure instead of this checkout's release build.
+if [ -z "${BIN:-}" ]; then
+  cargo build --release -q -p ramster-node --bin ramster
+  BIN=target/release/ramster
+fi
 bytes=$(stat -c %s "$CORPUS")
 pages=$((bytes / 4096))
 # Export size: the corpus rounded up to whole MiB.

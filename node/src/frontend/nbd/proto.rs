@@ -421,6 +421,23 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, ProtoError>
     Ok(Some((request, total)))
 }
 
+/// How many more bytes `buf` needs before [`parse_request`] can say more
+/// than "not yet": the rest of the header, or of a WRITE's payload. At
+/// least 1.
+pub fn request_bytes_missing(buf: &[u8]) -> usize {
+    let total = if buf.len() < REQUEST_HEADER_BYTES {
+        REQUEST_HEADER_BYTES
+    } else {
+        match Command::from_wire(be_u16(&buf[6..])) {
+            Command::Write => {
+                REQUEST_HEADER_BYTES + (be_u32(&buf[24..]) as usize).min(REQUEST_BYTES_MAX)
+            }
+            _ => REQUEST_HEADER_BYTES,
+        }
+    };
+    total.saturating_sub(buf.len()).max(1)
+}
+
 /// Checks a request against the export before it is carried out: the error
 /// to reply with, or `Ok`. The stream stays in sync either way.
 pub fn check_request(req: &Request, export_bytes: u64) -> Result<(), u32> {
@@ -663,6 +680,28 @@ mod tests {
             if let Ok(Some((req, _))) = parse_request(&bytes) {
                 let _ = check_request(&req, 1 << 30);
             }
+        }
+
+        #[test]
+        fn an_incomplete_request_lacks_exactly_what_completes_it(
+            cmd in 0u16..10,
+            len in 0u32..20_000,
+            cut_at in any::<proptest::sample::Index>(),
+        ) {
+            let mut r = request(0, cmd, 9, 0, len);
+            if cmd == CMD_WRITE {
+                r.resize(r.len() + len as usize, 0xa5);
+            }
+            let cut = cut_at.index(r.len());
+            prop_assert_eq!(parse_request(&r[..cut]), Ok(None));
+            let missing = request_bytes_missing(&r[..cut]);
+            // The header comes first; once it is in, the rest of the payload.
+            let expect = if cut < REQUEST_HEADER_BYTES {
+                REQUEST_HEADER_BYTES - cut
+            } else {
+                r.len() - cut
+            };
+            prop_assert_eq!(missing, expect);
         }
 
         #[test]

@@ -1,25 +1,30 @@
-//! The NBD server: tokio glue around [`proto`](super::proto) and
+//! The NBD server: glue around [`proto`](super::proto) and
 //! [`Export`](super::export::Export).
 //!
-//! Per connection: the fixed newstyle handshake, then transmission. One
-//! reader parses every request the client has pipelined; small requests are
-//! carried out in place and their replies leave together in one write;
-//! large ones run on tasks of their own (at most [`REQUESTS_IN_FLIGHT_MAX`]
-//! at a time) and reply when done, so replies may come back out of order,
-//! as NBD allows. A
-//! client that sends garbage or vanishes mid-request only ends its own
-//! connection: requests already received still complete, so nothing that
-//! was acknowledged, or could have been, is lost.
+//! Per connection: the fixed newstyle handshake on the runtime, then
+//! transmission on a thread of the connection's own, with blocking socket
+//! calls (see [`transmission`] for why). That thread parses every request
+//! the client has pipelined; small requests are carried out in place and
+//! their replies leave together in one write; large ones run on the
+//! runtime's blocking pool (at most [`REQUESTS_IN_FLIGHT_MAX`] at a time)
+//! and reply when done, so replies may come back out of order, as NBD
+//! allows. A client that sends garbage or vanishes mid-request only ends
+//! its own connection: requests already received still complete, so
+//! nothing that was acknowledged, or could have been, is lost.
 
+use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex as StdMutex};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Mutex, Semaphore, watch};
+use tokio::runtime::Handle;
+use tokio::sync::{Semaphore, watch};
 use tracing::{debug, info, warn};
 
 use super::export::{Export, Exports};
@@ -37,11 +42,13 @@ pub const SPAWNED_BYTES_MAX: usize = 256 << 20;
 pub const HANDSHAKE_OPTIONS_MAX: usize = 256;
 /// How long a client may take over the whole handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long shutdown waits for connections to finish what they received.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read from the socket at a time (many requests per read).
 const READ_CHUNK_BYTES: usize = 256 << 10;
 /// Replies gathered before they are sent in one write.
 const REPLY_BATCH_BYTES_MAX: usize = 256 << 10;
-/// Requests at least this long run on a task of their own.
+/// Requests at least this long run on a thread of the blocking pool.
 pub const SPAWN_BYTES_MIN: usize = 64 << 10;
 
 /// The flags every export advertises. CAN_MULTI_CONN holds: all connections
@@ -85,14 +92,20 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Serves `exports` on `listener` until `shutdown` turns true.
+/// Serves `exports` on `listener` until `shutdown` turns true; then closes
+/// the connections' reading sides, lets the requests they received finish,
+/// and returns once their threads are done (or after [`DRAIN_TIMEOUT`]).
 pub async fn serve(
     listener: TcpListener,
     exports: Arc<Exports>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let limit = Arc::new(Semaphore::new(CONNECTIONS_MAX));
-    let spawned_bytes = Arc::new(Semaphore::new(SPAWNED_BYTES_MAX / SPAWN_BYTES_MIN));
+    let shared = Arc::new(Shared {
+        spawned_bytes: Arc::new(Semaphore::new(SPAWNED_BYTES_MAX / SPAWN_BYTES_MIN)),
+        runtime: Handle::current(),
+    });
+    let live = Arc::new(LiveConnections::default());
     loop {
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
@@ -111,16 +124,97 @@ pub async fn serve(
             _ = shutdown.changed() => break,
         };
         let exports = exports.clone();
-        let spawned_bytes = spawned_bytes.clone();
+        let shared = shared.clone();
+        let live = live.clone();
         tokio::spawn(async move {
-            match serve_connection(stream, exports, spawned_bytes).await {
-                Ok(()) => debug!(%peer, "nbd connection closed"),
-                Err(e) => info!(%peer, error = %e, "nbd connection ended"),
-            }
-            drop(permit);
+            let ended = match handshake_on(stream, &exports).await {
+                Ok(Some((inbox, stream, export))) => {
+                    debug!(export = %export.name(), "nbd transmission");
+                    // The thread owns the permit: the connection counts until
+                    // its last request is done.
+                    let spawned =
+                        std::thread::Builder::new()
+                            .name("nbd-conn".into())
+                            .spawn(move || {
+                                let key = live.add(&stream);
+                                let ended = transmission(inbox, stream, export, &shared);
+                                live.remove(key);
+                                log_end(peer, ended);
+                                drop(permit);
+                            });
+                    match spawned {
+                        Ok(_) => return,
+                        Err(e) => Err(ConnError::Io(e)),
+                    }
+                }
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
+            log_end(peer, ended);
         });
     }
     info!("nbd server stopped accepting");
+    live.close_reads();
+    match tokio::time::timeout(DRAIN_TIMEOUT, limit.acquire_many(CONNECTIONS_MAX as u32)).await {
+        Ok(_) => debug!("nbd connections drained"),
+        Err(_) => warn!(
+            open = CONNECTIONS_MAX - limit.available_permits(),
+            "nbd connections still busy at shutdown"
+        ),
+    }
+}
+
+fn log_end(peer: SocketAddr, ended: Result<(), ConnError>) {
+    match ended {
+        Ok(()) => debug!(%peer, "nbd connection closed"),
+        Err(e) => info!(%peer, error = %e, "nbd connection ended"),
+    }
+}
+
+/// The sockets of the connections in transmission, so that shutdown can
+/// end their threads' blocking reads.
+#[derive(Default)]
+struct LiveConnections {
+    next: AtomicU64,
+    inner: StdMutex<Live>,
+}
+
+#[derive(Default)]
+struct Live {
+    /// Set by shutdown: a handshake that finishes later gets no new reads.
+    closing: bool,
+    sockets: HashMap<u64, std::net::TcpStream>,
+}
+
+impl LiveConnections {
+    fn add(&self, stream: &std::net::TcpStream) -> u64 {
+        let key = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut live = self.inner.lock().expect("live set poisoned");
+        if live.closing {
+            let _ = stream.shutdown(std::net::Shutdown::Read);
+        } else if let Ok(clone) = stream.try_clone() {
+            live.sockets.insert(key, clone);
+        }
+        key
+    }
+
+    fn remove(&self, key: u64) {
+        self.inner
+            .lock()
+            .expect("live set poisoned")
+            .sockets
+            .remove(&key);
+    }
+
+    /// Each connection's thread sees the end of its stream after the
+    /// requests it already has; their replies still go out.
+    fn close_reads(&self) {
+        let mut live = self.inner.lock().expect("live set poisoned");
+        live.closing = true;
+        for s in live.sockets.values() {
+            let _ = s.shutdown(std::net::Shutdown::Read);
+        }
+    }
 }
 
 /// A socket's read half with its buffer; requests are parsed in place.
@@ -155,13 +249,13 @@ impl<R: AsyncReadExt + Unpin> Reader<R> {
     }
 }
 
-/// `spawned_bytes`: the server-wide budget of large requests, in units of
-/// [`SPAWN_BYTES_MIN`].
-async fn serve_connection(
+/// Runs the handshake on the runtime; the bytes already received after it,
+/// the socket made blocking for the connection's thread, and the export
+/// picked. `None` if the client aborted or went away.
+async fn handshake_on(
     stream: TcpStream,
-    exports: Arc<Exports>,
-    spawned_bytes: Arc<Semaphore>,
-) -> Result<(), ConnError> {
+    exports: &Exports,
+) -> Result<Option<(Inbox, std::net::TcpStream, Arc<Export>)>, ConnError> {
     // Replies are small and latency matters more than packet count.
     stream.set_nodelay(true)?;
     let (rd, mut wr) = stream.into_split();
@@ -170,16 +264,21 @@ async fn serve_connection(
         buf: BytesMut::with_capacity(READ_CHUNK_BYTES),
     };
     let export =
-        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut reader, &mut wr, &exports))
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut reader, &mut wr, exports))
             .await
         {
             Ok(Ok(Some(export))) => export,
-            Ok(Ok(None)) => return Ok(()),
+            Ok(Ok(None)) => return Ok(None),
             Ok(Err(e)) => return Err(e),
             Err(_) => return Err(ConnError::HandshakeTimeout),
         };
-    debug!(export = %export.name(), "nbd transmission");
-    transmission(reader, wr, export, spawned_bytes).await
+    let stream = reader
+        .io
+        .reunite(wr)
+        .expect("halves of one stream")
+        .into_std()?;
+    stream.set_nonblocking(false)?;
+    Ok(Some((Inbox::new(&reader.buf), stream, export)))
 }
 
 /// Runs the option haggling; the export picked, or `None` if the client
@@ -283,9 +382,18 @@ fn info_reply(
     Some(export.clone())
 }
 
-/// Shared by the reader and the tasks of one connection: each writes whole
-/// replies at once.
-type ReplyWriter = Arc<Mutex<OwnedWriteHalf>>;
+/// Shared by the connection's thread and its large requests: each writes
+/// whole replies at once, under the lock, so replies never interleave.
+type ReplyWriter = Arc<StdMutex<std::net::TcpStream>>;
+
+/// What a connection's thread needs from the server around it.
+struct Shared {
+    /// The server-wide budget of large requests, in units of
+    /// [`SPAWN_BYTES_MIN`].
+    spawned_bytes: Arc<Semaphore>,
+    /// Runs large requests (on its blocking pool) and waits on the budget.
+    runtime: Handle,
+}
 
 /// Why the inner request loop stopped.
 enum Drained {
@@ -297,88 +405,185 @@ enum Drained {
     Disconnect,
 }
 
-async fn transmission<R: AsyncReadExt + Unpin>(
-    mut reader: Reader<R>,
-    wr: OwnedWriteHalf,
+/// The bytes a connection has received and not yet carried out. One
+/// zeroed allocation is reused: reads land after what is kept, and what is
+/// kept moves to the front only when the tail runs short.
+struct Inbox {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Inbox {
+    fn new(leftover: &[u8]) -> Self {
+        let mut buf = vec![0; READ_CHUNK_BYTES.max(leftover.len())];
+        buf[..leftover.len()].copy_from_slice(leftover);
+        Inbox {
+            buf,
+            start: 0,
+            end: leftover.len(),
+        }
+    }
+
+    fn data(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        debug_assert!(self.start <= self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+            // A large write grew the buffer; give the memory back.
+            if self.buf.len() > 4 * READ_CHUNK_BYTES {
+                self.buf = vec![0; READ_CHUNK_BYTES];
+            }
+        }
+    }
+
+    /// One read from `io`, with room for at least `want` more bytes than
+    /// are kept (the rest of a request whose header says how long it is).
+    /// The bytes read; 0 at the end of the stream.
+    fn fill(&mut self, io: &mut impl Read, want: usize) -> std::io::Result<usize> {
+        let kept = self.end - self.start;
+        let room = want.max(READ_CHUNK_BYTES / 2);
+        if self.buf.len() - self.end < room {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.start = 0;
+            self.end = kept;
+            if self.buf.len() < kept + room {
+                self.buf.resize(kept + room, 0);
+            }
+        }
+        let n = io.read(&mut self.buf[self.end..])?;
+        self.end += n;
+        Ok(n)
+    }
+}
+
+/// How many of a connection's requests may run at once: the thread's own,
+/// plus its large ones on the runtime's blocking pool.
+struct InFlight {
+    running: StdMutex<usize>,
+    changed: Condvar,
+}
+
+impl InFlight {
+    fn acquire(&self) {
+        let mut n = self.running.lock().expect("in-flight count poisoned");
+        while *n >= REQUESTS_IN_FLIGHT_MAX {
+            n = self.changed.wait(n).expect("in-flight count poisoned");
+        }
+        *n += 1;
+    }
+
+    fn release(&self) {
+        *self.running.lock().expect("in-flight count poisoned") -= 1;
+        self.changed.notify_all();
+    }
+
+    fn wait_idle(&self) {
+        let mut n = self.running.lock().expect("in-flight count poisoned");
+        while *n > 0 {
+            n = self.changed.wait(n).expect("in-flight count poisoned");
+        }
+    }
+}
+
+/// Transmission, on the connection's own thread with blocking socket calls.
+/// A request wakes this thread straight from the socket, as a kernel
+/// driver's thread would be woken, rather than an event loop that then
+/// polls the connection: at one request in flight that wake is most of the
+/// latency. It also suits the export, whose calls are synchronous and may
+/// wait on donors: that blocks this connection only, never a runtime
+/// worker.
+fn transmission(
+    mut inbox: Inbox,
+    stream: std::net::TcpStream,
     export: Arc<Export>,
-    spawned_bytes: Arc<Semaphore>,
+    shared: &Shared,
 ) -> Result<(), ConnError> {
-    let writer: ReplyWriter = Arc::new(Mutex::new(wr));
-    let in_flight = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
+    let mut rd = stream.try_clone()?;
+    let writer: ReplyWriter = Arc::new(StdMutex::new(stream));
+    let in_flight = Arc::new(InFlight {
+        running: StdMutex::new(0),
+        changed: Condvar::new(),
+    });
     let mut replies = BytesMut::with_capacity(REPLY_BATCH_BYTES_MAX);
     let ended = loop {
         let drained = drain_requests(
-            &mut reader.buf,
+            &mut inbox,
             &export,
             &mut replies,
             &writer,
             &in_flight,
-            &spawned_bytes,
-        )
-        .await;
+            shared,
+        );
         if !replies.is_empty() {
             // A client that went away misses its replies; the requests'
             // effects stand, as a disk's would.
-            if let Err(e) = writer.lock().await.write_all(&replies).await {
+            let sent = writer
+                .lock()
+                .expect("reply writer poisoned")
+                .write_all(&replies);
+            if let Err(e) = sent {
                 break Err(e.into());
             }
             replies.clear();
         }
-        match drained {
+        let want = match drained {
             Ok(Drained::BatchFull) => continue,
             Ok(Drained::Disconnect) => break Ok(()),
-            Ok(Drained::NeedBytes) => {}
+            Ok(Drained::NeedBytes) => proto::request_bytes_missing(inbox.data()),
             Err(e) => break Err(e),
-        }
-        reader.buf.reserve(READ_CHUNK_BYTES);
-        match reader.io.read_buf(&mut reader.buf).await {
-            Ok(0) if reader.buf.is_empty() => break Ok(()),
+        };
+        match inbox.fill(&mut rd, want) {
+            Ok(0) if inbox.data().is_empty() => break Ok(()),
             Ok(0) => break Err(ConnError::Truncated),
             Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => break Err(e.into()),
         }
     };
     // Let every request already received finish before the socket closes.
-    let _all = in_flight
-        .acquire_many(REQUESTS_IN_FLIGHT_MAX as u32)
-        .await
-        .expect("semaphore never closed");
-    let _ = writer.lock().await.shutdown().await;
+    in_flight.wait_idle();
+    let _ = writer
+        .lock()
+        .expect("reply writer poisoned")
+        .shutdown(std::net::Shutdown::Both);
     ended
 }
 
-/// Carries out the complete requests in `buf`, appending their replies to
+/// Carries out the complete requests in `inbox`, appending their replies to
 /// `replies`. Small requests run right here: a page costs about what
 /// handing it to another thread would, and their replies then leave in one
-/// write. Large ones get their own task, run alongside, and reply when done
-/// (out of order, as NBD allows).
-async fn drain_requests(
-    buf: &mut BytesMut,
+/// write. Large ones run on the runtime's blocking pool, alongside, and
+/// reply when done (out of order, as NBD allows).
+fn drain_requests(
+    inbox: &mut Inbox,
     export: &Arc<Export>,
     replies: &mut BytesMut,
     writer: &ReplyWriter,
-    in_flight: &Arc<Semaphore>,
-    spawned_bytes: &Arc<Semaphore>,
+    in_flight: &Arc<InFlight>,
+    shared: &Shared,
 ) -> Result<Drained, ConnError> {
     // Each pass consumes one request from a finite buffer.
     loop {
-        let Some((req, used)) = proto::parse_request(buf)? else {
+        let Some((req, used)) = proto::parse_request(inbox.data())? else {
             return Ok(Drained::NeedBytes);
         };
         if req.command == Command::Disc {
-            buf.advance(used);
+            inbox.consume(used);
             return Ok(Drained::Disconnect);
         }
         // A request refused by the checks costs nothing: answer it in place.
         let large = req.length as usize >= SPAWN_BYTES_MIN
             && proto::check_request(&req, export.size_bytes()).is_ok();
         if large {
-            let frame = buf.split_to(used).freeze();
-            let permit = in_flight
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("semaphore never closed");
+            let payload = inbox.data()[proto::REQUEST_HEADER_BYTES..used].to_vec();
+            inbox.consume(used);
+            in_flight.acquire();
             // Only READ and WRITE hold buffers of their length; check_request
             // bounds that by REQUEST_BYTES_MAX, far below the whole budget,
             // so the grant always comes. TRIM and WRITE_ZEROES hold none.
@@ -389,32 +594,31 @@ async fn drain_requests(
                 _ => 1,
             };
             debug_assert!(units as usize <= SPAWNED_BYTES_MAX / SPAWN_BYTES_MIN);
-            let budget = spawned_bytes
-                .clone()
-                .acquire_many_owned(units)
-                .await
+            let budget = shared
+                .runtime
+                .block_on(shared.spawned_bytes.clone().acquire_many_owned(units))
                 .expect("semaphore never closed");
             let export = export.clone();
             let writer = writer.clone();
-            tokio::spawn(async move {
+            let in_flight = in_flight.clone();
+            shared.runtime.spawn_blocking(move || {
                 let mut reply = BytesMut::new();
-                execute(
-                    &export,
-                    &req,
-                    &frame[proto::REQUEST_HEADER_BYTES..],
-                    &mut reply,
-                );
-                let _ = writer.lock().await.write_all(&reply).await;
-                drop((permit, budget));
+                execute(&export, &req, &payload, &mut reply);
+                let _ = writer
+                    .lock()
+                    .expect("reply writer poisoned")
+                    .write_all(&reply);
+                drop(budget);
+                in_flight.release();
             });
         } else {
             execute(
                 export,
                 &req,
-                &buf[proto::REQUEST_HEADER_BYTES..used],
+                &inbox.data()[proto::REQUEST_HEADER_BYTES..used],
                 replies,
             );
-            buf.advance(used);
+            inbox.consume(used);
             if replies.len() >= REPLY_BATCH_BYTES_MAX {
                 return Ok(Drained::BatchFull);
             }
