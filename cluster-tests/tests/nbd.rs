@@ -10,13 +10,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use ramster_cluster_tests::{NodeProcess, free_loopback_port};
+use ramster_cluster_tests::{MemberSpec, NodeProcess, TestCluster, free_loopback_port};
 use ramster_node::cli::corpus::Pages;
 use ramster_node::frontend::client::BlockingClient;
 use ramster_node::frontend::frontswap::AREA_ID_MAX;
 use ramster_node::frontend::nbd::proto::{self, REQUEST_MAGIC};
 
 const PAGE: usize = 4096;
+/// How long a test cluster may take to form.
+const FORM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A node serving `exports` ("NAME:SIZE" each) on a free loopback port.
 fn node(capacity: &str, exports: &[&str]) -> (NodeProcess, u16) {
@@ -212,14 +214,24 @@ fn qemu_io_patterns_files_unaligned_and_sub_page_requests_zeroes_and_discard() {
 /// with qemu-img compare, and reads it back byte for byte. Returns the
 /// backing file's allocated bytes.
 fn convert_and_compare(capacity: &str) -> (u64, String) {
-    const PAGES: usize = 8192; // 32 MiB
     let (node, port) = node(capacity, &["img:32MiB"]);
     let dir = tempfile::tempdir().unwrap();
-    let image = dir.path().join("corpus.img");
+    convert_compare_read_back(port, "img", dir.path());
+    let backing: PathBuf = node.dir.path().join("nbd").join("img.swap");
+    let allocated =
+        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&backing).unwrap()) * 512;
+    (allocated, node.log())
+}
+
+/// qemu-img convert of a 32 MiB corpus image into `export`, then qemu-img
+/// compare, then every byte read back through another client.
+fn convert_compare_read_back(port: u16, export: &str, dir: &Path) {
+    const PAGES: usize = 8192; // 32 MiB
+    let image = dir.join("corpus.img");
     let pages = Pages::synthetic(PAGES, 42);
     let bytes: Vec<u8> = (0..PAGES).flat_map(|i| pages.page(i).to_vec()).collect();
     write_file(&image, &bytes);
-    let target = uri(port, "img");
+    let target = uri(port, export);
     tool(
         "qemu-img",
         &[
@@ -249,14 +261,7 @@ fn convert_and_compare(capacity: &str) -> (u64, String) {
         ],
     );
     assert!(out.contains("Images are identical"), "{out}");
-    assert!(
-        read_export(port, "img", dir.path()) == bytes,
-        "read back differs"
-    );
-    let backing: PathBuf = node.dir.path().join("nbd").join("img.swap");
-    let allocated =
-        std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&backing).unwrap()) * 512;
-    (allocated, node.log())
+    assert!(read_export(port, export, dir) == bytes, "read back differs");
 }
 
 #[test]
@@ -278,6 +283,46 @@ fn qemu_img_convert_with_a_store_far_below_the_image_spills_to_the_backing_file(
     assert!(
         allocated > 16 << 20,
         "backing file has {allocated} bytes\n{log}"
+    );
+}
+
+#[test]
+fn an_export_on_a_small_node_of_a_cluster_keeps_pages_on_peers_and_reads_them_back() {
+    // 8 MiB of store under a 32 MiB image compressing ~2.3x: remotify must
+    // ship pages to the donors while qemu-img writes, and reading the image
+    // back loads them from there, on the connection's own thread.
+    let port = free_loopback_port();
+    let listen = format!("127.0.0.1:{port}");
+    let cluster = TestCluster::start(&[
+        MemberSpec {
+            name: "small",
+            capacity: "8MiB",
+            extra: &["--nbd-listen", &listen, "--nbd-export", "img:32MiB"],
+        },
+        MemberSpec {
+            name: "big1",
+            capacity: "256MiB",
+            extra: &["--donate", "256MiB"],
+        },
+        MemberSpec {
+            name: "big2",
+            capacity: "256MiB",
+            extra: &["--donate", "256MiB"],
+        },
+    ])
+    .unwrap();
+    cluster.wait_up("small", 3, FORM_TIMEOUT).unwrap();
+    let small = cluster.member("small");
+    let dir = tempfile::tempdir().unwrap();
+    convert_compare_read_back(port, "img", dir.path());
+    let shipped = small
+        .metric("ramster_remotified_pages_total")
+        .unwrap_or(0.0);
+    let loaded = small.metric("ramster_remote_loads_total").unwrap_or(0.0);
+    assert!(
+        shipped > 0.0 && loaded > 0.0,
+        "remotified {shipped}, loaded from donors {loaded}: {}",
+        small.log()
     );
 }
 
