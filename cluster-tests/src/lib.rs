@@ -305,6 +305,7 @@ impl Drop for Member {
 }
 
 /// What a member is started with.
+#[derive(Clone, Copy)]
 pub struct MemberSpec<'a> {
     pub name: &'a str,
     pub capacity: &'a str,
@@ -320,6 +321,26 @@ pub struct TestCluster {
     entered: Option<netns::Entered>,
     network: Option<netns::Network>,
     pub dir: tempfile::TempDir,
+}
+
+/// A node named `small` with `capacity` and `extra`, and two peers of
+/// 256 MiB, `big1` and `big2`, that donate all of it: where small's pages
+/// go when its store fills.
+pub fn small_and_two_donors<'a>(capacity: &'a str, extra: &'a [&'a str]) -> [MemberSpec<'a>; 3] {
+    let big = |name| MemberSpec {
+        name,
+        capacity: "256MiB",
+        extra: &["--donate", "256MiB"],
+    };
+    [
+        MemberSpec {
+            name: "small",
+            capacity,
+            extra,
+        },
+        big("big1"),
+        big("big2"),
+    ]
 }
 
 /// An owner with a small store and room for few pages, a memory server and

@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use ramster_cluster_tests::{MemberSpec, TestCluster, verify_pages, wait_for};
+use ramster_cluster_tests::{
+    MemberSpec, TestCluster, small_and_two_donors, verify_pages, wait_for,
+};
 use ramster_node::cli::corpus::Pages;
 use ramster_node::cluster::status::{HealthLevel, Liveness};
 use ramster_node::frontend::client::{BlockingClient, Client, op};
@@ -87,24 +89,7 @@ fn remote_pages(client: &BlockingClient) -> u64 {
 
 #[test]
 fn a_small_node_takes_four_times_its_capacity_and_gets_every_page_back() {
-    let cluster = TestCluster::start(&[
-        MemberSpec {
-            name: "small",
-            capacity: "64MiB",
-            extra: &[],
-        },
-        MemberSpec {
-            name: "big1",
-            capacity: "256MiB",
-            extra: &["--donate", "256MiB"],
-        },
-        MemberSpec {
-            name: "big2",
-            capacity: "256MiB",
-            extra: &["--donate", "256MiB"],
-        },
-    ])
-    .unwrap();
+    let cluster = TestCluster::start(&small_and_two_donors("64MiB", &[])).unwrap();
     cluster.wait_up("small", 3, FORM_TIMEOUT).unwrap();
     let small = cluster.member("small");
     let client = BlockingClient::connect(&small.socket()).unwrap();

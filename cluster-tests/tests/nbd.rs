@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use ramster_cluster_tests::{MemberSpec, NodeProcess, TestCluster, free_loopback_port};
+use ramster_cluster_tests::{NodeProcess, TestCluster, free_loopback_port, small_and_two_donors};
 use ramster_node::cli::corpus::Pages;
 use ramster_node::frontend::client::BlockingClient;
 use ramster_node::frontend::frontswap::AREA_ID_MAX;
@@ -293,23 +293,10 @@ fn an_export_on_a_small_node_of_a_cluster_keeps_pages_on_peers_and_reads_them_ba
     // back loads them from there, on the connection's own thread.
     let port = free_loopback_port();
     let listen = format!("127.0.0.1:{port}");
-    let cluster = TestCluster::start(&[
-        MemberSpec {
-            name: "small",
-            capacity: "8MiB",
-            extra: &["--nbd-listen", &listen, "--nbd-export", "img:32MiB"],
-        },
-        MemberSpec {
-            name: "big1",
-            capacity: "256MiB",
-            extra: &["--donate", "256MiB"],
-        },
-        MemberSpec {
-            name: "big2",
-            capacity: "256MiB",
-            extra: &["--donate", "256MiB"],
-        },
-    ])
+    let cluster = TestCluster::start(&small_and_two_donors(
+        "8MiB",
+        &["--nbd-listen", &listen, "--nbd-export", "img:32MiB"],
+    ))
     .unwrap();
     cluster.wait_up("small", 3, FORM_TIMEOUT).unwrap();
     let small = cluster.member("small");
