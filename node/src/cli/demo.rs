@@ -2,7 +2,8 @@
 //! processes with a fresh CA in a temporary directory. A deliberately small
 //! node is filled with realistic pages so they remotify, everything is
 //! loaded back and checked, then most pages are freed so suction brings the
-//! rest home. Everything stops cleanly at the end, on an error, or on
+//! rest home and the donors let go of everything they held for the small
+//! node. Everything stops cleanly at the end, on an error, or on
 //! Ctrl-C (children are ended by PID).
 
 use std::io::{IsTerminal, Write};
@@ -328,6 +329,27 @@ async fn scenario(args: &DemoArgs, nodes: &[DemoNode]) -> anyhow::Result<()> {
         }
         if Instant::now() > deadline {
             bail!("{remote} pages still remote after {SUCTION_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The donors drop the copies of what came home or was freed; once none
+    // of small's pages is left on them, small tells them to forget it,
+    // tombstones and all, and they hold nothing more for it.
+    loop {
+        let s = fetch_status(small).await?;
+        let held = s.held_for_others_bytes;
+        table.show(
+            &s,
+            &format!("{} still held for small on the donors", format_size(held)),
+        );
+        if held == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "donors still hold {} after {SUCTION_TIMEOUT:?}",
+                format_size(held)
+            );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
