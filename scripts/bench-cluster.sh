@@ -18,7 +18,8 @@
 # BATCH (16), REPLICAS (donor copies of each page; unset: the node's default,
 # 2), PORT_BASE (27800: peers on PORT_BASE..+2 UDP, admin endpoints on
 # PORT_BASE+10..+12, Redis on PORT_BASE+20), OUT (a temp dir for reports and
-# logs).
+# logs), BIN (a ramster binary to measure instead of this checkout's release
+# build, for A/B runs).
 
 set -euo pipefail
 
@@ -46,9 +47,13 @@ if ! command -v redis-server >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y redis-server >&2
 fi
 
-say "building release"
-(cd "$root" && cargo build --release -p ramster-node --bin ramster) >&2
-ramster="$root/target/release/ramster"
+if [[ -n "${BIN:-}" ]]; then
+    ramster="$BIN"
+else
+    say "building release"
+    (cd "$root" && cargo build --release -p ramster-node --bin ramster) >&2
+    ramster="$root/target/release/ramster"
+fi
 
 one_round() {
     local round="$1" dir="$out/round.$1"

@@ -30,6 +30,9 @@ pub const MOVER_TICK_MS: u64 = 50;
 pub const REMOTIFY_BATCH_PAGES: usize = 256;
 /// Remotify batches in flight at once.
 pub const REMOTIFY_BATCHES_IN_FLIGHT: usize = 8;
+/// How long one remotify round keeps starting batches before the movers'
+/// other chores get their turn.
+pub const REMOTIFY_ROUND_MAX: Duration = Duration::from_millis(500);
 /// Pages suction checks and installs between two yields to the runtime.
 const SUCTION_YIELD_PAGES: usize = 16;
 /// Most releases kept for donors that cannot be reached; past this the
@@ -40,12 +43,22 @@ pub const RELEASE_BACKLOG_MAX: usize = 1 << 20;
 pub(super) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     let mut pressure = Pressure::default();
     let mut pace = SuctionPace::default();
+    // Set when remotify ended its round with pages still to ship: the next
+    // round starts at once instead of a tick later.
+    let mut more_to_ship = false;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(MOVER_TICK_MS)) => {}
-            _ = inner.wake_movers.notified() => {}
-            _ = stop.changed() => return,
+        if more_to_ship {
+            if *stop.borrow() {
+                return;
+            }
+        } else {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(MOVER_TICK_MS)) => {}
+                _ = inner.wake_movers.notified() => {}
+                _ = stop.changed() => return,
+            }
         }
+        more_to_ship = false;
         release(&inner).await;
         super::repair::repair(&inner).await;
         super::repair::reclaim(&inner).await;
@@ -57,7 +70,9 @@ pub(super) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             st.capacity_bytes,
             st.remote_bytes,
         ) {
-            Movement::Remotify { bytes } => remotify(&inner, bytes).await,
+            Movement::Remotify { bytes } => {
+                more_to_ship = remotify(&inner, &mut pressure, bytes).await;
+            }
             Movement::Suction { bytes } => suction(&inner, bytes, &mut pace).await,
             Movement::Idle => {}
         }
@@ -65,35 +80,82 @@ pub(super) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
 }
 
 /// Ships about `bytes` of the coldest pages, several batches in flight.
-async fn remotify(inner: &Arc<Inner>, bytes: u64) {
-    let mut shipped = 0u64;
+///
+/// Clients keep storing while pages leave, so whenever the round has begun
+/// shipping all it was asked to, it asks the store again (less what is
+/// already in flight) and keeps the pipeline full rather than letting it
+/// drain and refill: a round that drained every few MiB left the cores idle
+/// between rounds. After [`REMOTIFY_ROUND_MAX`] it starts nothing new, so
+/// releases and repair get their turn; `true` if the store still wanted
+/// pages shipped then.
+async fn remotify(inner: &Arc<Inner>, pressure: &mut Pressure, bytes: u64) -> bool {
+    let started = Instant::now();
+    // Bytes this round has yet to start shipping, and bytes on their way.
+    let mut to_start = bytes;
+    let mut in_flight = 0u64;
     let mut batches = JoinSet::new();
+    let mut out_of_time = false;
     loop {
-        while shipped < bytes && batches.len() < REMOTIFY_BATCHES_IN_FLIGHT {
+        while batches.len() < REMOTIFY_BATCHES_IN_FLIGHT {
+            if to_start == 0 {
+                if started.elapsed() >= REMOTIFY_ROUND_MAX {
+                    out_of_time = true;
+                    break;
+                }
+                to_start = still_to_shed(inner, pressure, in_flight);
+                if to_start == 0 {
+                    break;
+                }
+            }
             let out = inner.store.begin_remotify(REMOTIFY_BATCH_PAGES);
             if out.is_empty() {
                 break;
             }
-            shipped += out.iter().map(|o| o.compressed.len() as u64).sum::<u64>();
+            let started_bytes = compressed_bytes(&out);
+            to_start = to_start.saturating_sub(started_bytes);
+            in_flight += started_bytes;
             for (copies, batch) in by_copies(out, &inner.copies_wanted()) {
-                batches.spawn(ship(inner.clone(), batch, copies));
+                let (inner, bytes) = (inner.clone(), compressed_bytes(&batch));
+                batches.spawn(async move { (ship(inner, batch, copies).await, bytes) });
             }
         }
         match batches.join_next().await {
-            Some(Ok(ok)) => {
+            Some(Ok((ok, bytes))) => {
+                in_flight -= bytes;
                 inner.room.notify_waiters();
                 if !ok {
                     // No donor took it: give up this round; stores are
                     // refused until one can.
                     while batches.join_next().await.is_some() {}
                     inner.room.notify_waiters();
-                    return;
+                    return false;
                 }
             }
             Some(Err(e)) => warn!(reason = %e, "remotify batch task failed"),
-            None => return,
+            // Only a round cut short by time asks for another at once: one
+            // that ran out of pages it may ship would spin.
+            None => return out_of_time && still_to_shed(inner, pressure, 0) > 0,
         }
     }
+}
+
+/// What the store wants shipped beyond the `in_flight` bytes already
+/// leaving (their local copies count as used until the donors ack).
+fn still_to_shed(inner: &Inner, pressure: &mut Pressure, in_flight: u64) -> u64 {
+    let st = inner.store.stats();
+    match pressure.decide(
+        &inner.watermarks,
+        st.used_bytes,
+        st.capacity_bytes,
+        st.remote_bytes,
+    ) {
+        Movement::Remotify { bytes } => bytes.saturating_sub(in_flight),
+        _ => 0,
+    }
+}
+
+fn compressed_bytes(out: &[Outbound]) -> u64 {
+    out.iter().map(|o| o.compressed.len() as u64).sum()
 }
 
 /// A remotify batch split by the number of donor copies its pages want:
@@ -112,7 +174,7 @@ pub fn by_copies(out: Vec<Outbound>, wanted: &CopiesWanted) -> BTreeMap<usize, V
 /// them acked. `false` if no set of donors could be found or all failed.
 async fn ship(inner: Arc<Inner>, out: Vec<Outbound>, copies: usize) -> bool {
     let c = &inner.metrics.cluster;
-    let total: u64 = out.iter().map(|o| o.compressed.len() as u64).sum();
+    let total = compressed_bytes(&out);
     let donors = choose_donors(&inner.donor_views(), copies, total, &mut rand::rng());
     if donors.len() < copies {
         for o in &out {
