@@ -8,7 +8,9 @@
 //! their replies leave together in one write; large ones run on the
 //! runtime's blocking pool (at most [`REQUESTS_IN_FLIGHT_MAX`] at a time)
 //! and reply when done, so replies may come back out of order, as NBD
-//! allows. A client that sends garbage or vanishes mid-request only ends
+//! allows. A one-page write that is the last request received is
+//! acknowledged before it is carried out (see [`reply_then_write`]). A
+//! client that sends garbage or vanishes mid-request only ends
 //! its own connection: requests already received still complete, so
 //! nothing that was acknowledged, or could have been, is lost.
 
@@ -612,18 +614,50 @@ fn drain_requests(
                 in_flight.release();
             });
         } else {
-            execute(
-                export,
-                &req,
-                &inbox.data()[proto::REQUEST_HEADER_BYTES..used],
-                replies,
-            );
+            let payload = &inbox.data()[proto::REQUEST_HEADER_BYTES..used];
+            if req.command == Command::Write
+                && proto::check_request(&req, export.size_bytes()).is_ok()
+                && !matches!(proto::parse_request(&inbox.data()[used..]), Ok(Some(_)))
+                && let Some(behind) = export.write_behind(req.offset, req.length, req.fua())
+            {
+                let sent = reply_then_write(behind, &req, payload, replies, writer);
+                inbox.consume(used);
+                sent?;
+                return Ok(Drained::NeedBytes);
+            }
+            execute(export, &req, payload, replies);
             inbox.consume(used);
             if replies.len() >= REPLY_BATCH_BYTES_MAX {
                 return Ok(Drained::BatchFull);
             }
         }
     }
+}
+
+/// The last request received is a one-page write: sends its reply, with
+/// the batch before it, and only then stores the page. At one request in
+/// flight the client's next request no longer waits on the page's
+/// compression, which is the most of a write's own time; the client is
+/// told no sooner than the page's lock makes the write visible to every
+/// connection (see [`WriteBehind`](super::export::WriteBehind)). The write
+/// is carried out even if the reply could not be sent.
+fn reply_then_write(
+    behind: super::export::WriteBehind<'_>,
+    req: &Request,
+    payload: &[u8],
+    replies: &mut BytesMut,
+    writer: &ReplyWriter,
+) -> Result<(), ConnError> {
+    let mut header = [0u8; proto::SIMPLE_REPLY_HEADER_BYTES];
+    proto::encode_simple_reply(&mut header, 0, req.handle);
+    replies.extend_from_slice(&header);
+    let sent = writer
+        .lock()
+        .expect("reply writer poisoned")
+        .write_all(replies);
+    replies.clear();
+    behind.finish(payload.try_into().expect("a one-page write"));
+    Ok(sent?)
 }
 
 /// Carries out one request (`payload`: a WRITE's data) and appends its
