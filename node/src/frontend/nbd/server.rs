@@ -615,9 +615,12 @@ fn drain_requests(
             });
         } else {
             let payload = &inbox.data()[proto::REQUEST_HEADER_BYTES..used];
+            // Only when what follows is an incomplete request: a complete
+            // one rides in this batch, and garbage must end the connection
+            // on the next pass, not wait for more bytes.
             if req.command == Command::Write
                 && proto::check_request(&req, export.size_bytes()).is_ok()
-                && !matches!(proto::parse_request(&inbox.data()[used..]), Ok(Some(_)))
+                && matches!(proto::parse_request(&inbox.data()[used..]), Ok(None))
                 && let Some(behind) = export.write_behind(req.offset, req.length, req.fua())
             {
                 let sent = reply_then_write(behind, &req, payload, replies, writer);
