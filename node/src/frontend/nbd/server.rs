@@ -579,9 +579,10 @@ fn drain_requests(
             inbox.consume(used);
             return Ok(Drained::Disconnect);
         }
-        // A request refused by the checks costs nothing: answer it in place.
-        let large = req.length as usize >= SPAWN_BYTES_MIN
-            && proto::check_request(&req, export.size_bytes()).is_ok();
+        // Checked once, here; a request refused by the checks costs
+        // nothing: answer it in place.
+        let checked = proto::check_request(&req, export.size_bytes());
+        let large = req.length as usize >= SPAWN_BYTES_MIN && checked.is_ok();
         if large {
             let payload = inbox.data()[proto::REQUEST_HEADER_BYTES..used].to_vec();
             inbox.consume(used);
@@ -605,7 +606,7 @@ fn drain_requests(
             let in_flight = in_flight.clone();
             shared.runtime.spawn_blocking(move || {
                 let mut reply = BytesMut::new();
-                execute(&export, &req, &payload, &mut reply);
+                execute(&export, &req, checked, &payload, &mut reply);
                 let _ = writer
                     .lock()
                     .expect("reply writer poisoned")
@@ -619,7 +620,7 @@ fn drain_requests(
             // one rides in this batch, and garbage must end the connection
             // on the next pass, not wait for more bytes.
             if req.command == Command::Write
-                && proto::check_request(&req, export.size_bytes()).is_ok()
+                && checked.is_ok()
                 && matches!(proto::parse_request(&inbox.data()[used..]), Ok(None))
                 && let Some(behind) = export.write_behind(req.offset, req.length, req.fua())
             {
@@ -628,7 +629,7 @@ fn drain_requests(
                 sent?;
                 return Ok(Drained::NeedBytes);
             }
-            execute(export, &req, payload, replies);
+            execute(export, &req, checked, payload, replies);
             inbox.consume(used);
             if replies.len() >= REPLY_BATCH_BYTES_MAX {
                 return Ok(Drained::BatchFull);
@@ -663,12 +664,19 @@ fn reply_then_write(
     Ok(sent?)
 }
 
-/// Carries out one request (`payload`: a WRITE's data) and appends its
-/// whole reply: header, and data for a successful read.
-fn execute(export: &Export, req: &Request, payload: &[u8], out: &mut BytesMut) {
+/// Carries out one request (`payload`: a WRITE's data; `checked`: what
+/// [`proto::check_request`] said of it) and appends its whole reply:
+/// header, and data for a successful read.
+fn execute(
+    export: &Export,
+    req: &Request,
+    checked: Result<(), u32>,
+    payload: &[u8],
+    out: &mut BytesMut,
+) {
     let start = out.len();
     let mut header = [0u8; proto::SIMPLE_REPLY_HEADER_BYTES];
-    let error = match proto::check_request(req, export.size_bytes()) {
+    let error = match checked {
         Err(e) => {
             debug!(export = %export.name(), ?req, error = e, "request refused");
             e
