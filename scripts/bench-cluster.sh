@@ -5,32 +5,40 @@
 #
 #   remote load at one in flight, p50     vs  2 x Redis GET p50 (one in flight)
 #   pipelined remote loads                vs  50,000 pages/s
-#   remotify, compressed                  vs  200 MB/s
+#   remotify, compressed                  vs  200 MB/s (alone, and while
+#                                             the client stores)
 #   hot-load p99 during suction           vs  2 x its idle p99
 #
 #   scripts/bench-cluster.sh [CORPUS]      # default: synthetic pages
 #
-# The owner node is small (CAPACITY, 64MiB) and is given PAGES pages (4x its
-# capacity) so most go to its donors: a peer and a memory server. Every
+# The owner node starts with ALONE_CAPACITY (512MiB): it is filled to 70%
+# of that, then its capacity is lowered to CAPACITY (64MiB) through its
+# admin endpoint, and remotify is timed alone as it ships the excess to its
+# donors, a peer and a memory server. Then, at CAPACITY, it is given PAGES
+# pages (4x its capacity) so most go to the donors while it stores. Every
 # process this script starts is stopped by its PID on exit.
 #
-# Environment: ROUNDS (3), CAPACITY (64MiB), PAGES (65536), DEPTH (16),
+# Environment: ROUNDS (3), CAPACITY (64MiB), ALONE_CAPACITY (512MiB; empty:
+# no remotify-alone phase, the owner starts at CAPACITY), PAGES (65536), DEPTH (16),
 # BATCH (16), REPLICAS (donor copies of each page; unset: the node's default,
 # 2), PORT_BASE (27800: peers on PORT_BASE..+2 UDP, admin endpoints on
 # PORT_BASE+10..+12, Redis on PORT_BASE+20), OUT (a temp dir for reports and
 # logs), BIN (a ramster binary to measure instead of this checkout's release
-# build, for A/B runs).
+# build, for A/B runs), NODE_ARGS (more flags for every node, e.g.
+# "--gso false").
 
 set -euo pipefail
 
 corpus="${1:-}"
 rounds="${ROUNDS:-3}"
 capacity="${CAPACITY:-64MiB}"
+alone_capacity="${ALONE_CAPACITY-512MiB}"
 pages="${PAGES:-65536}"
 depth="${DEPTH:-16}"
 batch="${BATCH:-16}"
 replicas=()
 [[ -n "${REPLICAS:-}" ]] && replicas=(--replicas "$REPLICAS")
+read -r -a node_args <<<"${NODE_ARGS:-}"
 base="${PORT_BASE:-27800}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${OUT:-$(mktemp -d /tmp/ramster-bench-cluster.XXXXXX)}"
@@ -64,11 +72,11 @@ one_round() {
     for name in "${names[@]}"; do
         "$ramster" cert create-node "$name" --certs-dir "$dir/ca" >/dev/null
         local extra=(--capacity 1GiB)
-        [[ "$name" == owner ]] && extra=(--capacity "$capacity" "${replicas[@]}")
+        [[ "$name" == owner ]] && extra=(--capacity "${alone_capacity:-$capacity}" "${replicas[@]}")
         [[ "$name" == memory ]] && extra+=(--role memory-server)
         RUST_LOG=warn "$ramster" node --name "$name" --data-dir "$dir/$name" \
             --certs-dir "$dir/ca/$name" --listen "127.0.0.1:$((base + i))" --join "$seeds" \
-            --admin-listen "127.0.0.1:$((base + 10 + i))" "${extra[@]}" \
+            --admin-listen "127.0.0.1:$((base + 10 + i))" "${extra[@]}" "${node_args[@]}" \
             >"$dir/$name.log" 2>&1 &
         pids+=($!)
         i=$((i + 1))
@@ -76,8 +84,10 @@ one_round() {
     say "round $round: waiting for the cluster"
     wait_cluster "127.0.0.1:$((base + 10))" 3
 
-    say "round $round: ramster bench --cluster"
-    "$ramster" bench --socket "$dir/owner/api.sock" --cluster "${source_args[@]}" \
+    local alone=()
+    [[ -n "$alone_capacity" ]] && alone=(--shrink-to "$capacity" --admin "127.0.0.1:$((base + 10))")
+    say "round $round: ramster bench --cluster ${alone[*]}"
+    "$ramster" bench --socket "$dir/owner/api.sock" --cluster "${source_args[@]}" "${alone[@]}" \
         --pages "$pages" --depth "$depth" --batch "$batch" --json >"$out/cluster.$round.json"
     # Each node's metrics (RPC and remote-load histograms among them) stay
     # beside the report for a look at where the time went.
@@ -115,12 +125,16 @@ for r in range(1, rounds + 1):
         g = json.load(f)
     runs.append((r, c, g))
 
-print("| round | remote load p50, 1 in flight | Redis GET p50 | × Redis | pipelined remote loads | remotify | hot p99 idle | hot p99 during suction | × idle | verified |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+print("| round | remote load p50, 1 in flight | Redis GET p50 | × Redis | pipelined remote loads | remotify alone | remotify while storing | hot p99 idle | hot p99 during suction | × idle | verified |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
 for r, c, g in runs:
+    a = c.get("remotify_alone")
+    alone = (f"{a['mb_per_sec']:.0f} MB/s ({a['pages_per_sec']:,.0f} pages/s, {a['shipped_mb']:.1f} MB)"
+             if a else "not run")
     print(f"| {r} | {c['single_load_p50_us']:.1f} µs ({c['single_loads_remote']:,}/{c['single_loads']:,} from donors) "
           f"| {g['load_p50_us']:.1f} µs | {c['single_load_p50_us'] / g['load_p50_us']:.2f} "
           f"| {c['pipelined_pages_per_sec']:,.0f} pages/s ({c['pipelined_loads_remote']:,}/{c['pipelined_loads']:,} from donors) "
+          f"| {alone} "
           f"| {c['remotify_mb_per_sec']:.0f} MB/s ({c['remote_mb']:.1f} MB) "
           f"| {c['idle_load_p99_us']:.1f} µs | {c['suction_load_p99_us']:.1f} µs ({c['suctioned_pages']:,} pages home, {c['suction_loads']:,} loads) "
           f"| {c['suction_load_p99_us'] / c['idle_load_p99_us']:.2f} "

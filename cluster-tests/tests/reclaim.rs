@@ -187,3 +187,77 @@ fn a_donor_whose_own_pages_grow_gives_back_what_it_holds() {
     verify_pages(&a_client, AREA, &a_pages, &a_accepted);
     assert_eq!(b.metric("ramster_unrecoverable_pages"), Some(0.0));
 }
+
+/// `ramster cluster capacity SIZE` on an owner: what it holds above the
+/// new capacity goes to donors at once, nothing is lost, and given its
+/// capacity back it brings the pages home.
+#[test]
+fn an_owner_given_less_capacity_ships_the_excess_to_donors_and_loses_nothing() {
+    let cluster = TestCluster::start(&[
+        MemberSpec {
+            name: "owner",
+            capacity: "32MiB",
+            extra: &["--replicas", "2"],
+        },
+        MemberSpec {
+            name: "memsrv",
+            capacity: "128MiB",
+            extra: &["--role", "memory-server"],
+        },
+        MemberSpec {
+            name: "peer1",
+            capacity: "128MiB",
+            extra: &["--donate", "96MiB"],
+        },
+    ])
+    .unwrap();
+    cluster.wait_up("owner", 3, FORM_TIMEOUT).unwrap();
+    let owner = cluster.member("owner");
+    let client = BlockingClient::connect(&owner.socket()).unwrap();
+    let pages = Pages::synthetic(8192, 31);
+    let accepted = store_pages(&client, AREA, &pages);
+    let store = || client.stats().unwrap().store.unwrap();
+    let held = store().used_bytes as f64;
+    assert!(
+        held > 8.0 * MIB && held < 0.85 * 32.0 * MIB,
+        "{:.1} MiB held: enough to ship, below where remotify starts",
+        held / MIB
+    );
+    assert_eq!(store().remote_pages, 0);
+
+    // Bad input is refused and changes nothing.
+    let (code, _) = owner.cli(&["cluster", "capacity", "64MiB"]);
+    assert_ne!(code, 0);
+    let (code, _) = owner.cli(&["cluster", "capacity", "4KiB"]);
+    assert_ne!(code, 0);
+    let above =
+        ramster_node::cli::admin_client::post(&owner.admin, "/v1/capacity?bytes=67108864").unwrap();
+    assert_eq!(above.status, 409, "{}", above.body);
+    assert!(above.body.contains("more than"), "{}", above.body);
+    let bad = ramster_node::cli::admin_client::post(&owner.admin, "/v1/capacity").unwrap();
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert_eq!(store().capacity_bytes, 32 << 20);
+
+    let (code, said) = owner.cli(&["cluster", "capacity", "4MiB"]);
+    assert_eq!(code, 0, "{said}");
+    assert!(said.contains("above it"), "{said}");
+    let shipped = wait_for(RECLAIM_TIMEOUT, || {
+        let s = store();
+        ((s.used_bytes as f64) <= 0.85 * 4.0 * MIB).then_some(s.remote_pages)
+    })
+    .unwrap_or_else(|e| panic!("the owner still holds {:?} ({e})", store()));
+    assert!(shipped > 0);
+    eprintln!("{shipped} pages went to donors");
+    verify_pages(&client, AREA, &pages, &accepted);
+    assert_eq!(owner.metric("ramster_unrecoverable_pages"), Some(0.0));
+
+    // Its capacity back, the owner is far below the suction line and
+    // brings every page home.
+    let (code, said) = owner.cli(&["cluster", "capacity", "32MiB"]);
+    assert_eq!(code, 0, "{said}");
+    wait_for(RECLAIM_TIMEOUT, || {
+        (store().remote_pages == 0).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("pages still on donors ({e}): {:?}", store()));
+    verify_pages(&client, AREA, &pages, &accepted);
+}

@@ -227,6 +227,78 @@ async fn pages_put_on_a_peer_come_back_byte_identical_and_release_cleanly() {
     .await
 }
 
+#[test]
+fn segmentation_offload_is_used_only_where_a_batch_fits_one_send() {
+    let with = |bytes: u16, gso: bool| TransportConfig {
+        mtu_upper_bound: bytes,
+        segmentation_offload: gso,
+        ..TransportConfig::default()
+    };
+    assert!(with(1472, true).uses_segmentation_offload());
+    assert!(!with(1472, false).uses_segmentation_offload());
+    assert!(
+        !TransportConfig::default().uses_segmentation_offload(),
+        "jumbo datagrams by default: ten of them overflow a UDP send"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_batches_on_loopback_travel_in_jumbo_datagrams() {
+    guarded(async {
+        let cluster = Cluster::new(&["donor-a", "owner-b"]);
+        let donor_ep = bind(&cluster, "donor-a", donor(256 << 20));
+        let owner_ep = bind(&cluster, "owner-b", donor(0));
+        let session = owner_ep
+            .session("donor-a", donor_ep.local_addr())
+            .await
+            .unwrap();
+        // Path-MTU discovery probes while traffic flows; loopback carries
+        // 64 KiB, so it must climb to the bound both sides set.
+        let bound = TransportConfig::default().mtu_upper_bound;
+        let mut round = 0u64;
+        let mtu = loop {
+            let pages: Vec<DonatedPage> = (round * 64..(round + 1) * 64)
+                .map(|n| donated(n, 1, true))
+                .collect();
+            let statuses = session.put_pages(&pages).await.unwrap();
+            assert!(statuses.iter().all(|s| *s == PageStatus::Ok));
+            let (_, stats) = owner_ep
+                .connection_stats()
+                .into_iter()
+                .find(|(peer, _)| peer == "donor-a")
+                .expect("a live connection to donor-a");
+            if stats.path.current_mtu == bound || round == 500 {
+                break stats.path.current_mtu;
+            }
+            round += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!(
+            mtu, bound,
+            "path MTU after {round} batches of 64 pages: {mtu}, not {bound}"
+        );
+        // Bursts of jumbo datagrams then go out whole: were they batched
+        // past what one UDP send carries, they would be lost, and the
+        // losses taken for a black hole would drop the MTU to 1200.
+        for burst in 0..8u64 {
+            let pages: Vec<DonatedPage> = (0..256)
+                .map(|n| donated(1 << 20 | burst << 8 | n, 1, true))
+                .collect();
+            let statuses = session.put_pages(&pages).await.unwrap();
+            assert!(statuses.iter().all(|s| *s == PageStatus::Ok));
+        }
+        let (_, stats) = owner_ep.connection_stats().into_iter().next().unwrap();
+        assert_eq!(
+            stats.path.current_mtu, bound,
+            "path MTU after bursts: {} packets lost",
+            stats.path.lost_packets
+        );
+        owner_ep.close().await;
+        donor_ep.close().await;
+    })
+    .await
+}
+
 fn bind_incarnation(cluster: &Cluster, node: &str, incarnation: u64) -> PeerEndpoint {
     PeerEndpoint::bind(
         EndpointOptions {

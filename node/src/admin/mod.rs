@@ -32,7 +32,8 @@ use crate::frontend::nbd::Exports;
 use crate::metrics::NodeMetrics;
 pub use exposition::MetricsWriter;
 pub use routes::{
-    DONATE_PATH, HEALTH_LIVE_PATH, HEALTH_READY_PATH, MEMBERS_PATH, METRICS_PATH, STATUS_PATH,
+    CAPACITY_PATH, DONATE_PATH, HEALTH_LIVE_PATH, HEALTH_READY_PATH, MEMBERS_PATH, METRICS_PATH,
+    STATUS_PATH,
 };
 
 /// Where the admin endpoint listens unless told otherwise; also where
@@ -57,6 +58,10 @@ pub trait ClusterView: Send + Sync {
     fn change_member(&self, node: &str, action: MemberAction) -> ChangeFuture;
     /// Donates `bytes` from now on (up to `--donate`); what was done.
     fn set_donation(&self, bytes: u64) -> Result<String, ChangeError>;
+    /// The store's capacity changed: move pages now (remotify what is held
+    /// above the new watermarks, or bring pages home below them) rather
+    /// than at the next tick.
+    fn capacity_changed(&self);
 }
 
 /// An operator's change to a member.
@@ -173,6 +178,33 @@ impl AdminContext {
             Some(c) => c.set_donation(bytes),
             None => Err(ChangeError::Refused("this node is not in a cluster".into())),
         }
+    }
+
+    /// Gives this node's store a new capacity, at most the one it started
+    /// with. Lowered below what the store holds, every page is kept: new
+    /// stores wait or are refused while remotify ships the coldest pages to
+    /// donors (in a cluster) or clients free some.
+    pub fn set_capacity(&self, bytes: u64) -> Result<String, ChangeError> {
+        let store = self.frontend.store();
+        if store.capacity_at_start() == 0 {
+            return Err(ChangeError::Refused(
+                "this node has no store of its own (a memory server donates all it has)".into(),
+            ));
+        }
+        store
+            .set_capacity(bytes)
+            .map_err(|e| ChangeError::Refused(e.to_string()))?;
+        if let Some(c) = &self.cluster {
+            c.capacity_changed();
+        }
+        let held = store.used_bytes();
+        tracing::info!(capacity = bytes, held, "store capacity changed");
+        Ok(format!(
+            "{} has a capacity of {bytes} bytes (at most {} from --capacity); it holds {held}, {} above it",
+            self.frontend.name(),
+            store.capacity_at_start(),
+            held.saturating_sub(bytes)
+        ))
     }
 
     /// The status with totals and health filled in.

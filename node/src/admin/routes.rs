@@ -12,6 +12,8 @@ pub const STATUS_PATH: &str = "/v1/status";
 pub const MEMBERS_PATH: &str = "/v1/members/";
 /// `POST /v1/donate?bytes=N`: what this node donates from now on.
 pub const DONATE_PATH: &str = "/v1/donate";
+/// `POST /v1/capacity?bytes=N`: this node's store capacity from now on.
+pub const CAPACITY_PATH: &str = "/v1/capacity";
 
 /// Answers one request: changes (POST) may wait on the cluster, reads never.
 pub async fn answer(ctx: &AdminContext, req: &Request) -> Response {
@@ -23,20 +25,19 @@ pub async fn answer(ctx: &AdminContext, req: &Request) -> Response {
 
 /// A change to a member, made through the Raft leader.
 async fn change(ctx: &AdminContext, req: &Request) -> Response {
-    if req.path == DONATE_PATH {
+    if req.path == DONATE_PATH || req.path == CAPACITY_PATH {
         let Some(bytes) = req.value("bytes").and_then(|v| v.parse::<u64>().ok()) else {
             return Response::text(
                 Status::BadRequest,
-                format!("{DONATE_PATH} needs ?bytes=N (a number of bytes)\n"),
+                format!("{} needs ?bytes=N (a number of bytes)\n", req.path),
             );
         };
-        return match ctx.set_donation(bytes) {
-            Ok(done) => Response::text(Status::Ok, format!("{done}\n")),
-            Err(ChangeError::Refused(why)) => Response::text(Status::Conflict, format!("{why}\n")),
-            Err(ChangeError::Unavailable(why)) => {
-                Response::text(Status::Unavailable, format!("{why}\n"))
-            }
+        let done = if req.path == DONATE_PATH {
+            ctx.set_donation(bytes)
+        } else {
+            ctx.set_capacity(bytes)
         };
+        return changed(done);
     }
     let Some((node, action)) = member_action(req) else {
         if [
@@ -59,7 +60,12 @@ async fn change(ctx: &AdminContext, req: &Request) -> Response {
             ),
         );
     };
-    match ctx.change_member(node, action).await {
+    changed(ctx.change_member(node, action).await)
+}
+
+/// A change's answer: what was done, or why not.
+fn changed(done: Result<String, ChangeError>) -> Response {
+    match done {
         Ok(done) => Response::text(Status::Ok, format!("{done}\n")),
         Err(ChangeError::Refused(why)) => Response::text(Status::Conflict, format!("{why}\n")),
         Err(ChangeError::Unavailable(why)) => {
@@ -214,6 +220,7 @@ mod tests {
         fn set_donation(&self, bytes: u64) -> Result<String, ChangeError> {
             Ok(format!("donates {bytes}"))
         }
+        fn capacity_changed(&self) {}
     }
 
     fn post(target: &str) -> Request {
@@ -287,6 +294,38 @@ mod tests {
                 .await
                 .status,
             Status::Conflict
+        );
+    }
+
+    #[tokio::test]
+    async fn the_store_capacity_is_changed_by_a_post_within_what_it_started_with() {
+        let ctx = context(None);
+        let text = |r: Response| (r.status, String::from_utf8(r.body).unwrap());
+        assert_eq!(
+            text(answer(&ctx, &post("/v1/capacity?bytes=4194304")).await),
+            (
+                Status::Ok,
+                "n1 has a capacity of 4194304 bytes (at most 8388608 from --capacity); it holds 0, 0 above it\n"
+                    .into()
+            )
+        );
+        let stats = || ctx.frontend.store().stats();
+        assert_eq!(stats().capacity_bytes, 4 << 20);
+        for refused in ["/v1/capacity?bytes=16777216", "/v1/capacity?bytes=4096"] {
+            let (status, why) = text(answer(&ctx, &post(refused)).await);
+            assert_eq!(status, Status::Conflict, "{refused}: {why}");
+        }
+        for bad in ["/v1/capacity", "/v1/capacity?bytes=1GiB"] {
+            assert_eq!(
+                answer(&ctx, &post(bad)).await.status,
+                Status::BadRequest,
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            stats().capacity_bytes,
+            4 << 20,
+            "refused changes change nothing"
         );
     }
 

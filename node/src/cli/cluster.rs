@@ -6,6 +6,11 @@
 //! (up to its `--donate`); lowered below what it holds, its owners are asked
 //! to take the excess back.
 //!
+//! `ramster cluster capacity SIZE` changes the store capacity of the node
+//! answering (up to its `--capacity`); lowered below what it holds, nothing
+//! is dropped: remotify ships the coldest pages to donors at once, and new
+//! stores wait for room.
+//!
 //! Taking a donor out without losing a replica: `drain` it (owners move
 //! the copies it holds to other donors; `ramster status` shows it
 //! `draining`, then `drained`), then `remove` it, then stop it. `remove`
@@ -16,7 +21,7 @@ use clap::{Args, Subcommand};
 use super::admin_client;
 use super::size::parse_size;
 use super::status::Endpoint;
-use crate::admin::{DONATE_PATH, MEMBERS_PATH};
+use crate::admin::{CAPACITY_PATH, DONATE_PATH, MEMBERS_PATH};
 
 #[derive(Args, Debug)]
 pub struct ClusterArgs {
@@ -47,6 +52,12 @@ pub enum Change {
         #[arg(value_parser = parse_size)]
         size: u64,
     },
+    /// Give the node answering a store capacity of SIZE (up to its
+    /// `--capacity`); what it holds above that, remotify ships to donors.
+    Capacity {
+        #[arg(value_parser = parse_size)]
+        size: u64,
+    },
 }
 
 impl Change {
@@ -60,6 +71,7 @@ impl Change {
                 format!("{MEMBERS_PATH}{node}/remove{force}")
             }
             Change::Donate { size } => format!("{DONATE_PATH}?bytes={size}"),
+            Change::Capacity { size } => format!("{CAPACITY_PATH}?bytes={size}"),
         }
     }
 }
@@ -93,6 +105,10 @@ mod tests {
         assert_eq!(
             Change::Donate { size: 4 << 20 }.path(),
             "/v1/donate?bytes=4194304"
+        );
+        assert_eq!(
+            Change::Capacity { size: 64 << 20 }.path(),
+            "/v1/capacity?bytes=67108864"
         );
         assert_eq!(
             Change::Remove {

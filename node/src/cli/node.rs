@@ -35,6 +35,11 @@ pub const NBD_LISTEN_DEFAULT: &str = "127.0.0.1:10809";
 pub const EXPORT_STATS_LOG_INTERVAL: Duration = Duration::from_secs(60);
 /// The largest config file read (a config is a few lines).
 const CONFIG_BYTES_MAX: u64 = 1 << 20;
+/// `--max-udp-payload` bounds: QUIC needs 1200 bytes, UDP carries at most
+/// 65527.
+const MAX_UDP_PAYLOAD_MIN: u16 = 1200;
+const MAX_UDP_PAYLOAD_MAX: u16 = 65_527;
+
 /// Where the peer transport (QUIC) listens when only `--join` is given.
 pub const PEER_LISTEN_DEFAULT: &str = "0.0.0.0:7800";
 /// Donors per remotified page.
@@ -122,6 +127,16 @@ pub struct NodeArgs {
     /// START,STOP [default: 0.60,0.70].
     #[arg(long, env = "RAMSTER_SUCTION_WATERMARKS", value_parser = parse_pair)]
     pub suction_watermarks: Option<(f64, f64)>,
+    /// Largest UDP payload this node takes from peers, and the most its
+    /// path-MTU discovery probes for (1200..=65527) [default: 8952, for
+    /// jumbo frames and loopback; discovery settles lower by itself on a
+    /// 1500-byte path].
+    #[arg(long, env = "RAMSTER_MAX_UDP_PAYLOAD")]
+    pub max_udp_payload: Option<u16>,
+    /// UDP segmentation offload (GSO) for peer traffic; `--gso false` for
+    /// virtual NICs or kernels that drop GSO batches [default: true].
+    #[arg(long, env = "RAMSTER_GSO", num_args = 0..=1, default_missing_value = "true")]
+    pub gso: Option<bool>,
     /// Address of the admin endpoint (/metrics, /health/live,
     /// /health/ready, /v1/status), or `off` [default: 127.0.0.1:7801].
     #[arg(long, env = "RAMSTER_ADMIN_LISTEN")]
@@ -240,6 +255,8 @@ struct ConfigFile {
     replicas: Option<usize>,
     remotify_watermarks: Option<[f64; 2]>,
     suction_watermarks: Option<[f64; 2]>,
+    max_udp_payload: Option<u16>,
+    gso: Option<bool>,
     admin_listen: Option<String>,
 }
 
@@ -265,6 +282,7 @@ pub struct ClusterArgs {
     pub zone: Option<String>,
     pub replicas: usize,
     pub watermarks: Watermarks,
+    pub transport: TransportConfig,
 }
 
 /// The node's settings once every source is merged.
@@ -356,6 +374,8 @@ impl NodeArgs {
             suction: self
                 .suction_watermarks
                 .or(file.suction_watermarks.map(|[a, b]| (a, b))),
+            max_udp_payload: self.max_udp_payload.or(file.max_udp_payload),
+            gso: self.gso.or(file.gso),
         };
         let capacity = match capacity {
             Capacity::Bytes(b) => b,
@@ -439,6 +459,8 @@ struct ClusterSources {
     replicas: Option<usize>,
     remotify: Option<(f64, f64)>,
     suction: Option<(f64, f64)>,
+    max_udp_payload: Option<u16>,
+    gso: Option<bool>,
 }
 
 impl ClusterSources {
@@ -503,6 +525,18 @@ fn cluster_args(
         suction_stop,
     }
     .validate()?;
+    let mut transport = TransportConfig::default();
+    if let Some(bytes) = c.max_udp_payload {
+        if !(MAX_UDP_PAYLOAD_MIN..=MAX_UDP_PAYLOAD_MAX).contains(&bytes) {
+            bail!(
+                "--max-udp-payload {bytes}: must be {MAX_UDP_PAYLOAD_MIN}..={MAX_UDP_PAYLOAD_MAX} (QUIC's floor, UDP's ceiling)"
+            );
+        }
+        transport.mtu_upper_bound = bytes;
+    }
+    if let Some(gso) = c.gso {
+        transport.segmentation_offload = gso;
+    }
     Ok(Some(ClusterArgs {
         listen,
         advertise,
@@ -514,6 +548,7 @@ fn cluster_args(
         zone: c.zone,
         replicas,
         watermarks,
+        transport,
     }))
 }
 
@@ -646,7 +681,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
                         replicas: c.replicas,
                         watermarks: c.watermarks,
                         liveness: LivenessTimings::default(),
-                        transport: TransportConfig::default(),
+                        transport: c.transport.clone(),
                     },
                     store.clone(),
                     metrics.clone(),

@@ -73,11 +73,16 @@ pub const IN_FLIGHT_REQUESTS_MAX: usize = 64;
 pub const PEER_STREAMS_MAX: u32 = 16;
 /// Incoming connections served at once.
 pub const SESSIONS_MAX: usize = 1024;
-/// Largest UDP payload path-MTU discovery probes for. Above quinn's 1452
-/// default so jumbo-frame networks and loopback get big packets (fewer
-/// packets, fewer per-packet costs); on a 1500-byte path the probes are lost
-/// and discovery settles lower by itself.
+/// Largest UDP payload path-MTU discovery probes for, and the largest we
+/// tell peers we take. Above quinn's 1452 default so jumbo-frame networks
+/// and loopback get big packets (fewer packets, fewer per-packet costs); on
+/// a 1500-byte path the probes are lost and discovery settles lower by
+/// itself.
 pub const MTU_UPPER_BOUND_BYTES: u16 = 8952;
+/// Datagrams quinn puts in one GSO send (its `MAX_TRANSMIT_SEGMENTS`).
+const GSO_BATCH_DATAGRAMS: usize = 10;
+/// The most one UDP send may carry: 65,535 less the IPv4 and UDP headers.
+const UDP_SEND_BYTES_MAX: usize = 65_507;
 /// Per-stream flow-control window: a few full page batches.
 const STREAM_RECEIVE_WINDOW_BYTES: u32 = 16 << 20;
 /// Per-connection flow-control window (the most one peer can make us buffer).
@@ -89,7 +94,7 @@ const CLOSE_REFUSED: u32 = 1;
 const CLOSE_PROTOCOL: u32 = 2;
 
 /// Tunables of the transport; the defaults are the named constants above.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TransportConfig {
     pub rpc_deadline: Duration,
     pub idle_timeout: Duration,
@@ -102,6 +107,20 @@ pub struct TransportConfig {
     /// UDP generic segmentation offload. Some virtual NICs and older kernels
     /// drop GSO batches; this turns it off.
     pub segmentation_offload: bool,
+}
+
+impl TransportConfig {
+    /// Whether GSO is used: asked for, and a whole batch of the largest
+    /// datagrams fits in one UDP send. quinn batches up to
+    /// [`GSO_BATCH_DATAGRAMS`] datagrams per send, and the kernel refuses a
+    /// send above [`UDP_SEND_BYTES_MAX`] (EMSGSIZE): with jumbo datagrams
+    /// every full batch would be lost, and path-MTU discovery, taking the
+    /// losses for a black hole, would fall back to 1200 bytes. A jumbo
+    /// datagram is as few sends per byte as a batch of small ones anyway.
+    pub fn uses_segmentation_offload(&self) -> bool {
+        self.segmentation_offload
+            && GSO_BATCH_DATAGRAMS * usize::from(self.mtu_upper_bound) <= UDP_SEND_BYTES_MAX
+    }
 }
 
 impl Default for TransportConfig {
@@ -347,16 +366,31 @@ impl PeerEndpoint {
             addr: opts.listen,
             source,
         })?;
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
-            Some(server_config),
-            socket,
-            net.runtime(),
-        )
-        .map_err(|source| TransportError::Bind {
-            addr: opts.listen,
-            source,
-        })?;
+        // What we tell peers we can receive. Path-MTU discovery on their
+        // side probes no higher than this, whatever their own upper bound:
+        // left at quinn's 1472, packets stay Ethernet-sized on loopback and
+        // jumbo-frame networks alike.
+        if cfg.segmentation_offload && !cfg.uses_segmentation_offload() {
+            info!(
+                max_udp_payload = cfg.mtu_upper_bound,
+                "UDP segmentation offload off: a batch of datagrams this large does not fit one send"
+            );
+        }
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        endpoint_config
+            .max_udp_payload_size(cfg.mtu_upper_bound)
+            .map_err(|_| {
+                TransportError::Config(format!(
+                    "MTU upper bound {} must be within 1200..=65527",
+                    cfg.mtu_upper_bound
+                ))
+            })?;
+        let endpoint =
+            quinn::Endpoint::new(endpoint_config, Some(server_config), socket, net.runtime())
+                .map_err(|source| TransportError::Bind {
+                    addr: opts.listen,
+                    source,
+                })?;
         let shared = Arc::new(Shared {
             net: net.handle().clone(),
             node: opts.node,
@@ -522,6 +556,28 @@ impl PeerEndpoint {
         self.shared.placements.load(Ordering::Relaxed)
     }
 
+    /// QUIC's own figures of each live connection (datagrams, losses, path
+    /// MTU, congestion window), by peer, sorted. They restart from zero
+    /// when a connection is replaced.
+    pub fn connection_stats(&self) -> Vec<(String, quinn::ConnectionStats)> {
+        let slots: Vec<(String, SessionSlot)> = self
+            .shared
+            .sessions
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut stats: Vec<(String, quinn::ConnectionStats)> = slots
+            .into_iter()
+            .filter_map(|(peer, slot)| {
+                let session = slot.try_lock().ok()?.as_ref()?.clone();
+                session.is_alive().then(|| (peer, session.conn.stats()))
+            })
+            .collect();
+        stats.sort_by(|a, b| a.0.cmp(&b.0));
+        stats
+    }
+
     /// Peers with a live session (dialled or accepted), sorted.
     pub fn peers(&self) -> Vec<String> {
         let slots: Vec<(String, SessionSlot)> = self
@@ -645,7 +701,7 @@ fn quic_transport(cfg: &TransportConfig) -> Result<quinn::TransportConfig, Trans
     t.stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW_BYTES));
     t.receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW_BYTES));
     t.send_window(u64::from(CONNECTION_RECEIVE_WINDOW_BYTES));
-    t.enable_segmentation_offload(cfg.segmentation_offload);
+    t.enable_segmentation_offload(cfg.uses_segmentation_offload());
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(cfg.mtu_upper_bound);
     t.mtu_discovery_config(Some(mtu));

@@ -50,6 +50,30 @@ static IS_LEADER: Family = Family::gauge(
     "ramster_raft_leader",
     "1 when this node is the Raft leader of the cluster configuration.",
 );
+static QUIC_DATAGRAMS: Family = Family::counter(
+    "ramster_transport_datagrams_total",
+    "UDP datagrams on the QUIC connection to a peer, by direction (sent, received).",
+);
+static QUIC_BYTES: Family = Family::counter(
+    "ramster_transport_bytes_total",
+    "UDP payload bytes on the QUIC connection to a peer, by direction (sent, received).",
+);
+static QUIC_LOST_PACKETS: Family = Family::counter(
+    "ramster_transport_lost_packets_total",
+    "Packets to a peer that QUIC declared lost and sent again.",
+);
+static QUIC_CONGESTION_EVENTS: Family = Family::counter(
+    "ramster_transport_congestion_events_total",
+    "Times the congestion controller cut its window on the path to a peer.",
+);
+static QUIC_PATH_MTU: Family = Family::gauge(
+    "ramster_transport_path_mtu_bytes",
+    "Largest UDP payload the path to a peer is known to carry (path-MTU discovery).",
+);
+static QUIC_CWND: Family = Family::gauge(
+    "ramster_transport_congestion_window_bytes",
+    "The congestion window on the path to a peer.",
+);
 static RELEASE_BACKLOG: Family = Family::gauge(
     "ramster_release_backlog_pages",
     "Donor copies waiting to be released (their donor unreachable).",
@@ -92,6 +116,10 @@ impl ClusterView for ClusterNode {
         self.inner.set_donation(bytes)
     }
 
+    fn capacity_changed(&self) {
+        self.inner.wake_movers.notify_one();
+    }
+
     fn write_metrics(&self, out: &mut MetricsWriter) {
         let donor = self.inner.donor.lock();
         let usage = donor.usage(None);
@@ -119,6 +147,51 @@ impl ClusterView for ClusterNode {
         ] {
             let count = status.nodes.iter().filter(|n| n.state == state).count();
             out.sample(&MEMBERS, &[("state", label)], count);
+        }
+        let quic = self.inner.endpoint.connection_stats();
+        for (peer, st) in &quic {
+            out.sample(
+                &QUIC_DATAGRAMS,
+                &[("peer", peer), ("direction", "sent")],
+                st.udp_tx.datagrams,
+            );
+            out.sample(
+                &QUIC_DATAGRAMS,
+                &[("peer", peer), ("direction", "received")],
+                st.udp_rx.datagrams,
+            );
+        }
+        for (peer, st) in &quic {
+            out.sample(
+                &QUIC_BYTES,
+                &[("peer", peer), ("direction", "sent")],
+                st.udp_tx.bytes,
+            );
+            out.sample(
+                &QUIC_BYTES,
+                &[("peer", peer), ("direction", "received")],
+                st.udp_rx.bytes,
+            );
+        }
+        for (peer, st) in &quic {
+            out.sample(&QUIC_LOST_PACKETS, &[("peer", peer)], st.path.lost_packets);
+        }
+        for (peer, st) in &quic {
+            out.sample(
+                &QUIC_CONGESTION_EVENTS,
+                &[("peer", peer)],
+                st.path.congestion_events,
+            );
+        }
+        for (peer, st) in &quic {
+            out.sample(
+                &QUIC_PATH_MTU,
+                &[("peer", peer)],
+                u64::from(st.path.current_mtu),
+            );
+        }
+        for (peer, st) in &quic {
+            out.sample(&QUIC_CWND, &[("peer", peer)], st.path.cwnd);
         }
         let leader = status.leader.as_deref() == Some(status.answered_by.as_str());
         out.sample(&IS_LEADER, &[], u64::from(leader));

@@ -44,6 +44,19 @@ const COLDEST_TAKE_MIN: usize = 8;
 /// How many droppable pages one store may evict to make room for itself.
 const EVICT_PER_STORE_MAX: usize = 64;
 
+/// The least capacity a running store may be given: room for its index
+/// and a few slabs, so it can still take pages brought home.
+pub const MIN_CAPACITY_BYTES: u64 = 1 << 20;
+
+/// Why a new capacity was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CapacityError {
+    #[error("{asked} bytes is more than the {at_start} the store started with (--capacity)")]
+    AboveStart { asked: u64, at_start: u64 },
+    #[error("{asked} bytes is less than the least a store may have ({MIN_CAPACITY_BYTES})")]
+    BelowMinimum { asked: u64 },
+}
+
 /// A page's name in the store. Front ends map their keys onto it: frontswap
 /// `(area, offset)` and cleancache `(pool, object, index)` live in disjoint
 /// `space`s.
@@ -242,27 +255,37 @@ impl StoreConfig {
 }
 
 /// The bytes a store may hold, and holds. Charged before allocating.
+///
+/// The capacity may be lowered while the store runs (an operator handing
+/// memory back to the host): what is held above it stays, since every
+/// accepted page must come back, and new charges fail until enough is freed
+/// or moved off (remotify).
 #[derive(Debug)]
 pub struct Budget {
-    capacity: u64,
+    capacity: AtomicU64,
     used: AtomicU64,
 }
 
 impl Budget {
     pub fn new(capacity: u64) -> Self {
         Budget {
-            capacity,
+            capacity: AtomicU64::new(capacity),
             used: AtomicU64::new(0),
         }
     }
 
     /// Charges `bytes` if they fit under the capacity.
     pub fn try_charge(&self, bytes: u64) -> bool {
+        let capacity = self.capacity();
         self.used
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
-                used.checked_add(bytes).filter(|&n| n <= self.capacity)
+                used.checked_add(bytes).filter(|&n| n <= capacity)
             })
             .is_ok()
+    }
+
+    pub fn set_capacity(&self, bytes: u64) {
+        self.capacity.store(bytes, Ordering::Relaxed);
     }
 
     /// Replaces a charge of `charged` bytes by the `actual` (smaller or equal) bytes.
@@ -281,15 +304,17 @@ impl Budget {
     }
 
     pub fn capacity(&self) -> u64 {
-        self.capacity
+        self.capacity.load(Ordering::Relaxed)
     }
 
-    /// used / capacity, 0.0 ..= 1.0.
+    /// used / capacity: 0.0 ..= 1.0, and above 1.0 for a while after the
+    /// capacity was lowered below what is held.
     pub fn fill(&self) -> f64 {
-        if self.capacity == 0 {
+        let capacity = self.capacity();
+        if capacity == 0 {
             return 1.0;
         }
-        self.used() as f64 / self.capacity as f64
+        self.used() as f64 / capacity as f64
     }
 }
 
@@ -297,7 +322,8 @@ impl Budget {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct StoreStats {
     pub capacity_bytes: u64,
-    /// Everything charged: slabs + index. Never above `capacity_bytes`.
+    /// Everything charged: slabs + index. Above `capacity_bytes` only after
+    /// the capacity was lowered, until what is held moves off or is freed.
     pub used_bytes: u64,
     pub pages: u64,
     pub same_filled_pages: u64,
@@ -375,6 +401,9 @@ pub struct PageStore {
     shard_shift: u32,
     arena: Arena,
     budget: Budget,
+    /// The capacity the store was started with: the most it may be given
+    /// later (the node sized it against the host's memory).
+    capacity_at_start: u64,
     policy: AdmissionPolicy,
     /// Logical clock for recency stamps.
     clock: AtomicU64,
@@ -408,6 +437,7 @@ impl PageStore {
             shard_shift: 64 - shards.trailing_zeros(),
             arena: Arena::new(),
             budget: Budget::new(config.capacity_bytes),
+            capacity_at_start: config.capacity_bytes,
             policy: AdmissionPolicy::default(),
             clock: AtomicU64::new(1),
             same_filled_pages: AtomicU64::new(0),
@@ -1269,6 +1299,28 @@ impl PageStore {
         self.budget.capacity()
     }
 
+    /// The capacity the store was started with, the most it can be given.
+    pub fn capacity_at_start(&self) -> u64 {
+        self.capacity_at_start
+    }
+
+    /// Gives the store a new capacity, at most the one it started with.
+    /// Lowered below what is held, nothing is dropped: new stores are
+    /// refused until pages are freed or (in a cluster) remotified.
+    pub fn set_capacity(&self, bytes: u64) -> Result<(), CapacityError> {
+        if bytes > self.capacity_at_start {
+            return Err(CapacityError::AboveStart {
+                asked: bytes,
+                at_start: self.capacity_at_start,
+            });
+        }
+        if bytes < MIN_CAPACITY_BYTES {
+            return Err(CapacityError::BelowMinimum { asked: bytes });
+        }
+        self.budget.set_capacity(bytes);
+        Ok(())
+    }
+
     /// [`StoreStats::lost_pages`], without walking the shards.
     pub fn lost_pages(&self) -> u64 {
         self.lost_pages.load(Ordering::Relaxed)
@@ -1304,7 +1356,7 @@ impl PageStore {
             st.pages,
             st.same_filled_pages + st.compressed_pages + st.remote_pages
         );
-        assert!(st.used_bytes <= st.capacity_bytes);
+        assert!(st.used_bytes <= self.capacity_at_start);
         let index_charged: u64 = self.shards.iter().map(|s| s.lock().charged_bytes()).sum();
         assert_eq!(st.used_bytes, st.slab_bytes + index_charged);
         let droppable_remote: u64 = self

@@ -92,6 +92,60 @@ fn used_bytes_never_exceed_capacity_and_full_means_no_capacity() {
 }
 
 #[test]
+fn a_lowered_capacity_keeps_every_page_and_refuses_new_ones_until_room_is_made() {
+    let s = PageStore::new(StoreConfig::with_capacity(8 << 20));
+    for i in 0..4000 {
+        assert_eq!(
+            s.store(key(i), &page_of(i, true), Retention::Persistent),
+            StoreOutcome::Accepted
+        );
+    }
+    let held = s.used_bytes();
+    assert_eq!(
+        s.set_capacity(16 << 20),
+        Err(CapacityError::AboveStart {
+            asked: 16 << 20,
+            at_start: 8 << 20
+        })
+    );
+    assert_eq!(
+        s.set_capacity(4096),
+        Err(CapacityError::BelowMinimum { asked: 4096 })
+    );
+    assert_eq!(s.capacity_bytes(), 8 << 20);
+    assert!(held > MIN_CAPACITY_BYTES, "{held}");
+    s.set_capacity(MIN_CAPACITY_BYTES).unwrap();
+    assert_eq!(s.stats().capacity_bytes, MIN_CAPACITY_BYTES);
+    // Held above the new capacity, nothing is dropped...
+    let mut out = Box::new([0u8; PAGE_BYTES]);
+    for i in 0..4000 {
+        assert_eq!(s.load(key(i), &mut out), LoadOutcome::Hit);
+        assert_eq!(&out[..], &page_of(i, true)[..]);
+    }
+    // ...but new pages take no more memory: only slack in slabs already
+    // charged, and the rest are refused, until enough is freed.
+    let mut refused = 0;
+    for i in 10_000..11_000 {
+        match s.store(key(i), &page_of(i, true), Retention::Persistent) {
+            StoreOutcome::Accepted => {}
+            StoreOutcome::Rejected(RejectReason::NoCapacity) => refused += 1,
+            other => panic!("{other:?}"),
+        }
+        assert!(s.used_bytes() <= held);
+    }
+    assert!(refused > 900, "{refused} of 1000 refused");
+    for i in (0..4000).chain(10_000..11_000) {
+        s.invalidate(key(i));
+    }
+    assert_eq!(
+        s.store(key(5000), &page_of(5000, true), Retention::Persistent),
+        StoreOutcome::Accepted
+    );
+    s.set_capacity(8 << 20).unwrap();
+    s.audit();
+}
+
+#[test]
 fn persistent_stores_evict_ephemeral_pages_first_then_writethrough() {
     let cap = 512 << 10;
     let s = PageStore::new(StoreConfig {

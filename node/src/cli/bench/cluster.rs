@@ -1,6 +1,11 @@
 //! `ramster bench --socket PATH --cluster`: what remote memory costs a
 //! client. Drives a node that is a member of a cluster through its API:
 //!
+//! 0. **remotify alone** (with `--shrink-to` and `--admin`): the node is
+//!    filled to 70% of its capacity in an area of its own, its capacity is
+//!    lowered through the admin endpoint, and the compressed bytes remotify
+//!    ships to donors are timed with no client storing meanwhile; every
+//!    page loads back byte-identical, then the area is dropped.
 //! 1. **store**: every page into the area, `--depth` requests of `--batch`
 //!    in flight, more pages than the node holds, while its stats are
 //!    polled: remotify throughput is the compressed bytes that went to
@@ -34,6 +39,8 @@ use super::{
     BenchArgs, Outcome, Pipelined, bar, batch_for, load_offsets, percentile_us, store_offsets,
     verdict,
 };
+use crate::admin::CAPACITY_PATH;
+use crate::cli::admin_client;
 use crate::cli::corpus::Pages;
 use crate::frontend::client::Client;
 use crate::store::PAGE_BYTES;
@@ -52,6 +59,11 @@ const SINGLE_LOADS: usize = 5_000;
 const IDLE_LOADS: usize = 20_000;
 /// Hot pages: a sliver of the capacity, so they stay local.
 const HOT_PAGES_MAX: usize = 4096;
+/// Remotify alone: the share of the capacity filled before it is lowered,
+/// below where remotify starts (85% by default), so nothing moves before.
+const ALONE_FILL: f64 = 0.70;
+/// ...filled this many pages at a time, reading the node's use between.
+const ALONE_CHUNK_PAGES: u64 = 4096;
 
 #[derive(Debug, Serialize)]
 pub struct ClusterReport {
@@ -61,6 +73,8 @@ pub struct ClusterReport {
     pub depth: usize,
     pub accepted: usize,
     pub capacity_bytes: u64,
+    /// Remotify with no client storing (`--shrink-to`).
+    pub remotify_alone: Option<RemotifyAlone>,
     pub store_pages_per_sec: f64,
     /// Pages and compressed bytes on donors once remotify settled.
     pub remote_pages: u64,
@@ -91,6 +105,23 @@ pub struct ClusterReport {
     pub verified: bool,
 }
 
+/// What remotify shipped once the capacity was lowered, no client storing.
+#[derive(Debug, Serialize)]
+pub struct RemotifyAlone {
+    /// The capacity filled to [`ALONE_FILL`], and the one it was lowered to.
+    pub capacity_from_bytes: u64,
+    pub capacity_to_bytes: u64,
+    /// Pages stored to fill it (the corpus repeated).
+    pub stored_pages: usize,
+    pub shipped_pages: u64,
+    pub shipped_mb: f64,
+    pub secs: f64,
+    pub mb_per_sec: f64,
+    pub pages_per_sec: f64,
+    /// Stored pages that did not load back byte-identical.
+    pub mismatches: usize,
+}
+
 pub async fn run(
     args: &BenchArgs,
     client: Arc<Client>,
@@ -98,6 +129,12 @@ pub async fn run(
     source: String,
     progress: bool,
 ) -> anyhow::Result<ClusterReport> {
+    let remotify_alone = match (args.shrink_to, &args.admin) {
+        (Some(to), Some(admin)) => {
+            Some(remotify_alone(args, &client, pages, admin, to, progress).await?)
+        }
+        _ => None,
+    };
     let n = pages.len();
     let area = args.area;
     let hot_area = area.checked_add(1).context("--area too large")?;
@@ -110,7 +147,7 @@ pub async fn run(
         bail!("the node has no store of its own (a memory server?): bench a peer");
     }
     let mut rng = SmallRng::seed_from_u64(args.seed ^ 0xc105_7e55);
-    let mut mismatches = 0;
+    let mut mismatches = remotify_alone.as_ref().map_or(0, |r| r.mismatches);
 
     // 1. Store, tracing what remotify ships meanwhile.
     let (tracing, tracer) = RemoteTracer::spawn(client.clone());
@@ -211,6 +248,7 @@ pub async fn run(
             .filter(|(_, o)| matches!(o, Outcome::Stored(v1::Status::Ok)))
             .count(),
         capacity_bytes: capacity,
+        remotify_alone,
         store_pages_per_sec: n as f64 / store_secs,
         remote_pages,
         remote_mb: remote_bytes as f64 / 1e6,
@@ -236,6 +274,94 @@ pub async fn run(
         suction_load_p99_us: percentile_us(&mut suction_lat, 0.99),
         mismatches,
         verified: mismatches == 0,
+    })
+}
+
+/// Phase 0: fills an area of its own to [`ALONE_FILL`] of the node's
+/// capacity, lowers the capacity to `to`, and times what remotify ships.
+async fn remotify_alone(
+    args: &BenchArgs,
+    client: &Arc<Client>,
+    pages: &Pages,
+    admin: &str,
+    to: u64,
+    progress: bool,
+) -> anyhow::Result<RemotifyAlone> {
+    let area = args.area.checked_add(2).context("--area too large")?;
+    let batch = batch_for(args, client);
+    client.init_area(area, false).await?;
+    let store_stats = async || -> anyhow::Result<v1::StoreStats> {
+        Ok(client.stats().await?.store.unwrap_or_default())
+    };
+    let from = store_stats().await?.capacity_bytes;
+    if to >= from {
+        bail!("--shrink-to {to} must be below the node's capacity, {from} bytes");
+    }
+    // The fullest the node can be filled with pages that take room: far
+    // more pages than that means they are not landing.
+    let most_pages = (from / 64).max(ALONE_CHUNK_PAGES);
+    let pb = bar(0, "fill", progress);
+    let mut stored: Vec<u64> = Vec::new();
+    let mut next = 0u64;
+    while (store_stats().await?.used_bytes as f64) < ALONE_FILL * from as f64 {
+        if next >= most_pages {
+            bail!("the node took {next} pages and is still not {ALONE_FILL} full");
+        }
+        let offsets = Arc::new((next..next + ALONE_CHUNK_PAGES).collect::<Vec<u64>>());
+        pb.inc_length(ALONE_CHUNK_PAGES);
+        let r = store_offsets(args.depth, batch, client, area, pages, offsets, &pb).await?;
+        stored.extend(r.outcomes.iter().filter_map(|(o, out)| {
+            matches!(out, Outcome::Stored(v1::Status::Ok)).then_some(*o as u64)
+        }));
+        next += ALONE_CHUNK_PAGES;
+    }
+    pb.finish_and_clear();
+
+    let before = store_stats().await?;
+    let (tracing, tracer) = RemoteTracer::spawn(client.clone());
+    let path = format!("{CAPACITY_PATH}?bytes={to}");
+    let admin = admin.to_string();
+    let answer = tokio::task::spawn_blocking(move || admin_client::post(&admin, &path)).await??;
+    if answer.status != 200 {
+        bail!(
+            "lowering the capacity was refused: {} (HTTP {})",
+            answer.body.trim_end(),
+            answer.status
+        );
+    }
+    tracing.store(false, Ordering::Relaxed);
+    let trace = tracer.await??.settle(REMOTIFY_SETTLED).await?;
+    let (remote_pages, remote_bytes) = trace.last();
+    let span = trace.rising_span().as_secs_f64().max(1e-9);
+    let shipped_pages = remote_pages.saturating_sub(before.remote_pages);
+    let shipped_bytes = remote_bytes.saturating_sub(before.remote_bytes);
+    if shipped_pages == 0 {
+        bail!("lowering the capacity shipped nothing: is the node in a cluster, with donors up?");
+    }
+
+    let stored = Arc::new(stored);
+    let pb = bar(stored.len(), "verify", progress);
+    let loaded = load_offsets(args.depth, batch, client, area, stored.clone(), &pb).await?;
+    pb.finish_and_clear();
+    let mismatches = loaded
+        .outcomes
+        .iter()
+        .filter(|(o, out)| match out {
+            Outcome::Loaded(Ok(p)) => p[..] != pages.page(o % pages.len())[..],
+            _ => true,
+        })
+        .count();
+    client.invalidate_area(area).await?;
+    Ok(RemotifyAlone {
+        capacity_from_bytes: from,
+        capacity_to_bytes: to,
+        stored_pages: stored.len(),
+        shipped_pages,
+        shipped_mb: shipped_bytes as f64 / 1e6,
+        secs: span,
+        mb_per_sec: shipped_bytes as f64 / 1e6 / span,
+        pages_per_sec: shipped_pages as f64 / span,
+        mismatches,
     })
 }
 
@@ -408,8 +534,21 @@ pub fn print_table(r: &ClusterReport) {
         "  store      {:>10.0} pages/s ({} accepted; {} requests of {} pages in flight)",
         r.store_pages_per_sec, r.accepted, r.depth, r.batch
     );
+    if let Some(a) = &r.remotify_alone {
+        println!(
+            "  remotify alone {:>6.1} MB/s compressed, {:.0} pages/s ({} pages, {:.1} MB to donors in {:.2} s, once {} MiB of capacity became {} MiB; {})",
+            a.mb_per_sec,
+            a.pages_per_sec,
+            a.shipped_pages,
+            a.shipped_mb,
+            a.secs,
+            a.capacity_from_bytes >> 20,
+            a.capacity_to_bytes >> 20,
+            verdict(a.mismatches == 0, a.mismatches)
+        );
+    }
     println!(
-        "  remotify   {:>10.1} MB/s compressed ({} pages, {:.1} MB to donors in {:.2} s)",
+        "  remotify while storing {:>6.1} MB/s compressed ({} pages, {:.1} MB to donors in {:.2} s)",
         r.remotify_mb_per_sec, r.remote_pages, r.remote_mb, r.remotify_secs
     );
     println!(

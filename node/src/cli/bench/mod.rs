@@ -54,6 +54,15 @@ pub struct BenchArgs {
     /// suction); see `cluster`.
     #[arg(long, requires = "socket")]
     pub cluster: bool,
+    /// With `--cluster`: first time remotify alone. The node is filled to
+    /// 70% of its capacity (below where remotify starts), its capacity is
+    /// then lowered to SIZE through `--admin`, and what remotify ships with
+    /// no client storing is timed; the rest of the bench runs at SIZE.
+    #[arg(long, value_parser = parse_size, requires_all = ["cluster", "admin"])]
+    pub shrink_to: Option<u64>,
+    /// The node's admin endpoint (HOST:PORT), for `--shrink-to`.
+    #[arg(long, requires = "shrink_to")]
+    pub admin: Option<String>,
     /// Run the same bench against another system instead of ramster.
     #[arg(long, value_enum)]
     pub peer: Option<Peer>,
@@ -673,8 +682,8 @@ fn batch_for(args: &BenchArgs, client: &Client) -> usize {
         .max(1)
 }
 
-/// Stores the pages at `offsets` (page `i` at offset `i`), `depth` requests
-/// of `batch` in flight.
+/// Stores the pages at `offsets` (page `i` at offset `i`, the pages
+/// repeated past the last), `depth` requests of `batch` in flight.
 async fn store_offsets(
     depth: usize,
     batch: usize,
@@ -690,7 +699,7 @@ async fn store_offsets(
         async move {
             let batch: Vec<_> = offsets[range]
                 .iter()
-                .map(|&o| (o, pages.page_bytes(o as usize)))
+                .map(|&o| (o, pages.page_bytes(o as usize % pages.len())))
                 .collect();
             let statuses = client.store_pages(area, &batch).await?;
             Ok(batch
