@@ -236,25 +236,42 @@ fn segmentation_offload_is_used_only_where_a_batch_fits_one_send() {
     };
     assert!(with(1472, true).uses_segmentation_offload());
     assert!(!with(1472, false).uses_segmentation_offload());
+    assert!(TransportConfig::default().uses_segmentation_offload());
     assert!(
-        !TransportConfig::default().uses_segmentation_offload(),
-        "jumbo datagrams by default: ten of them overflow a UDP send"
+        !with(8952, true).uses_segmentation_offload(),
+        "ten jumbo datagrams overflow a UDP send"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn page_batches_on_loopback_travel_in_jumbo_datagrams() {
+async fn page_batches_on_loopback_travel_in_big_datagrams() {
+    // The default (with GSO), and jumbo frames (without).
+    for bound in [TransportConfig::default().mtu_upper_bound, 8952] {
+        big_datagrams_carry_bursts(bound).await;
+    }
+}
+
+async fn big_datagrams_carry_bursts(bound: u16) {
     guarded(async {
         let cluster = Cluster::new(&["donor-a", "owner-b"]);
-        let donor_ep = bind(&cluster, "donor-a", donor(256 << 20));
-        let owner_ep = bind(&cluster, "owner-b", donor(0));
+        let transport = TransportConfig {
+            mtu_upper_bound: bound,
+            ..TransportConfig::default()
+        };
+        let tls = |node| PeerTls::mutual(&cluster.identity(node)).unwrap();
+        let donor_ep = bind_with(
+            "donor-a",
+            tls("donor-a"),
+            transport.clone(),
+            donor(256 << 20),
+        );
+        let owner_ep = bind_with("owner-b", tls("owner-b"), transport, donor(0));
         let session = owner_ep
             .session("donor-a", donor_ep.local_addr())
             .await
             .unwrap();
         // Path-MTU discovery probes while traffic flows; loopback carries
         // 64 KiB, so it must climb to the bound both sides set.
-        let bound = TransportConfig::default().mtu_upper_bound;
         let mut round = 0u64;
         let mtu = loop {
             let pages: Vec<DonatedPage> = (round * 64..(round + 1) * 64)

@@ -128,9 +128,10 @@ pub struct NodeArgs {
     #[arg(long, env = "RAMSTER_SUCTION_WATERMARKS", value_parser = parse_pair)]
     pub suction_watermarks: Option<(f64, f64)>,
     /// Largest UDP payload this node takes from peers, and the most its
-    /// path-MTU discovery probes for (1200..=65527) [default: 8952, for
-    /// jumbo frames and loopback; discovery settles lower by itself on a
-    /// 1500-byte path].
+    /// path-MTU discovery probes for (1200..=65527) [default: 6550, the
+    /// most with which GSO batches fit a UDP send; discovery settles lower
+    /// by itself on a 1500-byte path]. Above 6550 (8952 for jumbo frames,
+    /// say), GSO is off.
     #[arg(long, env = "RAMSTER_MAX_UDP_PAYLOAD")]
     pub max_udp_payload: Option<u16>,
     /// UDP segmentation offload (GSO) for peer traffic; `--gso false` for

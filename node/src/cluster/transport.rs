@@ -74,11 +74,12 @@ pub const PEER_STREAMS_MAX: u32 = 16;
 /// Incoming connections served at once.
 pub const SESSIONS_MAX: usize = 1024;
 /// Largest UDP payload path-MTU discovery probes for, and the largest we
-/// tell peers we take. Above quinn's 1452 default so jumbo-frame networks
-/// and loopback get big packets (fewer packets, fewer per-packet costs); on
-/// a 1500-byte path the probes are lost and discovery settles lower by
-/// itself.
-pub const MTU_UPPER_BOUND_BYTES: u16 = 8952;
+/// tell peers we take: the largest with which a full GSO batch still fits
+/// one UDP send (see [`TransportConfig::uses_segmentation_offload`]). Above
+/// quinn's 1452 default so loopback and jumbo-frame networks get bigger
+/// packets (a compressed page or more in one); on a 1500-byte path the
+/// probes are lost and discovery settles lower by itself, keeping GSO.
+pub const MTU_UPPER_BOUND_BYTES: u16 = (UDP_SEND_BYTES_MAX / GSO_BATCH_DATAGRAMS) as u16;
 /// Datagrams quinn puts in one GSO send (its `MAX_TRANSMIT_SEGMENTS`).
 const GSO_BATCH_DATAGRAMS: usize = 10;
 /// The most one UDP send may carry: 65,535 less the IPv4 and UDP headers.
