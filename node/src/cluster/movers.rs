@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use hashbrown::HashMap;
 use ramster_protocol::PEER_BATCH_PAGES_MAX;
 use tokio::sync::watch;
@@ -196,7 +195,7 @@ async fn ship(inner: Arc<Inner>, out: Vec<Outbound>, copies: usize) -> bool {
                 version: o.version,
                 checksum: o.checksum,
                 compressed: true,
-                data: Bytes::copy_from_slice(&o.compressed),
+                data: o.compressed.clone(),
             })
             .collect(),
     );

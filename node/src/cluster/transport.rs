@@ -929,7 +929,8 @@ async fn serve_stream(
             })
             .expect("an error answer is small"),
         };
-        if send.write_all(&frame).await.is_err() {
+        // Handed over whole: quinn keeps the buffer instead of copying it.
+        if send.write_chunk(frame.freeze()).await.is_err() {
             return;
         }
     }
@@ -1182,7 +1183,7 @@ impl PeerSession {
         stream
             .lock()
             .await
-            .write_all(&frame)
+            .write_chunk(frame.freeze())
             .await
             .map_err(|_| self.lost())?;
         let resp = rx.await.map_err(|_| self.lost())?;

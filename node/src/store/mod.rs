@@ -184,7 +184,8 @@ pub struct Outbound {
     pub version: u64,
     /// xxh3-64 of the uncompressed page: donors store it, loads check it.
     pub checksum: u64,
-    pub compressed: Vec<u8>,
+    /// Shared, not copied, by the puts to each donor.
+    pub compressed: bytes::Bytes,
     /// Writethrough pages travel with fewer copies: the client has one.
     pub retention: Retention,
 }
@@ -936,7 +937,7 @@ impl PageStore {
                 key: e.key,
                 version,
                 checksum: e.checksum,
-                compressed,
+                compressed: compressed.into(),
                 retention: e.retention,
             });
         }

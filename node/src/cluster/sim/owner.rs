@@ -12,7 +12,6 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use bytes::Bytes;
 use ramster_protocol::PEER_BATCH_PAGES_MAX;
 use rand::{Rng, RngCore};
 use xxhash_rust::xxh3::xxh3_64;
@@ -608,7 +607,7 @@ async fn ship(sim: SimRef, me: usize, out: Vec<Outbound>, copies: usize) -> bool
             version: o.version,
             checksum: o.checksum,
             compressed: true,
-            data: Bytes::copy_from_slice(&o.compressed),
+            data: o.compressed.clone(),
         })
         .collect();
     let puts: Vec<Boxed<'_, (DonorId, u64, PutAnswer)>> = donors
