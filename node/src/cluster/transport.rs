@@ -557,49 +557,43 @@ impl PeerEndpoint {
         self.shared.placements.load(Ordering::Relaxed)
     }
 
+    /// Live sessions (dialled or accepted), sorted by peer.
+    fn live_sessions(&self) -> Vec<(String, Arc<PeerSession>)> {
+        let slots: Vec<(String, SessionSlot)> = self
+            .shared
+            .sessions
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut live: Vec<(String, Arc<PeerSession>)> = slots
+            .into_iter()
+            .filter_map(|(peer, slot)| {
+                // A slot held right now is being dialled: not live yet.
+                let session = slot.try_lock().ok()?.as_ref()?.clone();
+                session.is_alive().then_some((peer, session))
+            })
+            .collect();
+        live.sort_by(|a, b| a.0.cmp(&b.0));
+        live
+    }
+
     /// QUIC's own figures of each live connection (datagrams, losses, path
     /// MTU, congestion window), by peer, sorted. They restart from zero
     /// when a connection is replaced.
     pub fn connection_stats(&self) -> Vec<(String, quinn::ConnectionStats)> {
-        let slots: Vec<(String, SessionSlot)> = self
-            .shared
-            .sessions
-            .lock()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let mut stats: Vec<(String, quinn::ConnectionStats)> = slots
+        self.live_sessions()
             .into_iter()
-            .filter_map(|(peer, slot)| {
-                let session = slot.try_lock().ok()?.as_ref()?.clone();
-                session.is_alive().then(|| (peer, session.conn.stats()))
-            })
-            .collect();
-        stats.sort_by(|a, b| a.0.cmp(&b.0));
-        stats
+            .map(|(peer, session)| (peer, session.conn.stats()))
+            .collect()
     }
 
     /// Peers with a live session (dialled or accepted), sorted.
     pub fn peers(&self) -> Vec<String> {
-        let slots: Vec<(String, SessionSlot)> = self
-            .shared
-            .sessions
-            .lock()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let mut live: Vec<String> = slots
+        self.live_sessions()
             .into_iter()
-            .filter(|(_, slot)| {
-                // A slot held right now is being dialled: not live yet.
-                slot.try_lock()
-                    .map(|s| s.as_ref().is_some_and(|s| s.is_alive()))
-                    .unwrap_or(false)
-            })
-            .map(|(k, _)| k)
-            .collect();
-        live.sort();
-        live
+            .map(|(peer, _)| peer)
+            .collect()
     }
 
     /// The deadline of one RPC, and of one remote load as a whole.
