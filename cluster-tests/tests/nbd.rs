@@ -509,8 +509,9 @@ fn pipelined_requests_on_several_connections_see_each_others_writes() {
         })
         .expect("ramster_nbd_writes_behind_total for the export");
     assert!(behind >= 200.0, "{behind} writes behind");
-    // Large requests (run on tasks of their own) mixed with small ones
-    // (run in place): every reply comes, matched by handle, whatever the order.
+    // Large requests (handed to a thread of their own) mixed with small
+    // ones (gathered into batches): every reply comes, matched by handle,
+    // whatever the order.
     let big: Vec<u8> = (0..(256 << 10))
         .map(|i: usize| (i / 4096) as u8 ^ 0x3c)
         .collect();
