@@ -642,3 +642,82 @@ fn api_clients_cannot_touch_an_exports_area() {
     // Ordinary areas still work.
     client.init_area(1, false).unwrap();
 }
+
+/// The node's threads, from /proc.
+fn threads_of(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("a Threads line")
+}
+
+/// Waits (bounded) until `ok` holds of the node's thread count; the count.
+fn wait_for_threads(pid: u32, ok: impl Fn(usize) -> bool) -> usize {
+    let mut n = threads_of(pid);
+    for _ in 0..200 {
+        if ok(n) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        n = threads_of(pid);
+    }
+    n
+}
+
+#[test]
+fn connections_that_come_and_go_leave_no_threads_behind() {
+    use ramster_node::frontend::nbd::server::THREADS_PER_CONNECTION;
+    const CONNECTIONS: usize = 24;
+    let (node, port) = node("64MiB", &["disk:1MiB"]);
+    let pid = node.pid();
+    let before = threads_of(pid);
+    let mut conns: Vec<Raw> = (0..CONNECTIONS).map(|_| Raw::go(port, "disk").0).collect();
+    let expected = before + CONNECTIONS * THREADS_PER_CONNECTION;
+    let during = wait_for_threads(pid, |n| n >= expected);
+    assert!(during >= expected, "{during} threads, wanted {expected}");
+    // Each connection: pipelined writes of its own pages, then reads.
+    for (c, raw) in conns.iter_mut().enumerate() {
+        for i in 0..8u64 {
+            let page = c as u64 * 8 + i;
+            raw.request(
+                proto::CMD_WRITE,
+                i,
+                page * PAGE as u64,
+                PAGE as u32,
+                &page_of(page as u8),
+            );
+        }
+        for _ in 0..8 {
+            assert_eq!(raw.reply(|_| 0).1, 0);
+        }
+    }
+    for (c, raw) in conns.iter_mut().enumerate() {
+        for i in 0..8u64 {
+            let page = c as u64 * 8 + i;
+            raw.request(proto::CMD_READ, page, page * PAGE as u64, PAGE as u32, &[]);
+        }
+        for _ in 0..8 {
+            let (h, e, data) = raw.reply(|_| PAGE);
+            assert_eq!(e, 0);
+            assert!(data == page_of(h as u8), "page {h}");
+        }
+    }
+    // Half say goodbye, half vanish with a read in flight.
+    for (c, mut raw) in conns.into_iter().enumerate() {
+        if c % 2 == 0 {
+            raw.request(proto::CMD_DISC, 0, 0, 0, &[]);
+            assert!(raw.closed());
+        } else {
+            raw.request(proto::CMD_READ, 0, 0, PAGE as u32, &[]);
+        }
+    }
+    // A few threads of the runtime's own may come and go; a connection's
+    // would be sixteen.
+    let after = wait_for_threads(pid, |n| n < before + THREADS_PER_CONNECTION);
+    assert!(
+        after < before + THREADS_PER_CONNECTION,
+        "{after} threads after the connections closed, {before} before"
+    );
+}
