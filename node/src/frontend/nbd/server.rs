@@ -468,13 +468,16 @@ struct Requests {
 }
 
 /// Requests taken off the connection together, to be carried out in order
-/// by one thread and answered in one write.
+/// by one thread and answered in one write. They stay where they arrived,
+/// the first `span` bytes of the inbox, while the thread keeps the
+/// requests; a thread that lets them go first copies those bytes out.
 #[derive(Default)]
 struct Batch {
     /// Each request, what [`proto::check_request`] said of it, and where
-    /// its WRITE data lies in `payloads`.
+    /// its WRITE data lies within the batch's bytes.
     requests: Vec<(Request, Result<(), u32>, std::ops::Range<usize>)>,
-    payloads: Vec<u8>,
+    /// How many bytes of the inbox the batch covers.
+    span: usize,
     /// No complete request was queued behind the batch: the client is
     /// likely waiting on its replies.
     last: bool,
@@ -486,13 +489,9 @@ struct Batch {
 impl Batch {
     fn clear(&mut self) {
         self.requests.clear();
-        self.payloads.clear();
+        self.span = 0;
         self.last = false;
         self.budget = None;
-        // A large request grew the buffer; give the memory back.
-        if self.payloads.capacity() > 4 * REPLY_BATCH_BYTES_MAX {
-            self.payloads = Vec::new();
-        }
     }
 }
 
@@ -525,9 +524,9 @@ impl Requests {
         Ok(false)
     }
 
-    /// Takes the complete requests buffered into `batch`, without reading:
-    /// small ones up to [`REPLY_BATCH_BYTES_MAX`], or one large one alone.
-    /// `Ok(false)` if the connection is done. Requests already complete in
+    /// Gathers the complete requests buffered into `batch`, without reading
+    /// or consuming them: small ones up to [`REPLY_BATCH_BYTES_MAX`], or one
+    /// large one alone. `Ok(false)` if the connection is done. Requests already complete in
     /// the buffer are still handed out after the stream ended, so
     /// everything received is carried out.
     fn take(
@@ -539,7 +538,8 @@ impl Requests {
         batch.clear();
         // Each pass takes a request from a finite buffer.
         loop {
-            let (req, used) = match proto::parse_request(self.inbox.data()) {
+            let data = &self.inbox.data()[batch.span..];
+            let (req, used) = match proto::parse_request(data) {
                 Ok(Some(r)) => r,
                 Ok(None) => {
                     batch.last = true;
@@ -586,20 +586,16 @@ impl Requests {
                         .expect("semaphore never closed"),
                 );
             }
-            let at = batch.payloads.len();
-            batch
-                .payloads
-                .extend_from_slice(&self.inbox.data()[proto::REQUEST_HEADER_BYTES..used]);
-            batch
-                .requests
-                .push((req, checked, at..batch.payloads.len()));
-            self.inbox.consume(used);
+            let payload = batch.span + proto::REQUEST_HEADER_BYTES..batch.span + used;
+            batch.requests.push((req, checked, payload));
+            batch.span += used;
             let reply_bytes = match req.command {
                 Command::Read => req.length as usize,
                 _ => 0,
             };
-            if large || batch.payloads.len() + reply_bytes >= REPLY_BATCH_BYTES_MAX {
-                batch.last = matches!(proto::parse_request(self.inbox.data()), Ok(None));
+            if large || batch.span + reply_bytes >= REPLY_BATCH_BYTES_MAX {
+                let behind = &self.inbox.data()[batch.span..];
+                batch.last = matches!(proto::parse_request(behind), Ok(None));
                 return Ok(true);
             }
         }
@@ -631,6 +627,8 @@ impl Connection {
     fn serve(&self, shared: &Shared) {
         let mut batch = Batch::default();
         let mut replies = BytesMut::new();
+        // A handed-on batch's bytes, copied out of the inbox.
+        let mut owned = Vec::new();
         loop {
             let mut requests = Some(self.requests.lock().expect("requests poisoned"));
             while let Some(mut r) = requests.take() {
@@ -645,11 +643,20 @@ impl Connection {
                     Err(e) => return self.fail(e),
                 }
                 let hand_on = batch.budget.is_some() || (batch.requests.len() == 1 && batch.last);
-                if !hand_on {
-                    requests = Some(r);
-                }
                 replies.clear();
-                if let Err(e) = self.carry_out(&batch, &mut replies) {
+                let sent = if hand_on {
+                    owned.clear();
+                    owned.extend_from_slice(&r.inbox.data()[..batch.span]);
+                    r.inbox.consume(batch.span);
+                    drop(r);
+                    self.carry_out(&batch, &owned, &mut replies)
+                } else {
+                    let sent = self.carry_out(&batch, r.inbox.data(), &mut replies);
+                    r.inbox.consume(batch.span);
+                    requests = Some(r);
+                    sent
+                };
+                if let Err(e) = sent {
                     // A client that went away misses its replies; the
                     // requests' effects stand, as a disk's would. Reading
                     // stops; what was received is still carried out.
@@ -662,21 +669,30 @@ impl Connection {
                 }
                 // Gives a large request's budget back now, not at the next take.
                 batch.clear();
-                // A large request grew the buffer; give the memory back.
+                // A large request grew the buffers; give the memory back.
                 if replies.capacity() > 4 * REPLY_BATCH_BYTES_MAX {
                     replies = BytesMut::new();
+                }
+                if owned.capacity() > 4 * REPLY_BATCH_BYTES_MAX {
+                    owned = Vec::new();
                 }
             }
         }
     }
 
-    /// Carries out a batch in order and sends its replies. If the batch
-    /// ends in a one-page write the client is waiting on, the replies go
-    /// before that write is stored (see [`Self::reply_then_write`]).
-    fn carry_out(&self, batch: &Batch, replies: &mut BytesMut) -> std::io::Result<()> {
+    /// Carries out a batch (its requests' bytes in `bytes`) in order and
+    /// sends its replies. If the batch ends in a one-page write the client
+    /// is waiting on, the replies go before that write is stored (see
+    /// [`Self::reply_then_write`]).
+    fn carry_out(
+        &self,
+        batch: &Batch,
+        bytes: &[u8],
+        replies: &mut BytesMut,
+    ) -> std::io::Result<()> {
         let n = batch.requests.len();
         for (i, (req, checked, payload)) in batch.requests.iter().enumerate() {
-            let payload = &batch.payloads[payload.clone()];
+            let payload = &bytes[payload.clone()];
             if i + 1 == n
                 && batch.last
                 && req.command == Command::Write
