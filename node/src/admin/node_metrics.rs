@@ -190,7 +190,7 @@ static NBD_WRITTEN_BYTES: Family = Family::counter(
 );
 static NBD_PAGES: Family = Family::gauge(
     "ramster_nbd_pages",
-    "Export pages by where their only copy is: store, backing file, or stranded (in RAM after a write acknowledged early failed).",
+    "Export pages by where their only copy is: the store or the backing file.",
 );
 static NBD_STORE_REJECTS: Family = Family::counter(
     "ramster_nbd_store_rejects_total",
@@ -198,11 +198,7 @@ static NBD_STORE_REJECTS: Family = Family::counter(
 );
 static NBD_ERRORS: Family = Family::counter(
     "ramster_nbd_errors_total",
-    "NBD requests answered with an error, and writes acknowledged early that failed.",
-);
-static NBD_WRITES_BEHIND: Family = Family::counter(
-    "ramster_nbd_writes_behind_total",
-    "One-page NBD writes acknowledged before they were carried out.",
+    "NBD requests answered with an error.",
 );
 
 /// Every family of this module, for tests of the naming rules.
@@ -251,7 +247,6 @@ pub(super) static FAMILIES: &[&Family] = &[
     &NBD_PAGES,
     &NBD_STORE_REJECTS,
     &NBD_ERRORS,
-    &NBD_WRITES_BEHIND,
 ];
 
 /// Writes every family of this node.
@@ -351,7 +346,7 @@ fn write_cluster_counters(out: &mut MetricsWriter, metrics: &NodeMetrics) {
 /// Each family over all exports, so that a family's samples stay together.
 fn write_exports(out: &mut MetricsWriter, exports: &[ExportStats]) {
     type Field = fn(&ExportStats) -> u64;
-    let plain: [(&'static Family, Field); 10] = [
+    let plain: [(&'static Family, Field); 9] = [
         (&NBD_SIZE, |e| e.size_bytes),
         (&NBD_READS, |e| e.reads),
         (&NBD_WRITES, |e| e.writes),
@@ -361,7 +356,6 @@ fn write_exports(out: &mut MetricsWriter, exports: &[ExportStats]) {
         (&NBD_READ_BYTES, |e| e.read_bytes),
         (&NBD_WRITTEN_BYTES, |e| e.written_bytes),
         (&NBD_ERRORS, |e| e.errors),
-        (&NBD_WRITES_BEHIND, |e| e.writes_behind),
     ];
     for (family, field) in plain {
         for e in exports {
@@ -369,11 +363,7 @@ fn write_exports(out: &mut MetricsWriter, exports: &[ExportStats]) {
         }
     }
     for e in exports {
-        for (location, n) in [
-            ("store", e.pages_in_store),
-            ("backing", e.pages_in_backing),
-            ("stranded", e.pages_stranded),
-        ] {
+        for (location, n) in [("store", e.pages_in_store), ("backing", e.pages_in_backing)] {
             out.sample(
                 &NBD_PAGES,
                 &[("export", &e.name), ("location", location)],

@@ -12,14 +12,9 @@
 //! writes from several requests or connections never lose each other's
 //! bytes, and a read never sees a page half-moved between store and file.
 //!
-//! A one-page WRITE may be acknowledged before it is carried out (a
-//! [`WriteBehind`]): its page's lock is taken before the reply and held
-//! until the page is in place, so nothing that reads the page after the
-//! client has its reply can see the old one. If the page then cannot be
-//! placed (the backing file refuses it), it is kept in RAM, "stranded":
-//! reads get it from there and FLUSH retries it and fails until it lands,
-//! as the kernel keeps a dirty page whose write-back failed and reports the
-//! failure at fsync.
+//! Every request is carried out before it is answered: a WRITE's reply
+//! means the page is in the store or in the backing file, so an error
+//! always reaches the request that caused it.
 //!
 //! The export starts empty every time the node starts: its store pages live
 //! in RAM and die with the process, so the backing file alone would be a
@@ -34,10 +29,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use hashbrown::HashMap;
-use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use parking_lot::{Mutex, MutexGuard};
 use serde::Serialize;
-use tracing::warn;
 
 use crate::frontend::frontswap::{AREA_ID_MAX, AreaId};
 use crate::frontend::{Frontend, LoadResult, OpError, Reject, StoreResult};
@@ -170,11 +163,8 @@ pub struct ExportMetrics {
     pub store_rejects_no_capacity: AtomicU64,
     pub store_rejects_incompressible: AtomicU64,
     pub store_rejects_other: AtomicU64,
-    /// Requests answered with an error (I/O, corrupt or lost pages), and
-    /// writes acknowledged early that then failed.
+    /// Requests answered with an error (I/O, corrupt or lost pages).
     pub errors: AtomicU64,
-    /// One-page writes acknowledged before they were carried out.
-    pub writes_behind: AtomicU64,
 }
 
 /// A plain copy of [`ExportMetrics`], for logs and stats replies.
@@ -196,9 +186,6 @@ pub struct ExportStats {
     pub store_rejects_incompressible: u64,
     pub store_rejects_other: u64,
     pub errors: u64,
-    pub writes_behind: u64,
-    /// Gauge: pages kept in RAM after a write acknowledged early failed.
-    pub pages_stranded: u64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -275,14 +262,6 @@ pub struct Export {
     in_store: Bitmap,
     in_backing: Bitmap,
     page_locks: Box<[Mutex<()>]>,
-    /// Held shared by every [`WriteBehind`] and exclusively by FLUSH before
-    /// it syncs, so that a FLUSH covers the writes acknowledged early too.
-    flush_barrier: RwLock<()>,
-    /// Pages whose early-acknowledged write failed, by page: their only copy.
-    stranded: Mutex<HashMap<u64, Box<Page>>>,
-    /// `stranded.len()`, so that page accesses skip the map's lock while it
-    /// is empty (always, unless the backing file fails).
-    stranded_pages: AtomicU64,
     metrics: ExportMetrics,
 }
 
@@ -330,9 +309,6 @@ impl Export {
             in_store: Bitmap::new(pages),
             in_backing: Bitmap::new(pages),
             page_locks: (0..PAGE_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
-            flush_barrier: RwLock::new(()),
-            stranded: Mutex::new(HashMap::new()),
-            stranded_pages: AtomicU64::new(0),
             metrics: ExportMetrics::default(),
         })
     }
@@ -373,8 +349,6 @@ impl Export {
             store_rejects_incompressible: g(&m.store_rejects_incompressible),
             store_rejects_other: g(&m.store_rejects_other),
             errors: g(&m.errors),
-            writes_behind: g(&m.writes_behind),
-            pages_stranded: g(&self.stranded_pages),
         }
     }
 
@@ -492,84 +466,13 @@ impl Export {
         self.counted(r)
     }
 
-    /// Begins a write of the page at `offset` that the caller acknowledges
-    /// before it calls [`WriteBehind::finish`], when the request allows it:
-    /// one whole aligned page, without FUA (which wants the page in place
-    /// before the reply). The caller has checked the bounds.
-    pub fn write_behind(&self, offset: u64, len: u32, fua: bool) -> Option<WriteBehind<'_>> {
-        if fua || len as usize != PAGE_BYTES || !offset.is_multiple_of(PAGE_BYTES as u64) {
-            return None;
-        }
-        self.check_bounds(offset, PAGE_BYTES as u64);
-        // Barrier first, page second; FLUSH takes only the barrier and page
-        // operations only their page, so no two locks are ever awaited in
-        // opposite orders.
-        let barrier = self.flush_barrier.read();
-        let page = offset / PAGE_BYTES as u64;
-        Some(WriteBehind {
-            export: self,
-            page,
-            _page_lock: self.lock(page),
-            _barrier: barrier,
-        })
-    }
-
     /// FLUSH: every write acknowledged so far, from any connection, is on
-    /// disk. Store pages need nothing; writes acknowledged early are waited
-    /// for, stranded pages retried, and the backing file is fsynced.
+    /// disk. Store pages need nothing (they are as durable as the store);
+    /// the backing file is fsynced.
     pub fn flush(&self) -> Result<(), ExportError> {
         bump(&self.metrics.flushes, 1);
-        drop(self.flush_barrier.write());
-        let r = self.place_stranded().and_then(|()| self.sync());
+        let r = self.sync();
         self.counted(r)
-    }
-
-    /// Tries again to place every stranded page; the first failure stops it.
-    fn place_stranded(&self) -> Result<(), ExportError> {
-        if self.stranded_pages.load(Ordering::Relaxed) == 0 {
-            return Ok(());
-        }
-        let pages: Vec<u64> = self.stranded.lock().keys().copied().collect();
-        for page in pages {
-            let _page = self.lock(page);
-            // Written or trimmed since: nothing to place.
-            let Some(data) = self.stranded.lock().get(&page).cloned() else {
-                continue;
-            };
-            self.write_page(page, &data)?;
-        }
-        Ok(())
-    }
-
-    /// The stranded copy of `page`, if it has one. Caller holds the lock.
-    fn read_stranded(&self, page: u64, out: &mut Page) -> bool {
-        if self.stranded_pages.load(Ordering::Relaxed) == 0 {
-            return false;
-        }
-        match self.stranded.lock().get(&page) {
-            Some(data) => {
-                out.copy_from_slice(&data[..]);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Keeps `data` as the only copy of `page`. Caller holds the lock.
-    fn strand(&self, page: u64, data: &Page) {
-        if self.stranded.lock().insert(page, Box::new(*data)).is_none() {
-            bump(&self.stranded_pages, 1);
-        }
-    }
-
-    /// `page` has a newer copy, or none: drops a stranded one. Caller holds
-    /// the lock.
-    fn unstrand(&self, page: u64) {
-        if self.stranded_pages.load(Ordering::Relaxed) > 0
-            && self.stranded.lock().remove(&page).is_some()
-        {
-            self.stranded_pages.fetch_sub(1, Ordering::Relaxed);
-        }
     }
 
     /// FUA: pages that went to the backing file reach the disk before the
@@ -596,9 +499,6 @@ impl Export {
 
     /// Reads one page wherever it lives. Caller holds the page's lock.
     fn read_page(&self, page: u64, out: &mut Page) -> Result<(), ExportError> {
-        if self.read_stranded(page, out) {
-            return Ok(());
-        }
         if self.in_store.get(page) {
             return match self.frontend.load_page(self.area, page, out)? {
                 LoadResult::Hit => Ok(()),
@@ -620,14 +520,6 @@ impl Export {
     /// Stores one whole page; on rejection it goes to the backing file.
     /// Returns whether it went to the backing file. Caller holds the lock.
     fn write_page(&self, page: u64, data: &Page) -> Result<bool, ExportError> {
-        let placed = self.place_page(page, data);
-        if placed.is_ok() {
-            self.unstrand(page);
-        }
-        placed
-    }
-
-    fn place_page(&self, page: u64, data: &Page) -> Result<bool, ExportError> {
         let m = &self.metrics;
         match self.frontend.store_page(self.area, page, data)? {
             StoreResult::Accepted => {
@@ -671,7 +563,6 @@ impl Export {
     /// Forgets one page: it reads as zeros from now on. Caller holds the lock.
     fn drop_page(&self, page: u64) -> Result<(), ExportError> {
         let m = &self.metrics;
-        self.unstrand(page);
         if self.in_store.clear(page) {
             m.pages_in_store.fetch_sub(1, Ordering::Relaxed);
             self.frontend.invalidate_page(self.area, page)?;
@@ -703,39 +594,6 @@ impl Export {
                 error = %std::io::Error::last_os_error(),
                 "could not punch a hole in the backing file"
             );
-        }
-    }
-}
-
-/// A one-page WRITE acknowledged before it is carried out, so that the
-/// client's next request does not wait on the page's compression: from
-/// [`Export::write_behind`] to [`WriteBehind::finish`] it holds the page's
-/// lock (every other request touching the page waits for it, on any
-/// connection) and the shared side of the flush barrier (a FLUSH waits for
-/// it). The caller sends the reply in between.
-pub struct WriteBehind<'a> {
-    export: &'a Export,
-    page: u64,
-    _page_lock: MutexGuard<'a, ()>,
-    _barrier: RwLockReadGuard<'a, ()>,
-}
-
-impl WriteBehind<'_> {
-    /// Carries the write out. The client already has its reply, so a
-    /// failure cannot reach it: the page is stranded instead (see the module
-    /// documentation) and the next FLUSH reports it.
-    pub fn finish(self, data: &Page) {
-        let e = self.export;
-        bump(&e.metrics.writes, 1);
-        bump(&e.metrics.written_bytes, PAGE_BYTES as u64);
-        bump(&e.metrics.writes_behind, 1);
-        if let Err(error) = e.write_page(self.page, data) {
-            bump(&e.metrics.errors, 1);
-            warn!(
-                export = %e.name, page = self.page, %error,
-                "a write acknowledged early failed; its page stays in RAM until a FLUSH places it"
-            );
-            e.strand(self.page, data);
         }
     }
 }
@@ -979,88 +837,24 @@ mod tests {
     }
 
     #[test]
-    fn only_unflagged_whole_aligned_pages_are_written_behind() {
-        let (_d, e) = export(64 << 20, 1 << 20);
-        assert!(e.write_behind(4096, 4096, true).is_none(), "FUA");
-        assert!(e.write_behind(4096, 512, false).is_none(), "sub-page");
-        assert!(e.write_behind(4095, 4096, false).is_none(), "unaligned");
-        assert!(e.write_behind(4096, 8192, false).is_none(), "two pages");
-        assert!(e.write_behind(4096, 4096, false).is_some());
-    }
-
-    #[test]
-    fn a_read_waits_for_a_write_behind_of_its_page() {
-        let (_d, e) = export(64 << 20, 1 << 20);
-        let new = random_page(7);
-        e.write(3 * 4096, &random_page(6), false).unwrap();
-        std::thread::scope(|s| {
-            // As the server: the page's lock is taken, then the client has
-            // its reply and asks, on another connection, for the page.
-            let behind = e.write_behind(3 * 4096, 4096, false).unwrap();
-            let reader = s.spawn(|| {
-                let mut out = [0u8; PAGE_BYTES];
-                e.read(3 * 4096, &mut out).unwrap();
-                out
-            });
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            behind.finish(&new);
-            assert_eq!(reader.join().unwrap(), new, "the read saw the old page");
-        });
-        assert_eq!(e.stats().writes_behind, 1);
-    }
-
-    #[test]
-    fn a_flush_waits_for_writes_behind() {
-        let (_d, e) = export(64 << 20, 1 << 20);
-        let finished = std::sync::atomic::AtomicBool::new(false);
-        std::thread::scope(|s| {
-            let behind = e.write_behind(0, 4096, false).unwrap();
-            let flusher = s.spawn(|| {
-                e.flush().unwrap();
-                finished.load(Ordering::SeqCst)
-            });
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            finished.store(true, Ordering::SeqCst);
-            behind.finish(&random_page(1));
-            assert!(flusher.join().unwrap(), "FLUSH returned before the write");
-        });
-    }
-
-    #[test]
-    fn a_failed_write_behind_strands_its_page_until_a_flush_places_it() {
+    fn a_write_the_backing_file_refuses_fails_and_keeps_the_old_page() {
         // Random pages do not compress: they go to the backing file.
         let (_d, mut e) = export(64 << 20, 1 << 20);
         let old = random_page(1);
-        let new = random_page(2);
         e.write(5 * 4096, &old, false).unwrap();
         let writable = std::mem::replace(&mut e.backing, File::open(&e.backing_path).unwrap());
 
-        e.write_behind(5 * 4096, 4096, false).unwrap().finish(&new);
-        let st = e.stats();
-        assert_eq!((st.pages_stranded, st.errors), (1, 1));
+        assert!(e.write(5 * 4096, &random_page(2), false).is_err());
+        assert_eq!(e.stats().errors, 1);
         let mut out = [0u8; PAGE_BYTES];
         e.read(5 * 4096, &mut out).unwrap();
-        assert_eq!(out, new, "a stranded page reads back");
-        assert!(e.flush().is_err(), "FLUSH reports the page it cannot place");
-        assert_eq!(e.stats().pages_stranded, 1);
+        assert_eq!(out, old, "a failed write changed the page");
 
         e.backing = writable;
+        let new = random_page(3);
+        e.write(5 * 4096, &new, false).unwrap();
         e.flush().unwrap();
-        assert_eq!(e.stats().pages_stranded, 0);
-        let mut out = [0u8; PAGE_BYTES];
-        e.backing.read_exact_at(&mut out, 5 * 4096).unwrap();
-        assert_eq!(out, new, "the flush placed the page in the file");
         e.read(5 * 4096, &mut out).unwrap();
         assert_eq!(out, new);
-
-        // A page stranded and then trimmed reads as zeros.
-        let writable = std::mem::replace(&mut e.backing, File::open(&e.backing_path).unwrap());
-        e.write_behind(6 * 4096, 4096, false).unwrap().finish(&new);
-        e.trim(6 * 4096, 4096).unwrap();
-        assert_eq!(e.stats().pages_stranded, 0);
-        e.read(6 * 4096, &mut out).unwrap();
-        assert_eq!(out, ZERO_PAGE);
-        e.backing = writable;
-        e.flush().unwrap();
     }
 }
