@@ -22,12 +22,18 @@ const FORM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A node serving `exports` ("NAME:SIZE" each) on a free loopback port.
 fn node(capacity: &str, exports: &[&str]) -> (NodeProcess, u16) {
+    node_with(capacity, exports, &[])
+}
+
+/// The same, with more of the node's flags.
+fn node_with(capacity: &str, exports: &[&str], extra: &[&str]) -> (NodeProcess, u16) {
     let port = free_loopback_port();
     let listen = format!("127.0.0.1:{port}");
     let mut args = vec!["--nbd-listen", &listen];
     for e in exports {
         args.extend(["--nbd-export", e]);
     }
+    args.extend(extra);
     let node = NodeProcess::start("nbd-test", capacity, &args).unwrap();
     (node, port)
 }
@@ -656,14 +662,51 @@ fn wait_for_threads(pid: u32, ok: impl Fn(usize) -> bool) -> usize {
 #[test]
 fn connections_that_come_and_go_leave_no_threads_behind() {
     use ramster_node::frontend::nbd::server::THREADS_PER_CONNECTION;
-    const CONNECTIONS: usize = 24;
     let (node, port) = node("64MiB", &["disk:1MiB"]);
+    come_and_go(&node, port, THREADS_PER_CONNECTION);
+}
+
+/// `--nbd-threads 1`: each connection has its one thread, which takes
+/// turns with nobody, and serves pipelined and lone requests alike.
+#[test]
+fn a_connection_served_by_one_thread_works_and_has_only_that() {
+    let (node, port) = node_with("64MiB", &["disk:1MiB"], &["--nbd-threads", "1"]);
+    come_and_go(&node, port, 1);
+}
+
+/// 24 connections, each given `threads` threads, write and read their own
+/// pages, then half say goodbye and half vanish with a read in flight.
+fn come_and_go(node: &NodeProcess, port: u16, threads: usize) {
+    use ramster_node::frontend::nbd::server::THREADS_PER_CONNECTION;
+    const CONNECTIONS: usize = 24;
     let pid = node.pid();
     let before = threads_of(pid);
     let mut conns: Vec<Raw> = (0..CONNECTIONS).map(|_| Raw::go(port, "disk").0).collect();
-    let expected = before + CONNECTIONS * THREADS_PER_CONNECTION;
+    let expected = before + CONNECTIONS * threads;
     let during = wait_for_threads(pid, |n| n >= expected);
     assert!(during >= expected, "{during} threads, wanted {expected}");
+    // A few threads of the runtime's own may come and go; a connection's
+    // are `threads`, not more.
+    assert!(
+        during < expected + THREADS_PER_CONNECTION,
+        "{during} threads, {threads} per connection asked for"
+    );
+    // A lone request on each connection, answered before the next.
+    for (c, raw) in conns.iter_mut().enumerate() {
+        let page = 200 + c as u64;
+        raw.request(
+            proto::CMD_WRITE,
+            1,
+            page * PAGE as u64,
+            PAGE as u32,
+            &page_of(page as u8),
+        );
+        assert_eq!(raw.reply(|_| 0).1, 0);
+        raw.request(proto::CMD_READ, 2, page * PAGE as u64, PAGE as u32, &[]);
+        let (_, e, data) = raw.reply(|_| PAGE);
+        assert_eq!(e, 0);
+        assert!(data == page_of(page as u8), "page {page}");
+    }
     // Each connection: pipelined writes of its own pages, then reads.
     for (c, raw) in conns.iter_mut().enumerate() {
         for i in 0..8u64 {
@@ -700,8 +743,8 @@ fn connections_that_come_and_go_leave_no_threads_behind() {
             raw.request(proto::CMD_READ, 0, 0, PAGE as u32, &[]);
         }
     }
-    // A few threads of the runtime's own may come and go; a connection's
-    // would be sixteen.
+    // A few threads of the runtime's own may come and go; one
+    // connection's would be `threads`, and 24 connections' many more.
     let after = wait_for_threads(pid, |n| n < before + THREADS_PER_CONNECTION);
     assert!(
         after < before + THREADS_PER_CONNECTION,

@@ -391,6 +391,56 @@ mod tests {
         assert!(wire.contains("\r\nAllow: GET, HEAD, POST\r\n"), "{wire}");
     }
 
+    /// What the server does with a connection's bytes: parse every prefix
+    /// it has read, `step` bytes more each time, until one is decided.
+    fn decide(bytes: &[u8], step: usize) -> Option<Result<Option<Request>, RequestError>> {
+        let mut end = 0;
+        while end < bytes.len() {
+            end = (end + step).min(bytes.len());
+            match parse_head(&bytes[..end]) {
+                Ok(None) => assert!(end < REQUEST_HEAD_BYTES_MAX),
+                decided => return Some(decided),
+            }
+        }
+        None
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Random heads (request-line-like and not), read in pieces of any
+        /// size: no panic, and the answer is the one the whole buffer gets,
+        /// however the reads split it.
+        #[test]
+        fn random_heads_get_one_answer_however_they_are_read(
+            line in "(GET|HEAD|POST|PUT|G:T|)( /[a-z/?=&%\\x00-\\x7f]{0,40}|[a-z]{0,5})( HTTP/1\\.[01]| HTTP/2| x)?(\r?\n[A-Za-z -]{0,12}(: ?[ -~]{0,20})?){0,4}\r?\n\r?\n",
+            junk in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+            step in 1usize..40,
+        ) {
+            let mut bytes = line.into_bytes();
+            bytes.extend_from_slice(&junk);
+            let whole = parse_head(&bytes);
+            match decide(&bytes, step) {
+                Some(decided) => proptest::prop_assert_eq!(&decided, &whole),
+                None => proptest::prop_assert_eq!(&whole, &Ok(None)),
+            }
+            if let Ok(Some(req)) = whole {
+                proptest::prop_assert!(req.path.starts_with('/'));
+            }
+        }
+
+        #[test]
+        fn random_bytes_never_panic_the_parser(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..700),
+            step in 1usize..64,
+        ) {
+            let whole = parse_head(&bytes);
+            if let Some(decided) = decide(&bytes, step) {
+                proptest::prop_assert_eq!(decided, whole);
+            }
+        }
+    }
+
     #[test]
     fn an_oversized_head_is_refused() {
         let mut head = b"GET /metrics HTTP/1.1\r\n".to_vec();

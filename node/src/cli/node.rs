@@ -82,6 +82,11 @@ pub struct NodeArgs {
     /// and is truncated at start: exports start empty.
     #[arg(long = "nbd-export", env = "RAMSTER_NBD_EXPORT", value_delimiter = ',')]
     pub nbd_exports: Vec<ExportSpec>,
+    /// Threads serving each NBD connection, taking turns at reading; more
+    /// make one request in flight faster on a multi-core host, each costs
+    /// an idle thread's stack [default: 16].
+    #[arg(long, env = "RAMSTER_NBD_THREADS", value_parser = parse_nbd_threads)]
+    pub nbd_threads: Option<usize>,
     /// Lock all of the node's memory (mlockall), so that a host swapping
     /// into this node never has the node's own pages swapped out.
     #[arg(long, env = "RAMSTER_MLOCK", num_args = 0..=1, default_missing_value = "true")]
@@ -208,6 +213,16 @@ pub fn auto_capacity(
     Ok(capacity)
 }
 
+fn parse_nbd_threads(s: &str) -> Result<usize, String> {
+    let max = nbd::server::THREADS_PER_CONNECTION_MAX;
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{s:?}: threads per NBD connection is a number from 1 to {max}"
+        )),
+    }
+}
+
 fn parse_role_arg(s: &str) -> Result<Role, String> {
     parse_role(s).ok_or_else(|| format!("unknown role {s:?} (peer, memory-server, client)"))
 }
@@ -243,6 +258,7 @@ struct ConfigFile {
     nbd_listen: Option<SocketAddr>,
     #[serde(default)]
     nbd_export: Vec<String>,
+    nbd_threads: Option<usize>,
     mlock: Option<bool>,
     listen: Option<SocketAddr>,
     advertise: Option<String>,
@@ -296,6 +312,8 @@ pub struct NodeSettings {
     /// `Some` when there are exports to serve.
     pub nbd_listen: Option<SocketAddr>,
     pub nbd_exports: Vec<ExportSpec>,
+    /// Threads per NBD connection.
+    pub nbd_threads: usize,
     pub mlock: bool,
     /// `Some` when the node is a cluster member (`--listen` or `--join`).
     pub cluster: Option<ClusterArgs>,
@@ -425,6 +443,12 @@ impl NodeArgs {
             None if nbd_exports.is_empty() => None,
             None => Some(NBD_LISTEN_DEFAULT.parse().expect("valid default")),
         };
+        let nbd_threads = match (self.nbd_threads, file.nbd_threads) {
+            (Some(n), _) => n,
+            (None, Some(n)) => parse_nbd_threads(&n.to_string())
+                .map_err(|e| anyhow::anyhow!("config `nbd-threads`: {e}"))?,
+            (None, None) => nbd::server::THREADS_PER_CONNECTION,
+        };
         let admin_listen = match (self.admin_listen, file.admin_listen) {
             (Some(a), _) => a,
             (None, Some(text)) => text
@@ -439,6 +463,7 @@ impl NodeArgs {
             api_socket,
             nbd_listen,
             nbd_exports,
+            nbd_threads,
             mlock: self.mlock.or(file.mlock).unwrap_or(false),
             cluster,
             admin_listen: admin_listen.0,
@@ -735,6 +760,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
             nbd_server = Some(tokio::spawn(nbd::server::serve(
                 listener,
                 exports.clone(),
+                s.nbd_threads,
                 stop_rx.clone(),
             )));
             tokio::spawn(log_export_stats(exports.clone(), stop_rx.clone()));
@@ -847,6 +873,7 @@ name = "from-file"
 data-dir = "/var/lib/ramster"
 capacity = "1GiB"
 nbd-export = ["swap0:64MiB", "swap1:1GiB:/srv/swap1"]
+nbd-threads = 4
 mlock = true
 admin-listen = "0.0.0.0:9100"
 "#,
@@ -859,6 +886,7 @@ admin-listen = "0.0.0.0:9100"
         assert_eq!(s.api_socket, PathBuf::from("/var/lib/ramster/api.sock"));
         assert_eq!(s.nbd_exports.len(), 2);
         assert_eq!(s.nbd_listen, Some(NBD_LISTEN_DEFAULT.parse().unwrap()));
+        assert_eq!(s.nbd_threads, 4);
         assert!(s.mlock);
         assert_eq!(s.admin_listen, Some("0.0.0.0:9100".parse().unwrap()));
 
@@ -876,9 +904,12 @@ admin-listen = "0.0.0.0:9100"
             "--mlock=false",
             "--admin-listen",
             "off",
+            "--nbd-threads",
+            "1",
         ])
         .settings()
         .unwrap();
+        assert_eq!(s.nbd_threads, 1);
         assert_eq!(s.name, "from-flag");
         assert_eq!(s.capacity, 2 << 30);
         assert_eq!(s.nbd_exports.len(), 1);
@@ -890,6 +921,7 @@ admin-listen = "0.0.0.0:9100"
             .settings()
             .unwrap();
         assert_eq!(s.admin_listen, Some(ADMIN_LISTEN_DEFAULT.parse().unwrap()));
+        assert_eq!(s.nbd_threads, nbd::server::THREADS_PER_CONNECTION);
         let s = args(&["--config", cfg, "--admin-listen", "127.0.0.1:9200"])
             .settings()
             .unwrap();
@@ -964,6 +996,10 @@ admin-listen = "0.0.0.0:9100"
             Cmd::try_parse_from(["node", "--nbd-export", "bad/name:1GiB"]).is_err(),
             "a bad export is refused at parse time"
         );
+        for bad in ["0", "65", "many"] {
+            let e = Cmd::try_parse_from(["node", "--nbd-threads", bad]).unwrap_err();
+            assert!(e.to_string().contains("from 1 to 64"), "{e}");
+        }
         let e = Cmd::try_parse_from(["node", "--admin-listen", "localhost"]).unwrap_err();
         assert!(e.to_string().contains("HOST:PORT"), "{e}");
         std::fs::write(
@@ -975,5 +1011,14 @@ admin-listen = "0.0.0.0:9100"
             .settings()
             .unwrap_err();
         assert!(format!("{e:#}").contains("config `admin-listen`"), "{e:#}");
+        std::fs::write(
+            &cfg,
+            "name = \"n\"\ndata-dir = \"/x\"\ncapacity = 4096\nnbd-threads = 0\n",
+        )
+        .unwrap();
+        let e = args(&["--config", cfg.to_str().unwrap()])
+            .settings()
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("config `nbd-threads`"), "{e:#}");
     }
 }

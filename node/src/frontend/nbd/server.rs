@@ -2,8 +2,8 @@
 //! [`Export`](super::export::Export).
 //!
 //! Per connection: the fixed newstyle handshake on the runtime, then
-//! transmission on [`THREADS_PER_CONNECTION`] threads of the connection's
-//! own, with blocking socket calls (see [`transmission`] for why). One
+//! transmission on threads of the connection's own (`--nbd-threads`, 16 by
+//! default), with blocking socket calls (see [`transmission`] for why). One
 //! thread at a time holds the connection's requests: it takes every
 //! complete request received (a read often brings many), carries them out
 //! in order and sends their replies in one write. A large request, or a
@@ -35,12 +35,16 @@ use crate::store::PAGE_BYTES;
 
 /// Connections served at once; more wait in the listen backlog.
 pub const CONNECTIONS_MAX: usize = 256;
-/// Threads serving one connection, taking turns at reading (as nbdkit's
-/// default of 16 per connection do): at one request in flight the more
-/// there are, the likelier the next reader was last woken on the client's
-/// core (measured on two cores: 16 halved the p50 that one gave; 8 did
-/// less). Idle ones wait on a lock and cost only their stacks.
+/// Threads serving one connection by default (`--nbd-threads`), taking
+/// turns at reading (as nbdkit's default of 16 per connection do): at one
+/// request in flight the more there are, the likelier the next reader was
+/// last woken on the client's core (measured on two cores: 16 halved the
+/// p50 that one gave; 8 did less). Idle ones wait on a lock and cost only
+/// their stacks.
 pub const THREADS_PER_CONNECTION: usize = 16;
+/// The most threads a connection may be given: with [`CONNECTIONS_MAX`]
+/// connections, 16,384 threads.
+pub const THREADS_PER_CONNECTION_MAX: usize = 64;
 /// Bytes of large requests being carried out at once, over all
 /// connections: what their buffers may take, whatever clients send.
 pub const LARGE_BYTES_MAX: usize = 256 << 20;
@@ -99,18 +103,22 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Serves `exports` on `listener` until `shutdown` turns true; then closes
-/// the connections' reading sides, lets the requests they received finish,
-/// and returns once their threads are done (or after [`DRAIN_TIMEOUT`]).
+/// Serves `exports` on `listener`, each connection on `threads` threads
+/// (1 to [`THREADS_PER_CONNECTION_MAX`]), until `shutdown` turns true; then
+/// closes the connections' reading sides, lets the requests they received
+/// finish, and returns once their threads are done (or after
+/// [`DRAIN_TIMEOUT`]).
 pub async fn serve(
     listener: TcpListener,
     exports: Arc<Exports>,
+    threads: usize,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let limit = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     let shared = Arc::new(Shared {
         large_bytes: Arc::new(Semaphore::new(LARGE_BYTES_MAX / LARGE_BYTES_MIN)),
         runtime: Handle::current(),
+        threads: threads.clamp(1, THREADS_PER_CONNECTION_MAX),
     });
     let live = Arc::new(LiveConnections::default());
     loop {
@@ -396,6 +404,8 @@ struct Shared {
     large_bytes: Arc<Semaphore>,
     /// Waits on that budget from the connections' threads.
     runtime: Handle,
+    /// Threads per connection.
+    threads: usize,
 }
 
 /// The bytes a connection has received and not yet carried out. One
@@ -748,8 +758,8 @@ fn transmission(
         writer: StdMutex::new(stream),
         failed: StdMutex::new(None),
     });
-    let mut followers = Vec::with_capacity(THREADS_PER_CONNECTION - 1);
-    for _ in 1..THREADS_PER_CONNECTION {
+    let mut followers = Vec::with_capacity(shared.threads - 1);
+    for _ in 1..shared.threads {
         let (conn, shared) = (conn.clone(), shared.clone());
         let spawned = std::thread::Builder::new()
             .name("nbd-conn".into())
