@@ -243,20 +243,13 @@ impl AdminContext {
             last_seen_ms: None,
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
-        ClusterStatus {
-            cluster_id: STANDALONE_CLUSTER_ID.into(),
-            answered_by: name,
-            leader: None,
-            health: Health::ok(),
-            nodes_up: 0,
-            nodes_total: 0,
-            memory_servers: 0,
-            capacity_bytes: 0,
-            used_bytes: 0,
-            held_for_others_bytes: 0,
-            remote_bytes: 0,
-            nodes: vec![me],
-        }
+        ClusterStatus::new(
+            STANDALONE_CLUSTER_ID.into(),
+            name,
+            None,
+            Health::ok(),
+            vec![me],
+        )
     }
 }
 

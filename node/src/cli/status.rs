@@ -312,20 +312,13 @@ mod tests {
         ms.raft_role = "follower".into();
         ms.rtt_us = Some(420);
         ms.last_seen_ms = Some(2_100);
-        let mut s = ClusterStatus {
-            cluster_id: "c1".into(),
-            answered_by: "n1".into(),
-            leader: Some("n1".into()),
-            health: Health::ok(),
-            nodes_up: 0,
-            nodes_total: 0,
-            memory_servers: 0,
-            capacity_bytes: 0,
-            used_bytes: 0,
-            held_for_others_bytes: 0,
-            remote_bytes: 0,
-            nodes: vec![me, ms],
-        };
+        let mut s = ClusterStatus::new(
+            "c1".into(),
+            "n1".into(),
+            Some("n1".into()),
+            Health::ok(),
+            vec![me, ms],
+        );
         s.assess();
         s
     }

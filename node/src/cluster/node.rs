@@ -38,7 +38,7 @@ use super::membership::{
 };
 use super::placement::DonorView;
 use super::rpc::{self, RpcRefusal};
-use super::status::{ClusterStatus, Health, HealthLevel, Liveness, NodeStatus};
+use super::status::{ClusterStatus, Health, Liveness, NodeStatus};
 use super::transport::{
     ControlFuture, ControlHandler, EndpointOptions, PeerEndpoint, PeerSession, PeerTls,
     TransportConfig,
@@ -1417,29 +1417,14 @@ impl Inner {
                 version: own.version.clone(),
             });
         }
-        ClusterStatus {
-            cluster_id: config.cluster_id.clone(),
-            answered_by: self.name.clone(),
-            leader: leader.and_then(|id| config.nodes.get(&id).map(|n| n.name.clone())),
-            health: match self.registered_or_why() {
-                Ok(()) => Health {
-                    status: HealthLevel::Ok,
-                    reasons: Vec::new(),
-                },
-                Err(why) => Health {
-                    status: HealthLevel::Err,
-                    reasons: vec![why],
-                },
-            },
-            nodes_up: 0,
-            nodes_total: 0,
-            memory_servers: 0,
-            capacity_bytes: 0,
-            used_bytes: 0,
-            held_for_others_bytes: 0,
-            remote_bytes: 0,
+        ClusterStatus::new(
+            config.cluster_id.clone(),
+            self.name.clone(),
+            leader.and_then(|id| config.nodes.get(&id).map(|n| n.name.clone())),
+            self.registered_or_why()
+                .map_or_else(Health::err, |()| Health::ok()),
             nodes,
-        }
+        )
     }
 }
 

@@ -113,6 +113,13 @@ impl Health {
             reasons: Vec::new(),
         }
     }
+
+    pub fn err(reason: String) -> Health {
+        Health {
+            status: HealthLevel::Err,
+            reasons: vec![reason],
+        }
+    }
 }
 
 impl NodeStatus {
@@ -126,6 +133,32 @@ impl NodeStatus {
 }
 
 impl ClusterStatus {
+    /// The rows as one node sees them, with `health` what that node knows
+    /// of itself; the totals are zero until [`Self::assess`] fills them and
+    /// judges the rows.
+    pub fn new(
+        cluster_id: String,
+        answered_by: String,
+        leader: Option<String>,
+        health: Health,
+        nodes: Vec<NodeStatus>,
+    ) -> ClusterStatus {
+        ClusterStatus {
+            cluster_id,
+            answered_by,
+            leader,
+            health,
+            nodes_up: 0,
+            nodes_total: 0,
+            memory_servers: 0,
+            capacity_bytes: 0,
+            used_bytes: 0,
+            held_for_others_bytes: 0,
+            remote_bytes: 0,
+            nodes,
+        }
+    }
+
     /// Fills the totals and the health from the rows, so that every answer
     /// (a cluster's or a standalone node's) is judged by the same rules.
     ///
@@ -243,20 +276,13 @@ mod tests {
     }
 
     fn cluster(nodes: Vec<NodeStatus>) -> ClusterStatus {
-        let mut s = ClusterStatus {
-            cluster_id: "c".into(),
-            answered_by: "a".into(),
-            leader: Some("a".into()),
-            health: Health::ok(),
-            nodes_up: 0,
-            nodes_total: 0,
-            memory_servers: 0,
-            capacity_bytes: 0,
-            used_bytes: 0,
-            held_for_others_bytes: 0,
-            remote_bytes: 0,
+        let mut s = ClusterStatus::new(
+            "c".into(),
+            "a".into(),
+            Some("a".into()),
+            Health::ok(),
             nodes,
-        };
+        );
         s.assess();
         s
     }
