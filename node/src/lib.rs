@@ -2,6 +2,7 @@
 //! and cleancache contracts on top of it, and the native API through which
 //! clients reach them.
 
+pub mod accept;
 pub mod admin;
 pub mod cli;
 pub mod cluster;

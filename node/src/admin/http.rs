@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 /// The largest request head read (request line and headers).
 pub const REQUEST_HEAD_BYTES_MAX: usize = 8 * 1024;
@@ -240,23 +240,9 @@ where
 {
     let route = Arc::new(route);
     let limit = Arc::new(Semaphore::new(CONNECTIONS_MAX));
-    loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
-            _ = shutdown.changed() => break,
-        };
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    // Out of descriptors, most likely: wait instead of spinning.
-                    warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
+    while let Some(((stream, _), permit)) =
+        crate::accept::next(&limit, || listener.accept(), &mut shutdown, "admin").await
+    {
         let route = route.clone();
         tokio::spawn(async move {
             if let Err(e) = serve_connection(stream, &*route).await {

@@ -20,7 +20,7 @@ use ramster_protocol::v1::{self, op::Kind};
 use ramster_protocol::{BATCH_OPS_MAX, FRAME_BYTES_MAX, frame, handshake};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use super::conn::{ConnError, FrameReader, FrameWriter, encode_frame};
 use super::{Frontend, LoadResult, OpError, Reject, StoreResult};
@@ -44,21 +44,9 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let limit = Arc::new(Semaphore::new(CONNECTIONS_MAX));
-    loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
-            _ = shutdown.changed() => break,
-        };
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
+    while let Some(((stream, _), permit)) =
+        crate::accept::next(&limit, || listener.accept(), &mut shutdown, "api").await
+    {
         let frontend = frontend.clone();
         let metrics = metrics.clone();
         tokio::spawn(async move {

@@ -121,23 +121,9 @@ pub async fn serve(
         threads: threads.clamp(1, THREADS_PER_CONNECTION_MAX),
     });
     let live = Arc::new(LiveConnections::default());
-    loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => p.expect("semaphore never closed"),
-            _ = shutdown.changed() => break,
-        };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    warn!(error = %e, "nbd accept failed");
-                    // Out of file descriptors, typically: do not spin.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => break,
-        };
+    while let Some(((stream, peer), permit)) =
+        crate::accept::next(&limit, || listener.accept(), &mut shutdown, "nbd").await
+    {
         let exports = exports.clone();
         let shared = shared.clone();
         let live = live.clone();
