@@ -295,6 +295,47 @@ impl Member {
         }
         serde_json::from_str(&out).with_context(|| format!("status JSON: {out}"))
     }
+
+    /// Copies of this node's pages the others hold, as their last
+    /// heartbeats (in this node's status) say.
+    pub fn copies_on_donors(&self) -> Option<u64> {
+        let s = self.status().ok()?;
+        Some(
+            s.nodes
+                .iter()
+                .filter(|n| n.name != self.name)
+                .map(|n| n.held_for_others_pages)
+                .sum(),
+        )
+    }
+
+    /// Waits until more than `at_least` of this node's pages (those of
+    /// `client`, connected to it) are on donors, each with exactly `copies`
+    /// copies; their number. Panics, with the end of this node's log, if
+    /// that does not come within `timeout`.
+    pub fn wait_for_copies(
+        &self,
+        client: &ramster_node::frontend::client::BlockingClient,
+        copies: u64,
+        at_least: u64,
+        timeout: Duration,
+    ) -> u64 {
+        let remote = || client.stats().ok()?.store.map(|s| s.remote_pages);
+        wait_for(timeout, || {
+            let remote = remote()?;
+            (remote > at_least && self.copies_on_donors()? == copies * remote).then_some(remote)
+        })
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}'s pages are not on donors with {copies} copies each ({e}): {:?} remote, \
+                 {:?} copies; the log ends:\n{}",
+                self.name,
+                remote(),
+                self.copies_on_donors(),
+                self.log_tail(30)
+            )
+        })
+    }
 }
 
 impl Drop for Member {

@@ -24,37 +24,12 @@ const WRITETHROUGH: u32 = 2;
 const FORM_TIMEOUT: Duration = Duration::from_secs(30);
 const DOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Donor copies of the owner's pages, as the donors' last heartbeats say.
-fn copies_held(cluster: &TestCluster) -> Option<u64> {
-    let s = cluster.member("owner").status().ok()?;
-    Some(
-        s.nodes
-            .iter()
-            .filter(|n| n.name != "owner")
-            .map(|n| n.held_for_others_pages)
-            .sum(),
-    )
-}
-
-fn remote_pages(client: &BlockingClient) -> u64 {
-    client.stats().unwrap().store.unwrap().remote_pages
-}
-
 /// Waits until over a thousand of the owner's pages are on donors with
 /// exactly `copies` copies each; their number.
 fn wait_for_copies(cluster: &TestCluster, client: &BlockingClient, copies: u64) -> u64 {
-    wait_for(FORM_TIMEOUT, || {
-        let remote = remote_pages(client);
-        (remote > 1_000 && copies_held(cluster)? == copies * remote).then_some(remote)
-    })
-    .unwrap_or_else(|e| {
-        panic!(
-            "pages are not on donors with {copies} copies each ({e}): {} remote, {:?} copies; the owner's log ends:\n{}",
-            remote_pages(client),
-            copies_held(cluster),
-            cluster.member("owner").log_tail(30)
-        )
-    })
+    cluster
+        .member("owner")
+        .wait_for_copies(client, copies, 1_000, FORM_TIMEOUT)
 }
 
 #[test]

@@ -97,23 +97,6 @@ fn a_drained_donor_is_removed_without_losing_a_copy() {
     })
     .unwrap();
     assert_eq!(owner.metric("ramster_unrecoverable_pages"), Some(0.0));
-    let remote = client.stats().unwrap().store.unwrap().remote_pages;
-    assert!(remote > 0);
     // Copies left over by the moves are released in the background.
-    wait_for(FORM_TIMEOUT, || {
-        let s = owner.status().ok()?;
-        let copies: u64 = s
-            .nodes
-            .iter()
-            .filter(|n| n.name != "owner")
-            .map(|n| n.held_for_others_pages)
-            .sum();
-        (copies == 2 * remote).then_some(())
-    })
-    .unwrap_or_else(|e| {
-        panic!(
-            "not every remote page has two copies ({e}): {:?}",
-            owner.status()
-        )
-    });
+    owner.wait_for_copies(&client, 2, 0, FORM_TIMEOUT);
 }

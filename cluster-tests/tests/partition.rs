@@ -94,21 +94,7 @@ fn loads_use_any_reachable_replica_and_a_partition_loses_nothing() {
     let client = BlockingClient::connect(&owner.socket()).unwrap();
     let pages = Pages::synthetic(FILL_PAGES, 31);
     let mut accepted = store_pages(&client, AREA, &pages);
-    let remote_copies = || {
-        let s = owner.status().ok()?;
-        Some(
-            s.nodes
-                .iter()
-                .filter(|n| n.name != "owner")
-                .map(|n| n.held_for_others_pages)
-                .sum::<u64>(),
-        )
-    };
-    let fully_replicated = || {
-        let remote = client.stats().ok()?.store?.remote_pages;
-        (remote > 0 && remote_copies()? == 2 * remote).then_some(remote)
-    };
-    let remote = wait_for(HEAL_TIMEOUT, fully_replicated).unwrap();
+    let remote = owner.wait_for_copies(&client, 2, 0, HEAL_TIMEOUT);
     eprintln!(
         "{} of {FILL_PAGES} pages accepted, {remote} of them remote",
         accepted.len()
@@ -196,13 +182,7 @@ fn loads_use_any_reachable_replica_and_a_partition_loses_nothing() {
         }
     }
     accepted.extend(&stored_in_partition);
-    let remote = wait_for(HEAL_TIMEOUT, fully_replicated).unwrap_or_else(|e| {
-        panic!(
-            "not every remote page got two copies back ({e}): {:?} copies, {:?}",
-            remote_copies(),
-            client.stats().map(|s| s.store)
-        )
-    });
+    let remote = owner.wait_for_copies(&client, 2, 0, HEAL_TIMEOUT);
     assert_eq!(owner.metric("ramster_lost_pages_total"), Some(0.0));
     assert_eq!(owner.metric("ramster_unrecoverable_pages"), Some(0.0));
     eprintln!(

@@ -68,24 +68,7 @@ fn a_donor_that_lowers_its_donation_gets_memory_back_and_no_page_is_lost() {
     assert_eq!(owner.metric("ramster_degraded_pages"), Some(0.0));
     assert_eq!(owner.metric("ramster_unrecoverable_pages"), Some(0.0));
     // Every remote page still has its two copies, none of them dropped.
-    let remote = client.stats().unwrap().store.unwrap().remote_pages;
-    assert!(remote > 0);
-    wait_for(FORM_TIMEOUT, || {
-        let s = owner.status().ok()?;
-        let copies: u64 = s
-            .nodes
-            .iter()
-            .filter(|n| n.name != "owner")
-            .map(|n| n.held_for_others_pages)
-            .sum();
-        (copies == 2 * remote).then_some(())
-    })
-    .unwrap_or_else(|e| {
-        panic!(
-            "not every remote page has two copies ({e}): {:?}",
-            owner.status()
-        )
-    });
+    owner.wait_for_copies(&client, 2, 0, FORM_TIMEOUT);
     // Given back, the donation takes pages again.
     let (code, said) = memsrv.cli(&["cluster", "donate", "256MiB"]);
     assert_eq!(code, 0, "{said}");
