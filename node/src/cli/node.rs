@@ -84,7 +84,7 @@ pub struct NodeArgs {
     pub nbd_exports: Vec<ExportSpec>,
     /// Threads serving each NBD connection, taking turns at reading; more
     /// make one request in flight faster on a multi-core host, each costs
-    /// an idle thread's stack [default: 16].
+    /// an idle thread's stack [default: 32].
     #[arg(long, env = "RAMSTER_NBD_THREADS", value_parser = parse_nbd_threads)]
     pub nbd_threads: Option<usize>,
     /// Lock all of the node's memory (mlockall), so that a host swapping
