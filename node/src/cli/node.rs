@@ -213,13 +213,22 @@ pub fn auto_capacity(
     Ok(capacity)
 }
 
+/// Threads per NBD connection, from a flag or the environment.
 fn parse_nbd_threads(s: &str) -> Result<usize, String> {
+    s.trim()
+        .parse::<usize>()
+        .map_err(|_| format!("{s:?} is not a number"))
+        .and_then(nbd_threads_in_range)
+}
+
+fn nbd_threads_in_range(n: usize) -> Result<usize, String> {
     let max = nbd::server::THREADS_PER_CONNECTION_MAX;
-    match s.trim().parse::<usize>() {
-        Ok(n) if (1..=max).contains(&n) => Ok(n),
-        _ => Err(format!(
-            "{s:?}: threads per NBD connection is a number from 1 to {max}"
-        )),
+    if (1..=max).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!(
+            "{n}: threads per NBD connection is a number from 1 to {max}"
+        ))
     }
 }
 
@@ -445,8 +454,9 @@ impl NodeArgs {
         };
         let nbd_threads = match (self.nbd_threads, file.nbd_threads) {
             (Some(n), _) => n,
-            (None, Some(n)) => parse_nbd_threads(&n.to_string())
-                .map_err(|e| anyhow::anyhow!("config `nbd-threads`: {e}"))?,
+            (None, Some(n)) => {
+                nbd_threads_in_range(n).map_err(|e| anyhow::anyhow!("config `nbd-threads`: {e}"))?
+            }
             (None, None) => nbd::server::THREADS_PER_CONNECTION,
         };
         let admin_listen = match (self.admin_listen, file.admin_listen) {
@@ -996,29 +1006,30 @@ admin-listen = "0.0.0.0:9100"
             Cmd::try_parse_from(["node", "--nbd-export", "bad/name:1GiB"]).is_err(),
             "a bad export is refused at parse time"
         );
-        for bad in ["0", "65", "many"] {
+        for bad in ["0", "65"] {
             let e = Cmd::try_parse_from(["node", "--nbd-threads", bad]).unwrap_err();
             assert!(e.to_string().contains("from 1 to 64"), "{e}");
         }
+        let e = Cmd::try_parse_from(["node", "--nbd-threads", "many"]).unwrap_err();
+        assert!(e.to_string().contains("not a number"), "{e}");
         let e = Cmd::try_parse_from(["node", "--admin-listen", "localhost"]).unwrap_err();
         assert!(e.to_string().contains("HOST:PORT"), "{e}");
-        std::fs::write(
-            &cfg,
-            "name = \"n\"\ndata-dir = \"/x\"\ncapacity = 4096\nadmin-listen = \"everywhere\"\n",
-        )
-        .unwrap();
-        let e = args(&["--config", cfg.to_str().unwrap()])
-            .settings()
-            .unwrap_err();
-        assert!(format!("{e:#}").contains("config `admin-listen`"), "{e:#}");
-        std::fs::write(
-            &cfg,
-            "name = \"n\"\ndata-dir = \"/x\"\ncapacity = 4096\nnbd-threads = 0\n",
-        )
-        .unwrap();
-        let e = args(&["--config", cfg.to_str().unwrap()])
-            .settings()
-            .unwrap_err();
-        assert!(format!("{e:#}").contains("config `nbd-threads`"), "{e:#}");
+        for (line, key) in [
+            ("admin-listen = \"everywhere\"", "admin-listen"),
+            ("nbd-threads = 0", "nbd-threads"),
+        ] {
+            std::fs::write(
+                &cfg,
+                format!("name = \"n\"\ndata-dir = \"/x\"\ncapacity = 4096\n{line}\n"),
+            )
+            .unwrap();
+            let e = args(&["--config", cfg.to_str().unwrap()])
+                .settings()
+                .unwrap_err();
+            assert!(
+                format!("{e:#}").contains(&format!("config `{key}`")),
+                "{e:#}"
+            );
+        }
     }
 }
