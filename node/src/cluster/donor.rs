@@ -434,6 +434,13 @@ impl DonorStore {
                     continue;
                 }
             }
+            // A late duplicate of the copy held (same version, an older
+            // placement) must not lower its mark: a release decided between
+            // the two puts would then drop the copy the owner now lists.
+            let placement = match o.slots.get(&p.key) {
+                Some(Slot::Page(h)) if h.version == p.version => h.placement.max(placement),
+                _ => placement,
+            };
             let held = Held {
                 version: p.version,
                 placement,

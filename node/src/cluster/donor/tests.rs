@@ -108,6 +108,20 @@ fn placements_tell_a_put_again_after_a_release_from_one_it_overtook() {
         [PageStatus::Ok]
     );
     assert!(!held(&d));
+    // Repair puts the copy again (20) and then the put it replaced, sent
+    // long before (placement 14), arrives late: the copy keeps mark 20, so
+    // a release decided between the two (15) does not take it.
+    for placement in [20, 14] {
+        assert_eq!(
+            d.put("a", 1, placement, &[page(5, 2, 100)]).unwrap(),
+            [PageStatus::Ok]
+        );
+    }
+    assert_eq!(
+        d.release("a", 1, 15, &[at(5, 2)]).unwrap(),
+        [PageStatus::Ok]
+    );
+    assert!(held(&d), "a late duplicate put lowered the copy's mark");
     // An older version is stale whatever its placement; placement 0 in a
     // release covers every put.
     assert_eq!(
