@@ -1234,9 +1234,14 @@ impl PageStore {
         let hash = hash_key(&remote.key);
         let mut shard = self.lock(hash);
         let current = shard.find(&remote.key, hash).map(|i| (i, *shard.entry(i)));
-        let Some((i, e)) = current
-            .filter(|(_, e)| e.version == remote.version && matches!(e.body, Body::Remote { .. }))
-        else {
+        // The copies to release are the entry's, not the caller's snapshot:
+        // repair may have moved a copy (same version) while the page was
+        // being fetched, and a copy the index no longer lists is never
+        // released by anything else.
+        let Some((i, e, replicas)) = current.and_then(|(i, e)| match e.body {
+            Body::Remote { replicas, .. } if e.version == remote.version => Some((i, e, replicas)),
+            _ => None,
+        }) else {
             drop(shard);
             self.arena.free(handle, &self.budget);
             return None;
@@ -1256,7 +1261,7 @@ impl PageStore {
         Some(Released {
             key: remote.key,
             version: remote.version,
-            replicas: remote.replicas,
+            replicas,
             placement: 0,
         })
     }

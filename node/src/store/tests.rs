@@ -453,6 +453,27 @@ fn fetched_pages_come_home_hottest_first_unless_changed() {
 }
 
 #[test]
+fn a_page_brought_home_releases_the_copies_it_has_now_not_those_it_was_fetched_with() {
+    let s = PageStore::new(StoreConfig::with_capacity(64 << 20));
+    s.store(key(0), &page_of(0, true), Retention::Persistent);
+    let o = s.begin_remotify(1).pop().expect("one page to ship");
+    assert!(s.finish_remotify(o.key, o.version, donors(&[1, 2])));
+    // A load (or suction) reads the page's location: copies on 1 and 2.
+    let fetched_with = s.hottest_remote(1)[0];
+    // Meanwhile repair moves the copy on 2 (down) to 3: same version.
+    assert!(s.set_replicas(&fetched_with, donors(&[1, 3])));
+    let released = s
+        .install_fetched(&fetched_with, &o.compressed)
+        .expect("same version, still remote: it comes home");
+    assert_eq!(
+        released.replicas,
+        donors(&[1, 3]),
+        "the copy on 3 would be held for ever"
+    );
+    s.audit();
+}
+
+#[test]
 fn an_aborted_remotify_puts_the_page_back_among_the_coldest() {
     // Enough pages that every shard holds more than one batch's worth: a
     // page put back at the hot end would not be among the tails looked at.
