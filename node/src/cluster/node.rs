@@ -88,6 +88,40 @@ pub struct ClusterSettings {
     pub transport: TransportConfig,
 }
 
+/// Where a node keeps the last incarnation it announced.
+const INCARNATION_FILE: &str = "incarnation";
+
+/// This run's incarnation: larger than every earlier run's, so donors drop
+/// the older run's pages and take the new run's. Microseconds since the
+/// epoch, but never below the last run's plus one (kept in `dir`): a clock
+/// stepped back must not make a restarted node look older than the run its
+/// peers remember, which they would refuse, or never strike off.
+fn next_incarnation(dir: &std::path::Path) -> anyhow::Result<u64> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(INCARNATION_FILE);
+    let last = match std::fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse::<u64>().with_context(|| {
+            format!(
+                "reading {} (remove it to take the clock's time)",
+                path.display()
+            )
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    let incarnation = now.max(last + 1);
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, incarnation.to_string())
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(incarnation)
+}
+
 /// The running cluster side of a node. Cheap to clone.
 #[derive(Clone)]
 pub struct ClusterNode {
@@ -217,12 +251,7 @@ impl ClusterNode {
             PeerAuth::Mutual(identity) => PeerTls::mutual(identity)?,
             PeerAuth::Insecure => PeerTls::insecure(&s.name)?,
         };
-        // A run's incarnation: microseconds since the epoch, so a restart
-        // always announces a larger one and donors drop the older run's pages.
-        let incarnation = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(1);
+        let incarnation = next_incarnation(&s.raft_dir)?;
         let endpoint = PeerEndpoint::bind(
             EndpointOptions {
                 node: s.name.clone(),
@@ -1591,5 +1620,27 @@ impl RemotePages for ClusterNode {
 
     fn answers_on(&self) -> Option<tokio::runtime::Handle> {
         Some(self.inner.endpoint.net_handle())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_run_announces_a_larger_incarnation_even_after_the_clock_went_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = next_incarnation(dir.path()).unwrap();
+        let second = next_incarnation(dir.path()).unwrap();
+        assert!(second > first);
+        // The last run's clock was far ahead of ours (ours was stepped back).
+        let ahead = first + 3_600_000_000;
+        std::fs::write(dir.path().join(INCARNATION_FILE), ahead.to_string()).unwrap();
+        assert_eq!(next_incarnation(dir.path()).unwrap(), ahead + 1);
+        std::fs::write(dir.path().join(INCARNATION_FILE), "garbage").unwrap();
+        assert!(
+            next_incarnation(dir.path()).is_err(),
+            "a damaged file is not ignored"
+        );
     }
 }
