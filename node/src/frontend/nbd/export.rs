@@ -411,9 +411,7 @@ impl Export {
             to_backing |= if s.whole() {
                 self.write_page(s.page, chunk.try_into().expect("page-sized"))?
             } else {
-                self.read_page(s.page, &mut scratch)?;
-                scratch[s.start..s.start + s.len].copy_from_slice(chunk);
-                self.write_page(s.page, &scratch)?
+                self.patch_page(s, &mut scratch, |part| part.copy_from_slice(chunk))?
             };
             Ok(())
         });
@@ -443,9 +441,7 @@ impl Export {
                 to_backing |= self.write_page(s.page, &ZERO_PAGE)?;
                 Ok(())
             } else {
-                self.read_page(s.page, &mut scratch)?;
-                scratch[s.start..s.start + s.len].fill(0);
-                to_backing |= self.write_page(s.page, &scratch)?;
+                to_backing |= self.patch_page(s, &mut scratch, |part| part.fill(0))?;
                 Ok(())
             }
         });
@@ -515,6 +511,36 @@ impl Export {
         }
         out.fill(0);
         Ok(())
+    }
+
+    /// Read-modify-write of part of a page: `patch` changes the span's bytes
+    /// of the page read into `scratch`. Returns whether the page went to the
+    /// backing file. Caller holds the page's lock.
+    ///
+    /// If the patched page can be kept nowhere (the store refuses it, which
+    /// drops the old copy, and the backing file fails), the page as it was
+    /// is put back: the failed request's bytes are undefined, the rest of
+    /// the page was acknowledged earlier and must survive it.
+    fn patch_page(
+        &self,
+        s: Span,
+        scratch: &mut Page,
+        patch: impl FnOnce(&mut [u8]),
+    ) -> Result<bool, ExportError> {
+        self.read_page(s.page, scratch)?;
+        let before = *scratch;
+        patch(&mut scratch[s.start..s.start + s.len]);
+        self.write_page(s.page, scratch).inspect_err(|e| {
+            if let Err(lost) = self.write_page(s.page, &before) {
+                tracing::error!(
+                    export = %self.name,
+                    page = s.page,
+                    write = %e,
+                    restore = %lost,
+                    "a failed sub-page write could not put the page back: it reads as zeros"
+                );
+            }
+        })
     }
 
     /// Stores one whole page; on rejection it goes to the backing file.
@@ -856,5 +882,45 @@ mod tests {
         e.flush().unwrap();
         e.read(5 * 4096, &mut out).unwrap();
         assert_eq!(out, new);
+    }
+
+    #[test]
+    fn a_failed_sub_page_write_keeps_the_rest_of_a_page_the_store_held() {
+        // A page that compresses lives in the store; random bytes over most
+        // of it make one the store refuses, and the backing file fails.
+        let (_d, mut e) = export(64 << 20, 1 << 20);
+        let mut old = ZERO_PAGE;
+        for (i, b) in old.iter_mut().enumerate() {
+            *b = (i / 64) as u8;
+        }
+        e.write(7 * 4096, &old, false).unwrap();
+        assert_eq!(e.stats().pages_in_store, 1);
+        let writable = std::mem::replace(&mut e.backing, File::open(&e.backing_path).unwrap());
+
+        let noise = random_page(4);
+        assert!(
+            e.write(7 * 4096 + 8, &noise[..PAGE_BYTES - 8], false)
+                .is_err()
+        );
+        let mut out = [0u8; PAGE_BYTES];
+        e.read(7 * 4096, &mut out).unwrap();
+        assert_eq!(
+            out[..8],
+            old[..8],
+            "bytes outside the failed write were lost"
+        );
+
+        // The same through WRITE_ZEROES of part of a page it had to patch.
+        e.backing = writable;
+        e.write(9 * 4096, &noise, false).unwrap();
+        e.write(9 * 4096, &old[..8], false).unwrap();
+        e.backing = File::open(&e.backing_path).unwrap();
+        let r = e.write_zeroes(9 * 4096 + 4000, 96, false, false);
+        // Zeroing 96 bytes keeps the page incompressible: it stays in the
+        // file, which refuses; the page reads as before.
+        assert!(r.is_err());
+        e.read(9 * 4096, &mut out).unwrap();
+        assert_eq!(out[..8], old[..8]);
+        assert_eq!(out[8..4000], noise[8..4000]);
     }
 }
