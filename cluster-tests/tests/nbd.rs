@@ -751,3 +751,97 @@ fn come_and_go(node: &NodeProcess, port: u16, threads: usize) {
         "{after} threads after the connections closed, {before} before"
     );
 }
+
+/// The node's peak resident memory so far (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|kb| kb.trim().parse::<u64>().ok())
+        .expect("a VmHWM line")
+        * 1024
+}
+
+/// Thousands of READs of just under 64 KiB sent at once ask for far more
+/// than they send (28 bytes each for 64 KiB of reply): the replies a batch
+/// gathers are bounded, not the request count.
+#[test]
+fn many_small_reads_sent_at_once_do_not_gather_their_replies_in_memory() {
+    const READS: u64 = 6_000;
+    const LEN: u32 = 0xFFFF;
+    let (node, port) = node("64MiB", &["disk:1MiB"]);
+    let (mut raw, _) = Raw::go(port, "disk");
+    raw.request(proto::CMD_WRITE, 1, 0, PAGE as u32, &page_of(3));
+    assert_eq!(raw.reply(|_| 0).1, 0);
+    let before = peak_rss(node.pid());
+    let mut burst = Vec::with_capacity(READS as usize * proto::REQUEST_HEADER_BYTES);
+    for h in 0..READS {
+        burst.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        burst.extend_from_slice(&0u16.to_be_bytes());
+        burst.extend_from_slice(&proto::CMD_READ.to_be_bytes());
+        burst.extend_from_slice(&(100 + h).to_be_bytes());
+        burst.extend_from_slice(&0u64.to_be_bytes());
+        burst.extend_from_slice(&LEN.to_be_bytes());
+    }
+    raw.send(&burst);
+    let mut seen = 0;
+    for _ in 0..READS {
+        let (handle, error, data) = raw.reply(|_| LEN as usize);
+        assert_eq!(error, 0);
+        assert!((100..100 + READS).contains(&handle));
+        assert_eq!(&data[..PAGE], &page_of(3)[..]);
+        seen += 1;
+    }
+    assert_eq!(seen, READS);
+    // Unbounded, one batch would have held 6,000 replies: 393 MB.
+    let grew = peak_rss(node.pid()).saturating_sub(before);
+    assert!(
+        grew < 64 << 20,
+        "peak RSS grew by {grew} bytes for {} of replies",
+        READS * u64::from(LEN)
+    );
+}
+
+/// A client that sends large READs and reads nothing takes the server's
+/// whole budget for large requests; it loses its connection after
+/// REPLY_STALL_TIMEOUT, and another client's large request then completes
+/// instead of waiting for ever.
+#[test]
+fn a_client_that_reads_nothing_is_dropped_and_stalls_no_one_for_ever() {
+    use ramster_node::frontend::nbd::server::REPLY_STALL_TIMEOUT;
+    const BIG: u32 = 32 << 20;
+    let (_node, port) = node("64MiB", &["disk:64MiB"]);
+    let (mut stalled, _) = Raw::go(port, "disk");
+    // Nine: eight take the budget (256 MiB), the ninth waits for it while
+    // holding the connection's requests.
+    for h in 0..9 {
+        stalled.request(proto::CMD_READ, h, 0, BIG, &[]);
+    }
+    let (mut other, _) = Raw::go(port, "disk");
+    other
+        .s
+        .set_read_timeout(Some(REPLY_STALL_TIMEOUT * 2))
+        .unwrap();
+    // Let the stalled connection take the budget first.
+    std::thread::sleep(Duration::from_secs(2));
+    other.request(proto::CMD_READ, 77, 0, 1 << 20, &[]);
+    let (handle, error, data) = other.reply(|_| 1 << 20);
+    assert_eq!((handle, error), (77, 0));
+    assert!(data.iter().all(|&b| b == 0));
+    // The stalled client was given up: what reached its socket buffer
+    // drains, then the stream ends (or was reset) instead of blocking.
+    stalled
+        .s
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    // Bounded: 9 replies of 32 MiB at most.
+    let ended = (0..300).any(|_| match stalled.s.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    });
+    assert!(ended, "the stalled connection is still open");
+}

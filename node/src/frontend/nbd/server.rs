@@ -53,6 +53,12 @@ pub const LARGE_BYTES_MAX: usize = 256 << 20;
 pub const HANDSHAKE_OPTIONS_MAX: usize = 256;
 /// How long a client may take over the whole handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a reply may wait for a client that reads nothing before the
+/// connection is given up. A client that stops reading would otherwise keep
+/// its large requests' share of [`LARGE_BYTES_MAX`] for ever, and with it
+/// every other connection's large requests waiting. The kernel's NBD
+/// client gives up on a request after 30 s by default too.
+pub const REPLY_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long shutdown waits for connections to finish what they received.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read from the socket at a time (many requests per read).
@@ -280,6 +286,9 @@ async fn handshake_on(
         .expect("halves of one stream")
         .into_std()?;
     stream.set_nonblocking(false)?;
+    // Per send call: a client that reads slowly is fine, one that reads
+    // nothing for this long is gone.
+    stream.set_write_timeout(Some(REPLY_STALL_TIMEOUT))?;
     Ok(Some((Inbox::new(&reader.buf), stream, export)))
 }
 
@@ -473,6 +482,9 @@ struct Batch {
     requests: Vec<(Request, Result<(), u32>, std::ops::Range<usize>)>,
     /// How many bytes of the inbox the batch covers.
     span: usize,
+    /// The bytes its READs' replies will take: with `span`, what bounds
+    /// the batch (many small READs ask for far more than they send).
+    reply_bytes: usize,
     /// No complete request was queued behind the batch: the client is
     /// likely waiting on its replies.
     last: bool,
@@ -485,6 +497,7 @@ impl Batch {
     fn clear(&mut self) {
         self.requests.clear();
         self.span = 0;
+        self.reply_bytes = 0;
         self.last = false;
         self.budget = None;
     }
@@ -584,11 +597,10 @@ impl Requests {
             let payload = batch.span + proto::REQUEST_HEADER_BYTES..batch.span + used;
             batch.requests.push((req, checked, payload));
             batch.span += used;
-            let reply_bytes = match req.command {
-                Command::Read => req.length as usize,
-                _ => 0,
-            };
-            if large || batch.span + reply_bytes >= REPLY_BATCH_BYTES_MAX {
+            if req.command == Command::Read && checked.is_ok() {
+                batch.reply_bytes += req.length as usize;
+            }
+            if large || batch.span + batch.reply_bytes >= REPLY_BATCH_BYTES_MAX {
                 let behind = &self.inbox.data()[batch.span..];
                 batch.last = matches!(proto::parse_request(behind), Ok(None));
                 return Ok(true);
@@ -652,14 +664,9 @@ impl Connection {
                     sent
                 };
                 if let Err(e) = sent {
-                    // A client that went away misses its replies; the
-                    // requests' effects stand, as a disk's would. Reading
-                    // stops; what was received is still carried out.
-                    let _ = self
-                        .writer
-                        .lock()
-                        .expect("reply writer poisoned")
-                        .shutdown(std::net::Shutdown::Read);
+                    // A client that went away, or stopped reading, misses
+                    // its replies; the requests' effects stand, as a disk's
+                    // would. What was received is still carried out.
                     self.fail(e.into());
                 }
                 // Gives a large request's budget back now, not at the next take.
@@ -699,11 +706,15 @@ impl Connection {
         self.send(replies)
     }
 
+    /// Sends a batch's replies within [`REPLY_STALL_TIMEOUT`]. If that
+    /// fails, the socket is shut both ways while the writer is still held:
+    /// reading stops, and the other threads' replies fail at once instead of
+    /// each waiting out the timeout on a client that reads nothing.
     fn send(&self, replies: &[u8]) -> std::io::Result<()> {
-        self.writer
-            .lock()
-            .expect("reply writer poisoned")
-            .write_all(replies)
+        let mut writer = self.writer.lock().expect("reply writer poisoned");
+        write_within(&mut writer, replies, REPLY_STALL_TIMEOUT).inspect_err(|_| {
+            let _ = writer.shutdown(std::net::Shutdown::Both);
+        })
     }
 
     fn fail(&self, e: ConnError) {
@@ -712,6 +723,57 @@ impl Connection {
             .expect("connection state poisoned")
             .get_or_insert(e);
     }
+}
+
+/// Writes all of `bytes` to `stream` by `limit` from now. The socket's
+/// send timeout bounds each call, not the whole: a client that takes a few
+/// bytes now and then would otherwise hold a reply (and its share of
+/// [`LARGE_BYTES_MAX`]) for a multiple of it. The common case, a reply the
+/// socket takes in one call, costs that call and a read of the clock; only
+/// a short write narrows the timeout, and sets it back after.
+fn write_within(
+    stream: &mut std::net::TcpStream,
+    bytes: &[u8],
+    limit: Duration,
+) -> std::io::Result<()> {
+    let stalled = || {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("the client read no reply for {} s", limit.as_secs()),
+        )
+    };
+    let deadline = std::time::Instant::now() + limit;
+    let mut rest = bytes;
+    let mut narrowed = false;
+    while !rest.is_empty() {
+        match stream.write(rest) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(stalled());
+            }
+            Err(e) => return Err(e),
+        }
+        if rest.is_empty() {
+            break;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(stalled());
+        }
+        stream.set_write_timeout(Some(left))?;
+        narrowed = true;
+    }
+    if narrowed {
+        stream.set_write_timeout(Some(limit))?;
+    }
+    Ok(())
 }
 
 /// Transmission, on threads of the connection's own with blocking socket
