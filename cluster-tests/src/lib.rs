@@ -37,6 +37,24 @@ pub fn ramster_bin() -> &'static Path {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "-p", "ramster-node", "--bin", "ramster"]);
+        // cargo describes the test's own package to the test process; a
+        // build script that watches those variables (ring's does) would see
+        // them change between this build and the workspace's, and rebuild
+        // half the tree each time a test binary starts.
+        for (var, _) in std::env::vars_os() {
+            let name = var.to_string_lossy();
+            if name.starts_with("CARGO_PKG_")
+                || name.starts_with("CARGO_MANIFEST_")
+                || [
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                ]
+                .contains(&name.as_ref())
+            {
+                cmd.env_remove(&var);
+            }
+        }
         if release {
             cmd.arg("--release");
         }
