@@ -3,6 +3,7 @@
 # same client (`ramster bench-nbd`), the same corpus, the same machine.
 #   queue depth 16: write pages/s, read+verify pages/s (random order)
 #   queue depth 1:  p50 latency of writes and reads
+#   server CPU time per page at both depths (polling included)
 #   memory per stored page: server RSS growth / pages (ramster also: store
 #   accounting, and the backing file that took the rejected pages)
 # plus `qemu-img bench` reads at depth 16 on the filled export, as a second
@@ -10,7 +11,8 @@
 #
 # Usage: scripts/bench-nbd.sh [CORPUS]   (default /tmp/corpus.bin)
 # Env: CAPACITY (ramster store, default 1GiB), PORT (default 10950), RUNS (default 3),
-#      BIN (the ramster binary; default: build this checkout).
+#      BIN (the ramster binary; default: build this checkout),
+#      NODE_ARGS (more `ramster node` flags, e.g. "--nbd-poll-us 0").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,7 +58,7 @@ start_ramster() {
   rm -rf "$work/node"
   "$BIN" node --name bench --data-dir "$work/node" --capacity "$CAPACITY" \
     --nbd-listen "127.0.0.1:$PORT" --nbd-export "corpus:$size" --admin-listen off \
-    >"$work/node.log" 2>&1 &
+    ${NODE_ARGS:-} >"$work/node.log" 2>&1 &
   server_pid=$!
   wait_port
 }
@@ -113,6 +115,10 @@ metrics = [
     ("QD16 read pages/s, qemu-img bench", 16, lambda r: r.get("qemu_read_pages_per_s")),
     ("QD1 write p50 us (lower is better)", 1, lambda r: r["write"]["p50_us"]),
     ("QD1 read p50 us", 1, lambda r: r["read"]["p50_us"]),
+    ("QD1 server CPU us/write (lower is better)", 1, lambda r: r["write"].get("server_cpu_us_per_page")),
+    ("QD1 server CPU us/read", 1, lambda r: r["read"].get("server_cpu_us_per_page")),
+    ("QD16 server CPU us/write", 16, lambda r: r["write"].get("server_cpu_us_per_page")),
+    ("QD16 server CPU us/read", 16, lambda r: r["read"].get("server_cpu_us_per_page")),
     ("RSS growth B/page (lower is better)", 16, lambda r: r["rss_bytes_per_page"]),
     ("RSS + backing file B/page", 16, lambda r: r["total_bytes_per_page"]),
 ]

@@ -141,6 +141,12 @@ impl NodeProcess {
         self.child.id()
     }
 
+    /// One sample of the node's `/metrics` (see [`metric_at`]); `None`
+    /// without an admin endpoint.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        metric_at(&self.admin?.to_string(), name)
+    }
+
     /// The node's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
@@ -158,6 +164,17 @@ impl Drop for NodeProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// One sample of the `/metrics` served at `admin`: `name` is the family's
+/// name with the sample's labels as the node writes them, e.g.
+/// `ramster_nbd_polls_total{export="disk",result="found"}`.
+pub fn metric_at(admin: &str, name: &str) -> Option<f64> {
+    let text = ramster_node::cli::admin_client::get(admin, "/metrics")
+        .ok()?
+        .body;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// A loopback TCP port that was free a moment ago (the OS picked it), for a
@@ -285,13 +302,9 @@ impl Member {
         )
     }
 
-    /// One unlabelled sample of the member's `/metrics`.
+    /// One sample of the member's `/metrics` (see [`metric_at`]).
     pub fn metric(&self, name: &str) -> Option<f64> {
-        let text = ramster_node::cli::admin_client::get(&self.admin, "/metrics")
-            .ok()?
-            .body;
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        metric_at(&self.admin, name)
     }
 
     /// The last `lines` lines of the member's log, without peers' refused

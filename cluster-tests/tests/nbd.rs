@@ -659,19 +659,37 @@ fn wait_for_threads(pid: u32, ok: impl Fn(usize) -> bool) -> usize {
     n
 }
 
+/// The export's poll counter with `result` ("found" or "slept").
+fn polls(node: &NodeProcess, result: &str) -> f64 {
+    node.metric(&format!(
+        "ramster_nbd_polls_total{{export=\"disk\",result=\"{result}\"}}"
+    ))
+    .expect("the node serves its NBD metrics")
+}
+
+/// By default the thread holding a connection's requests polls for the
+/// next one after its replies: the lone requests a client sends after
+/// each reply are found by polling.
 #[test]
 fn connections_that_come_and_go_leave_no_threads_behind() {
     use ramster_node::frontend::nbd::server::THREADS_PER_CONNECTION;
     let (node, port) = node("64MiB", &["disk:1MiB"]);
     come_and_go(&node, port, THREADS_PER_CONNECTION);
+    assert!(polls(&node, "found") > 0.0);
 }
 
-/// `--nbd-threads 1`: each connection has its one thread, which takes
-/// turns with nobody, and serves pipelined and lone requests alike.
+/// `--nbd-threads 1 --nbd-poll-us 0`: each connection has its one thread,
+/// which takes turns with nobody, never polls, and serves pipelined and
+/// lone requests alike.
 #[test]
 fn a_connection_served_by_one_thread_works_and_has_only_that() {
-    let (node, port) = node_with("64MiB", &["disk:1MiB"], &["--nbd-threads", "1"]);
+    let (node, port) = node_with(
+        "64MiB",
+        &["disk:1MiB"],
+        &["--nbd-threads", "1", "--nbd-poll-us", "0"],
+    );
     come_and_go(&node, port, 1);
+    assert_eq!(polls(&node, "found") + polls(&node, "slept"), 0.0);
 }
 
 /// Threads the runtime may start or end of its own while a test counts a

@@ -200,6 +200,10 @@ static NBD_ERRORS: Family = Family::counter(
     "ramster_nbd_errors_total",
     "NBD requests answered with an error.",
 );
+static NBD_POLLS: Family = Family::counter(
+    "ramster_nbd_polls_total",
+    "Socket reads an NBD connection's poll found bytes for (found), and polls that found none in their window and slept (slept).",
+);
 
 /// Every family of this module, for tests of the naming rules.
 #[cfg(test)]
@@ -247,6 +251,7 @@ pub(super) static FAMILIES: &[&Family] = &[
     &NBD_PAGES,
     &NBD_STORE_REJECTS,
     &NBD_ERRORS,
+    &NBD_POLLS,
 ];
 
 /// Writes every family of this node.
@@ -382,6 +387,11 @@ fn write_exports(out: &mut MetricsWriter, exports: &[ExportStats]) {
                 &[("export", &e.name), ("reason", reason)],
                 n,
             );
+        }
+    }
+    for e in exports {
+        for (result, n) in [("found", e.polls_found), ("slept", e.polls_slept)] {
+            out.sample(&NBD_POLLS, &[("export", &e.name), ("result", result)], n);
         }
     }
 }

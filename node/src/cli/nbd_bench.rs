@@ -75,6 +75,9 @@ pub struct Phase {
     pub pages_per_s: f64,
     pub p50_us: f64,
     pub p99_us: f64,
+    /// CPU time the server spent (all its threads, user and system) per
+    /// page, when its PID is known: what a page costs, polling included.
+    pub server_cpu_us_per_page: Option<f64>,
 }
 
 #[derive(Debug, Serialize, Default)]
@@ -106,6 +109,43 @@ fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
         .and_then(|v| v.parse().ok())
         .context("no VmRSS line")?;
     Ok(kib * 1024)
+}
+
+/// CPU time a process has used so far (user + system, all threads).
+fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // After the parenthesised command name, utime and stime are the 12th
+    // and 13th fields, in clock ticks.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .with_context(|| format!("field {i} of /proc/{pid}/stat"))
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok((ticks(11)? + ticks(12)?) / hz)
+}
+
+/// Runs a phase, adding the server's CPU time per page if `pid` is known.
+fn with_server_cpu(
+    pid: Option<u32>,
+    pages: usize,
+    phase: impl FnOnce() -> anyhow::Result<Phase>,
+) -> anyhow::Result<Phase> {
+    let before = pid.map(cpu_seconds).transpose()?;
+    let mut done = phase()?;
+    let after = pid.map(cpu_seconds).transpose()?;
+    done.server_cpu_us_per_page = before
+        .zip(after)
+        .map(|(b, a)| (a - b) * 1e6 / pages.max(1) as f64);
+    Ok(done)
 }
 
 fn allocated_bytes(path: &Path) -> anyhow::Result<u64> {
@@ -143,11 +183,15 @@ pub fn run(args: BenchNbdArgs) -> anyhow::Result<()> {
     };
     let rss_before = args.server_pid.map(rss_bytes).transpose()?;
     let writes: Vec<usize> = (0..pages.len()).collect();
-    let write = rt.block_on(conn.phase(&pages, &writes, args.depth, true))?;
+    let write = with_server_cpu(args.server_pid, writes.len(), || {
+        rt.block_on(conn.phase(&pages, &writes, args.depth, true))
+    })?;
     let rss_after = args.server_pid.map(rss_bytes).transpose()?;
     let mut reads = writes;
     reads.shuffle(&mut SmallRng::seed_from_u64(args.seed));
-    let read = rt.block_on(conn.phase(&pages, &reads, args.depth, false))?;
+    let read = with_server_cpu(args.server_pid, reads.len(), || {
+        rt.block_on(conn.phase(&pages, &reads, args.depth, false))
+    })?;
     rt.block_on(conn.disconnect())?;
 
     let n = pages.len() as f64;
@@ -199,6 +243,12 @@ fn print_report(r: &Report) {
         r.read.p50_us,
         r.read.p99_us
     );
+    if let (Some(w), Some(rd)) = (
+        r.write.server_cpu_us_per_page,
+        r.read.server_cpu_us_per_page,
+    ) {
+        println!("  server CPU: {w:.1} us/page writing, {rd:.1} us/page reading");
+    }
     if let Some(b) = r.rss_bytes_per_page {
         println!("  server RSS growth: {b:.0} B/page");
     }
@@ -373,6 +423,7 @@ impl Conn {
             pages_per_s: order.len() as f64 / elapsed,
             p50_us: percentile_us(&latencies, 0.5),
             p99_us: percentile_us(&latencies, 0.99),
+            server_cpu_us_per_page: None,
         })
     }
 

@@ -87,6 +87,12 @@ pub struct NodeArgs {
     /// an idle thread's stack [default: 32].
     #[arg(long, env = "RAMSTER_NBD_THREADS", value_parser = parse_nbd_threads)]
     pub nbd_threads: Option<usize>,
+    /// Microseconds an NBD connection's reading thread polls its socket for
+    /// the next request before it sleeps, 0 to 1000; it spends up to that
+    /// much of a core after each reply to answer the next request sooner.
+    /// 0 never polls [default: 50].
+    #[arg(long, env = "RAMSTER_NBD_POLL_US", value_parser = parse_nbd_poll_us)]
+    pub nbd_poll_us: Option<u64>,
     /// Lock all of the node's memory (mlockall), so that a host swapping
     /// into this node never has the node's own pages swapped out.
     #[arg(long, env = "RAMSTER_MLOCK", num_args = 0..=1, default_missing_value = "true")]
@@ -232,6 +238,25 @@ fn nbd_threads_in_range(n: usize) -> Result<usize, String> {
     }
 }
 
+/// An NBD poll window in microseconds, from a flag or the environment.
+fn parse_nbd_poll_us(s: &str) -> Result<u64, String> {
+    s.trim()
+        .parse::<u64>()
+        .map_err(|_| format!("{s:?} is not a number"))
+        .and_then(nbd_poll_us_in_range)
+}
+
+fn nbd_poll_us_in_range(us: u64) -> Result<u64, String> {
+    let max = nbd::server::POLL_MAX.as_micros() as u64;
+    if us <= max {
+        Ok(us)
+    } else {
+        Err(format!(
+            "{us}: the NBD poll window is a number of microseconds from 0 to {max}"
+        ))
+    }
+}
+
 fn parse_role_arg(s: &str) -> Result<Role, String> {
     parse_role(s).ok_or_else(|| format!("unknown role {s:?} (peer, memory-server, client)"))
 }
@@ -268,6 +293,7 @@ struct ConfigFile {
     #[serde(default)]
     nbd_export: Vec<String>,
     nbd_threads: Option<usize>,
+    nbd_poll_us: Option<u64>,
     mlock: Option<bool>,
     listen: Option<SocketAddr>,
     advertise: Option<String>,
@@ -321,8 +347,8 @@ pub struct NodeSettings {
     /// `Some` when there are exports to serve.
     pub nbd_listen: Option<SocketAddr>,
     pub nbd_exports: Vec<ExportSpec>,
-    /// Threads per NBD connection.
-    pub nbd_threads: usize,
+    /// How each NBD connection is served.
+    pub nbd: nbd::server::ServeOptions,
     pub mlock: bool,
     /// `Some` when the node is a cluster member (`--listen` or `--join`).
     pub cluster: Option<ClusterArgs>,
@@ -459,6 +485,14 @@ impl NodeArgs {
             }
             (None, None) => nbd::server::THREADS_PER_CONNECTION,
         };
+        let nbd_poll = match (self.nbd_poll_us, file.nbd_poll_us) {
+            (Some(us), _) => Duration::from_micros(us),
+            (None, Some(us)) => Duration::from_micros(
+                nbd_poll_us_in_range(us)
+                    .map_err(|e| anyhow::anyhow!("config `nbd-poll-us`: {e}"))?,
+            ),
+            (None, None) => nbd::server::POLL_DEFAULT,
+        };
         let admin_listen = match (self.admin_listen, file.admin_listen) {
             (Some(a), _) => a,
             (None, Some(text)) => text
@@ -473,7 +507,10 @@ impl NodeArgs {
             api_socket,
             nbd_listen,
             nbd_exports,
-            nbd_threads,
+            nbd: nbd::server::ServeOptions {
+                threads: nbd_threads,
+                poll: nbd_poll,
+            },
             mlock: self.mlock.or(file.mlock).unwrap_or(false),
             cluster,
             admin_listen: admin_listen.0,
@@ -770,7 +807,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
             nbd_server = Some(tokio::spawn(nbd::server::serve(
                 listener,
                 exports.clone(),
-                s.nbd_threads,
+                s.nbd,
                 stop_rx.clone(),
             )));
             tokio::spawn(log_export_stats(exports.clone(), stop_rx.clone()));
@@ -884,6 +921,7 @@ data-dir = "/var/lib/ramster"
 capacity = "1GiB"
 nbd-export = ["swap0:64MiB", "swap1:1GiB:/srv/swap1"]
 nbd-threads = 4
+nbd-poll-us = 0
 mlock = true
 admin-listen = "0.0.0.0:9100"
 "#,
@@ -896,7 +934,13 @@ admin-listen = "0.0.0.0:9100"
         assert_eq!(s.api_socket, PathBuf::from("/var/lib/ramster/api.sock"));
         assert_eq!(s.nbd_exports.len(), 2);
         assert_eq!(s.nbd_listen, Some(NBD_LISTEN_DEFAULT.parse().unwrap()));
-        assert_eq!(s.nbd_threads, 4);
+        assert_eq!(
+            s.nbd,
+            nbd::server::ServeOptions {
+                threads: 4,
+                poll: Duration::ZERO
+            }
+        );
         assert!(s.mlock);
         assert_eq!(s.admin_listen, Some("0.0.0.0:9100".parse().unwrap()));
 
@@ -916,10 +960,18 @@ admin-listen = "0.0.0.0:9100"
             "off",
             "--nbd-threads",
             "1",
+            "--nbd-poll-us",
+            "200",
         ])
         .settings()
         .unwrap();
-        assert_eq!(s.nbd_threads, 1);
+        assert_eq!(
+            s.nbd,
+            nbd::server::ServeOptions {
+                threads: 1,
+                poll: Duration::from_micros(200)
+            }
+        );
         assert_eq!(s.name, "from-flag");
         assert_eq!(s.capacity, 2 << 30);
         assert_eq!(s.nbd_exports.len(), 1);
@@ -931,7 +983,7 @@ admin-listen = "0.0.0.0:9100"
             .settings()
             .unwrap();
         assert_eq!(s.admin_listen, Some(ADMIN_LISTEN_DEFAULT.parse().unwrap()));
-        assert_eq!(s.nbd_threads, nbd::server::THREADS_PER_CONNECTION);
+        assert_eq!(s.nbd, nbd::server::ServeOptions::default());
         let s = args(&["--config", cfg, "--admin-listen", "127.0.0.1:9200"])
             .settings()
             .unwrap();
@@ -1012,11 +1064,14 @@ admin-listen = "0.0.0.0:9100"
         }
         let e = Cmd::try_parse_from(["node", "--nbd-threads", "many"]).unwrap_err();
         assert!(e.to_string().contains("not a number"), "{e}");
+        let e = Cmd::try_parse_from(["node", "--nbd-poll-us", "1001"]).unwrap_err();
+        assert!(e.to_string().contains("from 0 to 1000"), "{e}");
         let e = Cmd::try_parse_from(["node", "--admin-listen", "localhost"]).unwrap_err();
         assert!(e.to_string().contains("HOST:PORT"), "{e}");
         for (line, key) in [
             ("admin-listen = \"everywhere\"", "admin-listen"),
             ("nbd-threads = 0", "nbd-threads"),
+            ("nbd-poll-us = 5000", "nbd-poll-us"),
         ] {
             std::fs::write(
                 &cfg,

@@ -165,6 +165,10 @@ pub struct ExportMetrics {
     pub store_rejects_other: AtomicU64,
     /// Requests answered with an error (I/O, corrupt or lost pages).
     pub errors: AtomicU64,
+    /// Socket reads that a connection's poll found bytes for, and polls
+    /// that found nothing in their window and went to sleep in `recv`.
+    pub polls_found: AtomicU64,
+    pub polls_slept: AtomicU64,
 }
 
 /// A plain copy of [`ExportMetrics`], for logs and stats replies.
@@ -186,6 +190,8 @@ pub struct ExportStats {
     pub store_rejects_incompressible: u64,
     pub store_rejects_other: u64,
     pub errors: u64,
+    pub polls_found: u64,
+    pub polls_slept: u64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -328,6 +334,11 @@ impl Export {
     pub fn metrics(&self) -> &ExportMetrics {
         &self.metrics
     }
+    /// Whether this node keeps pages on donors: a read may then wait for a
+    /// donor's answer, and a write for remotify to make room.
+    pub fn has_donors(&self) -> bool {
+        self.frontend.remote().is_some()
+    }
 
     pub fn stats(&self) -> ExportStats {
         let m = &self.metrics;
@@ -349,6 +360,8 @@ impl Export {
             store_rejects_incompressible: g(&m.store_rejects_incompressible),
             store_rejects_other: g(&m.store_rejects_other),
             errors: g(&m.errors),
+            polls_found: g(&m.polls_found),
+            polls_slept: g(&m.polls_slept),
         }
     }
 

@@ -6,8 +6,10 @@
 //! default), with blocking socket calls (see [`transmission`] for why). One
 //! thread at a time holds the connection's requests: it takes every
 //! complete request received (a read often brings many), carries them out
-//! in order and sends their replies in one write. A large request, or a
-//! lone one the client waits on, is handed the other way: the thread lets
+//! in order and sends their replies in one write, then polls the socket for
+//! a while (`--nbd-poll-us`) before it blocks in `recv`, so that a client's
+//! next request finds it running. A large request, or a lone one that may
+//! wait on a disk or on donors, is handed the other way: the thread lets
 //! the requests go to the next thread before carrying it out, so replies
 //! may come back out of order, as NBD allows. A client that sends garbage or
 //! vanishes mid-request only ends its own connection: requests already
@@ -19,7 +21,7 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -29,23 +31,34 @@ use tokio::runtime::Handle;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{debug, info, warn};
 
-use super::export::{Export, Exports};
+use super::export::{Export, ExportMetrics, Exports};
 use super::proto::{self, Command, OptionRequest, ProtoError, Request};
 use crate::store::PAGE_BYTES;
 
 /// Connections served at once; more wait in the listen backlog.
 pub const CONNECTIONS_MAX: usize = 256;
 /// Threads serving one connection by default (`--nbd-threads`), taking
-/// turns at reading (as nbdkit's 16 per connection do): at one request in
-/// flight the more there are, the likelier the next reader was last woken
-/// on the client's core. Measured on two cores: 16 halved the p50 that one
-/// gave and 8 did less; 32 took another 2–9 µs off every pair of runs
-/// against 16 (about a tenth) and 64 no more. Idle ones wait on a lock and
-/// cost only their stacks' touched pages.
+/// turns at reading (as nbdkit's 16 per connection do). Without polling, at
+/// one request in flight the more there are, the likelier the next reader
+/// was last woken on the client's core: measured on two cores, 16 halved
+/// the p50 that one gave and 8 did less; 32 took another 2–9 µs off every
+/// pair of runs against 16 and 64 no more. With polling they carry out the
+/// requests that may wait while the next is read. Idle ones wait on a lock
+/// and cost only their stacks' touched pages.
 pub const THREADS_PER_CONNECTION: usize = 32;
 /// The most threads a connection may be given: with [`CONNECTIONS_MAX`]
 /// connections, 16,384 threads.
 pub const THREADS_PER_CONNECTION_MAX: usize = 64;
+/// How long the thread holding a connection's requests polls its socket
+/// for the next one before it blocks (`--nbd-poll-us`). At one request in
+/// flight the client's next request then finds a thread running instead of
+/// one to wake, which on an idle core costs more than the request itself
+/// (see [`transmission`]). Long enough for a client to take its reply and
+/// send again (25-40 µs measured here); an idle connection costs one
+/// window of a core after its last request.
+pub const POLL_DEFAULT: Duration = Duration::from_micros(50);
+/// The longest poll window that may be configured.
+pub const POLL_MAX: Duration = Duration::from_millis(1);
 /// Bytes of large requests being carried out at once, over all
 /// connections: what their buffers may take, whatever clients send.
 pub const LARGE_BYTES_MAX: usize = 256 << 20;
@@ -110,22 +123,41 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Serves `exports` on `listener`, each connection on `threads` threads
-/// (1 to [`THREADS_PER_CONNECTION_MAX`]), until `shutdown` turns true; then
+/// How each connection is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServeOptions {
+    /// Threads per connection, 1 to [`THREADS_PER_CONNECTION_MAX`].
+    pub threads: usize,
+    /// How long a connection's reading thread polls before it blocks, up to
+    /// [`POLL_MAX`]; zero blocks at once.
+    pub poll: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            threads: THREADS_PER_CONNECTION,
+            poll: POLL_DEFAULT,
+        }
+    }
+}
+
+/// Serves `exports` on `listener` until `shutdown` turns true; then
 /// closes the connections' reading sides, lets the requests they received
 /// finish, and returns once their threads are done (or after
 /// [`DRAIN_TIMEOUT`]).
 pub async fn serve(
     listener: TcpListener,
     exports: Arc<Exports>,
-    threads: usize,
+    options: ServeOptions,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let limit = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     let shared = Arc::new(Shared {
         large_bytes: Arc::new(Semaphore::new(LARGE_BYTES_MAX / LARGE_BYTES_MIN)),
         runtime: Handle::current(),
-        threads: threads.clamp(1, THREADS_PER_CONNECTION_MAX),
+        threads: options.threads.clamp(1, THREADS_PER_CONNECTION_MAX),
+        poll: options.poll.min(POLL_MAX),
     });
     let live = Arc::new(LiveConnections::default());
     while let Some(((stream, peer), permit)) =
@@ -402,6 +434,8 @@ struct Shared {
     runtime: Handle,
     /// Threads per connection.
     threads: usize,
+    /// How long the reading thread polls before it blocks.
+    poll: Duration,
 }
 
 /// The bytes a connection has received and not yet carried out. One
@@ -441,10 +475,10 @@ impl Inbox {
         }
     }
 
-    /// One read from `io`, with room for at least `want` more bytes than
-    /// are kept (the rest of a request whose header says how long it is).
-    /// The bytes read; 0 at the end of the stream.
-    fn fill(&mut self, io: &mut impl Read, want: usize) -> std::io::Result<usize> {
+    /// Room for at least `want` more bytes than are kept (the rest of a
+    /// request whose header says how long it is), and half a chunk at
+    /// least: the free tail of the buffer.
+    fn room(&mut self, want: usize) -> &mut [u8] {
         let kept = self.end - self.start;
         let room = want.max(READ_CHUNK_BYTES / 2);
         if self.buf.len() - self.end < room {
@@ -455,9 +489,57 @@ impl Inbox {
                 self.buf.resize(kept + room, 0);
             }
         }
-        let n = io.read(&mut self.buf[self.end..])?;
+        &mut self.buf[self.end..]
+    }
+
+    /// One blocking read from `io` into [`Inbox::room`]. The bytes read; 0
+    /// at the end of the stream.
+    fn fill(&mut self, io: &mut impl Read, want: usize) -> std::io::Result<usize> {
+        let n = io.read(self.room(want))?;
         self.end += n;
         Ok(n)
+    }
+
+    /// Reads from `io` without blocking, again and again until bytes come
+    /// or `until` passes: the bytes read (0 at the end of the stream), or
+    /// `None` if nothing came in time. Each try is one `recv` with
+    /// MSG_DONTWAIT, a flag of the call: the socket itself stays blocking
+    /// for the writer that shares it.
+    fn fill_polling(
+        &mut self,
+        io: &std::net::TcpStream,
+        want: usize,
+        until: Instant,
+    ) -> std::io::Result<Option<usize>> {
+        use std::os::fd::AsRawFd;
+        loop {
+            let tail = self.room(want);
+            // SAFETY: `tail` is valid for writes of its length, and `io`'s
+            // descriptor is open for as long as `io` is borrowed.
+            let n = unsafe {
+                libc::recv(
+                    io.as_raw_fd(),
+                    tail.as_mut_ptr().cast(),
+                    tail.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if let Ok(n) = usize::try_from(n) {
+                self.end += n;
+                return Ok(Some(n));
+            }
+            let e = std::io::Error::last_os_error();
+            if !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ) {
+                return Err(e);
+            }
+            if Instant::now() >= until {
+                return Ok(None);
+            }
+            std::hint::spin_loop();
+        }
     }
 }
 
@@ -505,16 +587,34 @@ impl Batch {
 
 impl Requests {
     /// Waits until a request (or garbage) is complete at the head of the
-    /// buffer, reading the socket. `Ok(false)` once the connection is done.
-    fn wait_for_one(&mut self) -> Result<bool, ConnError> {
+    /// buffer, reading the socket: polling it for `poll` first, then
+    /// blocking. `Ok(false)` once the connection is done.
+    fn wait_for_one(&mut self, poll: Duration, metrics: &ExportMetrics) -> Result<bool, ConnError> {
+        let mut until = (!poll.is_zero()).then(|| Instant::now() + poll);
         // Each pass reads at least one byte of a request bounded by
-        // REQUEST_BYTES_MAX, so this ends.
+        // REQUEST_BYTES_MAX, or ends the poll, so this ends.
         while !self.done {
             if !matches!(proto::parse_request(self.inbox.data()), Ok(None)) {
                 return Ok(true);
             }
             let want = proto::request_bytes_missing(self.inbox.data());
-            match self.inbox.fill(&mut self.io, want) {
+            let polled = match until {
+                Some(t) => self.inbox.fill_polling(&self.io, want, t).transpose(),
+                None => None,
+            };
+            let read = match polled {
+                Some(read) => {
+                    metrics.polls_found.fetch_add(1, Ordering::Relaxed);
+                    read
+                }
+                None => {
+                    if until.take().is_some() {
+                        metrics.polls_slept.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.inbox.fill(&mut self.io, want)
+                }
+            };
+            match read {
                 Ok(0) => {
                     self.done = true;
                     if !self.inbox.data().is_empty() {
@@ -627,9 +727,11 @@ impl Connection {
     /// One thread's share: take, carry out, reply, until the requests are
     /// done. The thread holding the requests keeps them while it carries
     /// out what a client pipelined: what arrives meanwhile gathers into its
-    /// next batch, and no other thread is woken. It lets them go before
-    /// carrying out a lone request the client waits on, or a large one: the
-    /// next thread then already waits for what follows (see
+    /// next batch, and no other thread is woken; after the replies it polls
+    /// for the next request. It lets them go before carrying out a large
+    /// request, and a lone one that may wait (see [`may_wait`]), so that
+    /// what follows is not held up behind it; with polling off, before any
+    /// lone request, so that the next thread already waits in `recv` (see
     /// [`transmission`] for why that matters at one request in flight).
     fn serve(&self, shared: &Shared) {
         let mut batch = Batch::default();
@@ -639,7 +741,7 @@ impl Connection {
         loop {
             let mut requests = Some(self.requests.lock().expect("requests poisoned"));
             while let Some(mut r) = requests.take() {
-                let taken = match r.wait_for_one() {
+                let taken = match r.wait_for_one(shared.poll, self.export.metrics()) {
                     Ok(true) => r.take(&self.export, shared, &mut batch),
                     Ok(false) => return,
                     Err(e) => Err(e),
@@ -649,7 +751,10 @@ impl Connection {
                     Ok(false) => return,
                     Err(e) => return self.fail(e),
                 }
-                let hand_on = batch.budget.is_some() || (batch.requests.len() == 1 && batch.last);
+                let lone = batch.requests.len() == 1 && batch.last;
+                let hand_on = batch.budget.is_some()
+                    || (lone
+                        && (shared.poll.is_zero() || may_wait(&self.export, &batch.requests[0].0)));
                 replies.clear();
                 let sent = if hand_on {
                     owned.clear();
@@ -784,7 +889,9 @@ fn write_within(
 /// lands: a thread woken on the core the client is leaving runs at once,
 /// one woken on an idle core waits for it to come out of its idle state
 /// (about 28 µs on a two-core VM, against a 13 µs round trip when both
-/// share a core). Handing the reading to the next thread before a lone
+/// share a core). Polling the socket for a while after the replies avoids
+/// the wake altogether when the next request comes within the window.
+/// With polling off, handing the reading to the next thread before a lone
 /// request is carried out wakes that thread while the client sleeps, so
 /// it last ran on the client's core, where the client's next request then
 /// wakes it. Pipelined requests stay with one thread (see
@@ -842,6 +949,14 @@ fn transmission(
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// Whether carrying out `req` may take far longer than a page in this
+/// node's memory: an fsync of the backing file, or, on a cluster node, a
+/// page to fetch from a donor or room to wait for while remotify ships
+/// pages out.
+fn may_wait(export: &Export, req: &Request) -> bool {
+    req.command == Command::Flush || req.fua() || export.has_donors()
 }
 
 /// Carries out one request (`payload`: a WRITE's data; `checked`: what
