@@ -129,7 +129,15 @@ fn a_small_node_takes_four_times_its_capacity_and_gets_every_page_back() {
     })
     .unwrap_or_else(|e| panic!("no donor reports holding pages ({e}): {:?}", small.status()));
     verify_pages(&client, AREA, &pages, &accepted);
+    let polls = |m: &ramster_cluster_tests::Member| m.metric("ramster_transport_polls_total");
+    let polled_before = polls(small).expect("the transport's poll counter");
     one_page_loads_from_donors(&small.socket(), &pages, &accepted);
+    // Clients that wait on each page keep the small node's transport
+    // thread polling; donors that only serve pages never poll.
+    assert!(polls(small).unwrap() > polled_before);
+    for donor in ["big1", "big2"] {
+        assert_eq!(polls(cluster.member(donor)), Some(0.0), "{donor} polled");
+    }
 
     // Free three quarters: the store empties below the suction line and
     // the remaining remote pages come home.

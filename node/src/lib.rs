@@ -8,4 +8,5 @@ pub mod cli;
 pub mod cluster;
 pub mod frontend;
 pub mod metrics;
+pub mod poll;
 pub mod store;

@@ -91,7 +91,7 @@ pub struct NodeArgs {
     /// the next request before it sleeps, 0 to 1000; it spends up to that
     /// much of a core after each reply to answer the next request sooner.
     /// 0 never polls [default: 50].
-    #[arg(long, env = "RAMSTER_NBD_POLL_US", value_parser = parse_nbd_poll_us)]
+    #[arg(long, env = "RAMSTER_NBD_POLL_US", value_parser = parse_poll_us)]
     pub nbd_poll_us: Option<u64>,
     /// Lock all of the node's memory (mlockall), so that a host swapping
     /// into this node never has the node's own pages swapped out.
@@ -149,6 +149,13 @@ pub struct NodeArgs {
     /// virtual NICs or kernels that drop GSO batches [default: true].
     #[arg(long, env = "RAMSTER_GSO", num_args = 0..=1, default_missing_value = "true")]
     pub gso: Option<bool>,
+    /// Microseconds the transport thread, which serves API clients on a
+    /// cluster node, keeps polling after a client's request (for the
+    /// donors' answers and the client's next request) before it sleeps, 0
+    /// to 1000; it spends up to that much of a core after each request to
+    /// answer sooner. 0 never polls [default: 200].
+    #[arg(long, env = "RAMSTER_POLL_US", value_parser = parse_poll_us)]
+    pub poll_us: Option<u64>,
     /// Address of the admin endpoint (/metrics, /health/live,
     /// /health/ready, /v1/status), or `off` [default: 127.0.0.1:7801].
     #[arg(long, env = "RAMSTER_ADMIN_LISTEN")]
@@ -238,21 +245,21 @@ fn nbd_threads_in_range(n: usize) -> Result<usize, String> {
     }
 }
 
-/// An NBD poll window in microseconds, from a flag or the environment.
-fn parse_nbd_poll_us(s: &str) -> Result<u64, String> {
+/// A poll window in microseconds, from a flag or the environment.
+fn parse_poll_us(s: &str) -> Result<u64, String> {
     s.trim()
         .parse::<u64>()
         .map_err(|_| format!("{s:?} is not a number"))
-        .and_then(nbd_poll_us_in_range)
+        .and_then(poll_us_in_range)
 }
 
-fn nbd_poll_us_in_range(us: u64) -> Result<u64, String> {
-    let max = nbd::server::POLL_MAX.as_micros() as u64;
+fn poll_us_in_range(us: u64) -> Result<u64, String> {
+    let max = crate::poll::WINDOW_MAX.as_micros() as u64;
     if us <= max {
         Ok(us)
     } else {
         Err(format!(
-            "{us}: the NBD poll window is a number of microseconds from 0 to {max}"
+            "{us}: a poll window is a number of microseconds from 0 to {max}"
         ))
     }
 }
@@ -309,6 +316,7 @@ struct ConfigFile {
     suction_watermarks: Option<[f64; 2]>,
     max_udp_payload: Option<u16>,
     gso: Option<bool>,
+    poll_us: Option<u64>,
     admin_listen: Option<String>,
 }
 
@@ -430,6 +438,13 @@ impl NodeArgs {
                 .or(file.suction_watermarks.map(|[a, b]| (a, b))),
             max_udp_payload: self.max_udp_payload.or(file.max_udp_payload),
             gso: self.gso.or(file.gso),
+            poll_us: match (self.poll_us, file.poll_us) {
+                (Some(us), _) => Some(us),
+                (None, Some(us)) => Some(
+                    poll_us_in_range(us).map_err(|e| anyhow::anyhow!("config `poll-us`: {e}"))?,
+                ),
+                (None, None) => None,
+            },
         };
         let capacity = match capacity {
             Capacity::Bytes(b) => b,
@@ -488,8 +503,7 @@ impl NodeArgs {
         let nbd_poll = match (self.nbd_poll_us, file.nbd_poll_us) {
             (Some(us), _) => Duration::from_micros(us),
             (None, Some(us)) => Duration::from_micros(
-                nbd_poll_us_in_range(us)
-                    .map_err(|e| anyhow::anyhow!("config `nbd-poll-us`: {e}"))?,
+                poll_us_in_range(us).map_err(|e| anyhow::anyhow!("config `nbd-poll-us`: {e}"))?,
             ),
             (None, None) => nbd::server::POLL_DEFAULT,
         };
@@ -534,6 +548,7 @@ struct ClusterSources {
     suction: Option<(f64, f64)>,
     max_udp_payload: Option<u16>,
     gso: Option<bool>,
+    poll_us: Option<u64>,
 }
 
 impl ClusterSources {
@@ -609,6 +624,9 @@ fn cluster_args(
     }
     if let Some(gso) = c.gso {
         transport.segmentation_offload = gso;
+    }
+    if let Some(us) = c.poll_us {
+        transport.poll_window = Duration::from_micros(us);
     }
     Ok(Some(ClusterArgs {
         listen,
@@ -991,6 +1009,44 @@ admin-listen = "0.0.0.0:9100"
     }
 
     #[test]
+    fn the_transport_threads_poll_window_comes_from_the_flag_or_the_file() {
+        let window = |extra: &[&str]| {
+            let mut a = vec![
+                "--name",
+                "n",
+                "--data-dir",
+                "/x",
+                "--capacity",
+                "1GiB",
+                "--join",
+                "127.0.0.1:7800",
+            ];
+            a.extend(extra);
+            args(&a)
+                .settings()
+                .unwrap()
+                .cluster
+                .unwrap()
+                .transport
+                .poll_window
+        };
+        assert_eq!(
+            window(&[]),
+            Duration::from_micros(crate::cluster::transport::POLL_WINDOW_US)
+        );
+        assert_eq!(window(&["--poll-us", "0"]), Duration::ZERO);
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("node.toml");
+        std::fs::write(&cfg, "poll-us = 500\n").unwrap();
+        let cfg = cfg.to_str().unwrap();
+        assert_eq!(window(&["--config", cfg]), Duration::from_micros(500));
+        assert_eq!(
+            window(&["--config", cfg, "--poll-us", "50"]),
+            Duration::from_micros(50)
+        );
+    }
+
+    #[test]
     fn auto_capacity_shares_the_cgroup_limit_by_role() {
         let limit = Some(1000 << 20);
         let pages = (1000u64 << 20) as f64 * AUTO_MEMORY_FRACTION;
@@ -1064,14 +1120,17 @@ admin-listen = "0.0.0.0:9100"
         }
         let e = Cmd::try_parse_from(["node", "--nbd-threads", "many"]).unwrap_err();
         assert!(e.to_string().contains("not a number"), "{e}");
-        let e = Cmd::try_parse_from(["node", "--nbd-poll-us", "1001"]).unwrap_err();
-        assert!(e.to_string().contains("from 0 to 1000"), "{e}");
+        for flag in ["--nbd-poll-us", "--poll-us"] {
+            let e = Cmd::try_parse_from(["node", flag, "1001"]).unwrap_err();
+            assert!(e.to_string().contains("from 0 to 1000"), "{e}");
+        }
         let e = Cmd::try_parse_from(["node", "--admin-listen", "localhost"]).unwrap_err();
         assert!(e.to_string().contains("HOST:PORT"), "{e}");
         for (line, key) in [
             ("admin-listen = \"everywhere\"", "admin-listen"),
             ("nbd-threads = 0", "nbd-threads"),
             ("nbd-poll-us = 5000", "nbd-poll-us"),
+            ("poll-us = 5000", "poll-us"),
         ] {
             std::fs::write(
                 &cfg,

@@ -9,31 +9,42 @@
 //! and cost a thread switch; on one thread they are function calls. The
 //! node's own tasks meet this thread only twice per request: when they
 //! write a request and when its answer wakes them.
+//!
+//! A cluster node also reads its API clients' requests here, and a
+//! client's request keeps the thread polling for a while (see
+//! [`crate::poll`]): the donors' answers and the client's next request then
+//! find it running.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use quinn::{AsyncTimer, AsyncUdpSocket, Runtime, TokioRuntime};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
+
+use crate::poll::PollWindow;
 
 /// The running thread; it stops when this is dropped (its tasks are
 /// cancelled, its connections dropped).
 #[derive(Debug)]
 pub struct NetThread {
     handle: Handle,
+    poll: Option<Arc<PollWindow>>,
     stop: Option<oneshot::Sender<()>>,
 }
 
 impl NetThread {
-    pub fn start(name: &str) -> io::Result<NetThread> {
+    /// Starts the thread; after each touch of its [`PollWindow`] it polls
+    /// for `poll` before it sleeps (never if zero).
+    pub fn start(name: &str, poll: Duration) -> io::Result<NetThread> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         let handle = rt.handle().clone();
+        let poll = PollWindow::start(&handle, poll);
         let (stop, stopped) = oneshot::channel::<()>();
         std::thread::Builder::new()
             .name(format!("{name}-net"))
@@ -44,12 +55,19 @@ impl NetThread {
             })?;
         Ok(NetThread {
             handle,
+            poll,
             stop: Some(stop),
         })
     }
 
     pub fn handle(&self) -> &Handle {
         &self.handle
+    }
+
+    /// Where clients' requests keep this thread polling; `None` if it
+    /// never polls.
+    pub fn poll(&self) -> Option<&Arc<PollWindow>> {
+        self.poll.as_ref()
     }
 
     /// quinn's runtime: its drivers, timers and socket on this thread.

@@ -1589,6 +1589,11 @@ impl RemotePages for ClusterNode {
     }
 
     fn wait(&self, fetch: Fetch<'_>) -> Vec<LoadResult> {
+        // A client (an NBD connection's thread) waits on the donors: their
+        // answers should find the transport thread polling.
+        if let Some(poll) = self.inner.endpoint.client_thread().poll {
+            poll.touch();
+        }
         self.inner.block_on(fetch)
     }
 
@@ -1618,8 +1623,8 @@ impl RemotePages for ClusterNode {
             .block_on(super::movers::bring_home(&self.inner, &refs))
     }
 
-    fn answers_on(&self) -> Option<tokio::runtime::Handle> {
-        Some(self.inner.endpoint.net_handle())
+    fn client_thread(&self) -> Option<crate::frontend::ClientThread> {
+        Some(self.inner.endpoint.client_thread())
     }
 }
 

@@ -49,6 +49,7 @@ use super::donor::{DonatedPage, DonorStore, PageRef, PageStatus};
 use super::net_thread::NetThread;
 use super::rpc::{self, RpcRefusal};
 use super::tls::{self, CertError, NodeIdentity};
+use crate::frontend::ClientThread;
 use crate::frontend::conn::{ConnError, FrameReader, encode_frame};
 use crate::metrics::NodeMetrics;
 
@@ -63,6 +64,11 @@ pub const IDLE_TIMEOUT_MS: u64 = 10_000;
 pub const KEEP_ALIVE_INTERVAL_MS: u64 = 2_500;
 /// Default deadline of one RPC, connecting included.
 pub const RPC_DEADLINE_MS: u64 = 5_000;
+/// How long the transport thread polls after a client's request before it
+/// sleeps (see [`crate::poll`]): long enough for a donor's answer on a
+/// local network (60-100 µs on loopback here) and for the client's next
+/// request after an answer.
+pub const POLL_WINDOW_US: u64 = 200;
 /// UDP socket buffers: 4 MiB cut loopback loss sharply under page batches.
 pub const UDP_BUFFER_BYTES: usize = 4 << 20;
 /// Long-lived request streams per session.
@@ -108,6 +114,9 @@ pub struct TransportConfig {
     /// UDP generic segmentation offload. Some virtual NICs and older kernels
     /// drop GSO batches; this turns it off.
     pub segmentation_offload: bool,
+    /// How long the transport thread, which also serves API clients, polls
+    /// after a client's request before it sleeps; zero never polls.
+    pub poll_window: Duration,
 }
 
 impl TransportConfig {
@@ -135,6 +144,7 @@ impl Default for TransportConfig {
             in_flight_requests_max: IN_FLIGHT_REQUESTS_MAX,
             mtu_upper_bound: MTU_UPPER_BOUND_BYTES,
             segmentation_offload: true,
+            poll_window: Duration::from_micros(POLL_WINDOW_US),
         }
     }
 }
@@ -296,7 +306,7 @@ impl Shared {
 #[derive(Clone)]
 pub struct PeerEndpoint {
     /// Kept by every clone; the last one dropped stops the thread.
-    _net: Arc<NetThread>,
+    net_thread: Arc<NetThread>,
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
     seed_client_config: Option<quinn::ClientConfig>,
@@ -363,9 +373,11 @@ impl PeerEndpoint {
                 source,
             }
         })?;
-        let net = NetThread::start(&opts.node).map_err(|source| TransportError::Bind {
-            addr: opts.listen,
-            source,
+        let net = NetThread::start(&opts.node, cfg.poll_window).map_err(|source| {
+            TransportError::Bind {
+                addr: opts.listen,
+                source,
+            }
         })?;
         // What we tell peers we can receive. Path-MTU discovery on their
         // side probes no higher than this, whatever their own upper bound:
@@ -409,7 +421,7 @@ impl PeerEndpoint {
             .net
             .spawn(accept_loop(endpoint.clone(), shared.clone()));
         Ok(PeerEndpoint {
-            _net: Arc::new(net),
+            net_thread: Arc::new(net),
             endpoint,
             client_config,
             seed_client_config,
@@ -531,9 +543,12 @@ impl PeerEndpoint {
         Ok((writer, reader, welcome))
     }
 
-    /// The transport thread's runtime: where peers' answers arrive.
-    pub fn net_handle(&self) -> tokio::runtime::Handle {
-        self.shared.net.clone()
+    /// The transport thread as the place to serve API clients.
+    pub fn client_thread(&self) -> ClientThread {
+        ClientThread {
+            runtime: self.shared.net.clone(),
+            poll: self.net_thread.poll().cloned(),
+        }
     }
 
     pub fn local_addr(&self) -> SocketAddr {

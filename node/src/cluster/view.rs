@@ -74,6 +74,10 @@ static QUIC_CWND: Family = Family::gauge(
     "ramster_transport_congestion_window_bytes",
     "The congestion window on the path to a peer.",
 );
+static TRANSPORT_POLLS: Family = Family::counter(
+    "ramster_transport_polls_total",
+    "Times the transport thread polled its sockets instead of sleeping, after clients' requests (--poll-us).",
+);
 static RELEASE_BACKLOG: Family = Family::gauge(
     "ramster_release_backlog_pages",
     "Donor copies waiting to be released (their donor unreachable).",
@@ -121,6 +125,9 @@ impl ClusterView for ClusterNode {
     }
 
     fn write_metrics(&self, out: &mut MetricsWriter) {
+        if let Some(poll) = self.inner.endpoint.client_thread().poll {
+            out.sample(&TRANSPORT_POLLS, &[], poll.spins());
+        }
         let donor = self.inner.donor.lock();
         let usage = donor.usage(None);
         let (limit, reclaim) = (donor.limit_bytes(), donor.reclaim_bytes());

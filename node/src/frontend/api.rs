@@ -3,8 +3,11 @@
 //! Per connection: a handshake, then requests decoded by one reader and
 //! executed concurrently (at most [`REQUESTS_IN_FLIGHT_MAX`] at a time), with
 //! responses going out through one [`FrameWriter`]. Small requests run in
-//! the reader; one that waits on donors finishes on the transport's thread,
-//! where their answer arrives. A request that cannot be decoded gets an
+//! the reader, larger ones on the runtime's workers. On a cluster node the
+//! readers run on the transport's thread ([`ClientThread`](super::ClientThread)): a small load
+//! reaches the donors, and their answer the client, without waking another
+//! thread, and each request keeps that thread polling for a while instead
+//! of sleeping. A request that cannot be decoded gets an
 //! error response; a broken frame (bad length) gets one and the connection
 //! is closed, since the stream position is lost. Nothing a client sends can
 //! stop the server from serving its other connections.
@@ -25,6 +28,7 @@ use tracing::{debug, info};
 use super::conn::{ConnError, FrameReader, FrameWriter, encode_frame};
 use super::{Frontend, LoadResult, OpError, Reject, StoreResult};
 use crate::metrics::NodeMetrics;
+use crate::poll::PollWindow;
 use crate::store::{PAGE_BYTES, Page, StoreStats};
 
 /// Requests of one connection executing at once.
@@ -44,17 +48,44 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let limit = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let client_thread = frontend.remote().and_then(|r| r.client_thread());
+    let workers = tokio::runtime::Handle::current();
     while let Some(((stream, _), permit)) =
         crate::accept::next(&limit, || listener.accept(), &mut shutdown, "api").await
     {
-        let frontend = frontend.clone();
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            if let Err(e) = serve_connection(stream, frontend, metrics).await {
+        let served = Served {
+            frontend: frontend.clone(),
+            metrics: metrics.clone(),
+            workers: workers.clone(),
+            poll: client_thread.as_ref().and_then(|t| t.poll.clone()),
+        };
+        let serve = |stream| async move {
+            if let Err(e) = serve_connection(stream, served).await {
                 debug!(error = %e, "connection ended");
             }
             drop(permit);
-        });
+        };
+        match &client_thread {
+            None => {
+                tokio::spawn(serve(stream));
+            }
+            Some(thread) => {
+                // The socket moves to the client thread's reactor.
+                let stream = match stream.into_std() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        debug!(error = %e, "connection lost before it was served");
+                        continue;
+                    }
+                };
+                thread.runtime.spawn(async move {
+                    match UnixStream::from_std(stream) {
+                        Ok(stream) => serve(stream).await,
+                        Err(e) => debug!(error = %e, "connection could not be served"),
+                    }
+                });
+            }
+        }
     }
     info!("api server stopped accepting");
 }
@@ -88,21 +119,28 @@ fn error_response(id: u64, code: v1::ErrorCode, message: impl Into<String>) -> v
     }
 }
 
-async fn serve_connection(
-    stream: UnixStream,
+/// What a connection is served with.
+struct Served {
     frontend: Arc<Frontend>,
     metrics: Arc<NodeMetrics>,
-) -> Result<(), ConnError> {
+    /// Where larger requests run: the node runtime's workers.
+    workers: tokio::runtime::Handle,
+    /// The client thread's poll window, if it polls.
+    poll: Option<Arc<PollWindow>>,
+}
+
+/// Serves one connection on the runtime it is polled on: the workers', or
+/// on a cluster node the client thread's.
+async fn serve_connection(stream: UnixStream, served: Served) -> Result<(), ConnError> {
+    let Served {
+        frontend,
+        metrics,
+        workers,
+        poll,
+    } = served;
     let (rd, wr) = stream.into_split();
     let mut reader = FrameReader::new(rd, FRAME_BYTES_MAX);
     let writer = FrameWriter::spawn(wr);
-    // Where small requests that wait on donors finish: the transport's
-    // thread when there is a cluster, so a donor's answer goes out to the
-    // client from the thread it arrived on, without waking this runtime.
-    let answers_on = frontend
-        .remote()
-        .and_then(|r| r.answers_on())
-        .unwrap_or_else(tokio::runtime::Handle::current);
     let send = |resp: v1::Response| {
         let writer = writer.clone();
         async move {
@@ -181,6 +219,13 @@ async fn serve_connection(
             continue;
         }
         let inline = request.ops.len() <= INLINE_OPS_MAX;
+        if inline && let Some(p) = &poll {
+            // A client that sends a page or two at a time waits on each
+            // answer: the donors' answers, and its next request, should
+            // find the thread polling. Larger requests are throughput, not
+            // latency, and keep nobody polling.
+            p.touch();
+        }
         let mut answer = Box::pin(execute(frontend.clone(), metrics.clone(), request));
         if inline {
             // Small requests run right here; one that waits on donors goes
@@ -199,25 +244,30 @@ async fn serve_connection(
             .await
             .expect("never closed");
         let writer = writer.clone();
+        let poll = poll.clone();
         let finish = async move {
             let resp = answer.await;
             let frame = encode_frame(&resp).expect("responses stay under the frame limit");
             if inline {
                 writer.write_now(frame).await;
+                // The client's next request comes soon after its answer.
+                if let Some(p) = poll {
+                    p.touch();
+                }
             } else {
                 writer.send(frame).await;
             }
             drop(permit);
         };
         if inline {
-            // Still running, so it waits on donors: it finishes where their
-            // answer arrives and writes from there (a page or two to check
-            // and decompress).
-            answers_on.spawn(finish);
+            // Still running, so it waits on donors: it finishes here, on
+            // the thread where their answer arrives on a cluster node, and
+            // writes from here (a page or two to check and decompress).
+            tokio::spawn(finish);
         } else {
             // Bigger requests compress and decompress more: the workers'
             // job.
-            tokio::spawn(finish);
+            workers.spawn(finish);
         }
     }
     Ok(())

@@ -120,12 +120,25 @@ pub trait RemotePages: Send + Sync {
     /// home.
     fn bring_home(&self, space: u32, max: usize) -> usize;
 
-    /// The runtime whose thread receives donors' answers. A request that
-    /// waits on donors finishes there, and its connection writes there, so
-    /// the answer goes out on the thread it came in on.
-    fn answers_on(&self) -> Option<tokio::runtime::Handle> {
+    /// The thread that receives donors' answers, where API clients are
+    /// served (see [`ClientThread`]).
+    fn client_thread(&self) -> Option<ClientThread> {
         None
     }
+}
+
+/// Where a cluster node serves its API clients: the transport's thread,
+/// where donors' answers arrive. A client's load that waits on donors then
+/// finishes, and writes its answer, on the thread the answer came in on,
+/// and reaches the donors from the thread that read it, without waking
+/// another thread on the way.
+#[derive(Clone, Debug)]
+pub struct ClientThread {
+    pub runtime: tokio::runtime::Handle,
+    /// Touched by each client request so that the thread polls for the
+    /// donors' answers and the client's next request instead of sleeping;
+    /// `None` if it never polls.
+    pub poll: Option<Arc<crate::poll::PollWindow>>,
 }
 
 /// The contract, on one node: frontswap areas and cleancache pools over one

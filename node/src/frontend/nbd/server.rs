@@ -57,8 +57,6 @@ pub const THREADS_PER_CONNECTION_MAX: usize = 64;
 /// send again (25-40 µs measured here); an idle connection costs one
 /// window of a core after its last request.
 pub const POLL_DEFAULT: Duration = Duration::from_micros(50);
-/// The longest poll window that may be configured.
-pub const POLL_MAX: Duration = Duration::from_millis(1);
 /// Bytes of large requests being carried out at once, over all
 /// connections: what their buffers may take, whatever clients send.
 pub const LARGE_BYTES_MAX: usize = 256 << 20;
@@ -129,7 +127,7 @@ pub struct ServeOptions {
     /// Threads per connection, 1 to [`THREADS_PER_CONNECTION_MAX`].
     pub threads: usize,
     /// How long a connection's reading thread polls before it blocks, up to
-    /// [`POLL_MAX`]; zero blocks at once.
+    /// [`crate::poll::WINDOW_MAX`]; zero blocks at once.
     pub poll: Duration,
 }
 
@@ -157,7 +155,7 @@ pub async fn serve(
         large_bytes: Arc::new(Semaphore::new(LARGE_BYTES_MAX / LARGE_BYTES_MIN)),
         runtime: Handle::current(),
         threads: options.threads.clamp(1, THREADS_PER_CONNECTION_MAX),
-        poll: options.poll.min(POLL_MAX),
+        poll: options.poll.min(crate::poll::WINDOW_MAX),
     });
     let live = Arc::new(LiveConnections::default());
     while let Some(((stream, peer), permit)) =
