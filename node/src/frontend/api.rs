@@ -4,13 +4,14 @@
 //! executed concurrently (at most [`REQUESTS_IN_FLIGHT_MAX`] at a time), with
 //! responses going out through one [`FrameWriter`]. Small requests run in
 //! the reader, larger ones on the runtime's workers. On a cluster node the
-//! readers run on the transport's thread ([`ClientThread`](super::ClientThread)): a small load
-//! reaches the donors, and their answer the client, without waking another
-//! thread, and each request keeps that thread polling for a while instead
-//! of sleeping. A request that cannot be decoded gets an
-//! error response; a broken frame (bad length) gets one and the connection
-//! is closed, since the stream position is lost. Nothing a client sends can
-//! stop the server from serving its other connections.
+//! readers run on the transport's thread
+//! ([`ClientThread`](super::ClientThread)): a small load reaches the
+//! donors, and their answer the client, without waking another thread, and
+//! each small request keeps that thread polling for a while instead of
+//! sleeping. A request that cannot be decoded gets an error response; a
+//! broken frame (bad length) gets one and the connection is closed, since
+//! the stream position is lost. Nothing a client sends can stop the server
+//! from serving its other connections.
 
 use std::future::Future;
 use std::path::Path;
