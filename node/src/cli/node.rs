@@ -226,12 +226,16 @@ pub fn auto_capacity(
     Ok(capacity)
 }
 
+/// A whole number from a flag or the environment.
+fn parse_number<T: FromStr>(s: &str) -> Result<T, String> {
+    s.trim()
+        .parse::<T>()
+        .map_err(|_| format!("{s:?} is not a number"))
+}
+
 /// Threads per NBD connection, from a flag or the environment.
 fn parse_nbd_threads(s: &str) -> Result<usize, String> {
-    s.trim()
-        .parse::<usize>()
-        .map_err(|_| format!("{s:?} is not a number"))
-        .and_then(nbd_threads_in_range)
+    parse_number(s).and_then(nbd_threads_in_range)
 }
 
 fn nbd_threads_in_range(n: usize) -> Result<usize, String> {
@@ -247,10 +251,7 @@ fn nbd_threads_in_range(n: usize) -> Result<usize, String> {
 
 /// A poll window in microseconds, from a flag or the environment.
 fn parse_poll_us(s: &str) -> Result<u64, String> {
-    s.trim()
-        .parse::<u64>()
-        .map_err(|_| format!("{s:?} is not a number"))
-        .and_then(poll_us_in_range)
+    parse_number(s).and_then(poll_us_in_range)
 }
 
 fn poll_us_in_range(us: u64) -> Result<u64, String> {
