@@ -845,7 +845,7 @@ fn write_within(
             format!("the client read no reply for {} s", limit.as_secs()),
         )
     };
-    let deadline = std::time::Instant::now() + limit;
+    let deadline = Instant::now() + limit;
     let mut rest = bytes;
     let mut narrowed = false;
     while !rest.is_empty() {
@@ -866,7 +866,7 @@ fn write_within(
         if rest.is_empty() {
             break;
         }
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(stalled());
         }
