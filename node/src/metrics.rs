@@ -112,6 +112,9 @@ pub struct ClusterCounters {
     pub remote_loads: AtomicU64,
     /// Remote loads that got no good copy (unreachable, bad checksum).
     pub remote_load_errors: AtomicU64,
+    /// Pages a remote load looked up again because their copies had moved
+    /// (home, or to other donors) while it was reading them.
+    pub remote_load_relooks: AtomicU64,
     /// Donor copies released (overwritten, invalidated or brought home).
     pub released_pages: AtomicU64,
     /// Peer RPCs that failed (deadline, connection, refusal).

@@ -108,6 +108,10 @@ static REMOTE_LOAD_ERRORS: Family = Family::counter(
     "ramster_remote_load_errors_total",
     "Remote loads that found no good copy.",
 );
+static REMOTE_LOAD_RELOOKS: Family = Family::counter(
+    "ramster_remote_load_relooks_total",
+    "Pages a remote load looked up again because their copies had moved meanwhile.",
+);
 static RELEASED_PAGES: Family = Family::counter(
     "ramster_released_pages_total",
     "Donor copies released (overwritten, invalidated or brought home).",
@@ -233,6 +237,7 @@ pub(super) static FAMILIES: &[&Family] = &[
     &SUCTIONED_BYTES,
     &REMOTE_LOADS,
     &REMOTE_LOAD_ERRORS,
+    &REMOTE_LOAD_RELOOKS,
     &RELEASED_PAGES,
     &RPC_ERRORS,
     &STORE_THROTTLES,
@@ -333,6 +338,7 @@ fn write_cluster_counters(out: &mut MetricsWriter, metrics: &NodeMetrics) {
         (&SUCTIONED_BYTES, &c.suctioned_bytes),
         (&REMOTE_LOADS, &c.remote_loads),
         (&REMOTE_LOAD_ERRORS, &c.remote_load_errors),
+        (&REMOTE_LOAD_RELOOKS, &c.remote_load_relooks),
         (&RELEASED_PAGES, &c.released_pages),
         (&RPC_ERRORS, &c.rpc_errors),
         (&STORE_THROTTLES, &c.store_throttles),

@@ -217,6 +217,9 @@ async fn reclaim_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
 /// Bounds of the delay after which a remote load asks the next replica.
 const HEDGE_AFTER_MIN: Duration = Duration::from_millis(5);
 const HEDGE_AFTER_MAX: Duration = Duration::from_millis(250);
+/// Times a remote load looks a page up again after its copies were not
+/// where the descriptor said: each look follows one move of the page.
+const RELOOKS_MAX: usize = 4;
 
 fn unavailable(msg: impl Into<String>) -> RpcRefusal {
     RpcRefusal::new(PeerErrorCode::Unavailable, msg)
@@ -1134,6 +1137,11 @@ impl Inner {
     /// `Unavailable` then, not after a deadline per replica. A donor called
     /// down is asked only over a connection that is still up; dialling it
     /// here would spend the deadline on a peer that is most likely gone.
+    ///
+    /// A page none of whose copies was found where its descriptor said is
+    /// looked up again before it is answered `Unavailable`: suction, a
+    /// reclaim, a drain or repair may have moved it (home, or to other
+    /// donors) and released the copies the load was reading from.
     pub(super) async fn fetch_many(
         &self,
         refs: &[RemoteRef],
@@ -1141,6 +1149,71 @@ impl Inner {
     ) -> Vec<LoadResult> {
         let started = Instant::now();
         let deadline = tokio::time::Instant::from_std(started) + self.endpoint.rpc_deadline();
+        let mut results = self.fetch_from_replicas(refs, outs, deadline).await;
+        let mut current: Vec<RemoteRef> = refs.to_vec();
+        for _ in 0..RELOOKS_MAX {
+            // Pages that moved since their descriptor was read: fetched
+            // again where the index says they are now.
+            let mut moved: Vec<usize> = Vec::new();
+            let mut changed = 0;
+            for (i, result) in results.iter_mut().enumerate() {
+                if *result == LoadResult::Hit {
+                    continue;
+                }
+                let now = match self.store.load(current[i].key, outs[i]) {
+                    store::LoadOutcome::Remote(now) if now == current[i] => continue,
+                    store::LoadOutcome::Remote(now) => {
+                        current[i] = now;
+                        moved.push(i);
+                        continue;
+                    }
+                    store::LoadOutcome::Hit => LoadResult::Hit,
+                    // Invalidated (or stored again and refused) meanwhile.
+                    store::LoadOutcome::Miss => LoadResult::NotFound,
+                    store::LoadOutcome::Corrupt => LoadResult::Corrupt,
+                };
+                *result = now;
+                changed += 1;
+            }
+            ClusterCounters::add(
+                &self.metrics.cluster.remote_load_relooks,
+                (changed + moved.len()) as u64,
+            );
+            if moved.is_empty() || tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            let again: Vec<RemoteRef> = moved.iter().map(|&i| current[i]).collect();
+            let mut targets: Vec<&mut Page> = outs
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| moved.binary_search(i).is_ok())
+                .map(|(_, out)| &mut **out)
+                .collect();
+            let fetched = self
+                .fetch_from_replicas(&again, &mut targets, deadline)
+                .await;
+            for (&i, r) in moved.iter().zip(fetched) {
+                results[i] = r;
+            }
+        }
+        let c = &self.metrics.cluster;
+        let hits = results.iter().filter(|r| **r == LoadResult::Hit).count() as u64;
+        ClusterCounters::add(&c.remote_loads, hits);
+        ClusterCounters::add(&c.remote_load_errors, refs.len() as u64 - hits);
+        let elapsed = started.elapsed();
+        for _ in refs {
+            self.metrics.remote_load_latency.observe(elapsed);
+        }
+        results
+    }
+
+    /// One fetch of `refs` from the replicas they name, within `deadline`.
+    async fn fetch_from_replicas(
+        &self,
+        refs: &[RemoteRef],
+        outs: &mut [&mut Page],
+        deadline: tokio::time::Instant,
+    ) -> Vec<LoadResult> {
         let (mut orders, down): (Vec<Vec<NodeId>>, HashSet<NodeId>) = {
             let now = Instant::now();
             let config = self.membership().config();
@@ -1290,14 +1363,6 @@ impl Inner {
                     self.install_if_room(&refs[i], &page);
                 }
             }
-        }
-        let c = &self.metrics.cluster;
-        let hits = results.iter().filter(|r| **r == LoadResult::Hit).count() as u64;
-        ClusterCounters::add(&c.remote_loads, hits);
-        ClusterCounters::add(&c.remote_load_errors, refs.len() as u64 - hits);
-        let elapsed = started.elapsed();
-        for _ in refs {
-            self.metrics.remote_load_latency.observe(elapsed);
         }
         results
     }
