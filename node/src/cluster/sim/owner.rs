@@ -46,6 +46,8 @@ const REPAIR_CHUNK_PAGES: usize = 8;
 const REPAIR_CHUNKS_IN_FLIGHT: usize = 3;
 /// How long a remote load waits on a replica before it asks the next one.
 const HEDGE_AFTER_MS: u64 = 20;
+/// As the node's fetch: looks a page up again after each move.
+const RELOOKS_MAX: usize = 4;
 
 type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
 
@@ -743,10 +745,39 @@ async fn bring_home(sim: &SimRef, me: usize, refs: &[RemoteRef]) -> (u64, u64) {
     (homed, homed_bytes)
 }
 
-/// `Inner::fetch_many` for one page: replicas that are up first, the next
-/// one asked after the hedge delay, each copy checked. The page, or `None`
-/// (unavailable).
-async fn fetch(sim: &SimRef, me: usize, r: &RemoteRef) -> Option<Box<Page>> {
+/// What a simulated remote load answered.
+enum Fetched {
+    Page(Box<Page>),
+    /// No good copy reached; the descriptor it last tried.
+    Unavailable(RemoteRef),
+    /// Invalidated while it was being loaded.
+    Gone,
+}
+
+/// `Inner::fetch_many` for one page: the replicas the descriptor names,
+/// then, if none had it, the page looked up again where the index says it
+/// is now (home, or other donors), at most `RELOOKS_MAX` times.
+async fn fetch(sim: &SimRef, me: usize, r: &RemoteRef) -> Fetched {
+    let mut r = *r;
+    for _ in 0..=RELOOKS_MAX {
+        if let Some(page) = fetch_from_replicas(sim, me, &r).await {
+            return Fetched::Page(page);
+        }
+        let mut out = Box::new([0u8; PAGE_BYTES]);
+        match with(sim, |w| owner(w, me).store.load(r.key, &mut out)) {
+            LoadOutcome::Remote(now) if now != r => r = now,
+            LoadOutcome::Hit => return Fetched::Page(out),
+            LoadOutcome::Miss => return Fetched::Gone,
+            LoadOutcome::Remote(_) | LoadOutcome::Corrupt => break,
+        }
+    }
+    Fetched::Unavailable(r)
+}
+
+/// One page from the replicas `r` names: those that are up first, the
+/// next one asked after the hedge delay, each copy checked. The page, or
+/// `None`.
+async fn fetch_from_replicas(sim: &SimRef, me: usize, r: &RemoteRef) -> Option<Box<Page>> {
     let order = with(sim, |w| {
         let o = owner(w, me);
         let now = w.instant();
@@ -836,13 +867,47 @@ pub async fn client(sim: SimRef, me: usize, keys: u64) {
             let expected = w.oracle.expected(me, index);
             match (got, expected) {
                 // As the front end does: the page is dropped, a miss.
-                (None, _) if r.retention.droppable() => {
+                (Fetched::Unavailable(_), _) if r.retention.droppable() => {
                     owner(w, me).store.drop_unreachable(&r);
                     w.stats.dropped_loads += 1;
                 }
-                (None, _) => w.stats.unavailable_loads += 1,
-                (Some(p), Some(e)) if xxh3_64(&p[..]) == e.checksum => {}
-                (Some(_), _) => fail(
+                (Fetched::Unavailable(last), _) => {
+                    w.stats.unavailable_loads += 1;
+                    // Unreachable copies excuse it; a page that is home or
+                    // listed elsewhere than where the load last looked
+                    // was safe.
+                    let now = owner(w, me).store.peek(key(index));
+                    if let Some((_, where_now)) = now
+                        && where_now != Some(last)
+                    {
+                        fail(
+                            w,
+                            format!(
+                                "a load of {}'s page {index} answered unavailable; the page is {}",
+                                w.nodes[me].name,
+                                if where_now.is_none() {
+                                    "at home"
+                                } else {
+                                    "on other donors"
+                                }
+                            ),
+                        );
+                    }
+                }
+                (Fetched::Gone, None) => {}
+                // Dropped while it was loaded (its copy was lost, or a
+                // donor wanted the memory back): a miss, the client's own
+                // copy serves.
+                (Fetched::Gone, Some(_)) if r.retention.droppable() => {}
+                (Fetched::Gone, Some(_)) => fail(
+                    w,
+                    format!(
+                        "a load of {}'s page {index} found it gone while it was never invalidated",
+                        w.nodes[me].name
+                    ),
+                ),
+                (Fetched::Page(p), Some(e)) if xxh3_64(&p[..]) == e.checksum => {}
+                (Fetched::Page(_), _) => fail(
                     w,
                     format!(
                         "stale read: a remote load of {}'s page {index} returned other bytes than the latest stored",
