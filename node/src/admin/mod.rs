@@ -238,6 +238,8 @@ impl AdminContext {
             own_pages_on_peers: s.remote_pages,
             own_bytes_on_peers: s.remote_bytes,
             stored_pages: s.pages,
+            degraded_pages: 0,
+            unrecoverable_pages: 0,
             compression_ratio: s.compression_ratio(),
             rtt_us: None,
             last_seen_ms: None,

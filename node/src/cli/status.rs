@@ -183,6 +183,16 @@ pub fn table(s: &ClusterStatus) -> String {
             format_size(s.remote_bytes)
         ),
     );
+    let degraded: u64 = s.nodes.iter().map(|n| n.degraded_pages).sum();
+    let unrecoverable: u64 = s.nodes.iter().map(|n| n.unrecoverable_pages).sum();
+    field(
+        &mut out,
+        "copies",
+        &format!(
+            "{} pages short of copies, {unrecoverable} with none left",
+            degraded.saturating_sub(unrecoverable)
+        ),
+    );
     out.push('\n');
     let header = [
         "NAME",
@@ -298,6 +308,8 @@ mod tests {
             own_pages_on_peers: 0,
             own_bytes_on_peers: 0,
             stored_pages: 100,
+            degraded_pages: 0,
+            unrecoverable_pages: 0,
             compression_ratio: 2.345,
             rtt_us: None,
             last_seen_ms: None,
@@ -339,9 +351,13 @@ mod tests {
             lines[5].starts_with("memory  capacity 8.0 GiB, used 2.0 GiB"),
             "{t}"
         );
-        let header = lines[7];
+        assert_eq!(
+            lines[6],
+            "copies  0 pages short of copies, 0 with none left"
+        );
+        let header = lines[8];
         assert!(header.starts_with("NAME      ADDRESS        ROLE"), "{t}");
-        let row = lines[9];
+        let row = lines[10];
         for cell in [
             "memory-1",
             "memory-server",
@@ -356,9 +372,9 @@ mod tests {
         }
         // Columns line up: RAFT starts at the same place in every line.
         let at = header.find("RAFT").unwrap();
-        assert_eq!(&lines[8][at..at + 6], "leader");
+        assert_eq!(&lines[9][at..at + 6], "leader");
         assert_eq!(&row[at..at + 8], "follower");
-        assert!(lines[8].contains(" - "), "no RTT for itself: {t}");
+        assert!(lines[9].contains(" - "), "no RTT for itself: {t}");
     }
 
     #[test]

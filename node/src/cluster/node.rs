@@ -830,6 +830,9 @@ impl Inner {
             hb.used_bytes = st.used_bytes;
         }
         hb.stored_pages = st.pages;
+        let c = &self.metrics.cluster;
+        hb.degraded_pages = c.degraded_pages.load(Ordering::Relaxed);
+        hb.unrecoverable_pages = c.unrecoverable_pages.load(Ordering::Relaxed);
         hb.remote_pages = st.remote_pages;
         hb.remote_bytes = st.remote_bytes;
         hb.compression_ratio = compression_ratio(&st);
@@ -1470,6 +1473,8 @@ impl Inner {
                     own_pages_on_peers: g(|h| h.remote_pages),
                     own_bytes_on_peers: g(|h| h.remote_bytes),
                     stored_pages: g(|h| h.stored_pages),
+                    degraded_pages: g(|h| h.degraded_pages),
+                    unrecoverable_pages: g(|h| h.unrecoverable_pages),
                     compression_ratio: hb.map_or(0.0, |h| h.compression_ratio),
                     rtt_us: if me {
                         None
@@ -1505,6 +1510,8 @@ impl Inner {
                 own_pages_on_peers: own.remote_pages,
                 own_bytes_on_peers: own.remote_bytes,
                 stored_pages: own.stored_pages,
+                degraded_pages: own.degraded_pages,
+                unrecoverable_pages: own.unrecoverable_pages,
                 compression_ratio: own.compression_ratio,
                 rtt_us: None,
                 last_seen_ms: None,

@@ -46,6 +46,14 @@ pub struct NodeStatus {
     pub own_bytes_on_peers: u64,
     /// Pages the node's store holds (local and remote).
     pub stored_pages: u64,
+    /// The node's own pages on donors with fewer copies than wanted,
+    /// those with no copy left included.
+    #[serde(default)]
+    pub degraded_pages: u64,
+    /// The node's own pages with no copy left anywhere: loads of them
+    /// answer `unavailable`.
+    #[serde(default)]
+    pub unrecoverable_pages: u64,
     /// Uncompressed bytes over the bytes used for them; 0 when empty.
     pub compression_ratio: f64,
     /// Round trip from the answering node; `None` for itself or unknown.
@@ -164,9 +172,10 @@ impl ClusterStatus {
     ///
     /// HEALTH_ERR: no leader known in a cluster of more than one node, fewer
     /// than a majority of nodes up (suspect ones count as up here), any
-    /// node down. HEALTH_WARN: a node
+    /// node down, any page with no copy left. HEALTH_WARN: a node
     /// suspect, a node at least [`FULL_WARN_PERMILLE`] full, a member
-    /// draining. Reasons list errors first, one human line each.
+    /// draining, any page with fewer copies than wanted (redundancy lost,
+    /// repair running). Reasons list errors first, one human line each.
     pub fn assess(&mut self) {
         let nodes = &self.nodes;
         self.nodes_total = nodes.len();
@@ -220,6 +229,19 @@ impl ClusterStatus {
                     u128::from(n.used_bytes) * 100 / u128::from(n.capacity_bytes)
                 ));
             }
+            if n.unrecoverable_pages > 0 {
+                errors.push(format!(
+                    "node {} has {} pages whose every copy is lost",
+                    n.name, n.unrecoverable_pages
+                ));
+            }
+            let short = n.degraded_pages.saturating_sub(n.unrecoverable_pages);
+            if short > 0 {
+                warnings.push(format!(
+                    "node {} has {short} pages with fewer copies than wanted (being repaired)",
+                    n.name
+                ));
+            }
             if n.member_state == MemberState::Draining {
                 warnings.push(if n.held_for_others_pages == 0 {
                     format!(
@@ -268,6 +290,8 @@ mod tests {
             own_pages_on_peers: 2,
             own_bytes_on_peers: 20,
             stored_pages: 10,
+            degraded_pages: 0,
+            unrecoverable_pages: 0,
             compression_ratio: 2.0,
             rtt_us: Some(300),
             last_seen_ms: Some(200),
@@ -369,6 +393,31 @@ mod tests {
             [
                 "node e is down (last seen 0.2 s ago)",
                 "node b is suspect (last seen 2.1 s ago)",
+            ]
+        );
+    }
+
+    #[test]
+    fn pages_short_of_copies_warn_and_pages_without_one_are_an_error() {
+        let mut degraded = node("a");
+        degraded.degraded_pages = 7;
+        let s = cluster(vec![degraded.clone(), node("b")]);
+        assert_eq!(s.health.status, HealthLevel::Warn);
+        assert_eq!(
+            s.health.reasons,
+            ["node a has 7 pages with fewer copies than wanted (being repaired)"]
+        );
+
+        // Two of the seven have no copy left: those are lost, the other
+        // five are still being repaired.
+        degraded.unrecoverable_pages = 2;
+        let s = cluster(vec![degraded, node("b")]);
+        assert_eq!(s.health.status, HealthLevel::Err);
+        assert_eq!(
+            s.health.reasons,
+            [
+                "node a has 2 pages whose every copy is lost",
+                "node a has 5 pages with fewer copies than wanted (being repaired)",
             ]
         );
     }
