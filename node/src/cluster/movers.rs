@@ -42,11 +42,12 @@ pub const RELEASE_BACKLOG_MAX: usize = 1 << 20;
 pub(super) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     let mut pressure = Pressure::default();
     let mut pace = SuctionPace::default();
-    // Set when remotify ended its round with pages still to ship: the next
-    // round starts at once instead of a tick later.
-    let mut more_to_ship = false;
+    // Set when remotify or repair ended its round (cut short by time) with
+    // pages still to move: the next round starts at once instead of a tick
+    // later.
+    let mut more_to_move = false;
     loop {
-        if more_to_ship {
+        if more_to_move {
             if *stop.borrow() {
                 return;
             }
@@ -57,9 +58,9 @@ pub(super) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
                 _ = stop.changed() => return,
             }
         }
-        more_to_ship = false;
+        more_to_move = false;
         release(&inner).await;
-        super::repair::repair(&inner).await;
+        let more_to_repair = super::repair::repair(&inner).await;
         super::repair::reclaim(&inner).await;
         let st = inner.store.stats();
         forget(&inner, st.remote_pages).await;
@@ -70,11 +71,12 @@ pub(super) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             st.remote_bytes,
         ) {
             Movement::Remotify { bytes } => {
-                more_to_ship = remotify(&inner, &mut pressure, bytes).await;
+                more_to_move = remotify(&inner, &mut pressure, bytes).await;
             }
             Movement::Suction { bytes } => suction(&inner, bytes, &mut pace).await,
             Movement::Idle => {}
         }
+        more_to_move |= more_to_repair;
     }
 }
 
@@ -522,17 +524,27 @@ pub(super) async fn release(inner: &Arc<Inner>) {
                     version: r.version,
                 })
                 .collect();
-            let ok = match &session {
-                Some(s) => s.release_pages(&refs, placement).await.is_ok(),
-                None => false,
+            // Per page: whether the donor took the release. One it refused
+            // (no room for the tombstone that must outlive a late put) is
+            // sent again, like one that never arrived.
+            let taken: Vec<bool> = match &session {
+                Some(s) => match s.release_pages(&refs, placement).await {
+                    Ok(statuses) => statuses.iter().map(|s| *s == PageStatus::Ok).collect(),
+                    Err(_) => vec![false; refs.len()],
+                },
+                None => vec![false; refs.len()],
             };
-            if ok {
-                ClusterCounters::add(&inner.metrics.cluster.released_pages, refs.len() as u64);
-            } else if let Some(one) = Replicas::new(&[donor]) {
-                retry.extend(chunk.iter().map(|r| Released {
-                    replicas: one,
-                    ..**r
-                }));
+            let released = taken.iter().filter(|t| **t).count();
+            ClusterCounters::add(&inner.metrics.cluster.released_pages, released as u64);
+            if released < refs.len()
+                && let Some(one) = Replicas::new(&[donor])
+            {
+                retry.extend(chunk.iter().zip(&taken).filter(|(_, taken)| !**taken).map(
+                    |(r, _)| Released {
+                        replicas: one,
+                        ..**r
+                    },
+                ));
             }
         }
     }

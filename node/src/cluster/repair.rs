@@ -36,6 +36,11 @@ pub const REPAIR_CHUNK_PAGES: usize = 256;
 /// Chunks repaired at once: copies flow from several survivors to several
 /// donors at the same time.
 pub const REPAIR_CHUNKS_IN_FLIGHT: usize = 8;
+/// How long one repair pass keeps starting batches before the movers'
+/// other chores (releases, remotify, suction) get their turn: a donor that
+/// held gigabytes takes many passes, and meanwhile the store still sheds
+/// and takes back pages.
+pub const REPAIR_SLICE_MAX: std::time::Duration = std::time::Duration::from_millis(500);
 /// Most stale refusals remembered in one episode.
 const REFUSED_MAX: usize = 4096;
 
@@ -367,8 +372,10 @@ pub fn settle_page(
     }
 }
 
-/// One repair pass, run by the movers every tick.
-pub(super) async fn repair(inner: &Arc<Inner>) {
+/// One repair pass, run by the movers every tick, for at most
+/// [`REPAIR_SLICE_MAX`] of batches.
+/// `true` when the slice ran out with pages still to repair.
+pub(super) async fn repair(inner: &Arc<Inner>) -> bool {
     inner.strike_restarted();
     let mut lost = inner.lost_donors();
     lost.sort_unstable();
@@ -379,11 +386,11 @@ pub(super) async fn repair(inner: &Arc<Inner>) {
             c.degraded_pages.store(0, Ordering::Relaxed);
             c.unrecoverable_pages
                 .store(inner.store.lost_pages(), Ordering::Relaxed);
-            return;
+            return false;
         }
         PassStart::Settled => {
             inner.forget_lost_copies(&lost);
-            return;
+            return false;
         }
         PassStart::Walk => {}
     }
@@ -393,7 +400,12 @@ pub(super) async fn repair(inner: &Arc<Inner>) {
     if dropped > 0 {
         info!(lost = ?lost, dropped, "writethrough pages with a lost copy dropped");
     }
+    let started = Instant::now();
     loop {
+        if started.elapsed() >= REPAIR_SLICE_MAX {
+            // The rest in the next pass: the episode and its counts carry on.
+            return true;
+        }
         let (refs, degraded, unrecoverable) = inner.store.remote_on(
             &lost,
             &inner.draining_donors(),
@@ -412,7 +424,7 @@ pub(super) async fn repair(inner: &Arc<Inner>) {
                 info!(lost = ?lost, secs, unrecoverable, "replicas repaired");
             }
             inner.forget_lost_copies(&lost);
-            return;
+            return false;
         }
         inner.repair.lock().degraded_at(Instant::now());
         let mut stalled = Stalled::default();
@@ -424,7 +436,7 @@ pub(super) async fn repair(inner: &Arc<Inner>) {
             if inner.repair.lock().stall_report_due() {
                 warn!(lost = ?lost, degraded, ?stalled, "repair made no progress");
             }
-            return;
+            return false;
         }
     }
 }
