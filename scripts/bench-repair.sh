@@ -60,7 +60,9 @@ i=0
 for name in "${names[@]}"; do
     "$ramster" cert create-node "$name" --certs-dir "$out/ca" >/dev/null
     extra=(--capacity "$donor_capacity" --role memory-server)
-    [[ "$name" == owner ]] && extra=(--capacity "$capacity")
+    # The owner repairs as soon as the donor is down (OUT_AFTER=0): the
+    # figure is the repair's, not the grace's.
+    [[ "$name" == owner ]] && extra=(--capacity "$capacity" --out-after "${OUT_AFTER:-0}")
     RUST_LOG=info "$ramster" node --name "$name" --data-dir "$out/$name" \
         --certs-dir "$out/ca/$name" --listen "127.0.0.1:$((base + i))" --join "$seeds" \
         --admin-listen "127.0.0.1:$((base + 10 + i))" "${extra[@]}" \

@@ -417,12 +417,14 @@ pub fn small_and_two_donors<'a>(capacity: &'a str, extra: &'a [&'a str]) -> [Mem
 
 /// An owner with a small store and room for few pages, a memory server and
 /// two peers that donate: most of the owner's pages go to the memory
-/// server, their second copies to the peers.
+/// server, their second copies to the peers. The owner repairs as soon as
+/// a donor is down (`--out-after 0`): the tests that use it are about
+/// what repair does, not about how long it waits.
 pub const OWNER_MEMSRV_TWO_PEERS: [MemberSpec<'static>; 4] = [
     MemberSpec {
         name: "owner",
         capacity: "32MiB",
-        extra: &["--replicas", "2"],
+        extra: &["--replicas", "2", "--out-after", "0"],
     },
     MemberSpec {
         name: "memsrv",

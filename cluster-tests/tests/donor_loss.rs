@@ -7,8 +7,10 @@
 //! and a page whose copies move (home, or to another donor) while it is
 //! being loaded is still found.
 //!
-//! `RAMSTER_DONOR_LOSS_ROUNDS=N` (default 4) sets the number of faults (kills and freezes, alternately) and
-//! `RAMSTER_DONOR_LOSS_SEED=N` the schedule (printed; `random` draws one).
+//! `RAMSTER_DONOR_LOSS_ROUNDS=N` (default 4) sets the number of faults
+//! (kills and freezes, alternately), `RAMSTER_DONOR_LOSS_SEED=N` the
+//! schedule (printed; `random` draws one) and `RAMSTER_DONOR_LOSS_OUT_AFTER=S`
+//! (default 0) the owner's `--out-after`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -255,11 +257,14 @@ fn no_accepted_page_is_lost_or_unavailable_when_one_donor_dies_under_traffic() {
         .unwrap_or(4);
     eprintln!("donor loss: seed {seed}, {rounds} rounds (RAMSTER_DONOR_LOSS_SEED={seed} replays)");
     let mut rng = Rng(seed);
+    // Repair as soon as a donor is down by default: this test is about
+    // repair under traffic, not the wait before it.
+    let out_after = std::env::var("RAMSTER_DONOR_LOSS_OUT_AFTER").unwrap_or_else(|_| "0".into());
     let mut cluster = TestCluster::start(&[
         MemberSpec {
             name: "owner",
             capacity: "16MiB",
-            extra: &["--replicas", "2"],
+            extra: &["--replicas", "2", "--out-after", &out_after],
         },
         MemberSpec {
             name: "donor1",
@@ -408,5 +413,9 @@ fn no_accepted_page_is_lost_or_unavailable_when_one_donor_dies_under_traffic() {
         m("ramster_suctioned_pages_total"),
         m("ramster_repaired_pages_total"),
         m("ramster_remote_load_relooks_total"),
+    );
+    eprintln!(
+        "donor loss seed {seed}: released {} copies",
+        m("ramster_released_pages_total")
     );
 }

@@ -130,6 +130,10 @@ pub struct NodeArgs {
     /// Donors holding each remotified page (1..=3).
     #[arg(long, env = "RAMSTER_REPLICAS")]
     pub replicas: Option<usize>,
+    /// Seconds a donor stays down before its copies are re-created on
+    /// other donors; one back within them keeps its copies [default: 10].
+    #[arg(long, env = "RAMSTER_OUT_AFTER", value_parser = parse_out_after)]
+    pub out_after: Option<u64>,
     /// Remotify starts above this fraction of capacity and stops at the
     /// second: START,STOP [default: 0.85,0.75].
     #[arg(long, env = "RAMSTER_REMOTIFY_WATERMARKS", value_parser = parse_pair)]
@@ -250,6 +254,23 @@ fn nbd_threads_in_range(n: usize) -> Result<usize, String> {
 }
 
 /// A poll window in microseconds, from a flag or the environment.
+/// The longest out-after: a day. Past it, a lost donor would leave pages
+/// with one copy for longer than anyone would want.
+const OUT_AFTER_SECS_MAX: u64 = 86_400;
+
+fn parse_out_after(s: &str) -> Result<u64, String> {
+    parse_number(s).and_then(out_after_in_range)
+}
+
+fn out_after_in_range(secs: u64) -> Result<u64, String> {
+    if secs > OUT_AFTER_SECS_MAX {
+        return Err(format!(
+            "{secs} seconds: at most {OUT_AFTER_SECS_MAX} (0 repairs as soon as a donor is down)"
+        ));
+    }
+    Ok(secs)
+}
+
 fn parse_poll_us(s: &str) -> Result<u64, String> {
     parse_number(s).and_then(poll_us_in_range)
 }
@@ -313,6 +334,7 @@ struct ConfigFile {
     donate: Option<SizeValue>,
     zone: Option<String>,
     replicas: Option<usize>,
+    out_after: Option<u64>,
     remotify_watermarks: Option<[f64; 2]>,
     suction_watermarks: Option<[f64; 2]>,
     max_udp_payload: Option<u16>,
@@ -343,6 +365,7 @@ pub struct ClusterArgs {
     pub zone: Option<String>,
     pub replicas: usize,
     pub watermarks: Watermarks,
+    pub liveness: LivenessTimings,
     pub transport: TransportConfig,
 }
 
@@ -431,6 +454,14 @@ impl NodeArgs {
             },
             zone: self.zone.or(file.zone),
             replicas: self.replicas.or(file.replicas),
+            out_after: match (self.out_after, file.out_after) {
+                (Some(s), _) => Some(s),
+                (None, Some(s)) => Some(
+                    out_after_in_range(s)
+                        .map_err(|e| anyhow::anyhow!("config `out-after`: {e}"))?,
+                ),
+                (None, None) => None,
+            },
             remotify: self
                 .remotify_watermarks
                 .or(file.remotify_watermarks.map(|[a, b]| (a, b))),
@@ -545,6 +576,7 @@ struct ClusterSources {
     donate: Option<u64>,
     zone: Option<String>,
     replicas: Option<usize>,
+    out_after: Option<u64>,
     remotify: Option<(f64, f64)>,
     suction: Option<(f64, f64)>,
     max_udp_payload: Option<u16>,
@@ -604,6 +636,10 @@ fn cluster_args(
             crate::store::REPLICAS_MAX
         );
     }
+    let mut liveness = LivenessTimings::default();
+    if let Some(secs) = c.out_after {
+        liveness.out_after = Duration::from_secs(secs);
+    }
     let d = Watermarks::default();
     let (remotify_start, remotify_stop) = c.remotify.unwrap_or((d.remotify_start, d.remotify_stop));
     let (suction_start, suction_stop) = c.suction.unwrap_or((d.suction_start, d.suction_stop));
@@ -640,6 +676,7 @@ fn cluster_args(
         zone: c.zone,
         replicas,
         watermarks,
+        liveness,
         transport,
     }))
 }
@@ -772,7 +809,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
                         zone: c.zone.clone(),
                         replicas: c.replicas,
                         watermarks: c.watermarks,
-                        liveness: LivenessTimings::default(),
+                        liveness: c.liveness,
                         transport: c.transport.clone(),
                     },
                     store.clone(),
@@ -1045,6 +1082,48 @@ admin-listen = "0.0.0.0:9100"
             window(&["--config", cfg, "--poll-us", "50"]),
             Duration::from_micros(50)
         );
+    }
+
+    #[test]
+    fn out_after_comes_from_the_flag_or_the_file_within_a_day() {
+        let out_after = |extra: &[&str]| {
+            let mut a = vec![
+                "--name",
+                "n",
+                "--data-dir",
+                "/x",
+                "--capacity",
+                "1GiB",
+                "--join",
+                "127.0.0.1:7800",
+            ];
+            a.extend(extra);
+            args(&a)
+                .settings()
+                .map(|s| s.cluster.unwrap().liveness.out_after)
+        };
+        assert_eq!(
+            out_after(&[]).unwrap(),
+            Duration::from_millis(crate::cluster::liveness::OUT_AFTER_MS)
+        );
+        assert_eq!(out_after(&["--out-after", "0"]).unwrap(), Duration::ZERO);
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("node.toml");
+        std::fs::write(&cfg, "out-after = 60\n").unwrap();
+        let cfg = cfg.to_str().unwrap();
+        assert_eq!(
+            out_after(&["--config", cfg]).unwrap(),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            out_after(&["--config", cfg, "--out-after", "5"]).unwrap(),
+            Duration::from_secs(5)
+        );
+        assert!(Cmd::try_parse_from(["node", "--out-after", "86401"]).is_err());
+        std::fs::write(dir.path().join("bad.toml"), "out-after = 100000\n").unwrap();
+        let bad = dir.path().join("bad.toml");
+        let e = out_after(&["--config", bad.to_str().unwrap()]).unwrap_err();
+        assert!(e.to_string().contains("out-after"), "{e}");
     }
 
     #[test]

@@ -1,6 +1,11 @@
 //! Who is alive, by heartbeats: a node heard from within `suspect_after`
 //! is up; within `down_after`, suspect (not chosen for new pages, still
 //! asked for the ones it holds); silent longer, or never heard from, down.
+//! A donor down for `out_after` is *out*: only then do owners re-create
+//! the copies it holds elsewhere (Ceph's down and out). A pause, a stall
+//! or a short partition costs no repair and no release of every copy it
+//! held once it is back; a donor back with a new incarnation came back
+//! empty and is repaired around at once, out or not.
 //! Sans-IO: times are passed in, so tests drive a clock by hand.
 
 use std::time::{Duration, Instant};
@@ -16,12 +21,19 @@ pub const HEARTBEAT_INTERVAL_MS: u64 = 500;
 pub const SUSPECT_AFTER_MS: u64 = 1_500;
 /// Silence after which a peer is down.
 pub const DOWN_AFTER_MS: u64 = 3_000;
+/// Silence after which a donor is out and its copies are repaired: long
+/// enough for a stall or a blip to pass without re-creating (and then
+/// releasing) everything the donor held, short next to the time a second
+/// failure takes to come (see docs on `--out-after`).
+pub const OUT_AFTER_MS: u64 = 10_000;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct LivenessTimings {
     pub heartbeat_interval: Duration,
     pub suspect_after: Duration,
     pub down_after: Duration,
+    /// Down for this long: out (repaired around). Never below `down_after`.
+    pub out_after: Duration,
 }
 
 impl Default for LivenessTimings {
@@ -30,6 +42,7 @@ impl Default for LivenessTimings {
             heartbeat_interval: Duration::from_millis(HEARTBEAT_INTERVAL_MS),
             suspect_after: Duration::from_millis(SUSPECT_AFTER_MS),
             down_after: Duration::from_millis(DOWN_AFTER_MS),
+            out_after: Duration::from_millis(OUT_AFTER_MS),
         }
     }
 }
@@ -102,6 +115,15 @@ impl PeerTable {
         }
     }
 
+    /// Whether `peer` has been silent (or unheard of) long enough to be
+    /// out: down, and for at least `out_after`.
+    pub fn is_out(&self, peer: &str, now: Instant) -> bool {
+        let out_after = self.timings.out_after.max(self.timings.down_after);
+        self.peers
+            .get(peer)
+            .is_none_or(|r| now.saturating_duration_since(r.last_seen) >= out_after)
+    }
+
     /// Forgets peers that are no longer members.
     pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
         self.peers.retain(|name, _| keep(name));
@@ -146,5 +168,28 @@ mod tests {
         );
         t.retain(|n| n != "b");
         assert_eq!(t.state("b", t1), Liveness::Down);
+    }
+
+    #[test]
+    fn a_donor_is_out_only_once_down_for_out_after() {
+        let timings = LivenessTimings::default();
+        let mut t = PeerTable::new(timings);
+        let t0 = Instant::now();
+        assert!(t.is_out("b", t0), "never heard from");
+        t.record("b", t0, Heartbeat::default(), None);
+        let down = t0 + timings.down_after;
+        assert_eq!(t.state("b", down), Liveness::Down);
+        assert!(!t.is_out("b", down), "down, not out yet");
+        assert!(!t.is_out("b", t0 + timings.out_after - Duration::from_millis(1)));
+        assert!(t.is_out("b", t0 + timings.out_after));
+
+        // Out-after below down-after: out when down, never before.
+        let mut eager = PeerTable::new(LivenessTimings {
+            out_after: Duration::ZERO,
+            ..timings
+        });
+        eager.record("b", t0, Heartbeat::default(), None);
+        assert!(!eager.is_out("b", t0 + timings.suspect_after));
+        assert!(eager.is_out("b", down));
     }
 }

@@ -999,7 +999,8 @@ impl Inner {
         };
         let peers = self.peers.lock();
         repair::DonorSight::Member {
-            down: peers.state(&n.name, Instant::now()) == Liveness::Down,
+            // Repair waits for out, not down: see `liveness`.
+            down: peers.is_out(&n.name, Instant::now()),
             incarnation: peers.get(&n.name).map_or(0, |r| r.heartbeat.incarnation),
             draining: n.state == MemberState::Draining,
         }
