@@ -3,7 +3,8 @@
 //! - `init_area` (re)creates an area empty; stores are accepted again.
 //! - `store` may be refused for any reason; an accepted page loads back
 //!   byte-identical until invalidated. A refused duplicate store drops the
-//!   old copy: a load never returns stale data.
+//!   old copy, and so does one that fails (a page of the wrong size): a
+//!   load never returns stale data.
 //! - `invalidate_area` drops everything and refuses stores until the next
 //!   `init_area`.
 //! - `shrink` hands pages back until at most a target remains.
@@ -149,7 +150,19 @@ impl Frontend {
         offset: u64,
         page: &[u8],
     ) -> Result<StoreResult, OpError> {
-        let page = as_page(page)?;
+        let page = match as_page(page) {
+            Ok(page) => page,
+            Err(e) => {
+                // A store that fails drops the offset's old page, as a
+                // refused one does: a later load must miss, never return
+                // the bytes this store was meant to replace.
+                let _ = self.with_area(area, |a| {
+                    let _mode = a.mode.read();
+                    self.store.invalidate(key(area, offset));
+                });
+                return Err(e);
+            }
+        };
         self.with_area(area, |a| {
             let mode = a.mode.read();
             let result = match *mode {

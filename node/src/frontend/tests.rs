@@ -339,3 +339,22 @@ fn invalidated_area_refuses_until_init_then_accepts() {
     assert_eq!(c.failed_stores_area_invalidated.load(Relaxed), 1);
     assert_eq!(c.loads_miss.load(Relaxed), 1);
 }
+
+#[test]
+fn a_store_that_fails_drops_the_old_page() {
+    let fe = frontend(1 << 20);
+    fe.init_area(0, false).unwrap();
+    let page = make_page(Kind::Compressible, 7);
+    assert_eq!(fe.store_page(0, 5, &page), Ok(StoreResult::Accepted));
+    assert_eq!(
+        fe.store_page(0, 5, &page[..PAGE_BYTES - 1]),
+        Err(OpError::PageSize(PAGE_BYTES - 1))
+    );
+    let mut out = Box::new([0u8; PAGE_BYTES]);
+    assert_eq!(
+        fe.load_page(0, 5, &mut out),
+        Ok(LoadResult::NotFound),
+        "the page a failed store was meant to replace came back"
+    );
+    assert_eq!(fe.curr_pages(0), Ok(0));
+}
