@@ -65,6 +65,7 @@ fuzz_target!(|data: &[u8]| {
                             let response = runtime.block_on(api::execute(
                                 frontend.clone(),
                                 metrics.clone(),
+                                runtime.handle().clone(),
                                 request,
                             ));
                             assert_eq!(response.results.len(), ops);

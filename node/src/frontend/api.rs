@@ -8,10 +8,12 @@
 //! ([`ClientThread`](super::ClientThread)): a small load reaches the
 //! donors, and their answer the client, without waking another thread, and
 //! each small request keeps that thread polling for a while instead of
-//! sleeping. A request that cannot be decoded gets an error response; a
-//! broken frame (bad length) gets one and the connection is closed, since
-//! the stream position is lost. Nothing a client sends can stop the server
-//! from serving its other connections.
+//! sleeping; an op there that has to wait on donors (a store into a full
+//! store, a shrink) goes to the workers' blocking threads, since that
+//! thread must never block. A request that cannot be decoded gets an error
+//! response; a broken frame (bad length) gets one and the connection is
+//! closed, since the stream position is lost. Nothing a client sends can
+//! stop the server from serving its other connections.
 
 use std::future::Future;
 use std::path::Path;
@@ -23,11 +25,12 @@ use bytes::Bytes;
 use ramster_protocol::v1::{self, op::Kind};
 use ramster_protocol::{BATCH_OPS_MAX, FRAME_BYTES_MAX, frame, handshake};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::runtime::Handle;
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, info};
 
 use super::conn::{ConnError, FrameReader, FrameWriter, encode_frame};
-use super::{Frontend, LoadResult, OpError, Reject, StoreResult};
+use super::{Frontend, LoadResult, OpError, Reject, StoreResult, may_block_here};
 use crate::metrics::NodeMetrics;
 use crate::poll::PollWindow;
 use crate::store::{PAGE_BYTES, Page, StoreStats};
@@ -35,7 +38,8 @@ use crate::store::{PAGE_BYTES, Page, StoreStats};
 /// Requests of one connection executing at once.
 pub const REQUESTS_IN_FLIGHT_MAX: usize = 64;
 /// Requests with at most this many ops run in the reader itself: for a few
-/// pages, spawning a task costs more than it spreads.
+/// pages, spawning a task costs more than it spreads. A shrink never does:
+/// it hands back up to a frame of pages, throughput rather than latency.
 const INLINE_OPS_MAX: usize = 2;
 /// Connections served at once.
 pub const CONNECTIONS_MAX: usize = 1024;
@@ -124,8 +128,10 @@ fn error_response(id: u64, code: v1::ErrorCode, message: impl Into<String>) -> v
 struct Served {
     frontend: Arc<Frontend>,
     metrics: Arc<NodeMetrics>,
-    /// Where larger requests run: the node runtime's workers.
-    workers: tokio::runtime::Handle,
+    /// Where larger requests run, and where an op that may wait on donors
+    /// goes when it comes to a thread that must not block: the node
+    /// runtime's.
+    workers: Handle,
     /// The client thread's poll window, if it polls.
     poll: Option<Arc<PollWindow>>,
 }
@@ -219,7 +225,11 @@ async fn serve_connection(stream: UnixStream, served: Served) -> Result<(), Conn
             .await;
             continue;
         }
-        let inline = request.ops.len() <= INLINE_OPS_MAX;
+        let inline = request.ops.len() <= INLINE_OPS_MAX
+            && !request
+                .ops
+                .iter()
+                .any(|o| matches!(o.kind, Some(Kind::Shrink(_))));
         if inline && let Some(p) = &poll {
             // A client that sends a page or two at a time waits on each
             // answer: the donors' answers, and its next request, should
@@ -227,7 +237,12 @@ async fn serve_connection(stream: UnixStream, served: Served) -> Result<(), Conn
             // latency, and keep nobody polling.
             p.touch();
         }
-        let mut answer = Box::pin(execute(frontend.clone(), metrics.clone(), request));
+        let mut answer = Box::pin(execute(
+            frontend.clone(),
+            metrics.clone(),
+            workers.clone(),
+            request,
+        ));
         if inline {
             // Small requests run right here; one that waits on donors goes
             // on below as a task, so the reader keeps reading.
@@ -275,11 +290,18 @@ async fn serve_connection(stream: UnixStream, served: Served) -> Result<(), Conn
 }
 
 /// Applies one request to the front end, timing its stores and loads into
-/// `metrics`. Only loads of pages held by donors ever wait; everything
-/// else completes in the first poll.
+/// `metrics`.
+///
+/// Loads of pages held by donors wait without blocking. A store into a
+/// full store and a shrink of pages on donors block while remotify makes
+/// room or the pages come home: where the request runs on a thread that
+/// must not block (the transport's, on a cluster node), those ops go to
+/// `workers`' blocking threads and the request waits for them there.
+/// Everything else completes in the first poll.
 pub async fn execute(
     frontend: Arc<Frontend>,
     metrics: Arc<NodeMetrics>,
+    workers: Handle,
     request: v1::Request,
 ) -> v1::Response {
     let mut results = Vec::with_capacity(request.ops.len());
@@ -300,7 +322,8 @@ pub async fn execute(
                 }
                 results.extend(load_run(&frontend, &metrics, area, &offsets).await);
             }
-            Some(kind) => results.push(timed(&frontend, &metrics, kind)),
+            Some(kind) if may_block_here() => results.push(timed(&frontend, &metrics, kind)),
+            Some(kind) => results.push(without_blocking(&frontend, &metrics, &workers, kind).await),
             None => results.push(invalid("empty op")),
         }
     }
@@ -308,6 +331,55 @@ pub async fn execute(
         id: request.id,
         results,
         error: None,
+    }
+}
+
+/// Executes one op on a thread that must not block. A store that finds
+/// the store full, and a shrink on a node with donors, may wait on them:
+/// they finish on `workers`' blocking threads while this task waits
+/// without blocking. A store that finds room, the common case, completes
+/// here.
+async fn without_blocking(
+    fe: &Arc<Frontend>,
+    metrics: &Arc<NodeMetrics>,
+    workers: &Handle,
+    kind: Kind,
+) -> v1::OpResult {
+    if fe.remote().is_none() || export_area_of(&kind).is_some() {
+        return timed(fe, metrics, kind);
+    }
+    match kind {
+        Kind::Store(o) => {
+            let started = Instant::now();
+            let result = match fe.store_page_without_waiting(o.area, o.offset, &o.page) {
+                Ok(Some(r)) => stored(r, false),
+                Err(e) => op_error(e),
+                Ok(None) => {
+                    let fe = fe.clone();
+                    let waited = workers
+                        .spawn_blocking(move || fe.store_page(o.area, o.offset, &o.page))
+                        .await;
+                    match waited {
+                        Ok(r) => r.map_or_else(op_error, |r| stored(r, false)),
+                        // The node is stopping, or the store panicked.
+                        Err(_) => stored(StoreResult::Rejected(Reject::Unavailable), false),
+                    }
+                }
+            };
+            metrics.store_latency.observe(started.elapsed());
+            result
+        }
+        Kind::Shrink(_) => {
+            let (fe, metrics) = (fe.clone(), metrics.clone());
+            workers
+                .spawn_blocking(move || timed(&fe, &metrics, kind))
+                .await
+                .unwrap_or_else(|e| v1::OpResult {
+                    detail: format!("shrink did not finish: {e}"),
+                    ..status(v1::Status::Unavailable)
+                })
+        }
+        kind => timed(fe, metrics, kind),
     }
 }
 

@@ -150,6 +150,31 @@ impl Frontend {
         offset: u64,
         page: &[u8],
     ) -> Result<StoreResult, OpError> {
+        self.store_page_waiting(area, offset, page, true)
+            .map(|r| r.expect("a store that may wait for room always settles"))
+    }
+
+    /// [`store_page`](Self::store_page) for a thread that must not block:
+    /// `None` when the store is full and only waiting for remotify could
+    /// make room. Nothing is counted then, and the offset's old page is
+    /// already gone, as after any refused store; a `store_page` where
+    /// waiting is allowed settles it.
+    pub fn store_page_without_waiting(
+        &self,
+        area: AreaId,
+        offset: u64,
+        page: &[u8],
+    ) -> Result<Option<StoreResult>, OpError> {
+        self.store_page_waiting(area, offset, page, false)
+    }
+
+    fn store_page_waiting(
+        &self,
+        area: AreaId,
+        offset: u64,
+        page: &[u8],
+        may_wait: bool,
+    ) -> Result<Option<StoreResult>, OpError> {
         let page = match as_page(page) {
             Ok(page) => page,
             Err(e) => {
@@ -180,9 +205,14 @@ impl Frontend {
                     // the kernel throttles a writer in direct reclaim.
                     if outcome == StoreOutcome::Rejected(RejectReason::NoCapacity)
                         && retention == Retention::Persistent
-                        && self.remote().is_some_and(|r| r.make_room())
+                        && let Some(remote) = self.remote()
                     {
-                        outcome = self.store.store(k, page, retention);
+                        if !may_wait {
+                            return None;
+                        }
+                        if remote.make_room() {
+                            outcome = self.store.store(k, page, retention);
+                        }
                     }
                     match outcome {
                         StoreOutcome::Accepted => StoreResult::Accepted,
@@ -198,7 +228,7 @@ impl Frontend {
                     StoreResult::Rejected(r) => Event::Failed(r),
                 },
             );
-            result
+            Some(result)
         })
     }
 

@@ -358,3 +358,172 @@ fn a_store_that_fails_drops_the_old_page() {
     );
     assert_eq!(fe.curr_pages(0), Ok(0));
 }
+
+/// The API's side of a request: ops in, a response out.
+mod answers {
+    use std::sync::Mutex;
+
+    use bytes::Bytes;
+    use ramster_protocol::v1::{self, op::Kind as Op};
+
+    use super::super::api;
+    use super::*;
+    use crate::metrics::NodeMetrics;
+    use crate::store::RemoteRef;
+
+    fn op(kind: Op) -> v1::Op {
+        v1::Op { kind: Some(kind) }
+    }
+
+    fn shrink(area: u32, max_pages: u32) -> v1::Op {
+        op(Op::Shrink(v1::Shrink {
+            area,
+            target_pages: 0,
+            max_pages,
+        }))
+    }
+
+    fn store_op(area: u32, offset: u64) -> v1::Op {
+        op(Op::Store(v1::Store {
+            area,
+            offset,
+            page: Bytes::from(make_page(Kind::Compressible, offset)),
+        }))
+    }
+
+    fn load(area: u32, offset: u64) -> v1::Op {
+        op(Op::Load(v1::Load { area, offset }))
+    }
+
+    /// The transport's kind of thread, with a node runtime's workers beside
+    /// it.
+    struct Threads {
+        client: tokio::runtime::Runtime,
+        workers: tokio::runtime::Runtime,
+    }
+
+    impl Threads {
+        fn new() -> Threads {
+            Threads {
+                client: tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap(),
+                workers: tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .unwrap(),
+            }
+        }
+
+        /// Executes `ops` on the client thread, as a cluster node's reader
+        /// runs a small request.
+        fn execute(&self, fe: &Arc<Frontend>, ops: Vec<v1::Op>) -> v1::Response {
+            self.client.block_on(api::execute(
+                fe.clone(),
+                Arc::new(NodeMetrics::default()),
+                self.workers.handle().clone(),
+                v1::Request { id: 1, ops },
+            ))
+        }
+    }
+
+    /// Donors that note whether each wait on them came from a thread that
+    /// may block, and make no room and bring nothing home.
+    #[derive(Default)]
+    struct Donors {
+        waits: Mutex<Vec<(&'static str, bool)>>,
+    }
+
+    impl Donors {
+        fn note(&self, what: &'static str) {
+            self.waits.lock().unwrap().push((what, may_block_here()));
+        }
+    }
+
+    impl RemotePages for Donors {
+        fn fetch_many<'a, 'b: 'a>(
+            &'a self,
+            remotes: &'a [RemoteRef],
+            _outs: &'a mut [&'b mut Page],
+        ) -> Fetch<'a> {
+            let n = remotes.len();
+            Box::pin(async move { vec![LoadResult::Unavailable; n] })
+        }
+
+        fn wait(&self, _fetch: Fetch<'_>) -> Vec<LoadResult> {
+            self.note("wait");
+            Vec::new()
+        }
+
+        fn make_room(&self) -> bool {
+            self.note("make_room");
+            false
+        }
+
+        fn bring_home(&self, _space: u32, _max: usize) -> usize {
+            self.note("bring_home");
+            0
+        }
+    }
+
+    #[test]
+    fn what_waits_on_donors_never_blocks_the_transport_thread() {
+        let fe = Arc::new(frontend(256 << 10));
+        fe.init_area(1, false).unwrap();
+        let mut full_at = None;
+        for o in 0..10_000 {
+            let page = make_page(Kind::Compressible, o);
+            if fe.store_page(1, o, &page) == Ok(StoreResult::Rejected(Reject::NoCapacity)) {
+                full_at = Some(o);
+                break;
+            }
+        }
+        let full_at = full_at.expect("the store fills");
+        let donors = Arc::new(Donors::default());
+        fe.set_remote(donors.clone());
+        let threads = Threads::new();
+
+        // A one-page store into the full store waits for room, off the
+        // client thread, and is then refused.
+        let answer = threads.execute(&fe, vec![store_op(1, full_at)]);
+        assert_eq!(
+            answer.results[0].status(),
+            v1::Status::RejectedNoCapacity,
+            "{answer:?}"
+        );
+
+        // Then some of the pages go to donors.
+        let shipped = fe.store().begin_remotify(16);
+        assert!(!shipped.is_empty());
+        for s in &shipped {
+            let on_donor = crate::store::Replicas::new(&[7]).unwrap();
+            assert!(fe.store().finish_remotify(s.key, s.version, on_donor));
+        }
+
+        // Now the store finds room without waiting for any.
+        let answer = threads.execute(&fe, vec![store_op(1, full_at)]);
+        assert_eq!(answer.results[0].status(), v1::Status::Ok);
+
+        // A load of a page on a donor waits without blocking anything.
+        let answer = threads.execute(&fe, vec![load(1, shipped[0].key.index)]);
+        assert_eq!(answer.results[0].status(), v1::Status::Unavailable);
+
+        // A one-op shrink asks the donors for the pages they hold, off the
+        // client thread, and hands back those at home.
+        let answer = threads.execute(&fe, vec![shrink(1, 1024)]);
+        assert_eq!(
+            answer.results[0].returned.len() as u64,
+            full_at + 1 - shipped.len() as u64
+        );
+
+        let waits = donors.waits.lock().unwrap().clone();
+        let asked: Vec<&str> = waits.iter().map(|w| w.0).collect();
+        assert_eq!(asked, ["make_room", "bring_home"]);
+        assert!(
+            waits.iter().all(|w| w.1),
+            "waited on donors from the client thread: {waits:?}"
+        );
+    }
+}
