@@ -1,15 +1,19 @@
 //! The native API at its limits, against real `ramster node` processes: a
 //! small request that has to wait on donors never stops the thread that
-//! serves it, and no accepted page is lost.
+//! serves it, and a request whose answer could not fit in one frame is
+//! refused before it changes anything. Either way no accepted page is lost.
 
 use std::collections::HashSet;
 use std::ops::Range;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ramster_cluster_tests::{Member, MemberSpec, TestCluster, store_into, verify_pages};
+use ramster_cluster_tests::{
+    Member, MemberSpec, NodeProcess, TestCluster, store_into, verify_pages,
+};
 use ramster_node::cli::corpus::Pages;
-use ramster_node::frontend::client::{BlockingClient, op};
+use ramster_node::frontend::client::{BlockingClient, ClientError, op};
+use ramster_protocol::BATCH_OPS_MAX;
 use ramster_protocol::v1::{self, Status, op::Kind};
 
 const AREA: u32 = 1;
@@ -224,4 +228,77 @@ fn a_one_op_shrink_brings_pages_home_from_the_donor_and_hands_back_every_one() {
     let accepted_more = store_into(&client, AREA + 1, &more, &[Status::RejectedNoCapacity]);
     verify_pages(&client, AREA + 1, &more, &accepted_more);
     assert_no_panic(&owner.log());
+}
+
+/// The request is refused whole as too large an answer.
+fn assert_refused(result: Result<Vec<v1::OpResult>, ClientError>) {
+    match result {
+        Err(ClientError::Server {
+            code: v1::ErrorCode::FrameTooLarge,
+            message,
+        }) => assert!(message.contains("smaller requests"), "{message}"),
+        other => panic!("not refused as too large an answer: {other:?}"),
+    }
+}
+
+#[test]
+fn a_request_whose_answer_could_outgrow_a_frame_is_refused_before_it_changes_anything() {
+    let node = NodeProcess::start("frame-limit", "256MiB", &[]).unwrap();
+    let client = BlockingClient::connect(&node.socket).unwrap();
+    client.init_area(AREA, false).unwrap();
+    let pages = Pages::synthetic(3_000, 29);
+    let accepted = store_into(&client, AREA, &pages, &[]);
+    let held = accepted.len() as u64;
+
+    // Two shrinks that would take out more pages than one answer carries.
+    assert_refused(client.call(vec![shrink(AREA, 1024), shrink(AREA, 1024)]));
+    assert_eq!(client.curr_pages(AREA).unwrap(), held, "pages were taken");
+
+    // A full shrink and loads beside it.
+    let mut ops = vec![shrink(AREA, 1024)];
+    ops.extend((0..64).map(|o| {
+        op(Kind::Load(v1::Load {
+            area: AREA,
+            offset: o,
+        }))
+    }));
+    assert_refused(client.call(ops));
+    assert_eq!(client.curr_pages(AREA).unwrap(), held, "pages were taken");
+
+    // Stats, once the node has hundreds of areas, asked for many times.
+    for area in 100..400 {
+        client.init_area(area, true).unwrap();
+    }
+    let stats = (0..BATCH_OPS_MAX)
+        .map(|_| op(Kind::GetStats(v1::GetStats {})))
+        .collect();
+    assert_refused(client.call(stats));
+
+    // What fits is served on the same connection: a full batch of loads,
+    // and a full shrink, each page of which is in its answer.
+    let full: Vec<u64> = accepted.iter().copied().take(BATCH_OPS_MAX).collect();
+    for (&o, got) in full.iter().zip(client.load_pages(AREA, &full).unwrap()) {
+        assert!(got.unwrap()[..] == pages.page(o as usize)[..]);
+    }
+    let r = client
+        .call(vec![shrink(AREA, u32::MAX)])
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(r.returned.len(), BATCH_OPS_MAX);
+    let mut handed: HashSet<u64> = HashSet::new();
+    for p in &r.returned {
+        assert!(p.page[..] == pages.page(p.offset as usize)[..]);
+        handed.insert(p.offset);
+    }
+    handed.extend(shrink_to_nothing(&client, AREA, &pages, 1024));
+    assert_eq!(
+        handed,
+        accepted.iter().copied().collect::<HashSet<u64>>(),
+        "accepted pages were lost"
+    );
+
+    let mut node = node;
+    assert!(node.is_running(), "the node died: {}", node.log());
+    assert_no_panic(&node.log());
 }

@@ -2,7 +2,8 @@
 //!
 //! Per connection: a handshake, then requests decoded by one reader and
 //! executed concurrently (at most [`REQUESTS_IN_FLIGHT_MAX`] at a time), with
-//! responses going out through one [`FrameWriter`]. Small requests run in
+//! responses going out through one [`FrameWriter`]. A request whose answer
+//! could outgrow a frame is refused before it runs. Small requests run in
 //! the reader, larger ones on the runtime's workers. On a cluster node the
 //! readers run on the transport's thread
 //! ([`ClientThread`](super::ClientThread)): a small load reaches the
@@ -21,13 +22,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use prost::Message;
+use prost::encoding::encoded_len_varint;
 use ramster_protocol::v1::{self, op::Kind};
 use ramster_protocol::{BATCH_OPS_MAX, FRAME_BYTES_MAX, frame, handshake};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::runtime::Handle;
 use tokio::sync::{Semaphore, watch};
-use tracing::{debug, info};
+use tracing::{debug, error, info};
 
 use super::conn::{ConnError, FrameReader, FrameWriter, encode_frame};
 use super::{Frontend, LoadResult, OpError, Reject, StoreResult, may_block_here};
@@ -151,8 +154,7 @@ async fn serve_connection(stream: UnixStream, served: Served) -> Result<(), Conn
     let send = |resp: v1::Response| {
         let writer = writer.clone();
         async move {
-            let frame = encode_frame(&resp).expect("responses stay under the frame limit");
-            writer.send(frame).await;
+            writer.send(encode_answer(resp)).await;
         }
     };
 
@@ -262,8 +264,7 @@ async fn serve_connection(stream: UnixStream, served: Served) -> Result<(), Conn
         let writer = writer.clone();
         let poll = poll.clone();
         let finish = async move {
-            let resp = answer.await;
-            let frame = encode_frame(&resp).expect("responses stay under the frame limit");
+            let frame = encode_answer(answer.await);
             if inline {
                 writer.write_now(frame).await;
                 // The client's next request comes soon after its answer.
@@ -290,7 +291,8 @@ async fn serve_connection(stream: UnixStream, served: Served) -> Result<(), Conn
 }
 
 /// Applies one request to the front end, timing its stores and loads into
-/// `metrics`.
+/// `metrics`; or refuses it whole, before any of its ops runs, if its
+/// answer could outgrow a frame (see [`answer_bytes_max`]).
 ///
 /// Loads of pages held by donors wait without blocking. A store into a
 /// full store and a shrink of pages on donors block while remotify makes
@@ -304,6 +306,18 @@ pub async fn execute(
     workers: Handle,
     request: v1::Request,
 ) -> v1::Response {
+    let answer_max = answer_bytes_max(&frontend, &request.ops);
+    if answer_max > FRAME_BYTES_MAX {
+        return error_response(
+            request.id,
+            v1::ErrorCode::FrameTooLarge,
+            format!(
+                "the answer to this request could take {answer_max} bytes, past the frame \
+                 limit of {FRAME_BYTES_MAX}: nothing was done; send its ops in smaller \
+                 requests (a shrink hands back at most {SHRINK_PAGES_MAX} pages)"
+            ),
+        );
+    }
     let mut results = Vec::with_capacity(request.ops.len());
     let mut ops = request.ops.into_iter().peekable();
     while let Some(op) = ops.next() {
@@ -326,6 +340,9 @@ pub async fn execute(
             Some(kind) => results.push(without_blocking(&frontend, &metrics, &workers, kind).await),
             None => results.push(invalid("empty op")),
         }
+    }
+    for r in &mut results {
+        cut_detail(&mut r.detail);
     }
     v1::Response {
         id: request.id,
@@ -381,6 +398,166 @@ async fn without_blocking(
         }
         kind => timed(fe, metrics, kind),
     }
+}
+
+/// Most pages one shrink hands back: a full batch, which fits a frame.
+pub const SHRINK_PAGES_MAX: usize = BATCH_OPS_MAX;
+
+/// Longest detail an op's result carries; a longer one is cut.
+const DETAIL_BYTES_MAX: usize = 256;
+
+/// Bytes of a field's key: every field of the API is numbered below 16.
+const KEY_BYTES: usize = 1;
+
+/// Most bytes of an integer field's value: a varint of a full `u64` (a
+/// negative enum value takes as many).
+const VARINT_BYTES_MAX: usize = 10;
+
+/// Bytes of an integer field at its largest.
+const INT_FIELD_BYTES_MAX: usize = KEY_BYTES + VARINT_BYTES_MAX;
+
+/// Bytes of a length-delimited field (bytes, string, message) of `body`
+/// bytes.
+fn field_bytes(body: usize) -> usize {
+    KEY_BYTES + encoded_len_varint(body as u64) + body
+}
+
+/// The largest answer `ops` could get, in bytes of the encoded response,
+/// reckoned from the ops alone before any of them runs. The rule: each
+/// op's result holds a status, a value and a detail of at most
+/// [`DETAIL_BYTES_MAX`] bytes, and beyond that
+/// - a load or get: a page, or a detail saying why not, never both;
+/// - a shrink: up to `max_pages` pages (at most [`SHRINK_PAGES_MAX`]), each
+///   with its offset;
+/// - stats: every area the node has now, plus one for each init in the
+///   request;
+///
+/// every integer at its widest. A request whose answer could pass
+/// [`FRAME_BYTES_MAX`] is refused before anything is changed: a shrink
+/// must never take out of the store pages its answer cannot carry. A full
+/// batch of loads, or a shrink of [`SHRINK_PAGES_MAX`] pages with a few
+/// loads beside it, fits.
+pub fn answer_bytes_max(fe: &Frontend, ops: &[v1::Op]) -> usize {
+    let detail = field_bytes(DETAIL_BYTES_MAX);
+    let page = field_bytes(PAGE_BYTES);
+    let returned_page = field_bytes(INT_FIELD_BYTES_MAX + page);
+    let stats = || {
+        let inits = ops
+            .iter()
+            .filter(|o| matches!(o.kind, Some(Kind::InitArea(_))))
+            .count();
+        field_bytes(stats_bytes_max(fe.name().len(), fe.area_count() + inits))
+    };
+    let results: usize = ops
+        .iter()
+        .map(|op| {
+            let carried = match &op.kind {
+                Some(Kind::Load(_) | Kind::Get(_)) => page.max(detail),
+                Some(Kind::Shrink(o)) => {
+                    detail + (o.max_pages as usize).min(SHRINK_PAGES_MAX) * returned_page
+                }
+                Some(Kind::GetStats(_)) => detail + stats(),
+                _ => detail,
+            };
+            field_bytes(2 * INT_FIELD_BYTES_MAX + carried)
+        })
+        .sum();
+    INT_FIELD_BYTES_MAX + results
+}
+
+/// The largest encoded `Stats` of a node named with `name_bytes` bytes
+/// that has `areas` areas: every counter at its widest.
+fn stats_bytes_max(name_bytes: usize, areas: usize) -> usize {
+    let counters = counters_at_most().encoded_len();
+    let area = v1::AreaStats {
+        area: u32::MAX,
+        writethrough: true,
+        invalidated: true,
+        curr_pages: u64::MAX,
+        counters: Some(counters_at_most()),
+        replicas: u32::MAX,
+    }
+    .encoded_len();
+    let m = u64::MAX;
+    let store = v1::StoreStats {
+        capacity_bytes: m,
+        used_bytes: m,
+        pages: m,
+        same_filled_pages: m,
+        compressed_pages: m,
+        payload_bytes: m,
+        slot_bytes: m,
+        slab_bytes: m,
+        index_bytes: m,
+        evicted_pages: m,
+        remote_pages: m,
+        remote_bytes: m,
+    }
+    .encoded_len();
+    field_bytes(name_bytes) + field_bytes(counters) + field_bytes(store) + areas * field_bytes(area)
+}
+
+/// Counters at their widest. Every field is named, so that a new one
+/// cannot be left out of the reckoning.
+fn counters_at_most() -> v1::Counters {
+    let m = u64::MAX;
+    v1::Counters {
+        succ_stores: m,
+        failed_stores_no_capacity: m,
+        failed_stores_incompressible: m,
+        failed_stores_quota: m,
+        failed_stores_area_invalidated: m,
+        failed_stores_unavailable: m,
+        loads_hit: m,
+        loads_miss: m,
+        loads_error: m,
+        invalidates: m,
+        loads_remote: m,
+    }
+}
+
+/// Cuts `detail` to [`DETAIL_BYTES_MAX`] bytes, on a character boundary.
+fn cut_detail(detail: &mut String) {
+    if detail.len() > DETAIL_BYTES_MAX {
+        let mut end = DETAIL_BYTES_MAX;
+        while !detail.is_char_boundary(end) {
+            end -= 1;
+        }
+        detail.truncate(end);
+    }
+}
+
+/// Encodes an answer as a frame. [`answer_bytes_max`] keeps it under the
+/// limit; should it be short (areas created between the reckoning and the
+/// stats), what can be asked for again gives way, stats and loaded pages
+/// turning `UNAVAILABLE` (a private get's page is dropped, as cleancache
+/// allows), and the pages a shrink handed back stay: they are nowhere else
+/// now.
+pub fn encode_answer(mut resp: v1::Response) -> BytesMut {
+    let too_large = match encode_frame(&resp) {
+        Ok(frame) => return frame,
+        Err(e) => e,
+    };
+    let id = resp.id;
+    for r in &mut resp.results {
+        if r.returned.is_empty() && (r.stats.is_some() || !r.page.is_empty()) {
+            *r = v1::OpResult {
+                detail: format!(
+                    "the answer outgrew a frame ({too_large}): ask in a smaller request"
+                ),
+                ..status(v1::Status::Unavailable)
+            };
+        }
+    }
+    encode_frame(&resp).unwrap_or_else(|e| {
+        error!(request = id, error = %e, "an answer outgrew a frame even without its stats and loaded pages");
+        encode_frame(&error_response(
+            id,
+            v1::ErrorCode::FrameTooLarge,
+            format!("the answer outgrew a frame: {e}"),
+        ))
+        .expect("an error answer is a few bytes")
+    })
 }
 
 /// Loads `offsets` of `area` together; each page's latency is its share of
@@ -557,7 +734,7 @@ fn execute_op(fe: &Frontend, kind: Kind) -> v1::OpResult {
             .map(|d| value(d as u64)),
         Kind::InvalidateArea(o) => fe.invalidate_area(o.area).map(value),
         Kind::Shrink(o) => {
-            let max = (o.max_pages as usize).min(BATCH_OPS_MAX);
+            let max = (o.max_pages as usize).min(SHRINK_PAGES_MAX);
             fe.shrink(o.area, o.target_pages, max)
                 .map(|s| v1::OpResult {
                     value: s.curr_pages,

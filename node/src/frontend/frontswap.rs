@@ -399,6 +399,11 @@ impl Frontend {
         self.with_area(area, |_| self.store.space_pages(area))
     }
 
+    /// Areas the node has, live or invalidated: one entry each in stats.
+    pub fn area_count(&self) -> usize {
+        self.areas.map.read().len()
+    }
+
     pub fn area_summaries(&self) -> Vec<AreaSummary> {
         let map = self.areas.map.read();
         let mut v: Vec<AreaSummary> = map
