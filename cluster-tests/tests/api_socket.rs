@@ -120,12 +120,14 @@ fn bad_input_gets_clear_errors_and_other_connections_keep_working() {
     let _ = s.write_all(&junk);
     drop(s);
 
-    // Op-level errors: wrong page size, unknown area, too many ops.
+    // Op-level errors: wrong page size, unknown area, too many ops. The
+    // store of the wrong size goes to an offset without a page: a failed
+    // store drops the page it was meant to replace.
     let r = good
         .call(vec![
             op(Kind::Store(v1::Store {
                 area: 1,
-                offset: 0,
+                offset: 32,
                 page: Bytes::from(vec![1u8; 100]),
             })),
             op(Kind::Store(v1::Store {
@@ -208,4 +210,29 @@ fn many_requests_in_flight_on_one_connection() {
         let stats = c.stats().await.unwrap();
         assert_eq!(stats.counters.unwrap().succ_stores, 512);
     });
+}
+
+#[test]
+fn a_store_that_fails_drops_the_page_it_was_meant_to_replace() {
+    let node = NodeProcess::start("failed-store", "64MiB", &[]).unwrap();
+    let c = BlockingClient::connect(&node.socket).unwrap();
+    c.init_area(1, false).unwrap();
+    assert_eq!(c.store_pages(1, &[(5, page(5))]).unwrap(), [v1::Status::Ok]);
+    let r = c
+        .call(vec![op(Kind::Store(v1::Store {
+            area: 1,
+            offset: 5,
+            page: Bytes::from(vec![6u8; PAGE_BYTES - 1]),
+        }))])
+        .unwrap();
+    assert_eq!(r[0].status(), v1::Status::InvalidArgument, "{r:?}");
+    let got = c.load_pages(1, &[5]).unwrap();
+    assert!(
+        matches!(got[..], [Err(v1::Status::NotFound)]),
+        "the old page outlived a store that failed: {:?}",
+        got.iter()
+            .map(|g| g.as_ref().map(|p| p.len()))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(c.curr_pages(1).unwrap(), 0);
 }

@@ -65,12 +65,17 @@ fuzz_target!(|data: &[u8]| {
                             let response = runtime.block_on(api::execute(
                                 frontend.clone(),
                                 metrics.clone(),
+                                runtime.handle().clone(),
                                 request,
                             ));
-                            assert_eq!(response.results.len(), ops);
+                            // A request is answered op by op, or refused
+                            // whole (its answer could outgrow a frame).
+                            if response.error.is_none() {
+                                assert_eq!(response.results.len(), ops);
+                            }
                             let mut out = BytesMut::new();
                             frame::encode(&response, &mut out)
-                                .expect("responses stay under the frame limit");
+                                .expect("the reckoning keeps answers under the frame limit");
                         }
                     }
                 }

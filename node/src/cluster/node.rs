@@ -1405,9 +1405,15 @@ impl Inner {
     }
 
     /// Runs `f` to completion from synchronous front-end code, without
-    /// stalling the runtime's other tasks.
-    fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> T {
-        tokio::task::block_in_place(|| self.runtime.block_on(f))
+    /// stalling the runtime's other tasks. `None`, without running it, on
+    /// a current-thread runtime's thread (the transport's): blocking there
+    /// would stop the very tasks `f` waits on, and tokio refuses it with a
+    /// panic. Callers route such waits elsewhere; reaching this from there
+    /// is a bug, answered as if the wait had come to nothing.
+    fn block_on<T>(&self, f: impl std::future::Future<Output = T>) -> Option<T> {
+        let may_block = crate::frontend::may_block_here();
+        debug_assert!(may_block, "waiting on donors from a current-thread runtime");
+        may_block.then(|| tokio::task::block_in_place(|| self.runtime.block_on(f)))
     }
 
     fn registered_or_why(&self) -> Result<(), String> {
@@ -1667,7 +1673,8 @@ impl RemotePages for ClusterNode {
         if let Some(poll) = self.inner.endpoint.client_thread().poll {
             poll.touch();
         }
-        self.inner.block_on(fetch)
+        // Results left out stay `Unavailable`.
+        self.inner.block_on(fetch).unwrap_or_default()
     }
 
     fn make_room(&self) -> bool {
@@ -1676,7 +1683,7 @@ impl RemotePages for ClusterNode {
             return false;
         }
         ClusterCounters::add(&inner.metrics.cluster.store_throttles, 1);
-        inner.block_on(async {
+        let room_made = inner.block_on(async {
             let room = inner.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
@@ -1684,7 +1691,8 @@ impl RemotePages for ClusterNode {
             tokio::time::timeout(Duration::from_millis(MAKE_ROOM_WAIT_MS), room)
                 .await
                 .is_ok()
-        })
+        });
+        room_made.unwrap_or(false)
     }
 
     fn bring_home(&self, space: u32, max: usize) -> usize {
@@ -1694,6 +1702,7 @@ impl RemotePages for ClusterNode {
         }
         self.inner
             .block_on(super::movers::bring_home(&self.inner, &refs))
+            .unwrap_or(0)
     }
 
     fn client_thread(&self) -> Option<crate::frontend::ClientThread> {

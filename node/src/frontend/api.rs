@@ -2,16 +2,19 @@
 //!
 //! Per connection: a handshake, then requests decoded by one reader and
 //! executed concurrently (at most [`REQUESTS_IN_FLIGHT_MAX`] at a time), with
-//! responses going out through one [`FrameWriter`]. Small requests run in
+//! responses going out through one [`FrameWriter`]. A request whose answer
+//! could outgrow a frame is refused before it runs. Small requests run in
 //! the reader, larger ones on the runtime's workers. On a cluster node the
 //! readers run on the transport's thread
 //! ([`ClientThread`](super::ClientThread)): a small load reaches the
 //! donors, and their answer the client, without waking another thread, and
 //! each small request keeps that thread polling for a while instead of
-//! sleeping. A request that cannot be decoded gets an error response; a
-//! broken frame (bad length) gets one and the connection is closed, since
-//! the stream position is lost. Nothing a client sends can stop the server
-//! from serving its other connections.
+//! sleeping; an op there that has to wait on donors (a store into a full
+//! store, a shrink) goes to the workers' blocking threads, since that
+//! thread must never block. A request that cannot be decoded gets an error
+//! response; a broken frame (bad length) gets one and the connection is
+//! closed, since the stream position is lost. Nothing a client sends can
+//! stop the server from serving its other connections.
 
 use std::future::Future;
 use std::path::Path;
@@ -19,15 +22,18 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
+use prost::Message;
+use prost::encoding::encoded_len_varint;
 use ramster_protocol::v1::{self, op::Kind};
 use ramster_protocol::{BATCH_OPS_MAX, FRAME_BYTES_MAX, frame, handshake};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::runtime::Handle;
 use tokio::sync::{Semaphore, watch};
-use tracing::{debug, info};
+use tracing::{debug, error, info};
 
 use super::conn::{ConnError, FrameReader, FrameWriter, encode_frame};
-use super::{Frontend, LoadResult, OpError, Reject, StoreResult};
+use super::{Frontend, LoadResult, OpError, Reject, StoreResult, may_block_here};
 use crate::metrics::NodeMetrics;
 use crate::poll::PollWindow;
 use crate::store::{PAGE_BYTES, Page, StoreStats};
@@ -35,7 +41,8 @@ use crate::store::{PAGE_BYTES, Page, StoreStats};
 /// Requests of one connection executing at once.
 pub const REQUESTS_IN_FLIGHT_MAX: usize = 64;
 /// Requests with at most this many ops run in the reader itself: for a few
-/// pages, spawning a task costs more than it spreads.
+/// pages, spawning a task costs more than it spreads. A shrink never does:
+/// it hands back up to a frame of pages, throughput rather than latency.
 const INLINE_OPS_MAX: usize = 2;
 /// Connections served at once.
 pub const CONNECTIONS_MAX: usize = 1024;
@@ -124,8 +131,10 @@ fn error_response(id: u64, code: v1::ErrorCode, message: impl Into<String>) -> v
 struct Served {
     frontend: Arc<Frontend>,
     metrics: Arc<NodeMetrics>,
-    /// Where larger requests run: the node runtime's workers.
-    workers: tokio::runtime::Handle,
+    /// Where larger requests run, and where an op that may wait on donors
+    /// goes when it comes to a thread that must not block: the node
+    /// runtime's.
+    workers: Handle,
     /// The client thread's poll window, if it polls.
     poll: Option<Arc<PollWindow>>,
 }
@@ -145,8 +154,7 @@ async fn serve_connection(stream: UnixStream, served: Served) -> Result<(), Conn
     let send = |resp: v1::Response| {
         let writer = writer.clone();
         async move {
-            let frame = encode_frame(&resp).expect("responses stay under the frame limit");
-            writer.send(frame).await;
+            writer.send(encode_answer(resp)).await;
         }
     };
 
@@ -219,7 +227,11 @@ async fn serve_connection(stream: UnixStream, served: Served) -> Result<(), Conn
             .await;
             continue;
         }
-        let inline = request.ops.len() <= INLINE_OPS_MAX;
+        let inline = request.ops.len() <= INLINE_OPS_MAX
+            && !request
+                .ops
+                .iter()
+                .any(|o| matches!(o.kind, Some(Kind::Shrink(_))));
         if inline && let Some(p) = &poll {
             // A client that sends a page or two at a time waits on each
             // answer: the donors' answers, and its next request, should
@@ -227,7 +239,12 @@ async fn serve_connection(stream: UnixStream, served: Served) -> Result<(), Conn
             // latency, and keep nobody polling.
             p.touch();
         }
-        let mut answer = Box::pin(execute(frontend.clone(), metrics.clone(), request));
+        let mut answer = Box::pin(execute(
+            frontend.clone(),
+            metrics.clone(),
+            workers.clone(),
+            request,
+        ));
         if inline {
             // Small requests run right here; one that waits on donors goes
             // on below as a task, so the reader keeps reading.
@@ -247,8 +264,7 @@ async fn serve_connection(stream: UnixStream, served: Served) -> Result<(), Conn
         let writer = writer.clone();
         let poll = poll.clone();
         let finish = async move {
-            let resp = answer.await;
-            let frame = encode_frame(&resp).expect("responses stay under the frame limit");
+            let frame = encode_answer(answer.await);
             if inline {
                 writer.write_now(frame).await;
                 // The client's next request comes soon after its answer.
@@ -275,13 +291,33 @@ async fn serve_connection(stream: UnixStream, served: Served) -> Result<(), Conn
 }
 
 /// Applies one request to the front end, timing its stores and loads into
-/// `metrics`. Only loads of pages held by donors ever wait; everything
-/// else completes in the first poll.
+/// `metrics`; or refuses it whole, before any of its ops runs, if its
+/// answer could outgrow a frame (see [`answer_bytes_max`]).
+///
+/// Loads of pages held by donors wait without blocking. A store into a
+/// full store and a shrink of pages on donors block while remotify makes
+/// room or the pages come home: where the request runs on a thread that
+/// must not block (the transport's, on a cluster node), those ops go to
+/// `workers`' blocking threads and the request waits for them there.
+/// Everything else completes in the first poll.
 pub async fn execute(
     frontend: Arc<Frontend>,
     metrics: Arc<NodeMetrics>,
+    workers: Handle,
     request: v1::Request,
 ) -> v1::Response {
+    let answer_max = answer_bytes_max(&frontend, &request.ops);
+    if answer_max > FRAME_BYTES_MAX {
+        return error_response(
+            request.id,
+            v1::ErrorCode::FrameTooLarge,
+            format!(
+                "the answer to this request could take {answer_max} bytes, past the frame \
+                 limit of {FRAME_BYTES_MAX}: nothing was done; send its ops in smaller \
+                 requests (a shrink hands back at most {SHRINK_PAGES_MAX} pages)"
+            ),
+        );
+    }
     let mut results = Vec::with_capacity(request.ops.len());
     let mut ops = request.ops.into_iter().peekable();
     while let Some(op) = ops.next() {
@@ -300,15 +336,228 @@ pub async fn execute(
                 }
                 results.extend(load_run(&frontend, &metrics, area, &offsets).await);
             }
-            Some(kind) => results.push(timed(&frontend, &metrics, kind)),
+            Some(kind) if may_block_here() => results.push(timed(&frontend, &metrics, kind)),
+            Some(kind) => results.push(without_blocking(&frontend, &metrics, &workers, kind).await),
             None => results.push(invalid("empty op")),
         }
+    }
+    for r in &mut results {
+        cut_detail(&mut r.detail);
     }
     v1::Response {
         id: request.id,
         results,
         error: None,
     }
+}
+
+/// Executes one op on a thread that must not block. A store that finds
+/// the store full, and a shrink on a node with donors, may wait on them:
+/// they finish on `workers`' blocking threads while this task waits
+/// without blocking. A store that finds room, the common case, completes
+/// here.
+async fn without_blocking(
+    fe: &Arc<Frontend>,
+    metrics: &Arc<NodeMetrics>,
+    workers: &Handle,
+    kind: Kind,
+) -> v1::OpResult {
+    if fe.remote().is_none() || export_area_of(&kind).is_some() {
+        return timed(fe, metrics, kind);
+    }
+    match kind {
+        Kind::Store(o) => {
+            let started = Instant::now();
+            let result = match fe.store_page_without_waiting(o.area, o.offset, &o.page) {
+                Ok(Some(r)) => stored(r, false),
+                Err(e) => op_error(e),
+                Ok(None) => {
+                    let fe = fe.clone();
+                    let waited = workers
+                        .spawn_blocking(move || fe.store_page(o.area, o.offset, &o.page))
+                        .await;
+                    match waited {
+                        Ok(r) => r.map_or_else(op_error, |r| stored(r, false)),
+                        // The node is stopping, or the store panicked.
+                        Err(_) => stored(StoreResult::Rejected(Reject::Unavailable), false),
+                    }
+                }
+            };
+            metrics.store_latency.observe(started.elapsed());
+            result
+        }
+        Kind::Shrink(_) => {
+            let (fe, metrics) = (fe.clone(), metrics.clone());
+            workers
+                .spawn_blocking(move || timed(&fe, &metrics, kind))
+                .await
+                .unwrap_or_else(|e| v1::OpResult {
+                    detail: format!("shrink did not finish: {e}"),
+                    ..status(v1::Status::Unavailable)
+                })
+        }
+        kind => timed(fe, metrics, kind),
+    }
+}
+
+/// Most pages one shrink hands back: a full batch, which fits a frame.
+pub const SHRINK_PAGES_MAX: usize = BATCH_OPS_MAX;
+
+/// Longest detail an op's result carries; a longer one is cut.
+const DETAIL_BYTES_MAX: usize = 256;
+
+/// Bytes of a field's key: every field of the API is numbered below 16.
+const KEY_BYTES: usize = 1;
+
+/// Most bytes of an integer field's value: a varint of a full `u64` (a
+/// negative enum value takes as many).
+const VARINT_BYTES_MAX: usize = 10;
+
+/// Bytes of an integer field at its largest.
+const INT_FIELD_BYTES_MAX: usize = KEY_BYTES + VARINT_BYTES_MAX;
+
+/// Bytes of a length-delimited field (bytes, string, message) of `body`
+/// bytes.
+fn field_bytes(body: usize) -> usize {
+    KEY_BYTES + encoded_len_varint(body as u64) + body
+}
+
+/// The largest answer `ops` could get, in bytes of the encoded response,
+/// reckoned from the ops alone before any of them runs. The rule: each
+/// op's result holds a status, a value and a detail of at most
+/// [`DETAIL_BYTES_MAX`] bytes, and beyond that
+/// - a load or get: a page, or a detail saying why not, never both;
+/// - a shrink: up to `max_pages` pages (at most [`SHRINK_PAGES_MAX`]), each
+///   with its offset;
+/// - stats: every area the node has now, plus one for each init in the
+///   request;
+///
+/// every integer at its widest. A request whose answer could pass
+/// [`FRAME_BYTES_MAX`] is refused before anything is changed: a shrink
+/// must never take out of the store pages its answer cannot carry. A full
+/// batch of loads, or a shrink of [`SHRINK_PAGES_MAX`] pages with a few
+/// loads beside it, fits.
+pub fn answer_bytes_max(fe: &Frontend, ops: &[v1::Op]) -> usize {
+    let detail = field_bytes(DETAIL_BYTES_MAX);
+    let page = field_bytes(PAGE_BYTES);
+    let returned_page = field_bytes(INT_FIELD_BYTES_MAX + page);
+    let stats = || {
+        let inits = ops
+            .iter()
+            .filter(|o| matches!(o.kind, Some(Kind::InitArea(_))))
+            .count();
+        field_bytes(stats_bytes_max(fe.name().len(), fe.area_count() + inits))
+    };
+    let results: usize = ops
+        .iter()
+        .map(|op| {
+            let carried = match &op.kind {
+                Some(Kind::Load(_) | Kind::Get(_)) => page.max(detail),
+                Some(Kind::Shrink(o)) => {
+                    detail + (o.max_pages as usize).min(SHRINK_PAGES_MAX) * returned_page
+                }
+                Some(Kind::GetStats(_)) => detail + stats(),
+                _ => detail,
+            };
+            field_bytes(2 * INT_FIELD_BYTES_MAX + carried)
+        })
+        .sum();
+    INT_FIELD_BYTES_MAX + results
+}
+
+/// The largest encoded `Stats` of a node named with `name_bytes` bytes
+/// that has `areas` areas: every counter at its widest.
+fn stats_bytes_max(name_bytes: usize, areas: usize) -> usize {
+    let counters = counters_at_most().encoded_len();
+    let area = v1::AreaStats {
+        area: u32::MAX,
+        writethrough: true,
+        invalidated: true,
+        curr_pages: u64::MAX,
+        counters: Some(counters_at_most()),
+        replicas: u32::MAX,
+    }
+    .encoded_len();
+    let m = u64::MAX;
+    let store = v1::StoreStats {
+        capacity_bytes: m,
+        used_bytes: m,
+        pages: m,
+        same_filled_pages: m,
+        compressed_pages: m,
+        payload_bytes: m,
+        slot_bytes: m,
+        slab_bytes: m,
+        index_bytes: m,
+        evicted_pages: m,
+        remote_pages: m,
+        remote_bytes: m,
+    }
+    .encoded_len();
+    field_bytes(name_bytes) + field_bytes(counters) + field_bytes(store) + areas * field_bytes(area)
+}
+
+/// Counters at their widest. Every field is named, so that a new one
+/// cannot be left out of the reckoning.
+fn counters_at_most() -> v1::Counters {
+    let m = u64::MAX;
+    v1::Counters {
+        succ_stores: m,
+        failed_stores_no_capacity: m,
+        failed_stores_incompressible: m,
+        failed_stores_quota: m,
+        failed_stores_area_invalidated: m,
+        failed_stores_unavailable: m,
+        loads_hit: m,
+        loads_miss: m,
+        loads_error: m,
+        invalidates: m,
+        loads_remote: m,
+    }
+}
+
+/// Cuts `detail` to [`DETAIL_BYTES_MAX`] bytes, on a character boundary.
+fn cut_detail(detail: &mut String) {
+    if detail.len() > DETAIL_BYTES_MAX {
+        let mut end = DETAIL_BYTES_MAX;
+        while !detail.is_char_boundary(end) {
+            end -= 1;
+        }
+        detail.truncate(end);
+    }
+}
+
+/// Encodes an answer as a frame. [`answer_bytes_max`] keeps it under the
+/// limit; should it be short (areas created between the reckoning and the
+/// stats), what can be asked for again gives way, stats and loaded pages
+/// turning `UNAVAILABLE` (a private get's page is dropped, as cleancache
+/// allows), and the pages a shrink handed back stay: they are nowhere else
+/// now.
+pub fn encode_answer(mut resp: v1::Response) -> BytesMut {
+    let too_large = match encode_frame(&resp) {
+        Ok(frame) => return frame,
+        Err(e) => e,
+    };
+    let id = resp.id;
+    for r in &mut resp.results {
+        if r.returned.is_empty() && (r.stats.is_some() || !r.page.is_empty()) {
+            *r = v1::OpResult {
+                detail: format!(
+                    "the answer outgrew a frame ({too_large}): ask in a smaller request"
+                ),
+                ..status(v1::Status::Unavailable)
+            };
+        }
+    }
+    encode_frame(&resp).unwrap_or_else(|e| {
+        error!(request = id, error = %e, "an answer outgrew a frame even without its stats and loaded pages");
+        encode_frame(&error_response(
+            id,
+            v1::ErrorCode::FrameTooLarge,
+            format!("the answer outgrew a frame: {e}"),
+        ))
+        .expect("an error answer is a few bytes")
+    })
 }
 
 /// Loads `offsets` of `area` together; each page's latency is its share of
@@ -485,7 +734,7 @@ fn execute_op(fe: &Frontend, kind: Kind) -> v1::OpResult {
             .map(|d| value(d as u64)),
         Kind::InvalidateArea(o) => fe.invalidate_area(o.area).map(value),
         Kind::Shrink(o) => {
-            let max = (o.max_pages as usize).min(BATCH_OPS_MAX);
+            let max = (o.max_pages as usize).min(SHRINK_PAGES_MAX);
             fe.shrink(o.area, o.target_pages, max)
                 .map(|s| v1::OpResult {
                     value: s.curr_pages,

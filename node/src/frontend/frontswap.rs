@@ -3,7 +3,8 @@
 //! - `init_area` (re)creates an area empty; stores are accepted again.
 //! - `store` may be refused for any reason; an accepted page loads back
 //!   byte-identical until invalidated. A refused duplicate store drops the
-//!   old copy: a load never returns stale data.
+//!   old copy, and so does one that fails (a page of the wrong size): a
+//!   load never returns stale data.
 //! - `invalidate_area` drops everything and refuses stores until the next
 //!   `init_area`.
 //! - `shrink` hands pages back until at most a target remains.
@@ -149,7 +150,44 @@ impl Frontend {
         offset: u64,
         page: &[u8],
     ) -> Result<StoreResult, OpError> {
-        let page = as_page(page)?;
+        self.store_page_waiting(area, offset, page, true)
+            .map(|r| r.expect("a store that may wait for room always settles"))
+    }
+
+    /// [`store_page`](Self::store_page) for a thread that must not block:
+    /// `None` when the store is full and only waiting for remotify could
+    /// make room. Nothing is counted then, and the offset's old page is
+    /// already gone, as after any refused store; a `store_page` where
+    /// waiting is allowed settles it.
+    pub fn store_page_without_waiting(
+        &self,
+        area: AreaId,
+        offset: u64,
+        page: &[u8],
+    ) -> Result<Option<StoreResult>, OpError> {
+        self.store_page_waiting(area, offset, page, false)
+    }
+
+    fn store_page_waiting(
+        &self,
+        area: AreaId,
+        offset: u64,
+        page: &[u8],
+        may_wait: bool,
+    ) -> Result<Option<StoreResult>, OpError> {
+        let page = match as_page(page) {
+            Ok(page) => page,
+            Err(e) => {
+                // A store that fails drops the offset's old page, as a
+                // refused one does: a later load must miss, never return
+                // the bytes this store was meant to replace.
+                let _ = self.with_area(area, |a| {
+                    let _mode = a.mode.read();
+                    self.store.invalidate(key(area, offset));
+                });
+                return Err(e);
+            }
+        };
         self.with_area(area, |a| {
             let mode = a.mode.read();
             let result = match *mode {
@@ -167,9 +205,14 @@ impl Frontend {
                     // the kernel throttles a writer in direct reclaim.
                     if outcome == StoreOutcome::Rejected(RejectReason::NoCapacity)
                         && retention == Retention::Persistent
-                        && self.remote().is_some_and(|r| r.make_room())
+                        && let Some(remote) = self.remote()
                     {
-                        outcome = self.store.store(k, page, retention);
+                        if !may_wait {
+                            return None;
+                        }
+                        if remote.make_room() {
+                            outcome = self.store.store(k, page, retention);
+                        }
                     }
                     match outcome {
                         StoreOutcome::Accepted => StoreResult::Accepted,
@@ -185,7 +228,7 @@ impl Frontend {
                     StoreResult::Rejected(r) => Event::Failed(r),
                 },
             );
-            result
+            Some(result)
         })
     }
 
@@ -354,6 +397,11 @@ impl Frontend {
     /// Pages the node holds for `area`.
     pub fn curr_pages(&self, area: AreaId) -> Result<u64, OpError> {
         self.with_area(area, |_| self.store.space_pages(area))
+    }
+
+    /// Areas the node has, live or invalidated: one entry each in stats.
+    pub fn area_count(&self) -> usize {
+        self.areas.map.read().len()
     }
 
     pub fn area_summaries(&self) -> Vec<AreaSummary> {

@@ -85,18 +85,29 @@ pub enum OpError {
     Replicas(u32),
 }
 
+/// Whether the calling thread may block waiting on donors: not if it is a
+/// current-thread runtime's (the transport's), whose own tasks would wait
+/// behind it, and where tokio refuses to block with a panic.
+pub fn may_block_here() -> bool {
+    !tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
+}
+
 /// Borrows a client's bytes as a page, or says why they are not one.
 pub fn as_page(bytes: &[u8]) -> Result<&Page, OpError> {
     bytes.try_into().map_err(|_| OpError::PageSize(bytes.len()))
 }
 
-/// How the front end reaches the cluster: pages held on donors, and room
-/// made by remotify. Calls block the calling thread (the front end is
-/// synchronous); implementations bound every wait.
 /// A fetch of remote pages in progress.
 pub type Fetch<'a> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Vec<LoadResult>> + Send + 'a>>;
 
+/// How the front end reaches the cluster: pages held on donors, and room
+/// made by remotify. [`wait`](Self::wait), [`make_room`](Self::make_room)
+/// and [`bring_home`](Self::bring_home) block the calling thread (the front
+/// end is synchronous); implementations bound every wait. A thread that
+/// must not block (a current-thread runtime's) does not call them: there
+/// they come to nothing at once, as if every wait had timed out.
 pub trait RemotePages: Send + Sync {
     /// Fetches pages the store holds on donors into `outs` (one buffer per
     /// ref), each checked against its checksum: `Hit`, `Unavailable` (no
@@ -107,7 +118,8 @@ pub trait RemotePages: Send + Sync {
         outs: &'a mut [&'b mut Page],
     ) -> Fetch<'a>;
 
-    /// Runs a fetch to completion from synchronous code.
+    /// Runs a fetch to completion from synchronous code. A page it has no
+    /// result for stays `Unavailable`.
     fn wait(&self, fetch: Fetch<'_>) -> Vec<LoadResult>;
 
     /// The store refused a persistent page for lack of room: waits, for a

@@ -339,3 +339,407 @@ fn invalidated_area_refuses_until_init_then_accepts() {
     assert_eq!(c.failed_stores_area_invalidated.load(Relaxed), 1);
     assert_eq!(c.loads_miss.load(Relaxed), 1);
 }
+
+#[test]
+fn a_store_that_fails_drops_the_old_page() {
+    let fe = frontend(1 << 20);
+    fe.init_area(0, false).unwrap();
+    let page = make_page(Kind::Compressible, 7);
+    assert_eq!(fe.store_page(0, 5, &page), Ok(StoreResult::Accepted));
+    assert_eq!(
+        fe.store_page(0, 5, &page[..PAGE_BYTES - 1]),
+        Err(OpError::PageSize(PAGE_BYTES - 1))
+    );
+    let mut out = Box::new([0u8; PAGE_BYTES]);
+    assert_eq!(
+        fe.load_page(0, 5, &mut out),
+        Ok(LoadResult::NotFound),
+        "the page a failed store was meant to replace came back"
+    );
+    assert_eq!(fe.curr_pages(0), Ok(0));
+}
+
+/// The API's side of a request: ops in, a response out.
+mod answers {
+    use std::sync::Mutex;
+
+    use bytes::Bytes;
+    use ramster_protocol::v1::{self, op::Kind as Op};
+    use ramster_protocol::{BATCH_OPS_MAX, FRAME_BYTES_MAX};
+
+    use super::super::api::{self, SHRINK_PAGES_MAX, answer_bytes_max};
+    use super::super::conn::encode_frame;
+    use super::*;
+    use crate::metrics::NodeMetrics;
+    use crate::store::RemoteRef;
+
+    fn op(kind: Op) -> v1::Op {
+        v1::Op { kind: Some(kind) }
+    }
+
+    fn shrink(area: u32, max_pages: u32) -> v1::Op {
+        op(Op::Shrink(v1::Shrink {
+            area,
+            target_pages: 0,
+            max_pages,
+        }))
+    }
+
+    fn store_op(area: u32, offset: u64) -> v1::Op {
+        op(Op::Store(v1::Store {
+            area,
+            offset,
+            page: Bytes::from(make_page(Kind::Compressible, offset)),
+        }))
+    }
+
+    fn load(area: u32, offset: u64) -> v1::Op {
+        op(Op::Load(v1::Load { area, offset }))
+    }
+
+    /// The transport's kind of thread, with a node runtime's workers beside
+    /// it.
+    struct Threads {
+        client: tokio::runtime::Runtime,
+        workers: tokio::runtime::Runtime,
+    }
+
+    impl Threads {
+        fn new() -> Threads {
+            Threads {
+                client: tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap(),
+                workers: tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .unwrap(),
+            }
+        }
+
+        /// Executes `ops` on the client thread, as a cluster node's reader
+        /// runs a small request.
+        fn execute(&self, fe: &Arc<Frontend>, ops: Vec<v1::Op>) -> v1::Response {
+            self.client.block_on(api::execute(
+                fe.clone(),
+                Arc::new(NodeMetrics::default()),
+                self.workers.handle().clone(),
+                v1::Request { id: 1, ops },
+            ))
+        }
+    }
+
+    /// Donors that note whether each wait on them came from a thread that
+    /// may block, and make no room and bring nothing home.
+    #[derive(Default)]
+    struct Donors {
+        waits: Mutex<Vec<(&'static str, bool)>>,
+    }
+
+    impl Donors {
+        fn note(&self, what: &'static str) {
+            self.waits.lock().unwrap().push((what, may_block_here()));
+        }
+    }
+
+    impl RemotePages for Donors {
+        fn fetch_many<'a, 'b: 'a>(
+            &'a self,
+            remotes: &'a [RemoteRef],
+            _outs: &'a mut [&'b mut Page],
+        ) -> Fetch<'a> {
+            let n = remotes.len();
+            Box::pin(async move { vec![LoadResult::Unavailable; n] })
+        }
+
+        fn wait(&self, _fetch: Fetch<'_>) -> Vec<LoadResult> {
+            self.note("wait");
+            Vec::new()
+        }
+
+        fn make_room(&self) -> bool {
+            self.note("make_room");
+            false
+        }
+
+        fn bring_home(&self, _space: u32, _max: usize) -> usize {
+            self.note("bring_home");
+            0
+        }
+    }
+
+    #[test]
+    fn what_waits_on_donors_never_blocks_the_transport_thread() {
+        let fe = Arc::new(frontend(256 << 10));
+        fe.init_area(1, false).unwrap();
+        let mut full_at = None;
+        for o in 0..10_000 {
+            let page = make_page(Kind::Compressible, o);
+            if fe.store_page(1, o, &page) == Ok(StoreResult::Rejected(Reject::NoCapacity)) {
+                full_at = Some(o);
+                break;
+            }
+        }
+        let full_at = full_at.expect("the store fills");
+        let donors = Arc::new(Donors::default());
+        fe.set_remote(donors.clone());
+        let threads = Threads::new();
+
+        // A one-page store into the full store waits for room, off the
+        // client thread, and is then refused.
+        let answer = threads.execute(&fe, vec![store_op(1, full_at)]);
+        assert_eq!(
+            answer.results[0].status(),
+            v1::Status::RejectedNoCapacity,
+            "{answer:?}"
+        );
+
+        // Then some of the pages go to donors.
+        let shipped = fe.store().begin_remotify(16);
+        assert!(!shipped.is_empty());
+        for s in &shipped {
+            let on_donor = crate::store::Replicas::new(&[7]).unwrap();
+            assert!(fe.store().finish_remotify(s.key, s.version, on_donor));
+        }
+
+        // Now the store finds room without waiting for any.
+        let answer = threads.execute(&fe, vec![store_op(1, full_at)]);
+        assert_eq!(answer.results[0].status(), v1::Status::Ok);
+
+        // A load of a page on a donor waits without blocking anything.
+        let answer = threads.execute(&fe, vec![load(1, shipped[0].key.index)]);
+        assert_eq!(answer.results[0].status(), v1::Status::Unavailable);
+
+        // A one-op shrink asks the donors for the pages they hold, off the
+        // client thread, and hands back those at home.
+        let answer = threads.execute(&fe, vec![shrink(1, 1024)]);
+        assert_eq!(
+            answer.results[0].returned.len() as u64,
+            full_at + 1 - shipped.len() as u64
+        );
+
+        let waits = donors.waits.lock().unwrap().clone();
+        let asked: Vec<&str> = waits.iter().map(|w| w.0).collect();
+        assert_eq!(asked, ["make_room", "bring_home"]);
+        assert!(
+            waits.iter().all(|w| w.1),
+            "waited on donors from the client thread: {waits:?}"
+        );
+    }
+
+    /// An area of `pages` distinct pages; their bytes by offset.
+    fn area_of(fe: &Frontend, area: u32, pages: u64) -> HashMap<u64, Vec<u8>> {
+        fe.init_area(area, false).unwrap();
+        (0..pages)
+            .map(|o| {
+                let page = make_page(Kind::Compressible, o);
+                assert_eq!(fe.store_page(area, o, &page), Ok(StoreResult::Accepted));
+                (o, page)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_answer_that_could_outgrow_a_frame_is_refused_before_anything_runs() {
+        let fe = Arc::new(frontend(64 << 20));
+        let mut kept = area_of(&fe, 1, 2_100);
+        let threads = Threads::new();
+
+        // Two full shrinks: the pages they would take could not all be
+        // handed back in one answer.
+        let refused = threads.execute(&fe, vec![shrink(1, 1024), shrink(1, 1024)]);
+        let e = refused.error.expect("refused whole");
+        assert_eq!(e.code(), v1::ErrorCode::FrameTooLarge, "{e:?}");
+        assert!(e.message.contains("smaller requests"), "{}", e.message);
+        assert!(refused.results.is_empty());
+        assert_eq!(fe.curr_pages(1), Ok(2_100), "a refused shrink took pages");
+
+        // A shrink and loads beside it, past the limit together.
+        let mut ops = vec![shrink(1, 1024)];
+        ops.extend((0..64).map(|o| load(1, o)));
+        assert!(threads.execute(&fe, ops).error.is_some());
+        assert_eq!(fe.curr_pages(1), Ok(2_100));
+
+        // Stats once the node has many areas, asked for many times.
+        for area in 2..300 {
+            fe.init_area(area, false).unwrap();
+        }
+        let stats = (0..BATCH_OPS_MAX)
+            .map(|_| op(Op::GetStats(v1::GetStats {})))
+            .collect();
+        assert!(threads.execute(&fe, stats).error.is_some());
+
+        // One full shrink fits: every page it takes is in its answer.
+        let answer = threads.execute(&fe, vec![shrink(1, 1024)]);
+        assert!(answer.error.is_none(), "{:?}", answer.error);
+        encode_frame(&answer).expect("the answer fits a frame");
+        let returned = &answer.results[0].returned;
+        assert_eq!(returned.len(), 1024);
+        for p in returned {
+            let want = kept.remove(&p.offset).expect("a page of the area");
+            assert_eq!(&p.page[..], &want[..]);
+        }
+        assert_eq!(fe.curr_pages(1), Ok(kept.len() as u64));
+    }
+
+    #[test]
+    fn the_reckoning_covers_the_widest_answers() {
+        let fe = frontend(1 << 20);
+        for area in 0..40 {
+            fe.init_area(area, false).unwrap();
+        }
+        let detail = "d".repeat(256);
+        let page = Bytes::from(vec![0xa5u8; PAGE_BYTES]);
+        let widest = |s: v1::Status| v1::OpResult {
+            status: s as i32,
+            value: u64::MAX,
+            detail: detail.clone(),
+            ..Default::default()
+        };
+        let loaded = || v1::OpResult {
+            page: page.clone(),
+            detail: String::new(),
+            ..widest(v1::Status::Ok)
+        };
+        let returned = v1::OpResult {
+            returned: (0..SHRINK_PAGES_MAX)
+                .map(|_| v1::ReturnedPage {
+                    offset: u64::MAX,
+                    page: page.clone(),
+                })
+                .collect(),
+            ..widest(v1::Status::Ok)
+        };
+        let m = u64::MAX;
+        let counters = v1::Counters {
+            succ_stores: m,
+            failed_stores_no_capacity: m,
+            failed_stores_incompressible: m,
+            failed_stores_quota: m,
+            failed_stores_area_invalidated: m,
+            failed_stores_unavailable: m,
+            loads_hit: m,
+            loads_miss: m,
+            loads_error: m,
+            invalidates: m,
+            loads_remote: m,
+        };
+        let mut stats = fe.stats();
+        stats.counters = Some(counters);
+        stats.store = Some(v1::StoreStats {
+            capacity_bytes: m,
+            used_bytes: m,
+            pages: m,
+            same_filled_pages: m,
+            compressed_pages: m,
+            payload_bytes: m,
+            slot_bytes: m,
+            slab_bytes: m,
+            index_bytes: m,
+            evicted_pages: m,
+            remote_pages: m,
+            remote_bytes: m,
+        });
+        assert_eq!(stats.areas.len(), 40);
+        for a in &mut stats.areas {
+            *a = v1::AreaStats {
+                area: u32::MAX,
+                writethrough: true,
+                invalidated: true,
+                curr_pages: m,
+                counters: Some(counters),
+                replicas: u32::MAX,
+            };
+        }
+        let stats = v1::OpResult {
+            stats: Some(stats),
+            ..widest(v1::Status::Ok)
+        };
+        let cases: Vec<(Vec<v1::Op>, Vec<v1::OpResult>)> = vec![
+            (vec![load(0, 0)], vec![loaded()]),
+            (vec![load(0, 0)], vec![widest(v1::Status::Corrupt)]),
+            (
+                vec![op(Op::InvalidatePage(v1::InvalidatePage {
+                    area: 0,
+                    offset: 0,
+                }))],
+                vec![widest(v1::Status::UnknownArea)],
+            ),
+            (vec![shrink(0, u32::MAX)], vec![returned.clone()]),
+            (vec![op(Op::GetStats(v1::GetStats {}))], vec![stats]),
+            (
+                (0..BATCH_OPS_MAX as u64).map(|o| load(0, o)).collect(),
+                (0..BATCH_OPS_MAX).map(|_| loaded()).collect(),
+            ),
+            (
+                vec![shrink(0, 1024), load(0, 0), load(0, 1)],
+                vec![returned, loaded(), loaded()],
+            ),
+        ];
+        for (ops, results) in cases {
+            let reckoned = answer_bytes_max(&fe, &ops);
+            let answer = v1::Response {
+                id: u64::MAX,
+                results,
+                error: None,
+            };
+            let len = prost::Message::encoded_len(&answer);
+            assert!(
+                len <= reckoned,
+                "{} ops answered in {len} bytes, reckoned {reckoned}",
+                ops.len()
+            );
+            assert!(reckoned <= FRAME_BYTES_MAX, "{} ops refused", ops.len());
+        }
+    }
+
+    #[test]
+    fn an_answer_past_the_reckoning_keeps_the_pages_a_shrink_took() {
+        let page = Bytes::from(vec![0x5au8; PAGE_BYTES]);
+        let shrunk = v1::OpResult {
+            returned: (0..1000u64)
+                .map(|offset| v1::ReturnedPage {
+                    offset,
+                    page: page.clone(),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        // Stats grown past what was reckoned for them, as if areas had been
+        // created meanwhile, and a loaded page beside them.
+        let stats = v1::OpResult {
+            stats: Some(v1::Stats {
+                node: "n".repeat(FRAME_BYTES_MAX / 8),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let loaded = v1::OpResult {
+            page: page.clone(),
+            ..Default::default()
+        };
+        let answer = v1::Response {
+            id: 9,
+            results: vec![shrunk, stats, loaded],
+            error: None,
+        };
+        assert!(encode_frame(&answer).is_err());
+        let mut frame = api::encode_answer(answer);
+        let body = frame
+            .split_off(ramster_protocol::frame::HEADER_BYTES)
+            .freeze();
+        let back: v1::Response = ramster_protocol::frame::decode(body).unwrap();
+        assert!(back.error.is_none(), "{:?}", back.error);
+        assert_eq!(
+            back.results[0].returned.len(),
+            1000,
+            "a shrink's pages were lost"
+        );
+        for r in &back.results[1..] {
+            assert_eq!(r.status(), v1::Status::Unavailable);
+            assert!(r.stats.is_none() && r.page.is_empty());
+        }
+    }
+}
