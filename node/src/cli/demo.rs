@@ -1,10 +1,13 @@
-//! `ramster demo`: a three-node cluster on loopback, started as child
+//! `ramster demo`: a four-node cluster on loopback, started as child
 //! processes with a fresh CA in a temporary directory. A deliberately small
 //! node is filled with realistic pages so they remotify, everything is
-//! loaded back and checked, then most pages are freed so suction brings the
-//! rest home and the donors let go of everything they held for the small
-//! node. Everything stops cleanly at the end, on an error, or on
-//! Ctrl-C (children are ended by PID).
+//! loaded back and checked; then the donor holding the most copies is
+//! killed, the small node repairs around it (two copies of every page: none
+//! is lost) and every page is checked again; the donor comes back empty;
+//! then most pages are freed so suction brings the rest home and the donors
+//! let go of everything they held for the small node. Everything stops
+//! cleanly at the end, on an error, or on Ctrl-C (children are ended by
+//! PID).
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -30,6 +33,8 @@ const BATCH: usize = 256;
 const FORM_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long suction may take to bring every page home.
 const SUCTION_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long repair may take, from the kill (the donor must first be out).
+const REPAIR_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -50,6 +55,49 @@ struct DemoNode {
     admin: String,
     data_dir: PathBuf,
     child: Child,
+    /// How it was started, to start it again.
+    command: NodeCommand,
+}
+
+/// Everything needed to start a node's process.
+struct NodeCommand {
+    exe: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl NodeCommand {
+    fn spawn(&self) -> anyhow::Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        Ok(Command::new(&self.exe)
+            .args(&self.args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?)
+    }
+}
+
+impl DemoNode {
+    /// SIGKILL: the node dies without a word to anyone.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the node again, with its data dir (a new run: it comes back
+    /// holding nothing for others).
+    fn restart(&mut self) -> anyhow::Result<()> {
+        self.child = self
+            .command
+            .spawn()
+            .with_context(|| format!("starting node {} again", self.name))?;
+        Ok(())
+    }
 }
 
 impl Drop for DemoNode {
@@ -96,17 +144,18 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 fn run_in(args: &DemoArgs, dir: &Path) -> anyhow::Result<()> {
     let ca = dir.join("ca");
     tls::create_ca(&ca)?;
-    let specs: [(&'static str, u64, &[&str]); 3] = [
+    let specs: [(&'static str, u64, &[&str]); 4] = [
         ("small", args.small, &[]),
         ("peer", 128 << 20, &[]),
         ("memory-server", 128 << 20, &["--role", "memory-server"]),
+        ("memory-server2", 128 << 20, &["--role", "memory-server"]),
     ];
     let peers: Vec<String> = specs
         .iter()
         .map(|_| free_udp_port().map(|p| format!("127.0.0.1:{p}")))
         .collect::<anyhow::Result<_>>()?;
     let exe = std::env::current_exe().context("locating the ramster binary")?;
-    println!("ramster demo: a 3-node cluster on loopback, mutual TLS under a fresh CA");
+    println!("ramster demo: a 4-node cluster on loopback, mutual TLS under a fresh CA");
     println!("  working in {}", dir.display());
     let mut nodes = Vec::new();
     for ((name, capacity, extra), peer) in specs.iter().zip(&peers) {
@@ -114,31 +163,41 @@ fn run_in(args: &DemoArgs, dir: &Path) -> anyhow::Result<()> {
         let data_dir = dir.join(name);
         std::fs::create_dir_all(&data_dir)?;
         let admin = format!("127.0.0.1:{}", free_tcp_port()?);
-        let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
-        let child = Command::new(&exe)
-            .args(["node", "--name", name, "--capacity"])
-            .arg(capacity.to_string())
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .arg("--certs-dir")
-            .arg(&certs)
-            .args([
-                "--listen",
-                peer,
-                "--join",
-                &peers.join(","),
-                "--admin-listen",
-                &admin,
-            ])
-            .args(*extra)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
+        let mut node_args: Vec<String> = [
+            "node",
+            "--name",
+            name,
+            "--capacity",
+            &capacity.to_string(),
+            "--data-dir",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        node_args.push(data_dir.display().to_string());
+        node_args.push("--certs-dir".into());
+        node_args.push(certs.display().to_string());
+        for a in [
+            "--listen",
+            peer,
+            "--join",
+            &peers.join(","),
+            "--admin-listen",
+            &admin,
+        ] {
+            node_args.push(a.to_string());
+        }
+        node_args.extend(extra.iter().map(|a| a.to_string()));
+        let command = NodeCommand {
+            exe: exe.clone(),
+            args: node_args,
+            log: dir.join(format!("{name}.log")),
+        };
+        let child = command
             .spawn()
             .with_context(|| format!("starting node {name}"))?;
         println!(
-            "  started {name:<13} pid {:<7} capacity {:>9}  peer {peer}  admin {admin}",
+            "  started {name:<14} pid {:<7} capacity {:>9}  peer {peer}  admin {admin}",
             child.id(),
             format_size(*capacity)
         );
@@ -147,6 +206,7 @@ fn run_in(args: &DemoArgs, dir: &Path) -> anyhow::Result<()> {
             admin,
             data_dir,
             child,
+            command,
         });
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -154,7 +214,7 @@ fn run_in(args: &DemoArgs, dir: &Path) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async {
         tokio::select! {
-            r = scenario(args, &nodes) => r,
+            r = scenario(args, &mut nodes) => r,
             _ = tokio::signal::ctrl_c() => {
                 println!("\ninterrupted: stopping the nodes");
                 Ok(())
@@ -205,14 +265,16 @@ impl LiveTable {
     }
 }
 
-async fn scenario(args: &DemoArgs, nodes: &[DemoNode]) -> anyhow::Result<()> {
-    let small = &nodes[0];
+async fn scenario(args: &DemoArgs, nodes: &mut [DemoNode]) -> anyhow::Result<()> {
+    let n = nodes.len();
+    let (small, donors) = nodes.split_first_mut().expect("nodes");
+    let small = &*small;
     let mut table = LiveTable::new();
     // 1. The cluster forms by itself from the seed list.
     let deadline = Instant::now() + FORM_TIMEOUT;
     loop {
         if let Ok(s) = fetch_status(small).await
-            && s.nodes_up == nodes.len()
+            && s.nodes_up == n
             && s.leader.is_some()
         {
             println!("\n== the cluster formed itself (no init step)");
@@ -285,23 +347,17 @@ async fn scenario(args: &DemoArgs, nodes: &[DemoNode]) -> anyhow::Result<()> {
     // 3. Everything comes back, checked byte for byte.
     println!("\n== loading every accepted page back and checking each byte");
     let started = Instant::now();
-    for chunk in accepted.chunks(BATCH) {
-        let got = client.load_pages(AREA, chunk).await?;
-        for (&offset, g) in chunk.iter().zip(got) {
-            match g {
-                Ok(page) if page[..] == pages.page(offset as usize)[..] => {}
-                Ok(_) => bail!("page {offset} came back different"),
-                Err(s) => bail!("page {offset} did not load: {s:?}"),
-            }
-        }
-    }
+    verify(&client, &pages, &accepted).await?;
     println!(
         "   {} pages verified in {:.1} s, local and remote alike",
         accepted.len(),
         started.elapsed().as_secs_f64()
     );
 
-    // 4. Free most pages: suction brings the rest home.
+    // 4. A donor dies; with two copies of every page, nothing is lost.
+    lose_a_donor(small, donors, &client, &pages, &accepted, &mut table).await?;
+
+    // 5. Free most pages: suction brings the rest home.
     let keep = accepted.len() / 8;
     println!(
         "\n== freeing {} pages: below the low watermark, suction brings the remote ones home",
@@ -364,5 +420,106 @@ async fn scenario(args: &DemoArgs, nodes: &[DemoNode]) -> anyhow::Result<()> {
         }
     }
     println!("   every page is home; the {keep} kept pages verified again");
+    Ok(())
+}
+
+/// Kills the donor holding the most of `small`'s copies, shows the status
+/// while `small` waits for it to be out and repairs around it, checks every
+/// page again, and starts the donor again (it comes back empty).
+async fn lose_a_donor(
+    small: &DemoNode,
+    donors: &mut [DemoNode],
+    client: &Client,
+    pages: &Pages,
+    accepted: &[u64],
+    table: &mut LiveTable,
+) -> anyhow::Result<()> {
+    let s = fetch_status(small).await?;
+    let held = |name: &str| {
+        s.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .map_or(0, |n| n.held_for_others_pages)
+    };
+    let victim = donors
+        .iter_mut()
+        .max_by_key(|d| held(d.name))
+        .expect("donors");
+    println!(
+        "\n== killing {} (SIGKILL), which holds {} copies: every page has another",
+        victim.name,
+        held(victim.name)
+    );
+    victim.kill();
+    let started = Instant::now();
+    let mut seen_short = false;
+    loop {
+        let s = fetch_status(small).await?;
+        let me = s.nodes.iter().find(|n| n.name == small.name);
+        let short = me.map_or(0, |n| n.degraded_pages);
+        let lost = me.map_or(0, |n| n.unrecoverable_pages);
+        if lost > 0 {
+            bail!("{lost} pages lost every copy");
+        }
+        seen_short |= short > 0;
+        let dead = s.nodes.iter().find(|n| n.name == victim.name);
+        let note = match dead.map(|n| n.state) {
+            Some(crate::cluster::status::Liveness::Down) if !seen_short => format!(
+                "{} is down: loads use the other copies; repair waits until it is out (--out-after)",
+                victim.name
+            ),
+            Some(crate::cluster::status::Liveness::Down) if short == 0 => {
+                "every page has its copies again".to_string()
+            }
+            Some(crate::cluster::status::Liveness::Down) => {
+                format!(
+                    "{} is out: {short} pages are getting their second copy back",
+                    victim.name
+                )
+            }
+            _ => format!("{} is silent", victim.name),
+        };
+        table.show(
+            &s,
+            &format!(
+                "{:.0} s after the kill: {note}",
+                started.elapsed().as_secs_f64()
+            ),
+        );
+        if seen_short && short == 0 {
+            break;
+        }
+        if started.elapsed() > REPAIR_TIMEOUT {
+            bail!("{short} pages still short of copies after {REPAIR_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    table.keep();
+    verify(client, pages, accepted).await?;
+    println!(
+        "   repaired in {:.1} s from the kill; {} pages verified again",
+        started.elapsed().as_secs_f64(),
+        accepted.len()
+    );
+    victim.restart()?;
+    println!(
+        "   {} started again: a new run, holding nothing for others",
+        victim.name
+    );
+    Ok(())
+}
+
+/// Loads every page of `accepted` back and checks each byte.
+async fn verify(client: &Client, pages: &Pages, accepted: &[u64]) -> anyhow::Result<()> {
+    for chunk in accepted.chunks(BATCH) {
+        let got = client.load_pages(AREA, chunk).await?;
+        for (&offset, g) in chunk.iter().zip(got) {
+            match g {
+                Ok(page) if page[..] == pages.page(offset as usize)[..] => {}
+                Ok(_) => bail!("page {offset} came back different"),
+                Err(s) => bail!("page {offset} did not load: {s:?}"),
+            }
+        }
+    }
     Ok(())
 }
