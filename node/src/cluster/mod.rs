@@ -5,6 +5,8 @@
 //! - [`pressure`]: what the host says about memory (cgroups, PSI).
 //! - [`donor`]: peers' pages held here (sans-IO); [`reclaim`]: how much of
 //!   them a donor keeps when it needs memory back.
+//! - [`owner`]: what an owner decides about its pages on donors (sans-IO);
+//!   [`movers`], [`repair`] and [`node`] carry it out.
 //! - [`rpc`]: peer requests checked and applied to the donor (sans-IO).
 //! - [`tls`]: the cluster CA, node certificates and the mutual-TLS configs.
 //! - [`transport`]: QUIC connections between peers, page batches on
@@ -16,6 +18,7 @@ pub mod membership;
 pub mod movers;
 mod net_thread;
 pub mod node;
+pub mod owner;
 pub mod placement;
 pub mod pressure;
 pub mod reclaim;

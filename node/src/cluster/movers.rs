@@ -4,7 +4,6 @@
 //! When to move is [`super::watermarks`]' decision, where to
 //! [`super::placement`]'s; this module only carries it out.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -18,10 +17,11 @@ use tracing::{debug, warn};
 use super::donor::{DonatedPage, PageRef, PageStatus};
 use super::membership::NodeId;
 use super::node::{Inner, decode_checked};
+use super::owner::remotify::{by_copies, settle_shipped};
 use super::placement::choose_donors;
 use super::watermarks::{Movement, Pressure, SuctionPace};
 use crate::metrics::ClusterCounters;
-use crate::store::{CopiesWanted, Outbound, PAGE_BYTES, Released, RemoteRef, Replicas};
+use crate::store::{Outbound, PAGE_BYTES, Released, RemoteRef, Replicas};
 
 /// How often the movers look at the store when nothing wakes them.
 pub const MOVER_TICK_MS: u64 = 50;
@@ -157,18 +157,6 @@ fn still_to_shed(inner: &Inner, pressure: &mut Pressure, in_flight: u64) -> u64 
 
 fn compressed_bytes(out: &[Outbound]) -> u64 {
     out.iter().map(|o| o.compressed.len() as u64).sum()
-}
-
-/// A remotify batch split by the number of donor copies its pages want:
-/// one placement per count, in order (a simulated run replays).
-pub fn by_copies(out: Vec<Outbound>, wanted: &CopiesWanted) -> BTreeMap<usize, Vec<Outbound>> {
-    let mut by = BTreeMap::<usize, Vec<Outbound>>::new();
-    for o in out {
-        by.entry(wanted.of(o.key.space, o.retention))
-            .or_default()
-            .push(o);
-    }
-    by
 }
 
 /// Puts one batch on `copies` donors; frees the local copies every one of
@@ -331,49 +319,6 @@ async fn forget(inner: &Arc<Inner>, remote_pages: u64) {
             Err(e) => debug!(donor = d, reason = %e, "donor not told to forget us yet"),
         }
     }
-}
-
-/// One page's outcome of a remotify batch, once its puts are answered.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub struct ShipSettle {
-    /// Every chosen donor acked: the set to record, after which the local
-    /// copy is freed. `None`: the page stays home.
-    pub record: Option<Replicas>,
-    /// The donors that hold a copy, or may: a put that went unanswered may
-    /// still land, and the release sent after it leaves a tombstone that
-    /// refuses it then.
-    made: Option<Replicas>,
-}
-
-impl ShipSettle {
-    /// The copies to release, given whether the store recorded the set (it
-    /// refuses when the page was rewritten or invalidated meanwhile).
-    pub fn unwanted(&self, recorded: bool) -> Option<Replicas> {
-        if recorded { None } else { self.made }
-    }
-}
-
-/// Settles one shipped page: `donors` were asked, `holders` acked it,
-/// `unanswered` got the batch and did not answer. The local copy may go
-/// only when every replica acked.
-pub fn settle_shipped(donors: &[u32], holders: &[u32], unanswered: &[u32]) -> ShipSettle {
-    let complete = !donors.is_empty() && donors.iter().all(|d| holders.contains(d));
-    ShipSettle {
-        record: if complete {
-            Replicas::new(holders)
-        } else {
-            None
-        },
-        made: may_hold(holders, unanswered),
-    }
-}
-
-/// The donors that may hold a copy after a put: those that acked it and
-/// those that got it and never answered.
-pub fn may_hold(holders: &[u32], unanswered: &[u32]) -> Option<Replicas> {
-    let mut maybe = holders.to_vec();
-    maybe.extend(unanswered.iter().filter(|d| !holders.contains(d)));
-    Replicas::new(&maybe)
 }
 
 /// Brings about `bytes` of remote pages home, hottest first, at the pace

@@ -368,7 +368,7 @@ pub fn settle_page(
     PageSettle {
         record,
         gone: Replicas::new(&plan.gone),
-        made: super::movers::may_hold(holders, unanswered),
+        made: super::owner::remotify::may_hold(holders, unanswered),
     }
 }
 

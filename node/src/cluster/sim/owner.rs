@@ -24,8 +24,9 @@ use super::world::{
 };
 use crate::cluster::donor::{DonatedPage, PageRef, PageStatus};
 use crate::cluster::liveness::HEARTBEAT_INTERVAL_MS;
-use crate::cluster::movers::{MOVER_TICK_MS, by_copies, settle_shipped};
+use crate::cluster::movers::MOVER_TICK_MS;
 use crate::cluster::node::decode_checked;
+use crate::cluster::owner::remotify::{by_copies, settle_shipped};
 use crate::cluster::placement::{DonorView, choose_donors};
 use crate::cluster::repair::{
     self, AfterRepair, DonorSight, PassStart, PendingReleases, REPAIR_BATCH_PAGES,
