@@ -2,7 +2,8 @@
 //! fills past the high watermark; suction brings them home when it empties
 //! below the low one; both release donor copies that are no longer wanted.
 //! When to move is [`super::watermarks`]' decision, where to
-//! [`super::placement`]'s; this module only carries it out.
+//! [`super::placement`]'s, and what a batch's answers settle to
+//! [`super::owner::remotify`]'s; this module only carries it out.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -18,6 +19,7 @@ use super::donor::{DonatedPage, PageRef, PageStatus};
 use super::membership::NodeId;
 use super::node::{Inner, decode_checked};
 use super::owner::remotify::{by_copies, settle_shipped};
+use super::owner::repair::gone_since;
 use super::placement::choose_donors;
 use super::watermarks::{Movement, Pressure, SuctionPace};
 use crate::metrics::ClusterCounters;
@@ -241,7 +243,7 @@ async fn ship(inner: Arc<Inner>, out: Vec<Outbound>, copies: usize) -> bool {
     // Recorded under the lock that strikes a donor's copies off: a donor
     // that came back empty since it acked holds nothing.
     let shipped = inner.shipped_runs();
-    let gone = super::repair::gone_since(&runs, |d| shipped.get(&d).copied());
+    let gone = gone_since(&runs, |d| shipped.get(&d).copied());
     for (o, holders) in out.iter().zip(&mut acked) {
         holders.retain(|d| !gone.contains(d));
         let settled = settle_shipped(&donors, holders, &unanswered);

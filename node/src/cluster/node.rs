@@ -36,6 +36,7 @@ use super::membership::{
     self, Command, CommandResult, MemberState, Membership, MembershipError, NodeId, RaftReply,
     RaftRequest, RaftTransport, Role,
 };
+use super::owner::repair;
 use super::placement::DonorView;
 use super::rpc::{self, RpcRefusal};
 use super::status::{ClusterStatus, Health, Liveness, NodeStatus};
@@ -44,7 +45,7 @@ use super::transport::{
     TransportConfig,
 };
 use super::watermarks::Watermarks;
-use super::{pressure, reclaim, repair};
+use super::{pressure, reclaim};
 use crate::admin::ChangeError;
 use crate::frontend::{Fetch, LoadResult, RemotePages};
 use crate::metrics::{ClusterCounters, NodeMetrics};
@@ -171,7 +172,7 @@ pub(super) struct Inner {
     /// every page of ours released there, until told to forget us
     /// ([`super::movers`]' `forget`).
     pub(super) unforgotten: Mutex<HashSet<DonorId>>,
-    pub(super) repair: Mutex<super::repair::RepairState>,
+    pub(super) repair: Mutex<repair::RepairState>,
 }
 
 /// A donor's watch on its memory: every tick, the limit new puts may fill

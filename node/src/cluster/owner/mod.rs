@@ -16,4 +16,6 @@
 //! release on donor X; complete load N), with the glue left as a thin
 //! driver of those commands.
 
+pub mod reclaim;
 pub mod remotify;
+pub mod repair;

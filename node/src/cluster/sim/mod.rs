@@ -11,10 +11,11 @@
 //! `begin/finish/abort_remotify`, `remote_on`, `set_replicas`, `strike_donor`,
 //! `install_fetched`, releases), each node's `DonorStore` (incarnations,
 //! versions, tombstones, limits), `PeerTable` liveness, and every decision
-//! the node's movers take: `Pressure::decide`, `choose_donors`,
-//! `repair::{copies_lost, after_repair, plan_group, fresh_candidates,
-//! settle_page}`, `RepairState`, `movers::settle_shipped`, and the donors'
-//! reclaim asks in their heartbeats (`rpc::heartbeat_of`).
+//! the node's movers take: `Pressure::decide`, `choose_donors`, the owner
+//! core's (`cluster::owner`) `repair::{copies_lost, after_repair,
+//! plan_group, fresh_candidates, settle_page, gone_since}`, `RepairState`,
+//! `reclaim::reclaim_step`, `remotify::{by_copies, settle_shipped}`, and
+//! the donors' reclaim asks in their heartbeats (`rpc::heartbeat_of`).
 //!
 //! **Modelled:** the glue around them ([`owner`] retells `movers.rs`,
 //! `repair.rs` (reclaim included) and the remote-load and donor-view parts of `node.rs` step

@@ -5,9 +5,11 @@
 //! This is the node's glue (`cluster::movers`, `cluster::repair`,
 //! `cluster::node`) retold over the simulated network, step for step; every
 //! decision in it is the node's own code: `Pressure::decide`,
-//! `choose_donors`, `repair::{copies_lost, after_repair, plan_group,
-//! fresh_candidates, settle_page}`, `RepairState`, `movers::settle_shipped`,
-//! and the real `PageStore` (`strike_donor` included) and `DonorStore`.
+//! `choose_donors`, the owner core's (`cluster::owner`)
+//! `repair::{copies_lost, after_repair, plan_group, fresh_candidates,
+//! settle_page, gone_since}`, `RepairState`, `reclaim::reclaim_step`,
+//! `remotify::{by_copies, settle_shipped}`, and the real `PageStore`
+//! (`strike_donor` included) and `DonorStore`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -26,12 +28,13 @@ use crate::cluster::donor::{DonatedPage, PageRef, PageStatus};
 use crate::cluster::liveness::HEARTBEAT_INTERVAL_MS;
 use crate::cluster::movers::MOVER_TICK_MS;
 use crate::cluster::node::decode_checked;
+use crate::cluster::owner::reclaim::reclaim_step;
 use crate::cluster::owner::remotify::{by_copies, settle_shipped};
-use crate::cluster::placement::{DonorView, choose_donors};
-use crate::cluster::repair::{
+use crate::cluster::owner::repair::{
     self, AfterRepair, DonorSight, PassStart, PendingReleases, REPAIR_BATCH_PAGES,
-    fresh_candidates, plan_group, reclaim_step, settle_page,
+    fresh_candidates, plan_group, settle_page,
 };
+use crate::cluster::placement::{DonorView, choose_donors};
 use crate::cluster::status::Liveness;
 use crate::cluster::watermarks::{Movement, Pressure, Watermarks};
 use crate::store::{

@@ -18,7 +18,7 @@ use crate::cluster::donor::{
 };
 use crate::cluster::liveness::{LivenessTimings, PeerTable};
 use crate::cluster::membership::Role;
-use crate::cluster::repair::RepairState;
+use crate::cluster::owner::repair::RepairState;
 use crate::cluster::rpc::heartbeat_of;
 use crate::store::{DonorId, PageStore, Released, StoreConfig};
 
