@@ -31,3 +31,10 @@ pub mod tls;
 pub mod transport;
 pub mod view;
 pub mod watermarks;
+
+/// An instant for tests of the sans-IO cores to count from: the cores read
+/// no clock, so a test hands them this plus whatever time it plays out.
+#[cfg(test)]
+pub(crate) fn test_epoch() -> std::time::Instant {
+    std::time::Instant::now()
+}

@@ -110,7 +110,7 @@ pub(super) async fn repair(inner: &Arc<Inner>) -> bool {
         ClusterCounters::add(&c.repaired_pages, repaired);
         if repaired == 0 {
             // Nothing could be repaired now: try again next tick.
-            if inner.repair.lock().stall_report_due() {
+            if inner.repair.lock().stall_report_due(Instant::now()) {
                 warn!(lost = ?lost, degraded, ?stalled, "repair made no progress");
             }
             return false;
@@ -146,7 +146,7 @@ pub(super) async fn reclaim(inner: &Arc<Inner>) {
             moved = super::movers::bring_home(inner, &refs).await as u64;
         }
         if moved == 0 {
-            if inner.repair.lock().stall_report_due() {
+            if inner.repair.lock().stall_report_due(Instant::now()) {
                 warn!(
                     donor,
                     bytes,

@@ -93,14 +93,14 @@ impl RepairState {
         }
     }
 
-    /// Whether a stalled pass should be reported now (at most every
+    /// Whether a stalled pass should be reported at `now` (at most every
     /// [`STALL_REPORT_EVERY`]); if so, the report is counted as made.
-    pub(crate) fn stall_report_due(&mut self) -> bool {
+    pub(crate) fn stall_report_due(&mut self, now: Instant) -> bool {
         let due = self
             .stall_reported
-            .is_none_or(|t| t.elapsed() >= STALL_REPORT_EVERY);
+            .is_none_or(|t| now.saturating_duration_since(t) >= STALL_REPORT_EVERY);
         if due {
-            self.stall_reported = Some(Instant::now());
+            self.stall_reported = Some(now);
         }
         due
     }
@@ -352,6 +352,8 @@ pub fn settle_page(
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn set(ds: &[DonorId]) -> Replicas {
@@ -379,5 +381,18 @@ mod tests {
         // 3 refused (it answered): nothing to release.
         let refused = settle_page(&plan, &[3], &[], &[]);
         assert_eq!(refused.unwanted(false), None);
+    }
+
+    #[test]
+    fn a_stalled_repair_is_reported_at_most_every_few_seconds() {
+        let mut state = RepairState::default();
+        let t0 = crate::cluster::test_epoch();
+        assert!(state.stall_report_due(t0));
+        assert!(!state.stall_report_due(t0 + STALL_REPORT_EVERY / 2));
+        assert!(state.stall_report_due(t0 + STALL_REPORT_EVERY));
+        // A clock read earlier than the last report (taken on another
+        // thread, say) does not report again.
+        assert!(!state.stall_report_due(t0));
+        assert!(!state.stall_report_due(t0 + STALL_REPORT_EVERY + Duration::from_secs(1)));
     }
 }
