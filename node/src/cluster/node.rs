@@ -36,6 +36,7 @@ use super::membership::{
     self, Command, CommandResult, MemberState, Membership, MembershipError, NodeId, RaftReply,
     RaftRequest, RaftTransport, Role,
 };
+use super::owner::fetch::{LookAgain, RELOOKS_MAX, look_again, replica_order};
 use super::owner::repair;
 use super::placement::DonorView;
 use super::rpc::{self, RpcRefusal};
@@ -218,9 +219,6 @@ async fn reclaim_loop(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
 /// Bounds of the delay after which a remote load asks the next replica.
 const HEDGE_AFTER_MIN: Duration = Duration::from_millis(5);
 const HEDGE_AFTER_MAX: Duration = Duration::from_millis(250);
-/// Times a remote load looks a page up again after its copies were not
-/// where the descriptor said: each look follows one move of the page.
-const RELOOKS_MAX: usize = 4;
 
 fn unavailable(msg: impl Into<String>) -> RpcRefusal {
     RpcRefusal::new(PeerErrorCode::Unavailable, msg)
@@ -1146,7 +1144,9 @@ impl Inner {
     /// A page none of whose copies was found where its descriptor said is
     /// looked up again before it is answered `Unavailable`: suction, a
     /// reclaim, a drain or repair may have moved it (home, or to other
-    /// donors) and released the copies the load was reading from.
+    /// donors) and released the copies the load was reading from. The
+    /// order of replicas and what a second look finds are the owner core's
+    /// ([`super::owner::fetch`]), which the simulator's loads run too.
     pub(super) async fn fetch_many(
         &self,
         refs: &[RemoteRef],
@@ -1165,17 +1165,16 @@ impl Inner {
                 if *result == LoadResult::Hit {
                     continue;
                 }
-                let now = match self.store.load(current[i].key, outs[i]) {
-                    store::LoadOutcome::Remote(now) if now == current[i] => continue,
-                    store::LoadOutcome::Remote(now) => {
+                let now = match look_again(&current[i], self.store.load(current[i].key, outs[i])) {
+                    LookAgain::Unchanged => continue,
+                    LookAgain::Moved(now) => {
                         current[i] = now;
                         moved.push(i);
                         continue;
                     }
-                    store::LoadOutcome::Hit => LoadResult::Hit,
-                    // Invalidated (or stored again and refused) meanwhile.
-                    store::LoadOutcome::Miss => LoadResult::NotFound,
-                    store::LoadOutcome::Corrupt => LoadResult::Corrupt,
+                    LookAgain::Home => LoadResult::Hit,
+                    LookAgain::Gone => LoadResult::NotFound,
+                    LookAgain::Corrupt => LoadResult::Corrupt,
                 };
                 *result = now;
                 changed += 1;
@@ -1229,18 +1228,13 @@ impl Inner {
                     .get(id)
                     .map_or(Liveness::Down, |n| peers.state(&n.name, now))
             };
-            let rank = |id: &NodeId| match state(id) {
-                Liveness::Up => 0,
-                Liveness::Suspect => 1,
-                Liveness::Down => 2,
-            };
             let orders: Vec<Vec<NodeId>> = refs
                 .iter()
                 .map(|r| {
-                    let mut order: Vec<NodeId> =
-                        r.replicas.as_slice().iter().map(|&d| d as NodeId).collect();
-                    order.sort_by_key(rank);
-                    order
+                    replica_order(r.replicas, |d| state(&(d as NodeId)))
+                        .into_iter()
+                        .map(|d| d as NodeId)
+                        .collect()
                 })
                 .collect();
             let down = orders

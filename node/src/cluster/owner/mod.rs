@@ -1,6 +1,8 @@
-//! The owner core: what an owner decides about its pages on donors
-//! (remotify, suction, repair, reclaim, releases, the plan of a remote
-//! load), kept apart from how the node carries it out.
+//! The owner core: what an owner decides about its pages on donors, kept
+//! apart from how the node carries it out. One file per concern:
+//! [`remotify`] (what a shipped batch settles to), [`repair`] (lost copies
+//! re-created), [`reclaim`] (copies a donor wants back), [`fetch`] (a
+//! remote load's plan).
 //!
 //! It is sans-IO: plain synchronous functions and state over the store's
 //! descriptors, with the time passed in and no socket, runtime or clock
@@ -14,8 +16,9 @@
 //! a load needs remote copies, a donor answered, a donor's liveness
 //! changed, a tick, each with `now`) and drained of commands (put, get or
 //! release on donor X; complete load N), with the glue left as a thin
-//! driver of those commands.
+//! driver of those commands; suction and releases join it then.
 
+pub mod fetch;
 pub mod reclaim;
 pub mod remotify;
 pub mod repair;

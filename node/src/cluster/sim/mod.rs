@@ -14,8 +14,10 @@
 //! the node's movers take: `Pressure::decide`, `choose_donors`, the owner
 //! core's (`cluster::owner`) `repair::{copies_lost, after_repair,
 //! plan_group, fresh_candidates, settle_page, gone_since}`, `RepairState`,
-//! `reclaim::reclaim_step`, `remotify::{by_copies, settle_shipped}`, and
-//! the donors' reclaim asks in their heartbeats (`rpc::heartbeat_of`).
+//! `reclaim::reclaim_step`, `remotify::{by_copies, settle_shipped}`,
+//! `fetch::{replica_order, look_again}` (a remote load's order and its
+//! second look), and the donors' reclaim asks in their heartbeats
+//! (`rpc::heartbeat_of`).
 //!
 //! **Modelled:** the glue around them ([`owner`] retells `movers.rs`,
 //! `repair.rs` (reclaim included) and the remote-load and donor-view parts of `node.rs` step

@@ -8,8 +8,9 @@
 //! `choose_donors`, the owner core's (`cluster::owner`)
 //! `repair::{copies_lost, after_repair, plan_group, fresh_candidates,
 //! settle_page, gone_since}`, `RepairState`, `reclaim::reclaim_step`,
-//! `remotify::{by_copies, settle_shipped}`, and the real `PageStore`
-//! (`strike_donor` included) and `DonorStore`.
+//! `remotify::{by_copies, settle_shipped}`, `fetch::{replica_order,
+//! look_again}`, and the real `PageStore` (`strike_donor` included) and
+//! `DonorStore`.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -28,6 +29,7 @@ use crate::cluster::donor::{DonatedPage, PageRef, PageStatus};
 use crate::cluster::liveness::HEARTBEAT_INTERVAL_MS;
 use crate::cluster::movers::MOVER_TICK_MS;
 use crate::cluster::node::decode_checked;
+use crate::cluster::owner::fetch::{LookAgain, RELOOKS_MAX, look_again, replica_order};
 use crate::cluster::owner::reclaim::reclaim_step;
 use crate::cluster::owner::remotify::{by_copies, settle_shipped};
 use crate::cluster::owner::repair::{
@@ -50,8 +52,6 @@ const REPAIR_CHUNK_PAGES: usize = 8;
 const REPAIR_CHUNKS_IN_FLIGHT: usize = 3;
 /// How long a remote load waits on a replica before it asks the next one.
 const HEDGE_AFTER_MS: u64 = 20;
-/// As the node's fetch: looks a page up again after each move.
-const RELOOKS_MAX: usize = 4;
 
 type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
 
@@ -760,22 +760,30 @@ enum Fetched {
 
 /// `Inner::fetch_many` for one page: the replicas the descriptor names,
 /// then, if none had it, the page looked up again where the index says it
-/// is now (home, or other donors), at most `RELOOKS_MAX` times.
+/// is now (home, or other donors) and fetched from there, at most
+/// `RELOOKS_MAX` times.
 async fn fetch(sim: &SimRef, me: usize, r: &RemoteRef) -> Fetched {
     let mut r = *r;
-    for _ in 0..=RELOOKS_MAX {
-        if let Some(page) = fetch_from_replicas(sim, me, &r).await {
-            return Fetched::Page(page);
+    let mut fetched = fetch_from_replicas(sim, me, &r).await;
+    for _ in 0..RELOOKS_MAX {
+        if fetched.is_some() {
+            break;
         }
         let mut out = Box::new([0u8; PAGE_BYTES]);
-        match with(sim, |w| owner(w, me).store.load(r.key, &mut out)) {
-            LoadOutcome::Remote(now) if now != r => r = now,
-            LoadOutcome::Hit => return Fetched::Page(out),
-            LoadOutcome::Miss => return Fetched::Gone,
-            LoadOutcome::Remote(_) | LoadOutcome::Corrupt => break,
+        let now = with(sim, |w| owner(w, me).store.load(r.key, &mut out));
+        match look_again(&r, now) {
+            LookAgain::Home => return Fetched::Page(out),
+            LookAgain::Gone => return Fetched::Gone,
+            LookAgain::Moved(now) => r = now,
+            // A simulated load has no corrupt answer.
+            LookAgain::Unchanged | LookAgain::Corrupt => break,
         }
+        fetched = fetch_from_replicas(sim, me, &r).await;
     }
-    Fetched::Unavailable(r)
+    match fetched {
+        Some(page) => Fetched::Page(page),
+        None => Fetched::Unavailable(r),
+    }
 }
 
 /// One page from the replicas `r` names: those that are up first, the
@@ -785,13 +793,9 @@ async fn fetch_from_replicas(sim: &SimRef, me: usize, r: &RemoteRef) -> Option<B
     let order = with(sim, |w| {
         let o = owner(w, me);
         let now = w.instant();
-        let mut order = r.replicas.as_slice().to_vec();
-        order.sort_by_key(|&d| match o.peers.state(&w.nodes[node_of(d)].name, now) {
-            Liveness::Up => 0,
-            Liveness::Suspect => 1,
-            Liveness::Down => 2,
-        });
-        order
+        replica_order(r.replicas, |d| {
+            o.peers.state(&w.nodes[node_of(d)].name, now)
+        })
     });
     let mut out = Box::new([0u8; PAGE_BYTES]);
     for (i, &d) in order.iter().enumerate() {
