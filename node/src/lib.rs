@@ -10,3 +10,5 @@ pub mod frontend;
 pub mod metrics;
 pub mod poll;
 pub mod store;
+#[cfg(test)]
+mod tidy;

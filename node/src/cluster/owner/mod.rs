@@ -8,7 +8,8 @@
 //! descriptors, with the time passed in and no socket, runtime or clock
 //! read here. The node's movers and the deterministic simulator then run
 //! the same decisions, one over peer sessions and the other over a
-//! simulated network, and a test of a decision needs no cluster.
+//! simulated network, and a test of a decision needs no cluster. A tidy
+//! test (`crate::tidy`) keeps runtimes, clock reads and sockets out.
 //!
 //! Today it holds the decisions the async glue (`super::movers`,
 //! `super::repair`, `super::node`) used to keep among its awaits. It is
