@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ramster_cluster_tests::{NodeProcess, free_loopback_port, ramster_bin};
+use ramster_cluster_tests::{NodeProcess, free_loopback_port, ramster_bin, wait_for};
 use ramster_node::cluster::status::{ClusterStatus, HealthLevel, Liveness};
 use ramster_node::frontend::client::BlockingClient;
 use ramster_protocol::{PAGE_BYTES, v1};
@@ -396,8 +396,13 @@ fn metrics_probes_status_and_health_of_a_real_node() {
 fn admin_listen_off_serves_no_admin_endpoint() {
     let node = NodeProcess::start("admin-off", "16MiB", &["--admin-listen", "off"]).unwrap();
     assert_eq!(node.admin, None);
-    let log = without_ansi_colours(&node.log());
-    assert!(log.contains("admin_listen=None"), "{log}");
+    // The node logs that it is ready just after its API socket answers.
+    wait_for(Duration::from_secs(10), || {
+        without_ansi_colours(&node.log())
+            .contains("admin_listen=None")
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", without_ansi_colours(&node.log())));
 }
 
 /// The log as text: the node colours its fields.
