@@ -1155,6 +1155,32 @@ impl Inner {
         let started = Instant::now();
         let deadline = tokio::time::Instant::from_std(started) + self.endpoint.rpc_deadline();
         let mut results = self.fetch_from_replicas(refs, outs, deadline).await;
+        // Only a load that missed pays for a second look.
+        if results.iter().any(|r| *r != LoadResult::Hit) {
+            self.follow_moved_pages(refs, outs, &mut results, deadline)
+                .await;
+        }
+        let c = &self.metrics.cluster;
+        let hits = results.iter().filter(|r| **r == LoadResult::Hit).count() as u64;
+        ClusterCounters::add(&c.remote_loads, hits);
+        ClusterCounters::add(&c.remote_load_errors, refs.len() as u64 - hits);
+        let elapsed = started.elapsed();
+        for _ in refs {
+            self.metrics.remote_load_latency.observe(elapsed);
+        }
+        results
+    }
+
+    /// The second look of [`Self::fetch_many`]: each page not fetched is
+    /// looked up in the store again; one at home answers from there, one
+    /// on other donors is fetched from them, at most [`RELOOKS_MAX`] moves.
+    async fn follow_moved_pages(
+        &self,
+        refs: &[RemoteRef],
+        outs: &mut [&mut Page],
+        results: &mut [LoadResult],
+        deadline: tokio::time::Instant,
+    ) {
         let mut current: Vec<RemoteRef> = refs.to_vec();
         for _ in 0..RELOOKS_MAX {
             // Pages that moved since their descriptor was read: fetched
@@ -1179,10 +1205,12 @@ impl Inner {
                 *result = now;
                 changed += 1;
             }
-            ClusterCounters::add(
-                &self.metrics.cluster.remote_load_relooks,
-                (changed + moved.len()) as u64,
-            );
+            if changed + moved.len() > 0 {
+                ClusterCounters::add(
+                    &self.metrics.cluster.remote_load_relooks,
+                    (changed + moved.len()) as u64,
+                );
+            }
             if moved.is_empty() || tokio::time::Instant::now() >= deadline {
                 break;
             }
@@ -1200,15 +1228,6 @@ impl Inner {
                 results[i] = r;
             }
         }
-        let c = &self.metrics.cluster;
-        let hits = results.iter().filter(|r| **r == LoadResult::Hit).count() as u64;
-        ClusterCounters::add(&c.remote_loads, hits);
-        ClusterCounters::add(&c.remote_load_errors, refs.len() as u64 - hits);
-        let elapsed = started.elapsed();
-        for _ in refs {
-            self.metrics.remote_load_latency.observe(elapsed);
-        }
-        results
     }
 
     /// One fetch of `refs` from the replicas they name, within `deadline`.
