@@ -285,6 +285,17 @@ impl Member {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Sends `sig` (as `kill` spells it: "-STOP", "-CONT") to the running
+    /// process.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.pid().expect("running").to_string();
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid} failed");
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.data_dir.join("node.log")).unwrap_or_default()
     }
@@ -373,6 +384,23 @@ impl Drop for Member {
     fn drop(&mut self) {
         // Only the process this fixture started, by its PID.
         self.kill();
+    }
+}
+
+/// A small deterministic generator (xorshift64*), so a test's seed
+/// replays its schedule.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
     }
 }
 

@@ -12,11 +12,10 @@
 //! -p ramster-cluster-tests --test chaos` runs a long one.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use ramster_cluster_tests::{Member, MemberSpec, TestCluster, wait_for};
+use ramster_cluster_tests::{MemberSpec, Rng, TestCluster, wait_for};
 use ramster_node::cli::corpus::Pages;
 use ramster_node::frontend::client::BlockingClient;
 use ramster_protocol::v1;
@@ -32,22 +31,6 @@ const OWNERS: [&str; 2] = ["owner1", "owner2"];
 const DONORS: [&str; 3] = ["donor1", "donor2", "memsrv"];
 /// The schedule a plain test run replays.
 const DEFAULT_SEED: u64 = 7;
-
-/// A small deterministic generator (xorshift64*), so a seed replays.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// What one owner's area must hold: offset → index of its page.
 struct Owner {
@@ -117,15 +100,6 @@ impl Owner {
         }
         Ok(offsets.len())
     }
-}
-
-fn signal(m: &Member, sig: &str) {
-    let pid = m.pid().expect("running").to_string();
-    let ok = Command::new("kill")
-        .args([sig, &pid])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "kill {sig} {pid} failed");
 }
 
 #[test]
@@ -219,7 +193,7 @@ fn accepted_pages_survive_a_seeded_schedule_of_donor_faults() {
         if kill {
             cluster.member_mut(victim).kill();
         } else {
-            signal(cluster.member(victim), "-STOP");
+            cluster.member(victim).signal("-STOP");
         }
         // Traffic while the fault is on: loads must be served by the other
         // replica (hedged past a stopped donor), stores and invalidations go on.
@@ -240,7 +214,7 @@ fn accepted_pages_survive_a_seeded_schedule_of_donor_faults() {
         if kill {
             cluster.member_mut(victim).start().unwrap();
         } else {
-            signal(cluster.member(victim), "-CONT");
+            cluster.member(victim).signal("-CONT");
         }
         cluster.wait_up("owner1", 5, FORM_TIMEOUT).unwrap();
         for name in OWNERS {

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use ramster_cluster_tests::{MemberSpec, TestCluster, wait_for};
+use ramster_cluster_tests::{MemberSpec, Rng, TestCluster, wait_for};
 use ramster_node::cli::corpus::Pages;
 use ramster_node::cluster::status::Liveness;
 use ramster_node::frontend::client::{BlockingClient, op};
@@ -33,22 +33,6 @@ const WRITERS: u64 = 3;
 const SPAN: u64 = 20_000;
 const DISTINCT_PAGES: usize = 4_096;
 const DONORS: [&str; 3] = ["donor1", "donor2", "memsrv"];
-
-/// A small deterministic generator (xorshift64*), so a seed replays.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// What went wrong, shared by the writers and the test.
 #[derive(Default)]
@@ -223,15 +207,6 @@ fn traffic(
     w
 }
 
-fn signal(m: &ramster_cluster_tests::Member, sig: &str) {
-    let pid = m.pid().expect("running").to_string();
-    let ok = std::process::Command::new("kill")
-        .args([sig, &pid])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "kill {sig} {pid} failed");
-}
-
 fn seed() -> u64 {
     match std::env::var("RAMSTER_DONOR_LOSS_SEED").ok().as_deref() {
         None => 11,
@@ -334,7 +309,7 @@ fn no_accepted_page_is_lost_or_unavailable_when_one_donor_dies_under_traffic() {
             started.elapsed().as_secs_f64()
         );
         if freeze {
-            signal(cluster.member(victim), "-STOP");
+            cluster.member(victim).signal("-STOP");
         } else {
             cluster.member_mut(victim).kill();
         }
@@ -370,7 +345,7 @@ fn no_accepted_page_is_lost_or_unavailable_when_one_donor_dies_under_traffic() {
         // The owner goes on with two donors for a while.
         std::thread::sleep(Duration::from_millis(2_000 + rng.below(3_000)));
         if freeze {
-            signal(cluster.member(victim), "-CONT");
+            cluster.member(victim).signal("-CONT");
         } else {
             cluster.member_mut(victim).start().unwrap();
         }

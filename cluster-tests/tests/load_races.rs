@@ -30,15 +30,6 @@ const LOADERS: usize = 6;
 const PAGES_PER_ROUND: usize = 16;
 const ROUNDS: usize = 12;
 
-fn signal(m: &ramster_cluster_tests::Member, sig: &str) {
-    let pid = m.pid().expect("running").to_string();
-    let ok = std::process::Command::new("kill")
-        .args([sig, &pid])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "kill {sig} {pid} failed");
-}
-
 #[test]
 fn loads_of_a_page_that_moves_home_meanwhile_never_answer_unavailable() {
     let cluster = TestCluster::start(&[
@@ -105,7 +96,7 @@ fn loads_of_a_page_that_moves_home_meanwhile_never_answer_unavailable() {
     let mut next = held.iter().copied();
     for round in 0..ROUNDS {
         let offsets: Vec<u64> = next.by_ref().take(PAGES_PER_ROUND).collect();
-        signal(cluster.member("donor1"), "-STOP");
+        cluster.member("donor1").signal("-STOP");
         let barrier = Barrier::new(LOADERS);
         std::thread::scope(|s| {
             let handles: Vec<_> = loaders
@@ -136,7 +127,7 @@ fn loads_of_a_page_that_moves_home_meanwhile_never_answer_unavailable() {
                 checked += offsets.len();
             }
         });
-        signal(cluster.member("donor1"), "-CONT");
+        cluster.member("donor1").signal("-CONT");
         // Heard from again before the next round freezes it.
         std::thread::sleep(Duration::from_millis(1_500));
     }

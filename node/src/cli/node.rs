@@ -965,6 +965,22 @@ mod tests {
             .node
     }
 
+    /// The cluster settings of a member started with `extra` flags.
+    fn cluster_settings(extra: &[&str]) -> anyhow::Result<ClusterArgs> {
+        let mut a = vec![
+            "--name",
+            "n",
+            "--data-dir",
+            "/x",
+            "--capacity",
+            "1GiB",
+            "--join",
+            "127.0.0.1:7800",
+        ];
+        a.extend(extra);
+        Ok(args(&a).settings()?.cluster.expect("a cluster member"))
+    }
+
     #[test]
     fn flags_win_over_the_config_file_which_wins_over_defaults() {
         let dir = tempfile::tempdir().unwrap();
@@ -1048,26 +1064,7 @@ admin-listen = "0.0.0.0:9100"
 
     #[test]
     fn the_transport_threads_poll_window_comes_from_the_flag_or_the_file() {
-        let window = |extra: &[&str]| {
-            let mut a = vec![
-                "--name",
-                "n",
-                "--data-dir",
-                "/x",
-                "--capacity",
-                "1GiB",
-                "--join",
-                "127.0.0.1:7800",
-            ];
-            a.extend(extra);
-            args(&a)
-                .settings()
-                .unwrap()
-                .cluster
-                .unwrap()
-                .transport
-                .poll_window
-        };
+        let window = |extra: &[&str]| cluster_settings(extra).unwrap().transport.poll_window;
         assert_eq!(
             window(&[]),
             Duration::from_micros(crate::cluster::transport::POLL_WINDOW_US)
@@ -1086,22 +1083,7 @@ admin-listen = "0.0.0.0:9100"
 
     #[test]
     fn out_after_comes_from_the_flag_or_the_file_within_a_day() {
-        let out_after = |extra: &[&str]| {
-            let mut a = vec![
-                "--name",
-                "n",
-                "--data-dir",
-                "/x",
-                "--capacity",
-                "1GiB",
-                "--join",
-                "127.0.0.1:7800",
-            ];
-            a.extend(extra);
-            args(&a)
-                .settings()
-                .map(|s| s.cluster.unwrap().liveness.out_after)
-        };
+        let out_after = |extra: &[&str]| cluster_settings(extra).map(|c| c.liveness.out_after);
         assert_eq!(
             out_after(&[]).unwrap(),
             Duration::from_millis(crate::cluster::liveness::OUT_AFTER_MS)
