@@ -27,6 +27,8 @@ use ramster_protocol::v1;
 const AREA: u32 = 1;
 const FORM_TIMEOUT: Duration = Duration::from_secs(60);
 const REPAIR_TIMEOUT: Duration = Duration::from_secs(120);
+/// Long enough for audits (every 5 s here) to find what was left.
+const GARBAGE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Connections storing and loading at once, each on offsets of its own.
 const WRITERS: u64 = 3;
 /// Offsets each writer uses: together several times the owner's store.
@@ -239,7 +241,15 @@ fn no_accepted_page_is_lost_or_unavailable_when_one_donor_dies_under_traffic() {
         MemberSpec {
             name: "owner",
             capacity: "16MiB",
-            extra: &["--replicas", "2", "--out-after", &out_after],
+            // Audits often, so that they walk the donors under traffic.
+            extra: &[
+                "--replicas",
+                "2",
+                "--out-after",
+                &out_after,
+                "--audit-every",
+                "5",
+            ],
         },
         MemberSpec {
             name: "donor1",
@@ -389,8 +399,38 @@ fn no_accepted_page_is_lost_or_unavailable_when_one_donor_dies_under_traffic() {
         m("ramster_repaired_pages_total"),
         m("ramster_remote_load_relooks_total"),
     );
+    // No garbage: once the owner is quiet, the donors hold exactly the
+    // copies its index lists (two of each remote page). A release lost with
+    // a killed connection, or a put that landed after the owner gave up on
+    // it, leaves a copy nobody lists until an audit finds it.
+    let held = || -> Option<f64> {
+        DONORS
+            .iter()
+            .map(|d| cluster.member(d).metric("ramster_donor_held_pages"))
+            .sum()
+    };
+    wait_for(GARBAGE_TIMEOUT, || {
+        let listed = 2.0 * owner.metric("ramster_store_remote_pages")?;
+        (held()? == listed && owner.metric("ramster_degraded_pages")? == 0.0).then_some(())
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "seed {seed}: donors hold {:?} copies, the owner lists {:?} ({:?} remote pages): {e}",
+            held(),
+            owner.metric("ramster_store_remote_pages").map(|p| 2.0 * p),
+            owner.metric("ramster_store_remote_pages"),
+        )
+    });
+    assert!(
+        m("ramster_audited_copies_total") > 0.0,
+        "seed {seed}: the owner's audits never listed a copy"
+    );
     eprintln!(
-        "donor loss seed {seed}: released {} copies",
-        m("ramster_released_pages_total")
+        "donor loss seed {seed}: released {} copies, {} more found by audits ({} copies audited); \
+         donors hold exactly the {} copies listed",
+        m("ramster_released_pages_total"),
+        m("ramster_audit_released_pages_total"),
+        m("ramster_audited_copies_total"),
+        held().unwrap_or(0.0),
     );
 }

@@ -117,6 +117,11 @@ pub struct ClusterCounters {
     pub remote_load_relooks: AtomicU64,
     /// Donor copies released (overwritten, invalidated or brought home).
     pub released_pages: AtomicU64,
+    /// Copies donors listed to this owner's audits.
+    pub audited_copies: AtomicU64,
+    /// Listed copies the index did not name (garbage, or a release on its
+    /// way): released by the audit.
+    pub audit_released_pages: AtomicU64,
     /// Peer RPCs that failed (deadline, connection, refusal).
     pub rpc_errors: AtomicU64,
     /// Stores that waited for remotify to make room.

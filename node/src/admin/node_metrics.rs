@@ -116,6 +116,14 @@ static RELEASED_PAGES: Family = Family::counter(
     "ramster_released_pages_total",
     "Donor copies released (overwritten, invalidated or brought home).",
 );
+static AUDITED_COPIES: Family = Family::counter(
+    "ramster_audited_copies_total",
+    "Copies donors listed to this owner's audits.",
+);
+static AUDIT_RELEASED_PAGES: Family = Family::counter(
+    "ramster_audit_released_pages_total",
+    "Copies an audit found on a donor that the index did not name there (garbage, or a copy whose release was on its way), and released.",
+);
 static RPC_ERRORS: Family = Family::counter(
     "ramster_rpc_errors_total",
     "Peer RPCs that failed: deadline, connection or refusal.",
@@ -239,6 +247,8 @@ pub(super) static FAMILIES: &[&Family] = &[
     &REMOTE_LOAD_ERRORS,
     &REMOTE_LOAD_RELOOKS,
     &RELEASED_PAGES,
+    &AUDITED_COPIES,
+    &AUDIT_RELEASED_PAGES,
     &RPC_ERRORS,
     &STORE_THROTTLES,
     &STORE_LATENCY,
@@ -340,6 +350,8 @@ fn write_cluster_counters(out: &mut MetricsWriter, metrics: &NodeMetrics) {
         (&REMOTE_LOAD_ERRORS, &c.remote_load_errors),
         (&REMOTE_LOAD_RELOOKS, &c.remote_load_relooks),
         (&RELEASED_PAGES, &c.released_pages),
+        (&AUDITED_COPIES, &c.audited_copies),
+        (&AUDIT_RELEASED_PAGES, &c.audit_released_pages),
         (&RPC_ERRORS, &c.rpc_errors),
         (&STORE_THROTTLES, &c.store_throttles),
         (&REPAIRED_PAGES, &c.repaired_pages),

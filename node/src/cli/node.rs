@@ -20,6 +20,7 @@ use crate::admin::{self, ADMIN_LISTEN_DEFAULT, AdminContext, Phase};
 use crate::cluster::liveness::LivenessTimings;
 use crate::cluster::membership::Role;
 use crate::cluster::node::{ClusterNode, ClusterSettings, PeerAuth, parse_role};
+use crate::cluster::owner::audit::AuditPace;
 use crate::cluster::pressure;
 use crate::cluster::tls::NodeIdentity;
 use crate::cluster::transport::TransportConfig;
@@ -134,6 +135,11 @@ pub struct NodeArgs {
     /// other donors; one back within them keeps its copies [default: 10].
     #[arg(long, env = "RAMSTER_OUT_AFTER", value_parser = parse_out_after)]
     pub out_after: Option<u64>,
+    /// Seconds between two audits of what donors hold for this node (a
+    /// walk over every donor; copies no page names are released)
+    /// [default: 60].
+    #[arg(long, env = "RAMSTER_AUDIT_EVERY", value_parser = parse_audit_every)]
+    pub audit_every: Option<u64>,
     /// Remotify starts above this fraction of capacity and stops at the
     /// second: START,STOP [default: 0.85,0.75].
     #[arg(long, env = "RAMSTER_REMOTIFY_WATERMARKS", value_parser = parse_pair)]
@@ -262,6 +268,18 @@ fn parse_out_after(s: &str) -> Result<u64, String> {
     parse_number(s).and_then(out_after_in_range)
 }
 
+fn parse_audit_every(s: &str) -> Result<u64, String> {
+    parse_number(s).and_then(audit_every_in_range)
+}
+
+/// An audit at least every day: garbage and tombstones must not wait longer.
+fn audit_every_in_range(secs: u64) -> Result<u64, String> {
+    if !(1..=86_400).contains(&secs) {
+        return Err(format!("{secs} seconds: must be 1..=86400"));
+    }
+    Ok(secs)
+}
+
 fn out_after_in_range(secs: u64) -> Result<u64, String> {
     if secs > OUT_AFTER_SECS_MAX {
         return Err(format!(
@@ -335,6 +353,7 @@ struct ConfigFile {
     zone: Option<String>,
     replicas: Option<usize>,
     out_after: Option<u64>,
+    audit_every: Option<u64>,
     remotify_watermarks: Option<[f64; 2]>,
     suction_watermarks: Option<[f64; 2]>,
     max_udp_payload: Option<u16>,
@@ -366,6 +385,7 @@ pub struct ClusterArgs {
     pub replicas: usize,
     pub watermarks: Watermarks,
     pub liveness: LivenessTimings,
+    pub audit: AuditPace,
     pub transport: TransportConfig,
 }
 
@@ -459,6 +479,14 @@ impl NodeArgs {
                 (None, Some(s)) => Some(
                     out_after_in_range(s)
                         .map_err(|e| anyhow::anyhow!("config `out-after`: {e}"))?,
+                ),
+                (None, None) => None,
+            },
+            audit_every: match (self.audit_every, file.audit_every) {
+                (Some(s), _) => Some(s),
+                (None, Some(s)) => Some(
+                    audit_every_in_range(s)
+                        .map_err(|e| anyhow::anyhow!("config `audit-every`: {e}"))?,
                 ),
                 (None, None) => None,
             },
@@ -577,6 +605,7 @@ struct ClusterSources {
     zone: Option<String>,
     replicas: Option<usize>,
     out_after: Option<u64>,
+    audit_every: Option<u64>,
     remotify: Option<(f64, f64)>,
     suction: Option<(f64, f64)>,
     max_udp_payload: Option<u16>,
@@ -640,6 +669,10 @@ fn cluster_args(
     if let Some(secs) = c.out_after {
         liveness.out_after = Duration::from_secs(secs);
     }
+    let mut audit = AuditPace::NODE;
+    if let Some(secs) = c.audit_every {
+        audit.pass_every = Duration::from_secs(secs);
+    }
     let d = Watermarks::default();
     let (remotify_start, remotify_stop) = c.remotify.unwrap_or((d.remotify_start, d.remotify_stop));
     let (suction_start, suction_stop) = c.suction.unwrap_or((d.suction_start, d.suction_stop));
@@ -677,6 +710,7 @@ fn cluster_args(
         replicas,
         watermarks,
         liveness,
+        audit,
         transport,
     }))
 }
@@ -810,6 +844,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
                         replicas: c.replicas,
                         watermarks: c.watermarks,
                         liveness: c.liveness,
+                        audit: c.audit,
                         transport: c.transport.clone(),
                     },
                     store.clone(),
@@ -1079,6 +1114,31 @@ admin-listen = "0.0.0.0:9100"
             window(&["--config", cfg, "--poll-us", "50"]),
             Duration::from_micros(50)
         );
+    }
+
+    #[test]
+    fn audit_every_comes_from_the_flag_or_the_file_within_a_day() {
+        let every = |extra: &[&str]| cluster_settings(extra).map(|c| c.audit.pass_every);
+        assert_eq!(every(&[]).unwrap(), AuditPace::NODE.pass_every);
+        assert_eq!(
+            every(&["--audit-every", "5"]).unwrap(),
+            Duration::from_secs(5)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("ramster.toml");
+        std::fs::write(&cfg, "audit-every = 300\n").unwrap();
+        let cfg = cfg.to_str().unwrap();
+        assert_eq!(every(&["--config", cfg]).unwrap(), Duration::from_secs(300));
+        assert_eq!(
+            every(&["--config", cfg, "--audit-every", "7"]).unwrap(),
+            Duration::from_secs(7)
+        );
+        assert!(Cmd::try_parse_from(["node", "--audit-every", "0"]).is_err());
+        assert!(Cmd::try_parse_from(["node", "--audit-every", "86401"]).is_err());
+        std::fs::write(dir.path().join("bad.toml"), "audit-every = 0\n").unwrap();
+        let bad = dir.path().join("bad.toml");
+        let e = every(&["--config", bad.to_str().unwrap()]).unwrap_err();
+        assert!(e.to_string().contains("audit-every"), "{e}");
     }
 
     #[test]

@@ -29,11 +29,21 @@
 //!   does not remove a copy put after it was decided. Placement 0 in a
 //!   release covers every put.
 //!
+//! - **Floor.** An owner audits its donors ([`DonorStore::audit`]) and tells
+//!   each its *placement floor*: every put of its numbered below the floor
+//!   has been answered or given up. From then on the donor refuses such a
+//!   put if it still arrives (it could only resurrect a page the owner no
+//!   longer lists), so a tombstone whose release covered only puts below
+//!   the floor has nothing left to refuse and goes; so does the tombstone a
+//!   release below the floor would have left.
+//!
 //! **Bounds.** A key has one slot: a page or a tombstone, never both, so
 //! tombstones never outnumber the keys an owner has released and not put
-//! again. Each tombstone is charged [`TOMBSTONE_BYTES`] to the owner's quota
+//! again; with audits, no more than the releases decided since the owner's
+//! last floor. Each tombstone is charged [`TOMBSTONE_BYTES`] to the owner's quota
 //! and to the donation limit like a page, so they cannot grow past either. A
-//! tombstone goes away when a newer version of its key is put, when the owner
+//! tombstone goes away when a newer version of its key is put, when an audit
+//! raises the floor past it, when the owner
 //! releases everything ([`DonorStore::release_owner`]), or when a newer
 //! incarnation of the owner shows up. `release_owner` forgets the owner
 //! entirely: the owner calls it only once it has no puts in flight to this
@@ -47,7 +57,8 @@
 //! whole batch frame it arrived in.
 
 use bytes::Bytes;
-use hashbrown::HashMap;
+use hashbrown::{DefaultHashBuilder, HashMap};
+use indexmap::IndexMap;
 use ramster_protocol::PEER_BATCH_PAGES_MAX;
 
 use crate::store::{PAGE_BYTES, PageKey};
@@ -117,6 +128,29 @@ pub enum PageStatus {
     WrongIncarnation,
 }
 
+/// A copy an audit lists: what the donor holds for a key, and the placement
+/// number of the latest put that brought it.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct AuditedPage {
+    pub key: PageKey,
+    pub version: u64,
+    pub placement: u64,
+}
+
+/// One step of an audit: a page of the listing and where it goes on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AuditStep {
+    pub pages: Vec<AuditedPage>,
+    /// Where the next step starts; `None` when the listing is complete.
+    pub next: Option<u64>,
+    /// Tombstones still held for the owner.
+    pub tombstones: u64,
+}
+
+/// Slots an audit step looks at per page it may list: tombstones it keeps
+/// take a look each too, so a step's work stays bounded.
+const AUDIT_SCAN_PER_PAGE: usize = 4;
+
 /// A request the donor cannot make sense of, as a whole.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum DonorError {
@@ -155,6 +189,12 @@ fn covers(release: u64, put: u64) -> bool {
     release == 0 || put < release
 }
 
+/// Whether a release decided at `release` covers only puts below `floor`,
+/// which the donor refuses anyway: its tombstone has nothing to refuse.
+fn below_floor(release: u64, floor: u64) -> bool {
+    release != 0 && release <= floor
+}
+
 impl Slot {
     fn cost(&self) -> u64 {
         match self {
@@ -171,20 +211,24 @@ fn page_cost(data_len: usize) -> u64 {
 #[derive(Debug)]
 struct Owner {
     incarnation: u64,
+    /// The owner's placement floor: puts numbered below it are refused.
+    floor: u64,
     used_bytes: u64,
     pages: u64,
     tombstones: u64,
-    slots: HashMap<PageKey, Slot>,
+    /// Insertion-ordered so that an audit can page through by position.
+    slots: IndexMap<PageKey, Slot, DefaultHashBuilder>,
 }
 
 impl Owner {
     fn new(incarnation: u64) -> Self {
         Owner {
             incarnation,
+            floor: 0,
             used_bytes: 0,
             pages: 0,
             tombstones: 0,
-            slots: HashMap::new(),
+            slots: IndexMap::default(),
         }
     }
 }
@@ -403,6 +447,11 @@ impl DonorStore {
         }
         let donate = self.limit_bytes;
         let o = self.owners.get_mut(owner).expect("admitted");
+        if placement < o.floor {
+            // Answered or given up by the owner before its last audit: a
+            // late arrival, no longer wanted.
+            return Ok(vec![PageStatus::StaleVersion; pages.len()]);
+        }
         let mut statuses = Vec::with_capacity(pages.len());
         for p in pages {
             let old_cost = match o.slots.get(&p.key) {
@@ -517,6 +566,9 @@ impl DonorStore {
         }
         let donate = self.config.donate_bytes;
         let o = self.owners.get_mut(owner).expect("admitted");
+        // Every put this release covers is refused by the floor already: it
+        // needs no tombstone to outlive them.
+        let needs_tombstone = !below_floor(placement, o.floor);
         let mut statuses = Vec::with_capacity(refs.len());
         for r in refs {
             let tombstone = Slot::Released {
@@ -531,11 +583,17 @@ impl DonorStore {
                     // A newer version, or this one put again after the
                     // release was decided: not what was released; it stays.
                 }
-                Some(slot @ Slot::Page(_)) => {
+                Some(slot @ Slot::Page(_)) if needs_tombstone => {
                     let freed = slot.cost() - TOMBSTONE_BYTES;
                     *slot = tombstone;
                     o.pages -= 1;
                     o.tombstones += 1;
+                    o.used_bytes -= freed;
+                    self.used_bytes -= freed;
+                }
+                Some(Slot::Page(_)) => {
+                    let freed = o.slots.swap_remove(&r.key).expect("held").cost();
+                    o.pages -= 1;
                     o.used_bytes -= freed;
                     self.used_bytes -= freed;
                 }
@@ -555,6 +613,7 @@ impl DonorStore {
                         };
                     }
                 }
+                None if !needs_tombstone => {}
                 None => {
                     if o.used_bytes + TOMBSTONE_BYTES > quota {
                         statuses.push(PageStatus::Quota);
@@ -573,6 +632,74 @@ impl DonorStore {
             statuses.push(PageStatus::Ok);
         }
         Ok(statuses)
+    }
+
+    /// One step of an owner's audit: raises its placement floor to `floor`
+    /// (see the module doc), lists up to `max` of the copies held for it
+    /// from position `cursor` on, and drops the tombstones it passes that
+    /// the floor made useless. The listing is by position in a table that
+    /// changes between steps: a copy may be missed or listed twice, never
+    /// invented. An owner this donor has not heard of yet is created, so
+    /// that its floor holds against puts still on their way.
+    pub fn audit(
+        &mut self,
+        owner: &str,
+        incarnation: u64,
+        floor: u64,
+        cursor: u64,
+        max: usize,
+    ) -> Result<Result<AuditStep, PageStatus>, DonorError> {
+        check_batch(max)?;
+        if let Err(r) = self.admit(owner, incarnation, true) {
+            return Ok(Err(refusal_status(r)));
+        }
+        let o = self.owners.get_mut(owner).expect("admitted");
+        o.floor = o.floor.max(floor);
+        let mut step = AuditStep::default();
+        let scan_max = max.max(1) * AUDIT_SCAN_PER_PAGE;
+        let mut i = usize::try_from(cursor).unwrap_or(usize::MAX);
+        let mut looked = 0;
+        // At position 0 only dropped tombstones are looked at, and each
+        // shrinks the table: the step ends, and makes progress.
+        while i < o.slots.len() && step.pages.len() < max && (looked < scan_max || i == 0) {
+            looked += 1;
+            let (&key, slot) = o.slots.get_index(i).expect("in range");
+            match *slot {
+                Slot::Page(ref h) => {
+                    step.pages.push(AuditedPage {
+                        key,
+                        version: h.version,
+                        placement: h.placement,
+                    });
+                    i += 1;
+                }
+                Slot::Released { placement, .. } if below_floor(placement, o.floor) => {
+                    // Swaps the last slot into `i`: looked at next.
+                    o.slots.swap_remove_index(i);
+                    o.tombstones -= 1;
+                    o.used_bytes -= TOMBSTONE_BYTES;
+                    self.used_bytes -= TOMBSTONE_BYTES;
+                }
+                Slot::Released { .. } => i += 1,
+            }
+        }
+        step.next = (i < o.slots.len()).then_some(i as u64);
+        step.tombstones = o.tombstones;
+        Ok(Ok(step))
+    }
+
+    /// The release placements of the tombstones held for `owner`. For tests
+    /// and the simulator's oracle.
+    pub fn tombstone_placements(&self, owner: &str) -> Vec<u64> {
+        self.owners.get(owner).map_or_else(Vec::new, |o| {
+            o.slots
+                .values()
+                .filter_map(|slot| match slot {
+                    Slot::Released { placement, .. } => Some(*placement),
+                    Slot::Page(_) => None,
+                })
+                .collect()
+        })
     }
 
     /// Drops everything held for the owner (pages and tombstones) and forgets

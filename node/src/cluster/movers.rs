@@ -15,9 +15,10 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
-use super::donor::{DonatedPage, PageRef, PageStatus};
+use super::donor::{AuditStep, DonatedPage, PageRef, PageStatus};
 use super::membership::NodeId;
 use super::node::{Inner, decode_checked};
+use super::owner::audit::{AUDIT_STEP_COPIES, AuditAsk, Auditor, unwanted_copies};
 use super::owner::remotify::{by_copies, settle_shipped};
 use super::owner::repair::gone_since;
 use super::placement::choose_donors;
@@ -37,8 +38,7 @@ pub const REMOTIFY_ROUND_MAX: Duration = Duration::from_millis(500);
 /// Pages suction checks and installs between two yields to the runtime.
 const SUCTION_YIELD_PAGES: usize = 16;
 /// Most releases kept for donors that cannot be reached; past this the
-/// oldest are forgotten (the donor drops them when the owner's
-/// incarnation changes).
+/// oldest are forgotten (the next audit of the donor finds those copies).
 pub const RELEASE_BACKLOG_MAX: usize = 1 << 20;
 
 pub(super) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
@@ -48,6 +48,10 @@ pub(super) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
     // pages still to move: the next round starts at once instead of a tick
     // later.
     let mut more_to_move = false;
+    let mut audit = Audit {
+        auditor: Auditor::new(inner.audit_pace),
+        out: None,
+    };
     loop {
         if more_to_move {
             if *stop.borrow() {
@@ -61,6 +65,9 @@ pub(super) async fn run(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             }
         }
         more_to_move = false;
+        // Here, between rounds, none of our puts is unanswered: the
+        // placement mark now is a floor (see `owner::audit`).
+        audit.step(&inner).await;
         release(&inner).await;
         let more_to_repair = super::repair::repair(&inner).await;
         super::repair::reclaim(&inner).await;
@@ -279,6 +286,75 @@ async fn ship(inner: Arc<Inner>, out: Vec<Outbound>, copies: usize) -> bool {
     moved > 0
 }
 
+/// The audit's driver: at most one step out at a time, sent from the movers
+/// loop (where the placement mark is a floor) and answered in the
+/// background, so a slow donor holds up nothing.
+struct Audit {
+    auditor: Auditor,
+    out: Option<tokio::task::JoinHandle<(AuditAsk, Result<AuditStep, String>)>>,
+}
+
+impl Audit {
+    async fn step(&mut self, inner: &Arc<Inner>) {
+        if self.out.as_ref().is_some_and(|h| h.is_finished()) {
+            let out = self.out.take().expect("finished");
+            match out.await {
+                Ok((ask, Ok(step))) => self.settle(inner, ask, step),
+                Ok((ask, Err(e))) => {
+                    debug!(donor = ask.donor, reason = %e, "audit step failed");
+                    self.auditor.failed(ask.donor);
+                }
+                Err(e) => warn!(reason = %e, "audit task failed"),
+            }
+        }
+        if self.out.is_some() {
+            return;
+        }
+        let floor = inner.endpoint.placement_mark();
+        let Some(ask) = self
+            .auditor
+            .next(Instant::now(), &inner.answering_donors(), floor)
+        else {
+            return;
+        };
+        let inner = inner.clone();
+        self.out = Some(tokio::spawn(async move {
+            let step = async {
+                let s = inner.donor_session(ask.donor as NodeId).await?;
+                match s
+                    .audit_pages(ask.floor, ask.cursor, AUDIT_STEP_COPIES)
+                    .await
+                {
+                    Ok(Ok(step)) => Ok(step),
+                    Ok(Err(status)) => Err(format!("refused: {status:?}")),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            .await;
+            (ask, step)
+        }));
+    }
+
+    /// Queues the releases an answered step calls for.
+    fn settle(&mut self, inner: &Inner, ask: AuditAsk, step: AuditStep) {
+        let unwanted = unwanted_copies(ask.donor, &step.pages, ask.floor, |c| {
+            inner.store.lists_copy(c.key, c.version, ask.donor)
+        });
+        let c = &inner.metrics.cluster;
+        ClusterCounters::add(&c.audited_copies, step.pages.len() as u64);
+        if !unwanted.is_empty() {
+            debug!(
+                donor = ask.donor,
+                copies = unwanted.len(),
+                "audit found copies no page of ours names"
+            );
+            ClusterCounters::add(&c.audit_released_pages, unwanted.len() as u64);
+            inner.release_backlog.lock().extend(unwanted);
+        }
+        self.auditor.answered(ask.donor, step.next);
+    }
+}
+
 /// Once no page of ours is on any donor (`remote_pages`, from the store's
 /// stats this round) and no release is owed, tells each
 /// donor put to since it last forgot us to forget us (`release_owner`). A
@@ -287,7 +363,7 @@ async fn ship(inner: Arc<Inner>, out: Vec<Outbound>, copies: usize) -> bool {
 /// otherwise stay, charged to our quota and its donation, until our next
 /// incarnation. Nothing of ours can still be put meanwhile: remotify and
 /// repair run in this same loop. (A put that went unanswered and lands
-/// after the forget leaves a page nobody refers to, until the next forget.)
+/// after the forget leaves a copy nobody refers to, until the next audit.)
 async fn forget(inner: &Arc<Inner>, remote_pages: u64) {
     if remote_pages > 0
         || inner.unforgotten.lock().is_empty()

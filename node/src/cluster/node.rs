@@ -36,6 +36,7 @@ use super::membership::{
     self, Command, CommandResult, MemberState, Membership, MembershipError, NodeId, RaftReply,
     RaftRequest, RaftTransport, Role,
 };
+use super::owner::audit::AuditPace;
 use super::owner::fetch::{LookAgain, RELOOKS_MAX, look_again, replica_order};
 use super::owner::repair;
 use super::placement::DonorView;
@@ -87,6 +88,8 @@ pub struct ClusterSettings {
     pub replicas: usize,
     pub watermarks: Watermarks,
     pub liveness: LivenessTimings,
+    /// How often the movers audit what donors hold for us.
+    pub audit: AuditPace,
     pub transport: TransportConfig,
 }
 
@@ -140,6 +143,7 @@ pub(super) struct Inner {
     zone: Option<String>,
     pub(super) replicas: usize,
     pub(super) watermarks: Watermarks,
+    pub(super) audit_pace: AuditPace,
     pub(super) store: Arc<PageStore>,
     pub(super) donor: Arc<Mutex<DonorStore>>,
     pub(super) endpoint: PeerEndpoint,
@@ -275,6 +279,7 @@ impl ClusterNode {
             zone: s.zone.clone(),
             replicas: s.replicas,
             watermarks: s.watermarks,
+            audit_pace: s.audit,
             store,
             donor,
             endpoint: endpoint.clone(),

@@ -9,7 +9,7 @@ use ramster_protocol::peer::{
     self as wire, PeerErrorCode, PeerRequest, PeerResponse, peer_request, peer_response,
 };
 
-use super::donor::{DonatedPage, DonorError, DonorStore, PageRef, PageStatus};
+use super::donor::{AuditedPage, DonatedPage, DonorError, DonorStore, PageRef, PageStatus};
 use crate::store::PageKey;
 
 /// A request that is refused as a whole, with the code the peer sees.
@@ -84,6 +84,20 @@ fn key_from_wire(k: Option<&wire::PageKey>, item: usize) -> Result<PageKey, RpcR
         space: k.space,
         object: k.object,
         index: k.index,
+    })
+}
+
+/// An audited copy as the donor listed it; `None` without a key.
+pub fn audited_from_wire(p: &wire::AuditedPage) -> Option<AuditedPage> {
+    let k = p.key.as_ref()?;
+    Some(AuditedPage {
+        key: PageKey {
+            space: k.space,
+            object: k.object,
+            index: k.index,
+        },
+        version: p.version,
+        placement: p.placement,
     })
 }
 
@@ -261,6 +275,39 @@ fn apply(
             R::ReleaseOwner(wire::ReleaseOwnerResult {
                 status: status_to_wire(status) as i32,
                 released_pages,
+            })
+        }
+        peer_request::Kind::AuditPages(audit) => {
+            check_owner(&audit.owner, peer)?;
+            let max = usize::try_from(audit.max).unwrap_or(usize::MAX);
+            check_len(max)?;
+            let step = donor.lock().audit(
+                &audit.owner,
+                audit.incarnation,
+                audit.floor,
+                audit.cursor,
+                max,
+            )?;
+            R::AuditPages(match step {
+                Ok(step) => wire::AuditPagesResult {
+                    status: wire::PageStatus::Ok as i32,
+                    pages: step
+                        .pages
+                        .iter()
+                        .map(|p| wire::AuditedPage {
+                            key: Some(key_to_wire(p.key)),
+                            version: p.version,
+                            placement: p.placement,
+                        })
+                        .collect(),
+                    // Position 0 never continues a listing (see `audit`).
+                    next: step.next.unwrap_or(0),
+                    tombstones: step.tombstones,
+                },
+                Err(s) => wire::AuditPagesResult {
+                    status: status_to_wire(s) as i32,
+                    ..Default::default()
+                },
             })
         }
         peer_request::Kind::Heartbeat(_) => R::Heartbeat(heartbeat_of(&donor.lock(), peer)),

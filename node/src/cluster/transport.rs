@@ -41,11 +41,11 @@ use ramster_protocol::peer::{
     self as wire, PeerErrorCode, PeerHello, PeerRequest, PeerResponse, PeerWelcome, peer_request,
     peer_response,
 };
-use ramster_protocol::{FRAME_BYTES_MAX, frame, peer_handshake};
+use ramster_protocol::{FRAME_BYTES_MAX, PEER_BATCH_PAGES_MAX, frame, peer_handshake};
 use tokio::sync::{Semaphore, oneshot};
 use tracing::{debug, info, warn};
 
-use super::donor::{DonatedPage, DonorStore, PageRef, PageStatus};
+use super::donor::{AuditStep, DonatedPage, DonorStore, PageRef, PageStatus};
 use super::net_thread::NetThread;
 use super::rpc::{self, RpcRefusal};
 use super::tls::{self, CertError, NodeIdentity};
@@ -1287,6 +1287,48 @@ impl PeerSession {
             peer_response::Kind::ReleasePages(r) => self.statuses(r.statuses, refs.len()),
             _ => Err(self.bad_answer("release answered with another kind")),
         }
+    }
+
+    /// One step of an audit of what the peer holds for us: tells it our
+    /// placement floor and lists up to `max` copies from `cursor` on (see
+    /// [`DonorStore::audit`](super::donor::DonorStore::audit)).
+    pub async fn audit_pages(
+        &self,
+        floor: u64,
+        cursor: u64,
+        max: usize,
+    ) -> Result<Result<AuditStep, PageStatus>, PeerError> {
+        let req = peer_request::Kind::AuditPages(wire::AuditPages {
+            owner: self.owner.clone(),
+            incarnation: self.incarnation,
+            floor,
+            cursor,
+            max: max.min(PEER_BATCH_PAGES_MAX) as u32,
+        });
+        let r = match self.call(req).await? {
+            peer_response::Kind::AuditPages(r) => r,
+            _ => return Err(self.bad_answer("audit answered with another kind")),
+        };
+        match rpc::status_from_wire(r.status) {
+            Some(PageStatus::Ok) => {}
+            Some(s) => return Ok(Err(s)),
+            None => return Err(self.bad_answer(format!("status {}", r.status))),
+        }
+        if r.pages.len() > max {
+            return Err(self.bad_answer(format!("{} copies listed, {max} asked", r.pages.len())));
+        }
+        let pages = r
+            .pages
+            .iter()
+            .map(|p| {
+                rpc::audited_from_wire(p).ok_or_else(|| self.bad_answer("a copy without a key"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Ok(AuditStep {
+            pages,
+            next: (r.next != 0).then_some(r.next),
+            tombstones: r.tombstones,
+        }))
     }
 
     /// Drops everything the peer holds for us; the number of pages dropped.

@@ -714,6 +714,18 @@ impl PageStore {
         self.lock(hash).find(&key, hash).is_some()
     }
 
+    /// Whether the index names `donor` as holding `key` at `version`: the
+    /// copy an audit found there is wanted.
+    pub fn lists_copy(&self, key: PageKey, version: u64, donor: DonorId) -> bool {
+        let hash = hash_key(&key);
+        let shard = self.lock(hash);
+        shard.find(&key, hash).is_some_and(|i| {
+            let e = shard.entry(i);
+            matches!(e.body, Body::Remote { replicas, .. }
+                if e.version == version && replicas.as_slice().contains(&donor))
+        })
+    }
+
     /// Drops one page; `true` if it was there.
     pub fn invalidate(&self, key: PageKey) -> bool {
         let hash = hash_key(&key);

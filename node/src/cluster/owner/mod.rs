@@ -2,7 +2,7 @@
 //! apart from how the node carries it out. One file per concern:
 //! [`remotify`] (what a shipped batch settles to), [`repair`] (lost copies
 //! re-created), [`reclaim`] (copies a donor wants back), [`fetch`] (a
-//! remote load's plan).
+//! remote load's plan), [`audit`] (anti-entropy: copies no one wants).
 //!
 //! It is sans-IO: plain synchronous functions and state over the store's
 //! descriptors, with the time passed in and no socket, runtime or clock
@@ -19,6 +19,7 @@
 //! release on donor X; complete load N), with the glue left as a thin
 //! driver of those commands; suction and releases join it then.
 
+pub mod audit;
 pub mod fetch;
 pub mod reclaim;
 pub mod remotify;

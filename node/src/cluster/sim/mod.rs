@@ -16,7 +16,8 @@
 //! plan_group, fresh_candidates, settle_page, gone_since}`, `RepairState`,
 //! `reclaim::reclaim_step`, `remotify::{by_copies, settle_shipped}`,
 //! `fetch::{replica_order, look_again}` (a remote load's order and its
-//! second look), and the donors' reclaim asks in their heartbeats
+//! second look), `audit::{Auditor, unwanted_copies}` (anti-entropy), and
+//! the donors' reclaim asks in their heartbeats
 //! (`rpc::heartbeat_of`).
 //!
 //! **Modelled:** the glue around them ([`owner`] retells `movers.rs`,
@@ -37,7 +38,11 @@
 //! over its capacity. When faults stop and the network heals (half the
 //! seeds leaving one donor wanting half its memory back for good), (d)
 //! every remote page must be back on R live donors, and every donor within
-//! its limit or holding no page an owner lists, within [`HEAL_MS_MAX`].
+//! its limit or holding no page an owner lists, within [`HEAL_MS_MAX`];
+//! and (e) [`LEAK_SETTLE_MS`] after that, once the owners' audits
+//! (`owner::audit`) walked their donors twice, no copy that no owner lists
+//! is still on a donor and no donor keeps a tombstone of a release decided
+//! before convergence.
 //!
 //! `RAMSTER_SIM_SEEDS=N` runs N seeds (default [`SEEDS_DEFAULT`]),
 //! `RAMSTER_SIM_FIRST_SEED` shifts them, `RAMSTER_SIM_SEED=S` replays one
@@ -67,8 +72,9 @@ pub const FAULT_MS: u64 = 12_000;
 /// Then the cluster has this long to converge.
 pub const HEAL_MS_MAX: u64 = 30_000;
 /// How long after convergence copies no owner lists are looked at again:
-/// those still there are leaked.
-const LEAK_SETTLE_MS: u64 = 2_000;
+/// those still there are leaked, and audits had that long to release them
+/// and to clear the tombstones of releases decided before convergence.
+const LEAK_SETTLE_MS: u64 = 5_000;
 /// How often convergence is looked at once faults stopped.
 const CONVERGE_POLL_MS: u64 = 100;
 /// Replicas per remote page (the node's default).
@@ -172,9 +178,9 @@ pub fn run(seed: u64) -> Outcome {
     let mut traced = None;
     let mut ran = vec![false; nodes];
     let mut unconverged = None;
-    // Once converged: when to look again for copies nobody lists, and the
-    // ones seen at convergence.
-    let mut leak_check: Option<(u64, std::collections::BTreeSet<_>)> = None;
+    // Once converged: when to look again for copies nobody lists, and what
+    // was seen at convergence.
+    let mut leak_check: Option<(u64, oracle::AtConvergence)> = None;
     let failure = loop {
         sim.exec.run_ready(&mut ran);
         let verdict = with_world(&sim, |w| {
@@ -203,6 +209,9 @@ pub fn run(seed: u64) -> Outcome {
         });
         if let Some(Err(f)) = verdict {
             break Some(f);
+        }
+        if let Some((_, seen)) = &mut leak_check {
+            with_world(&sim, |w| oracle::prune_listed(w, seen));
         }
         let mut w = sim.world.borrow_mut();
         let next = w.next_at().expect("every node has a task asleep");
@@ -263,18 +272,18 @@ pub fn run(seed: u64) -> Outcome {
             }
         } else if w.now >= next_poll {
             next_poll = w.now + CONVERGE_POLL_MS;
-            if let Some((due, first)) = &leak_check {
+            if let Some((due, seen)) = &leak_check {
                 if w.now >= *due {
-                    // Only copies still unlisted a while later are garbage.
-                    let now = oracle::leaked_copies(&w);
-                    w.stats.leaked_copies = first.intersection(&now).count() as u64;
+                    if let Err(why) = oracle::garbage_collected(&mut w, seen) {
+                        unconverged = Some(format!("at {} ms: {why}", w.now));
+                    }
                     break None;
                 }
             } else {
                 match oracle::converged(&w) {
                     Ok(()) => {
                         w.stats.converge_ms = w.now - FAULT_MS;
-                        leak_check = Some((w.now + LEAK_SETTLE_MS, oracle::leaked_copies(&w)));
+                        leak_check = Some((w.now + LEAK_SETTLE_MS, oracle::at_convergence(&w)));
                     }
                     Err(why) if w.now >= FAULT_MS + HEAL_MS_MAX => {
                         unconverged = Some(format!(
@@ -366,8 +375,8 @@ fn run_seeds(test: &str, converge: bool) {
          {} delayed, {} reordered), {} crashes ({} of owners), {} partitions, {} reclaims; {} stores \
          ({} refused), {} loads ({} remote, {} unavailable, {} writethrough misses); {} remotified, {} brought home, {} repaired, \
          {} reclaimed, \
-         {} stale puts refused; {} pages lost beyond R replicas; {} leaked copies; slowest \
-         convergence {} ms",
+         {} stale puts refused; {} pages lost beyond R replicas; {} copies released by audits, \
+         {} leaked; slowest convergence {} ms",
         started.elapsed(),
         failures.len(),
         unconverged.len(),
@@ -392,6 +401,7 @@ fn run_seeds(test: &str, converge: bool) {
         t.reclaimed,
         t.stale_puts,
         t.unrecoverable,
+        t.audit_released,
         t.leaked_copies,
         t.converge_ms,
     );

@@ -407,3 +407,96 @@ pub fn leaked_copies(w: &World) -> BTreeSet<(usize, u32, u64, u64)> {
     }
     leaked
 }
+
+/// What the garbage check compares against, taken at convergence.
+pub struct AtConvergence {
+    /// Copies no owner listed at convergence, and none has listed (or the
+    /// donor let go) at any step since: unlisted all along.
+    leaked: BTreeSet<(usize, u32, u64, u64)>,
+    /// Per owner node: its incarnation, placement mark and audit passes.
+    owners: BTreeMap<usize, (u64, u64, u64)>,
+}
+
+pub fn at_convergence(w: &World) -> AtConvergence {
+    AtConvergence {
+        leaked: leaked_copies(w),
+        owners: w
+            .nodes
+            .iter()
+            .enumerate()
+            .filter_map(|(o, n)| {
+                let side = n.owner.as_ref()?;
+                Some((o, (n.incarnation, side.placements, side.auditor.passes())))
+            })
+            .collect(),
+    }
+}
+
+/// Drops from the candidates for garbage those listed now, or no longer
+/// held: a copy unlisted at convergence only because its put was not
+/// answered yet, and released since, is not garbage. Run after every step.
+pub fn prune_listed(w: &World, seen: &mut AtConvergence) {
+    seen.leaked.retain(|&(o, d, index, version)| {
+        let (on, dn) = (&w.nodes[o], &w.nodes[d as usize - 1]);
+        let listed = on.owner.as_ref().is_some_and(|side| {
+            matches!(side.store.peek(key(index)),
+                Some((_, Some(r))) if r.version == version && r.replicas.as_slice().contains(&d))
+        });
+        let asked = [PageRef {
+            key: key(index),
+            version,
+        }];
+        let held = dn.alive
+            && matches!(dn.donor.get(&on.name, on.incarnation, &asked), Ok(got) if got[0].is_ok());
+        held && !listed
+    });
+}
+
+/// (e), a while after convergence: no copy nobody lists is still there
+/// (one unlisted from convergence to now is garbage), and, once an
+/// owner's audits have walked every donor twice since, no donor keeps a
+/// tombstone of a release the owner decided before convergence.
+pub fn garbage_collected(w: &mut World, seen: &AtConvergence) -> Result<(), String> {
+    let leaked: Vec<_> = seen.leaked.iter().collect();
+    w.stats.leaked_copies = leaked.len() as u64;
+    if let Some((o, d, index, version)) = leaked.first() {
+        return Err(format!(
+            "{} copies no owner lists are still on donors, e.g. n{}'s key {index} v{version} on n{d}",
+            leaked.len(),
+            o + 1
+        ));
+    }
+    for (&o, &(incarnation, mark, passes)) in &seen.owners {
+        let node = &w.nodes[o];
+        let Some(side) = node
+            .owner
+            .as_ref()
+            .filter(|_| node.incarnation == incarnation)
+        else {
+            continue;
+        };
+        if side.auditor.passes() < passes + 2 {
+            return Err(format!(
+                "n{}'s audits walked its donors {} times since convergence",
+                o + 1,
+                side.auditor.passes() - passes
+            ));
+        }
+        for dn in &w.nodes {
+            let stale = dn
+                .donor
+                .tombstone_placements(&node.name)
+                .into_iter()
+                .filter(|&p| p != 0 && p <= mark)
+                .count();
+            if stale > 0 && dn.donor.owner_incarnation(&node.name) == Some(incarnation) {
+                return Err(format!(
+                    "{} keeps {stale} tombstones of n{}'s releases decided before convergence",
+                    dn.name,
+                    o + 1
+                ));
+            }
+        }
+    }
+    Ok(())
+}

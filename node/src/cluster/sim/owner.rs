@@ -8,7 +8,8 @@
 //! `choose_donors`, the owner core's (`cluster::owner`)
 //! `repair::{copies_lost, after_repair, plan_group, fresh_candidates,
 //! settle_page, gone_since}`, `RepairState`, `reclaim::reclaim_step`,
-//! `remotify::{by_copies, settle_shipped}`, `fetch::{replica_order,
+//! `remotify::{by_copies, settle_shipped}`, `audit::{Auditor,
+//! unwanted_copies}`, `fetch::{replica_order,
 //! look_again}`, and the real `PageStore` (`strike_donor` included) and
 //! `DonorStore`.
 
@@ -29,6 +30,7 @@ use crate::cluster::donor::{DonatedPage, PageRef, PageStatus};
 use crate::cluster::liveness::HEARTBEAT_INTERVAL_MS;
 use crate::cluster::movers::MOVER_TICK_MS;
 use crate::cluster::node::decode_checked;
+use crate::cluster::owner::audit::{AuditPace, unwanted_copies};
 use crate::cluster::owner::fetch::{LookAgain, RELOOKS_MAX, look_again, replica_order};
 use crate::cluster::owner::reclaim::reclaim_step;
 use crate::cluster::owner::remotify::{by_copies, settle_shipped};
@@ -50,6 +52,13 @@ const REMOTIFY_BATCHES_IN_FLIGHT: usize = 3;
 const SUCTION_BATCH_PAGES: usize = 8;
 const REPAIR_CHUNK_PAGES: usize = 8;
 const REPAIR_CHUNKS_IN_FLIGHT: usize = 3;
+/// Audits pass often enough that a run's quiet end sees several, in small
+/// steps, so that a walk spans puts, releases and crashes.
+pub const AUDIT_PACE: AuditPace = AuditPace {
+    pass_every: std::time::Duration::from_millis(1_000),
+    step_every: std::time::Duration::from_millis(MOVER_TICK_MS),
+};
+const AUDIT_STEP_COPIES: usize = 32;
 /// How long a remote load waits on a replica before it asks the next one.
 const HEDGE_AFTER_MS: u64 = 20;
 
@@ -215,6 +224,7 @@ pub async fn movers(sim: SimRef, me: usize) {
     let watermarks = Watermarks::default();
     loop {
         sleep(&sim, MOVER_TICK_MS).await;
+        audit(&sim, me);
         release(&sim, me).await;
         repair(&sim, me).await;
         reclaim(&sim, me).await;
@@ -230,6 +240,45 @@ pub async fn movers(sim: SimRef, me: usize) {
             Movement::Idle => {}
         }
     }
+}
+
+/// `movers::Audit::step`: sent between rounds, where no put is unanswered,
+/// and settled by a task of its own when the answer comes.
+fn audit(sim: &SimRef, me: usize) {
+    let ask = with(sim, |w| {
+        let (floor, donors, now) = (owner(w, me).placements, up_donors(w, me), w.instant());
+        owner_mut(w, me).auditor.next(now, &donors, floor)
+    });
+    let Some(ask) = ask else { return };
+    let task_sim = sim.clone();
+    sim.exec.spawn(me, async move {
+        let sim = task_sim;
+        let to = node_of(ask.donor);
+        let req = Request::Audit {
+            floor: ask.floor,
+            cursor: ask.cursor,
+            max: AUDIT_STEP_COPIES,
+        };
+        let got = match session(&sim, me, to).await {
+            Ok(inc) => call_on(&sim, me, to, inc, req, RPC_DEADLINE_MS).await,
+            Err(e) => Err(e),
+        };
+        with(&sim, |w| {
+            let o = owner_mut(w, me);
+            match got {
+                Ok(Reply::Audit(Ok(Ok(step)))) => {
+                    let unwanted = unwanted_copies(ask.donor, &step.pages, ask.floor, |c| {
+                        o.store.lists_copy(c.key, c.version, ask.donor)
+                    });
+                    w.stats.audit_released += unwanted.len() as u64;
+                    let o = owner_mut(w, me);
+                    o.release_backlog.extend(unwanted);
+                    o.auditor.answered(ask.donor, step.next);
+                }
+                _ => o.auditor.failed(ask.donor),
+            }
+        });
+    });
 }
 
 /// `movers::release`.

@@ -14,10 +14,11 @@ use rand::{Rng, SeedableRng};
 use super::exec::{Executor, Filled, SlotRef, fill, slot};
 use super::oracle::Oracle;
 use crate::cluster::donor::{
-    DonatedPage, DonorConfig, DonorError, DonorStore, PageRef, PageStatus,
+    AuditStep, DonatedPage, DonorConfig, DonorError, DonorStore, PageRef, PageStatus,
 };
 use crate::cluster::liveness::{LivenessTimings, PeerTable};
 use crate::cluster::membership::Role;
+use crate::cluster::owner::audit::Auditor;
 use crate::cluster::owner::repair::RepairState;
 use crate::cluster::rpc::heartbeat_of;
 use crate::store::{DonorId, PageStore, Released, StoreConfig};
@@ -34,12 +35,20 @@ pub enum Request {
     Get(Vec<PageRef>),
     /// Releases covering the owner's puts below the placement mark.
     Release(u64, Vec<PageRef>),
+    /// An audit step: the owner's floor, where the listing goes on, and
+    /// most copies to list.
+    Audit {
+        floor: u64,
+        cursor: u64,
+        max: usize,
+    },
 }
 
 pub enum Reply {
     Put(Result<Vec<PageStatus>, DonorError>),
     Get(Result<Vec<Result<DonatedPage, PageStatus>>, DonorError>),
     Release(Result<Vec<PageStatus>, DonorError>),
+    Audit(Result<Result<AuditStep, PageStatus>, DonorError>),
 }
 
 enum Body {
@@ -117,6 +126,8 @@ pub struct Stats {
     /// Donor copies no owner lists, seen at convergence and still there
     /// `LEAK_SETTLE_MS` later (garbage, not in-flight work).
     pub leaked_copies: u64,
+    /// Copies audits found that no index named, and released.
+    pub audit_released: u64,
     pub converge_ms: u64,
 }
 
@@ -144,6 +155,7 @@ impl Stats {
         self.stale_puts += o.stale_puts;
         self.unrecoverable += o.unrecoverable;
         self.leaked_copies += o.leaked_copies;
+        self.audit_released += o.audit_released;
         self.converge_ms = self.converge_ms.max(o.converge_ms);
     }
 }
@@ -159,6 +171,7 @@ pub struct OwnerSide {
     /// The placement number the next put carries (`PeerEndpoint`'s).
     pub placements: u64,
     pub repair: RepairState,
+    pub auditor: Auditor,
     /// Keys loads are fetching (how many loads each); the client leaves
     /// them alone meanwhile, so a load's answer has one right value.
     pub busy: BTreeMap<u64, u32>,
@@ -288,6 +301,7 @@ impl World {
             release_backlog: Vec::new(),
             placements: 1,
             repair: RepairState::default(),
+            auditor: Auditor::new(super::owner::AUDIT_PACE),
             busy: BTreeMap::new(),
             filling: true,
         });
@@ -451,6 +465,7 @@ impl World {
                     "release",
                     r.iter().map(|r| (r.key.index, r.version)).collect(),
                 ),
+                Request::Audit { .. } => ("audit", Vec::new()),
             };
             for (i, v) in items {
                 if i == index {
@@ -485,6 +500,9 @@ impl World {
             Request::Get(refs) => Reply::Get(store.get(owner, owner_incarnation, &refs)),
             Request::Release(placement, refs) => {
                 Reply::Release(store.release(owner, owner_incarnation, placement, &refs))
+            }
+            Request::Audit { floor, cursor, max } => {
+                Reply::Audit(store.audit(owner, owner_incarnation, floor, cursor, max))
             }
         }
     }
