@@ -200,6 +200,18 @@ fn up_donors(w: &World, me: usize) -> Vec<DonorId> {
         .collect()
 }
 
+/// `Inner::answering_donors`: up by heartbeat, lost or not (a donor that
+/// restarted still hears of the copies it can drop, and is audited).
+fn answering_donors(w: &World, me: usize) -> Vec<DonorId> {
+    let (o, now) = (owner(w, me), w.instant());
+    w.nodes
+        .iter()
+        .enumerate()
+        .filter(|&(n, node)| n != me && o.peers.state(&node.name, now) == Liveness::Up)
+        .map(|(_, node)| node.id)
+        .collect()
+}
+
 fn has_room_below(w: &World, me: usize, fill: f64) -> bool {
     let s = &owner(w, me).store;
     (s.used_bytes() as f64) < fill * s.capacity_bytes() as f64
@@ -246,7 +258,11 @@ pub async fn movers(sim: SimRef, me: usize) {
 /// and settled by a task of its own when the answer comes.
 fn audit(sim: &SimRef, me: usize) {
     let ask = with(sim, |w| {
-        let (floor, donors, now) = (owner(w, me).placements, up_donors(w, me), w.instant());
+        let (floor, donors, now) = (
+            owner(w, me).placements,
+            answering_donors(w, me),
+            w.instant(),
+        );
         owner_mut(w, me).auditor.next(now, &donors, floor)
     });
     let Some(ask) = ask else { return };
@@ -290,7 +306,7 @@ async fn release(sim: &SimRef, me: usize) {
         for r in todo.iter_mut().filter(|r| r.placement == 0) {
             r.placement = o.placements;
         }
-        (todo, up_donors(w, me))
+        (todo, answering_donors(w, me))
     });
     if todo.is_empty() {
         return;
