@@ -37,7 +37,7 @@ use super::membership::{
     RaftRequest, RaftTransport, Role,
 };
 use super::owner::audit::AuditPace;
-use super::owner::fetch::{LookAgain, RELOOKS_MAX, look_again, replica_order};
+use super::owner::fetch::{LookAgain, RELOOKS_MAX, ReplicaWalk, look_again, replica_order};
 use super::owner::repair;
 use super::placement::DonorView;
 use super::rpc::{self, RpcRefusal};
@@ -1242,7 +1242,7 @@ impl Inner {
         outs: &mut [&mut Page],
         deadline: tokio::time::Instant,
     ) -> Vec<LoadResult> {
-        let (mut orders, down): (Vec<Vec<NodeId>>, HashSet<NodeId>) = {
+        let (mut walks, down): (Vec<ReplicaWalk>, HashSet<NodeId>) = {
             let now = Instant::now();
             let config = self.membership().config();
             let peers = self.peers.lock();
@@ -1252,35 +1252,26 @@ impl Inner {
                     .get(id)
                     .map_or(Liveness::Down, |n| peers.state(&n.name, now))
             };
-            let orders: Vec<Vec<NodeId>> = refs
+            let orders: Vec<Vec<DonorId>> = refs
                 .iter()
-                .map(|r| {
-                    replica_order(r.replicas, |d| state(&(d as NodeId)))
-                        .into_iter()
-                        .map(|d| d as NodeId)
-                        .collect()
-                })
+                .map(|r| replica_order(r.replicas, |d| state(&(d as NodeId))))
                 .collect();
             let down = orders
                 .iter()
                 .flatten()
-                .copied()
+                .map(|&d| d as NodeId)
                 .filter(|d| state(d) == Liveness::Down)
                 .collect();
-            (orders, down)
+            (orders.into_iter().map(ReplicaWalk::new).collect(), down)
         };
         let hedge_after = self.hedge_delay();
         let mut results = vec![LoadResult::Unavailable; refs.len()];
-        let mut tried = vec![0usize; refs.len()];
-        // A replica given up on for being slow is asked again, once, after
-        // the others: a slow copy beats none when the others are gone.
-        let mut again = vec![false; refs.len()];
         let mut pending: Vec<usize> = (0..refs.len()).collect();
         while !pending.is_empty() && tokio::time::Instant::now() < deadline {
             let mut by_donor: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
             for &i in &pending {
-                if let Some(&donor) = orders[i].get(tried[i]) {
-                    by_donor.entry(donor).or_default().push(i);
+                if let Some(donor) = walks[i].next() {
+                    by_donor.entry(donor as NodeId).or_default().push(i);
                 }
             }
             let mut answers = Vec::new();
@@ -1309,7 +1300,7 @@ impl Inner {
                         // deadline.
                         let hedge = idx
                             .iter()
-                            .all(|&i| tried[i] + 1 < orders[i].len())
+                            .all(|&i| walks[i].hedged())
                             .then_some(hedge_after);
                         asks.push(async move {
                             let get = session.get_pages(&wanted);
@@ -1355,11 +1346,11 @@ impl Inner {
                     Err((slow, reason)) => {
                         warn!(donor, pages = idx.len(), %reason, "remote load from a replica failed");
                         for i in idx {
-                            if slow && !again[i] {
-                                again[i] = true;
-                                orders[i].push(donor);
+                            if slow {
+                                walks[i].slow();
+                            } else {
+                                walks[i].failed();
                             }
-                            tried[i] += 1;
                             pending.push(i);
                         }
                         continue;
@@ -1370,7 +1361,7 @@ impl Inner {
                         Ok(p) => p,
                         Err(status) => {
                             warn!(donor, key = ?refs[i].key, ?status, "a replica does not have the page");
-                            tried[i] += 1;
+                            walks[i].failed();
                             pending.push(i);
                             continue;
                         }
@@ -1378,7 +1369,7 @@ impl Inner {
                     if !decode_checked(page.compressed, &page.data, refs[i].checksum, outs[i]) {
                         warn!(donor, key = ?refs[i].key, "a replica's copy failed its checksum");
                         results[i] = LoadResult::Corrupt;
-                        tried[i] += 1;
+                        walks[i].failed();
                         pending.push(i);
                         continue;
                     }

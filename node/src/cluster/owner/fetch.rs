@@ -29,6 +29,65 @@ pub fn replica_order(replicas: Replicas, liveness: impl Fn(DonorId) -> Liveness)
     order
 }
 
+/// One page's walk over its replicas during a load: which to ask next,
+/// whether that ask may be cut short at the hedge delay, and a second,
+/// later chance for each replica that was only slow.
+///
+/// A replica that does not answer within the hedge delay is given up on
+/// for now and asked again, once, after the others. Every replica gets
+/// that second chance, not only the first to be slow: with one donor
+/// stopped and the other merely busy past the hedge delay, the busy one's
+/// second ask is the one that finds the page (and, as the last ask, it
+/// waits for the rest of the load's deadline).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaWalk {
+    order: Vec<DonorId>,
+    next: usize,
+    /// Replicas queued a second time already.
+    again: Vec<DonorId>,
+}
+
+impl ReplicaWalk {
+    pub fn new(order: Vec<DonorId>) -> Self {
+        ReplicaWalk {
+            order,
+            next: 0,
+            again: Vec::new(),
+        }
+    }
+
+    /// The replica to ask now; `None` once every ask is spent.
+    pub fn next(&self) -> Option<DonorId> {
+        self.order.get(self.next).copied()
+    }
+
+    /// Whether the ask of [`Self::next`] may be cut short at the hedge
+    /// delay: another ask remains after it. The last one gets the load's
+    /// whole deadline.
+    pub fn hedged(&self) -> bool {
+        self.next + 1 < self.order.len()
+    }
+
+    /// The replica asked did not answer within the hedge delay: on to the
+    /// next, and this one is asked again after the others (once).
+    pub fn slow(&mut self) {
+        if let Some(d) = self.next() {
+            if !self.again.contains(&d) {
+                self.again.push(d);
+                self.order.push(d);
+            }
+            self.next += 1;
+        }
+    }
+
+    /// The replica asked failed, or had no good copy: on to the next.
+    pub fn failed(&mut self) {
+        if self.next < self.order.len() {
+            self.next += 1;
+        }
+    }
+}
+
 /// What a load does with a page none of whose copies it found, by what the
 /// store says of the page now.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -120,5 +179,60 @@ mod tests {
             look_again(&asked, LoadOutcome::Remote(asked)),
             LookAgain::Unchanged
         );
+    }
+}
+
+#[cfg(test)]
+mod walk_tests {
+    use super::*;
+
+    /// Asks until a replica answers: `slow(d)` says whether `d` misses the
+    /// hedge delay (it answers when the ask is not hedged); `None` if the
+    /// walk ran out.
+    fn walk(
+        order: &[DonorId],
+        slow: impl Fn(DonorId) -> bool,
+        dead: &[DonorId],
+    ) -> Vec<(DonorId, bool)> {
+        let mut w = ReplicaWalk::new(order.to_vec());
+        let mut asks = Vec::new();
+        while let Some(d) = w.next() {
+            let hedged = w.hedged();
+            asks.push((d, hedged));
+            if dead.contains(&d) {
+                if hedged { w.slow() } else { w.failed() }
+            } else if hedged && slow(d) {
+                w.slow();
+            } else {
+                return asks;
+            }
+        }
+        asks
+    }
+
+    #[test]
+    fn a_busy_replica_behind_a_stopped_one_gets_the_last_unhedged_ask() {
+        // 1 is stopped, 2 answers only past the hedge delay.
+        let asks = walk(&[1, 2], |d| d == 2, &[1]);
+        assert_eq!(asks, [(1, true), (2, true), (1, true), (2, false)]);
+    }
+
+    #[test]
+    fn a_replica_is_asked_at_most_twice_and_the_walk_ends() {
+        let asks = walk(&[1, 2, 3], |_| true, &[1, 2, 3]);
+        assert_eq!(asks.len(), 6);
+        assert_eq!(asks.last(), Some(&(3, false)));
+        let mut w = ReplicaWalk::new(vec![4]);
+        assert!(!w.hedged());
+        w.failed();
+        assert_eq!(w.next(), None);
+        w.slow();
+        w.failed();
+        assert_eq!(w.next(), None);
+    }
+
+    #[test]
+    fn a_replica_that_answers_ends_the_walk_at_once() {
+        assert_eq!(walk(&[1, 2], |_| false, &[]), [(1, true)]);
     }
 }

@@ -9,7 +9,7 @@
 //! `repair::{copies_lost, after_repair, plan_group, fresh_candidates,
 //! settle_page, gone_since}`, `RepairState`, `reclaim::reclaim_step`,
 //! `remotify::{by_copies, settle_shipped}`, `audit::{Auditor,
-//! unwanted_copies}`, `fetch::{replica_order,
+//! unwanted_copies}`, `fetch::{replica_order, ReplicaWalk,
 //! look_again}`, and the real `PageStore` (`strike_donor` included) and
 //! `DonorStore`.
 
@@ -31,7 +31,9 @@ use crate::cluster::liveness::HEARTBEAT_INTERVAL_MS;
 use crate::cluster::movers::MOVER_TICK_MS;
 use crate::cluster::node::decode_checked;
 use crate::cluster::owner::audit::{AuditPace, unwanted_copies};
-use crate::cluster::owner::fetch::{LookAgain, RELOOKS_MAX, look_again, replica_order};
+use crate::cluster::owner::fetch::{
+    LookAgain, RELOOKS_MAX, ReplicaWalk, look_again, replica_order,
+};
 use crate::cluster::owner::reclaim::reclaim_step;
 use crate::cluster::owner::remotify::{by_copies, settle_shipped};
 use crate::cluster::owner::repair::{
@@ -863,8 +865,10 @@ async fn fetch_from_replicas(sim: &SimRef, me: usize, r: &RemoteRef) -> Option<B
         })
     });
     let mut out = Box::new([0u8; PAGE_BYTES]);
-    for (i, &d) in order.iter().enumerate() {
-        let deadline = if i + 1 < order.len() {
+    let mut walk = ReplicaWalk::new(order);
+    while let Some(d) = walk.next() {
+        let hedged = walk.hedged();
+        let deadline = if hedged {
             HEDGE_AFTER_MS
         } else {
             RPC_DEADLINE_MS
@@ -875,13 +879,20 @@ async fn fetch_from_replicas(sim: &SimRef, me: usize, r: &RemoteRef) -> Option<B
             call_on(sim, me, node_of(d), inc, Request::Get(asked), deadline).await
         }
         .await;
-        let Ok(Reply::Get(Ok(mut got))) = got else {
+        let page = match got {
+            Ok(Reply::Get(Ok(mut got))) => got.pop().and_then(Result::ok),
+            // No answer within the hedge delay: asked again later.
+            Err(_) if hedged => {
+                walk.slow();
+                continue;
+            }
+            _ => None,
+        };
+        let Some(p) = page.filter(|p| decode_checked(p.compressed, &p.data, r.checksum, &mut out))
+        else {
+            walk.failed();
             continue;
         };
-        let Some(Ok(p)) = got.pop() else { continue };
-        if !decode_checked(p.compressed, &p.data, r.checksum, &mut out) {
-            continue;
-        }
         // `Inner::install_if_room`.
         with(sim, |w| {
             if p.compressed && has_room_below(w, me, Watermarks::default().remotify_stop) {
