@@ -230,6 +230,8 @@ impl Member {
             .arg(&self.data_dir)
             .args(&self.args)
             .env("RUST_LOG", "info,openraft=warn")
+            // Plain text: logs are read by tests and by people.
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -313,9 +315,33 @@ impl Member {
         )
     }
 
+    /// `ramster cluster <args> --endpoint <admin>` (drain, activate,
+    /// remove, ...): exit code and what it printed, stdout then stderr.
+    pub fn cluster(&self, args: &[&str]) -> (i32, String) {
+        let out = Command::new(ramster_bin())
+            .arg("cluster")
+            .args(args)
+            .args(["--endpoint", &self.admin])
+            .output()
+            .expect("running ramster cluster");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+
     /// One sample of the member's `/metrics` (see [`metric_at`]).
     pub fn metric(&self, name: &str) -> Option<f64> {
         metric_at(&self.admin, name)
+    }
+
+    /// The cluster as this node sees it, straight from its admin endpoint
+    /// (`/v1/status`, no `ramster` process): for polling. `None` while it
+    /// does not answer.
+    pub fn view(&self) -> Option<ramster_node::cluster::status::ClusterStatus> {
+        let answer = ramster_node::cli::admin_client::get(&self.admin, "/v1/status").ok()?;
+        serde_json::from_str(&answer.body).ok()
     }
 
     /// The last `lines` lines of the member's log, without peers' refused

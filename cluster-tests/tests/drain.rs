@@ -22,20 +22,6 @@ fn row(m: &Member, name: &str) -> Option<NodeStatus> {
     m.status().ok()?.nodes.into_iter().find(|n| n.name == name)
 }
 
-/// `ramster cluster <args>` through `m`'s endpoint: exit code and stderr.
-fn cluster_cli(m: &Member, args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(ramster_cluster_tests::ramster_bin())
-        .arg("cluster")
-        .args(args)
-        .args(["--endpoint", &m.admin])
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
 #[test]
 fn a_drained_donor_is_removed_without_losing_a_copy() {
     let mut cluster = TestCluster::start(&OWNER_MEMSRV_TWO_PEERS).unwrap();
@@ -53,15 +39,15 @@ fn a_drained_donor_is_removed_without_losing_a_copy() {
     eprintln!("memsrv holds {held} pages before the drain");
 
     // Removing a node that holds pages needs a drain first.
-    let (code, said) = cluster_cli(cluster.member("peer2"), &["remove", "memsrv"]);
+    let (code, said) = cluster.member("peer2").cluster(&["remove", "memsrv"]);
     assert_ne!(code, 0, "removed a node holding pages: {said}");
     assert!(said.contains("drain it first"), "{said}");
-    let (code, said) = cluster_cli(owner, &["drain", "nosuchnode"]);
+    let (code, said) = owner.cluster(&["drain", "nosuchnode"]);
     assert_ne!(code, 0);
     assert!(said.contains("no member is named"), "{said}");
 
     // Asked of a follower, made by the leader.
-    let (code, said) = cluster_cli(cluster.member("peer2"), &["drain", "memsrv"]);
+    let (code, said) = cluster.member("peer2").cluster(&["drain", "memsrv"]);
     assert_eq!(code, 0, "{said}");
     let drained = wait_for(DRAIN_TIMEOUT, || {
         let r = row(owner, "memsrv")?;
@@ -80,7 +66,7 @@ fn a_drained_donor_is_removed_without_losing_a_copy() {
     assert_eq!(owner.metric("ramster_unrecoverable_pages"), Some(0.0));
     verify_pages(&client, AREA, &pages, &accepted);
 
-    let (code, said) = cluster_cli(owner, &["remove", "memsrv"]);
+    let (code, said) = owner.cluster(&["remove", "memsrv"]);
     assert_eq!(code, 0, "{said}");
     wait_for(FORM_TIMEOUT, || {
         let s = owner.status().ok()?;
