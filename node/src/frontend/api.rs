@@ -2,10 +2,14 @@
 //!
 //! Per connection: a handshake, then requests decoded by one reader and
 //! executed concurrently (at most [`REQUESTS_IN_FLIGHT_MAX`] at a time), with
-//! responses going out through one [`FrameWriter`]. A request whose answer
-//! could outgrow a frame is refused before it runs. Small requests run in
-//! the reader, larger ones on the runtime's workers. On a cluster node the
-//! readers run on the transport's thread
+//! responses going out through one [`FrameWriter`] as they are ready.
+//! Requests still take effect as if run one after another in the order
+//! they were sent: each waits for every earlier unfinished one that
+//! touches the same page, area or pool where either of them changes it
+//! (see [`order`](super::order)); requests that only read overlap. A
+//! request whose answer could outgrow a frame is refused before it runs.
+//! Small requests run in the reader, larger ones on the runtime's
+//! workers. On a cluster node the readers run on the transport's thread
 //! ([`ClientThread`](super::ClientThread)): a small load reaches the
 //! donors, and their answer the client, without waking another thread, and
 //! each small request keeps that thread polling for a while instead of
@@ -33,6 +37,7 @@ use tokio::sync::{Semaphore, watch};
 use tracing::{debug, error, info};
 
 use super::conn::{ConnError, FrameReader, FrameWriter, encode_frame};
+use super::order::{Footprint, Order};
 use super::{Frontend, LoadResult, OpError, Reject, StoreResult, may_block_here};
 use crate::metrics::NodeMetrics;
 use crate::poll::PollWindow;
@@ -188,6 +193,7 @@ async fn serve_connection(stream: UnixStream, served: Served) -> Result<(), Conn
     }
 
     let in_flight = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
+    let order = Order::default();
     loop {
         let body = match reader.read_frame().await {
             Ok(Some(body)) => body,
@@ -227,6 +233,10 @@ async fn serve_connection(stream: UnixStream, served: Served) -> Result<(), Conn
             .await;
             continue;
         }
+        // Its place in the connection's order, taken in the order requests
+        // are read: it starts once every earlier request it conflicts
+        // with has finished.
+        let pass = order.enter(Footprint::of(&request.ops));
         let inline = request.ops.len() <= INLINE_OPS_MAX
             && !request
                 .ops
@@ -245,13 +255,15 @@ async fn serve_connection(stream: UnixStream, served: Served) -> Result<(), Conn
             workers.clone(),
             request,
         ));
-        if inline {
-            // Small requests run right here; one that waits on donors goes
-            // on below as a task, so the reader keeps reading.
+        if inline && pass.may_start() {
+            // Small requests run right here; one that waits on donors, or
+            // on an earlier request, goes on below as a task, so the reader
+            // keeps reading.
             let polled = answer
                 .as_mut()
                 .poll(&mut Context::from_waker(Waker::noop()));
             if let Poll::Ready(resp) = polled {
+                drop(pass);
                 send(resp).await;
                 continue;
             }
@@ -264,7 +276,10 @@ async fn serve_connection(stream: UnixStream, served: Served) -> Result<(), Conn
         let writer = writer.clone();
         let poll = poll.clone();
         let finish = async move {
-            let frame = encode_answer(answer.await);
+            pass.ready().await;
+            let resp = answer.await;
+            drop(pass);
+            let frame = encode_answer(resp);
             if inline {
                 writer.write_now(frame).await;
                 // The client's next request comes soon after its answer.

@@ -11,6 +11,7 @@ pub(crate) mod conn;
 pub mod counters;
 pub mod frontswap;
 pub mod nbd;
+pub mod order;
 
 use std::sync::{Arc, OnceLock};
 

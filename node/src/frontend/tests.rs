@@ -743,3 +743,275 @@ mod answers {
         }
     }
 }
+
+/// Requests pipelined on one connection take effect in the order they
+/// were sent, whichever of them runs in the reader, on the workers or on a
+/// blocking thread.
+mod ordering {
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Mutex, Weak};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use ramster_protocol::v1::{self, op::Kind as Op};
+    use ramster_protocol::{FRAME_BYTES_MAX, frame, handshake};
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::UnixStream;
+    use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+    use tokio::sync::watch;
+
+    use super::super::api;
+    use super::super::conn::{FrameReader, encode_frame};
+    use super::*;
+    use crate::metrics::NodeMetrics;
+    use crate::store::RemoteRef;
+
+    const AREA: u32 = 1;
+
+    /// The API served on a socket of its own, until this is dropped.
+    struct Served {
+        socket: PathBuf,
+        _stop: watch::Sender<bool>,
+        _dir: tempfile::TempDir,
+    }
+
+    /// Serves `fe` from the calling runtime, as a standalone node does.
+    fn serve(fe: &Arc<Frontend>) -> Served {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("api.sock");
+        let listener = api::bind(&socket).unwrap();
+        let (stop, shutdown) = watch::channel(false);
+        tokio::spawn(api::serve(
+            listener,
+            fe.clone(),
+            Arc::new(NodeMetrics::default()),
+            shutdown,
+        ));
+        Served {
+            socket,
+            _stop: stop,
+            _dir: dir,
+        }
+    }
+
+    /// A connection that writes requests together, so that the server
+    /// reads them at once.
+    struct Conn {
+        rd: FrameReader<OwnedReadHalf>,
+        wr: OwnedWriteHalf,
+        next_id: u64,
+    }
+
+    impl Conn {
+        async fn open(served: &Served) -> Conn {
+            let (rd, mut wr) = UnixStream::connect(&served.socket)
+                .await
+                .unwrap()
+                .into_split();
+            let hello = encode_frame(&handshake::hello("ordering")).unwrap();
+            wr.write_all(&hello).await.unwrap();
+            let mut rd = FrameReader::new(rd, FRAME_BYTES_MAX);
+            let body = rd.read_frame().await.unwrap().unwrap();
+            frame::decode::<v1::Welcome>(body).unwrap();
+            Conn { rd, wr, next_id: 1 }
+        }
+
+        /// Sends `batches` in one write; their results, in the order sent.
+        async fn pipeline(&mut self, batches: Vec<Vec<v1::Op>>) -> Vec<Vec<v1::OpResult>> {
+            let first = self.next_id;
+            let mut bytes = Vec::new();
+            for ops in batches {
+                let id = self.next_id;
+                self.next_id += 1;
+                bytes.extend_from_slice(&encode_frame(&v1::Request { id, ops }).unwrap());
+            }
+            self.wr.write_all(&bytes).await.unwrap();
+            let mut answers = vec![None; (self.next_id - first) as usize];
+            for _ in 0..answers.len() {
+                let body = self.rd.read_frame().await.unwrap().unwrap();
+                let resp: v1::Response = frame::decode(body).unwrap();
+                assert!(resp.error.is_none(), "{resp:?}");
+                answers[(resp.id - first) as usize] = Some(resp.results);
+            }
+            answers.into_iter().map(Option::unwrap).collect()
+        }
+
+        /// Whether page `offset` is there now: a hit, or a miss.
+        async fn is_there(&mut self, offset: u64) -> bool {
+            let load = op(Op::Load(v1::Load { area: AREA, offset }));
+            match self.pipeline(vec![vec![load]]).await[0][0].status() {
+                v1::Status::Ok => true,
+                v1::Status::NotFound => false,
+                other => panic!("load {offset}: {other:?}"),
+            }
+        }
+    }
+
+    fn op(kind: Op) -> v1::Op {
+        v1::Op { kind: Some(kind) }
+    }
+
+    fn store(offset: u64, page: Bytes) -> v1::Op {
+        op(Op::Store(v1::Store {
+            area: AREA,
+            offset,
+            page,
+        }))
+    }
+
+    fn invalidate(offset: u64) -> v1::Op {
+        op(Op::InvalidatePage(v1::InvalidatePage {
+            area: AREA,
+            offset,
+        }))
+    }
+
+    fn statuses(results: &[v1::OpResult]) -> Vec<v1::Status> {
+        results.iter().map(|r| r.status()).collect()
+    }
+
+    #[test]
+    fn a_batch_of_stores_then_an_invalidate_of_one_leave_it_invalidated() {
+        const ROUNDS: u64 = 200;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let fe = Arc::new(frontend(64 << 20));
+            fe.init_area(AREA, false).unwrap();
+            let served = serve(&fe);
+            let mut conn = Conn::open(&served).await;
+            let mut back = 0;
+            for round in 0..ROUNDS {
+                // Enough stores that the batch runs on the workers; the
+                // invalidate, one op, would run in the reader.
+                let first = round * 16;
+                let x = first + 15;
+                let stores = (first..=x)
+                    .map(|o| store(o, Bytes::from(make_page(Kind::Compressible, o))))
+                    .collect();
+                let answers = conn.pipeline(vec![stores, vec![invalidate(x)]]).await;
+                assert!(
+                    answers[0].iter().all(|r| r.status() == v1::Status::Ok),
+                    "{:?}",
+                    statuses(&answers[0])
+                );
+                assert_eq!(statuses(&answers[1]), [v1::Status::Ok]);
+                back += conn.is_there(x).await as u64;
+            }
+            assert_eq!(
+                back, 0,
+                "{back} of {ROUNDS} rounds brought an invalidated page back"
+            );
+        });
+    }
+
+    /// Donors that make room, after a while, by taking filler pages out of
+    /// the store.
+    struct Room {
+        fe: Weak<Frontend>,
+        fillers: Mutex<Vec<u64>>,
+        made: AtomicUsize,
+    }
+
+    const FILLER_AREA: u32 = 2;
+
+    impl Room {
+        /// Stores filler pages like `page` until the store is full.
+        fn fill(&self, page: &[u8], next: &mut u64) {
+            let fe = self.fe.upgrade().unwrap();
+            loop {
+                match fe.store_page_without_waiting(FILLER_AREA, *next, page) {
+                    Ok(Some(StoreResult::Accepted)) => self.fillers.lock().unwrap().push(*next),
+                    Ok(None) => return,
+                    other => panic!("filler {next}: {other:?}"),
+                }
+                *next += 1;
+            }
+        }
+    }
+
+    impl RemotePages for Room {
+        fn fetch_many<'a, 'b: 'a>(
+            &'a self,
+            remotes: &'a [RemoteRef],
+            _outs: &'a mut [&'b mut Page],
+        ) -> Fetch<'a> {
+            let n = remotes.len();
+            Box::pin(async move { vec![LoadResult::Unavailable; n] })
+        }
+
+        fn wait(&self, _fetch: Fetch<'_>) -> Vec<LoadResult> {
+            Vec::new()
+        }
+
+        fn make_room(&self) -> bool {
+            std::thread::sleep(Duration::from_millis(10));
+            let fe = self.fe.upgrade().unwrap();
+            let mut fillers = self.fillers.lock().unwrap();
+            for _ in 0..4 {
+                if let Some(o) = fillers.pop() {
+                    fe.invalidate_page(FILLER_AREA, o).unwrap();
+                }
+            }
+            self.made.fetch_add(1, Ordering::Relaxed);
+            true
+        }
+
+        fn bring_home(&self, _space: u32, _max: usize) -> usize {
+            0
+        }
+    }
+
+    #[test]
+    fn a_store_that_waits_for_room_then_an_invalidate_leave_the_page_invalidated() {
+        const ROUNDS: u64 = 50;
+        // One thread that must not block, as a cluster node's transport
+        // thread: a store into the full store goes to a blocking thread.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let fe = Arc::new(frontend(256 << 10));
+        fe.init_area(AREA, false).unwrap();
+        fe.init_area(FILLER_AREA, false).unwrap();
+        let room = Arc::new(Room {
+            fe: Arc::downgrade(&fe),
+            fillers: Mutex::default(),
+            made: AtomicUsize::new(0),
+        });
+        fe.set_remote(room.clone());
+        // Every page alike, so that one freed makes room for another.
+        let page = Bytes::from(make_page(Kind::Compressible, 7));
+        let mut next_filler = 0;
+        rt.block_on(async {
+            let served = serve(&fe);
+            let mut conn = Conn::open(&served).await;
+            let (mut accepted, mut back) = (0, 0);
+            for x in 0..ROUNDS {
+                room.fill(&page, &mut next_filler);
+                let answers = conn
+                    .pipeline(vec![vec![store(x, page.clone())], vec![invalidate(x)]])
+                    .await;
+                match answers[0][0].status() {
+                    v1::Status::Ok => accepted += 1,
+                    v1::Status::RejectedNoCapacity => {}
+                    other => panic!("store {x}: {other:?}"),
+                }
+                assert_eq!(statuses(&answers[1]), [v1::Status::Ok]);
+                back += conn.is_there(x).await as u64;
+            }
+            let made = room.made.load(Ordering::Relaxed) as u64;
+            assert_eq!(made, ROUNDS, "not every store waited for room");
+            assert!(accepted > ROUNDS / 2, "{accepted} stores accepted");
+            assert_eq!(
+                back, 0,
+                "{back} of {ROUNDS} rounds ({accepted} stores accepted) brought an \
+                 invalidated page back"
+            );
+        });
+    }
+}
