@@ -3,14 +3,19 @@
 //!
 //! Decoding is split as in a parser over a buffer: [`split_frame`] looks at
 //! what has been read so far and either returns a complete frame, asks for
-//! more bytes, or fails; it never allocates beyond the frame itself and never
-//! trusts a length past [`FRAME_BYTES_MAX`](crate::FRAME_BYTES_MAX).
+//! more bytes, or fails; it never allocates beyond the frame itself, grows
+//! its buffer with the bytes that arrived rather than with the length a
+//! header claims, and never trusts a length past
+//! [`FRAME_BYTES_MAX`](crate::FRAME_BYTES_MAX).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;
 
 /// Bytes of the length prefix.
 pub const HEADER_BYTES: usize = 4;
+
+/// Room a partly read frame gets at least when its buffer grows.
+const GROW_MIN_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
@@ -37,8 +42,12 @@ pub fn split_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, Fram
         return Err(FrameError::Empty);
     }
     if buf.len() < HEADER_BYTES + len {
-        // Reserve once for the whole frame instead of growing piecemeal.
-        buf.reserve(HEADER_BYTES + len - buf.len());
+        // Grow with what has arrived, not with what the header claims: a
+        // peer that sends a large length and stalls pins no more than
+        // twice what it sent. Doubling keeps the copies of a large frame
+        // to about its size.
+        let missing = HEADER_BYTES + len - buf.len();
+        buf.reserve(missing.min(buf.len().max(GROW_MIN_BYTES)));
         return Ok(None);
     }
     buf.advance(HEADER_BYTES);
@@ -109,6 +118,31 @@ mod tests {
                 max: 1024
             })
         );
+    }
+
+    #[test]
+    fn a_header_that_claims_a_large_frame_reserves_only_what_arrived() {
+        let mut buf = BytesMut::new();
+        buf.put_u32_le(crate::FRAME_BYTES_MAX as u32);
+        buf.put_slice(&[1; 100]);
+        assert_eq!(split_frame(&mut buf, crate::FRAME_BYTES_MAX), Ok(None));
+        assert!(
+            buf.capacity() <= 2 * GROW_MIN_BYTES,
+            "{} bytes reserved for 104 received",
+            buf.capacity()
+        );
+        // As bytes arrive, the room grows with them, never past twice
+        // what arrived (plus the minimum step).
+        for _ in 0..10_000 {
+            let more = (buf.capacity() - buf.len()).min(crate::FRAME_BYTES_MAX + 4 - buf.len());
+            buf.put_bytes(2, more.max(1));
+            if let Some(body) = split_frame(&mut buf, crate::FRAME_BYTES_MAX).unwrap() {
+                assert_eq!(body.len(), crate::FRAME_BYTES_MAX);
+                return;
+            }
+            assert!(buf.capacity() <= 2 * buf.len() + 2 * GROW_MIN_BYTES);
+        }
+        panic!("the frame never completed");
     }
 
     #[test]
