@@ -463,14 +463,25 @@ async fn lose_a_donor(
         }
         seen_short |= short > 0;
         let dead = s.nodes.iter().find(|n| n.name == victim.name);
+        // Repair can copy tens of MB between two looks, so the shortfall
+        // may never be seen: the live donors then hold the copies again.
+        let wanted = me.map_or(0, |n| n.own_pages_on_peers) * super::node::REPLICAS_DEFAULT as u64;
+        let on_live: u64 = s
+            .nodes
+            .iter()
+            .filter(|n| n.name != victim.name && n.name != small.name)
+            .map(|n| n.held_for_others_pages)
+            .sum();
+        let down = dead.is_some_and(|n| n.state == crate::cluster::status::Liveness::Down);
+        let repaired = short == 0 && (seen_short || (down && wanted > 0 && on_live >= wanted));
         let note = match dead.map(|n| n.state) {
+            Some(crate::cluster::status::Liveness::Down) if repaired => {
+                "every page has its copies again".to_string()
+            }
             Some(crate::cluster::status::Liveness::Down) if !seen_short => format!(
                 "{} is down: loads use the other copies; repair waits until it is out (--out-after)",
                 victim.name
             ),
-            Some(crate::cluster::status::Liveness::Down) if short == 0 => {
-                "every page has its copies again".to_string()
-            }
             Some(crate::cluster::status::Liveness::Down) => {
                 format!(
                     "{} is out: {short} pages are getting their second copy back",
@@ -486,7 +497,7 @@ async fn lose_a_donor(
                 started.elapsed().as_secs_f64()
             ),
         );
-        if seen_short && short == 0 {
+        if repaired {
             break;
         }
         if started.elapsed() > REPAIR_TIMEOUT {
