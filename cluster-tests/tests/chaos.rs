@@ -45,7 +45,7 @@ use ramster_cluster_tests::{Member, MemberSpec, Rng, TestCluster, wait_for};
 use ramster_node::cli::corpus::Pages;
 use ramster_node::cluster::membership::MemberState;
 use ramster_node::cluster::status::{Liveness, NodeStatus};
-use ramster_node::frontend::client::{BlockingClient, op};
+use ramster_node::frontend::client::BlockingClient;
 use ramster_protocol::v1;
 
 const AREA: u32 = 1;
@@ -264,17 +264,8 @@ impl Owner {
         self.store(pages, &batch)?;
         let gone = self.some_held(count / 8);
         for chunk in gone.chunks(256) {
-            let ops = chunk
-                .iter()
-                .map(|&offset| {
-                    op(v1::op::Kind::InvalidatePage(v1::InvalidatePage {
-                        area: AREA,
-                        offset,
-                    }))
-                })
-                .collect();
             self.client
-                .call(ops)
+                .invalidate_pages(AREA, chunk)
                 .map_err(|e| format!("invalidate request failed: {e}"))?;
             for o in chunk {
                 self.held.remove(o);

@@ -11,8 +11,8 @@ use ramster_cluster_tests::{
 };
 use ramster_node::cli::corpus::Pages;
 use ramster_node::cluster::status::{ClusterStatus, HealthLevel, Liveness};
-use ramster_node::frontend::client::{BlockingClient, Client, op};
-use ramster_protocol::v1::{self, op::Kind};
+use ramster_node::frontend::client::{BlockingClient, Client};
+use ramster_protocol::v1;
 
 const AREA: u32 = 1;
 const FORM_TIMEOUT: Duration = Duration::from_secs(30);
@@ -143,16 +143,7 @@ fn a_small_node_takes_four_times_its_capacity_and_gets_every_page_back() {
     // the remaining remote pages come home.
     let (keep, drop) = accepted.split_at(accepted.len() / 4);
     for chunk in drop.chunks(512) {
-        let ops = chunk
-            .iter()
-            .map(|&offset| {
-                op(Kind::InvalidatePage(v1::InvalidatePage {
-                    area: AREA,
-                    offset,
-                }))
-            })
-            .collect();
-        client.call(ops).unwrap();
+        client.invalidate_pages(AREA, chunk).unwrap();
     }
     wait_for(Duration::from_secs(60), || {
         (remote_pages(&client) == 0).then_some(())

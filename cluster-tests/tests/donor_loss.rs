@@ -21,7 +21,7 @@ use bytes::Bytes;
 use ramster_cluster_tests::{MemberSpec, Rng, TestCluster, wait_for};
 use ramster_node::cli::corpus::Pages;
 use ramster_node::cluster::status::Liveness;
-use ramster_node::frontend::client::{BlockingClient, op};
+use ramster_node::frontend::client::BlockingClient;
 use ramster_protocol::v1;
 
 const AREA: u32 = 1;
@@ -122,17 +122,8 @@ impl Writer {
             }
         }
         for chunk in offsets.chunks(256) {
-            let ops = chunk
-                .iter()
-                .map(|&offset| {
-                    op(v1::op::Kind::InvalidatePage(v1::InvalidatePage {
-                        area: AREA,
-                        offset,
-                    }))
-                })
-                .collect();
             self.client
-                .call(ops)
+                .invalidate_pages(AREA, chunk)
                 .map_err(|e| format!("invalidate: {e}"))?;
         }
         Ok(())

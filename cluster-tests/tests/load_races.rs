@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use ramster_cluster_tests::{MemberSpec, TestCluster, wait_for};
 use ramster_node::cli::corpus::Pages;
-use ramster_node::frontend::client::{BlockingClient, op};
+use ramster_node::frontend::client::BlockingClient;
 use ramster_protocol::v1;
 
 const AREA: u32 = 1;
@@ -74,16 +74,9 @@ fn loads_of_a_page_that_moves_home_meanwhile_never_answer_unavailable() {
     })
     .unwrap();
     // Room at home: the newest pages (at home still) go.
-    let ops = (STORED - DROPPED..STORED)
-        .map(|offset| {
-            op(v1::op::Kind::InvalidatePage(v1::InvalidatePage {
-                area: AREA,
-                offset,
-            }))
-        })
-        .collect::<Vec<_>>();
-    for chunk in ops.chunks(512) {
-        client.call(chunk.to_vec()).unwrap();
+    let dropped: Vec<u64> = (STORED - DROPPED..STORED).collect();
+    for chunk in dropped.chunks(512) {
+        client.invalidate_pages(AREA, chunk).unwrap();
     }
     held.retain(|&o| o < STORED - DROPPED);
 

@@ -259,7 +259,6 @@ fn nbd_threads_in_range(n: usize) -> Result<usize, String> {
     }
 }
 
-/// A poll window in microseconds, from a flag or the environment.
 /// The longest out-after: a day. Past it, a lost donor would leave pages
 /// with one copy for longer than anyone would want.
 const OUT_AFTER_SECS_MAX: u64 = 86_400;
@@ -273,11 +272,32 @@ fn parse_audit_every(s: &str) -> Result<u64, String> {
 }
 
 /// An audit at least every day: garbage and tombstones must not wait longer.
+const AUDIT_EVERY_SECS_MAX: u64 = 86_400;
+
 fn audit_every_in_range(secs: u64) -> Result<u64, String> {
-    if !(1..=86_400).contains(&secs) {
-        return Err(format!("{secs} seconds: must be 1..=86400"));
+    if !(1..=AUDIT_EVERY_SECS_MAX).contains(&secs) {
+        return Err(format!(
+            "{secs} seconds: must be 1..={AUDIT_EVERY_SECS_MAX}"
+        ));
     }
     Ok(secs)
+}
+
+/// A setting from the flag (checked by its parser) or else from the file,
+/// checked here with the same rule and named by its TOML key.
+fn flag_or_checked_file(
+    flag: Option<u64>,
+    file: Option<u64>,
+    key: &str,
+    check: fn(u64) -> Result<u64, String>,
+) -> anyhow::Result<Option<u64>> {
+    match (flag, file) {
+        (Some(v), _) => Ok(Some(v)),
+        (None, Some(v)) => Ok(Some(
+            check(v).map_err(|e| anyhow::anyhow!("config `{key}`: {e}"))?,
+        )),
+        (None, None) => Ok(None),
+    }
 }
 
 fn out_after_in_range(secs: u64) -> Result<u64, String> {
@@ -474,22 +494,18 @@ impl NodeArgs {
             },
             zone: self.zone.or(file.zone),
             replicas: self.replicas.or(file.replicas),
-            out_after: match (self.out_after, file.out_after) {
-                (Some(s), _) => Some(s),
-                (None, Some(s)) => Some(
-                    out_after_in_range(s)
-                        .map_err(|e| anyhow::anyhow!("config `out-after`: {e}"))?,
-                ),
-                (None, None) => None,
-            },
-            audit_every: match (self.audit_every, file.audit_every) {
-                (Some(s), _) => Some(s),
-                (None, Some(s)) => Some(
-                    audit_every_in_range(s)
-                        .map_err(|e| anyhow::anyhow!("config `audit-every`: {e}"))?,
-                ),
-                (None, None) => None,
-            },
+            out_after: flag_or_checked_file(
+                self.out_after,
+                file.out_after,
+                "out-after",
+                out_after_in_range,
+            )?,
+            audit_every: flag_or_checked_file(
+                self.audit_every,
+                file.audit_every,
+                "audit-every",
+                audit_every_in_range,
+            )?,
             remotify: self
                 .remotify_watermarks
                 .or(file.remotify_watermarks.map(|[a, b]| (a, b))),

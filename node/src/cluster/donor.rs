@@ -143,8 +143,6 @@ pub struct AuditStep {
     pub pages: Vec<AuditedPage>,
     /// Where the next step starts; `None` when the listing is complete.
     pub next: Option<u64>,
-    /// Tombstones still held for the owner.
-    pub tombstones: u64,
 }
 
 /// Slots an audit step looks at per page it may list: tombstones it keeps
@@ -659,8 +657,9 @@ impl DonorStore {
         let scan_max = max.max(1) * AUDIT_SCAN_PER_PAGE;
         let mut i = usize::try_from(cursor).unwrap_or(usize::MAX);
         let mut looked = 0;
-        // At position 0 only dropped tombstones are looked at, and each
-        // shrinks the table: the step ends, and makes progress.
+        // Past its bound, a step still at position 0 goes on only while it
+        // drops tombstones (each shrinks the table): it ends having moved,
+        // and position 0 never continues a listing.
         while i < o.slots.len() && step.pages.len() < max && (looked < scan_max || i == 0) {
             looked += 1;
             let (&key, slot) = o.slots.get_index(i).expect("in range");
@@ -684,7 +683,6 @@ impl DonorStore {
             }
         }
         step.next = (i < o.slots.len()).then_some(i as u64);
-        step.tombstones = o.tombstones;
         Ok(Ok(step))
     }
 

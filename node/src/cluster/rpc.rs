@@ -89,13 +89,8 @@ fn key_from_wire(k: Option<&wire::PageKey>, item: usize) -> Result<PageKey, RpcR
 
 /// An audited copy as the donor listed it; `None` without a key.
 pub fn audited_from_wire(p: &wire::AuditedPage) -> Option<AuditedPage> {
-    let k = p.key.as_ref()?;
     Some(AuditedPage {
-        key: PageKey {
-            space: k.space,
-            object: k.object,
-            index: k.index,
-        },
+        key: key_from_wire(p.key.as_ref(), 0).ok()?,
         version: p.version,
         placement: p.placement,
     })
@@ -302,7 +297,6 @@ fn apply(
                         .collect(),
                     // Position 0 never continues a listing (see `audit`).
                     next: step.next.unwrap_or(0),
-                    tombstones: step.tombstones,
                 },
                 Err(s) => wire::AuditPagesResult {
                     status: status_to_wire(s) as i32,

@@ -1327,7 +1327,6 @@ impl PeerSession {
         Ok(Ok(AuditStep {
             pages,
             next: (r.next != 0).then_some(r.next),
-            tombstones: r.tombstones,
         }))
     }
 

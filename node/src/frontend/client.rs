@@ -292,6 +292,10 @@ impl BlockingClient {
         self.rt.block_on(self.inner.load_pages(area, offsets))
     }
 
+    pub fn invalidate_pages(&self, area: u32, offsets: &[u64]) -> Result<u64, ClientError> {
+        self.rt.block_on(self.inner.invalidate_pages(area, offsets))
+    }
+
     pub fn invalidate_area(&self, area: u32) -> Result<u64, ClientError> {
         self.rt.block_on(self.inner.invalidate_area(area))
     }
