@@ -71,7 +71,27 @@ pub struct NodeProcess {
     pub socket: PathBuf,
     /// The admin endpoint; `None` when started with `--admin-listen off`.
     pub admin: Option<SocketAddr>,
+    /// The arguments it was started with, to start it again.
+    args: Vec<String>,
     child: Child,
+}
+
+/// Spawns `ramster` with `args` on the data dir `dir`, appending to its
+/// `node.log`.
+fn spawn_node(args: &[String], dir: &Path) -> anyhow::Result<Child> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("node.log"))?;
+    Command::new(ramster_bin())
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("spawning ramster node")
 }
 
 impl NodeProcess {
@@ -81,42 +101,45 @@ impl NodeProcess {
     /// default one.
     pub fn start(name: &str, capacity: &str, extra: &[&str]) -> anyhow::Result<NodeProcess> {
         let admin_flag = extra.iter().position(|a| *a == "--admin-listen");
-        let (admin, own_admin_arg) = match admin_flag {
+        let mut args: Vec<String> = ["node", "--name", name, "--capacity", capacity]
+            .iter()
+            .chain(extra)
+            .map(|a| a.to_string())
+            .collect();
+        let admin = match admin_flag {
             Some(i) => {
                 let value = extra.get(i + 1).context("--admin-listen without a value")?;
-                (value.parse().ok(), None)
+                value.parse().ok()
             }
             None => {
                 let addr = SocketAddr::from(([127, 0, 0, 1], free_loopback_port()));
-                (Some(addr), Some(addr.to_string()))
+                args.extend(["--admin-listen".to_string(), addr.to_string()]);
+                Some(addr)
             }
         };
         let dir = tempfile::tempdir()?;
         let socket = dir.path().join("api.sock");
-        let log = std::fs::File::create(dir.path().join("node.log"))?;
-        let child = Command::new(ramster_bin())
-            .args(["node", "--name", name, "--capacity", capacity, "--data-dir"])
-            .arg(dir.path())
-            .args(extra)
-            .args(
-                own_admin_arg
-                    .iter()
-                    .flat_map(|a| ["--admin-listen", a.as_str()]),
-            )
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawning ramster node")?;
+        let child = spawn_node(&args, dir.path())?;
         let mut node = NodeProcess {
             name: name.into(),
             dir,
             socket,
             admin,
+            args,
             child,
         };
         node.wait_serving()?;
         Ok(node)
+    }
+
+    /// Kills the node (SIGKILL) and starts it again on the same data dir,
+    /// ports and flags: a crash and a restart, as a supervisor would do.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // The next run's log follows the last one's.
+        self.child = spawn_node(&self.args, self.dir.path())?;
+        self.wait_serving()
     }
 
     fn wait_serving(&mut self) -> anyhow::Result<()> {

@@ -347,6 +347,99 @@ fn nbdinfo_lists_exports_and_sizes() {
     );
 }
 
+/// A node restarted under a connected client (qemu's NBD client with
+/// `reconnect-delay`, as `nbd-client -persist` reconnects the kernel's):
+/// what the client wrote before the restart is gone with the node's RAM,
+/// and it must read errors for it, never zeros. Discarding the whole
+/// device starts it over.
+#[test]
+fn a_client_reconnecting_across_a_restart_reads_errors_not_zeros() {
+    let (mut node, port) = node("64MiB", &["swap:4MiB"]);
+    let writes = || node_metric(&node, "ramster_nbd_writes_total{export=\"swap\"}");
+    let opts = format!(
+        "driver=raw,file.driver=nbd,file.server.type=inet,file.server.host=127.0.0.1,\
+         file.server.port={port},file.export=swap,file.reconnect-delay=60,discard=unmap"
+    );
+    // One client session across the restart: qemu-io runs the commands in
+    // order; the node is killed and started again during the `sleep`, once
+    // the second write shows that the first read is done.
+    let commands = [
+        "write -P 0xab 0 64k",
+        "read -P 0xab 0 64k",
+        "write -P 0x11 1M 4k",
+        "sleep 5000",
+        // Written before the restart: gone.
+        "read -P 0xab 0 4k",
+        // Never written by this client, but nothing says so: gone too.
+        "read -P 0 2M 4k",
+        // A sub-page write needs the rest of its page: refused.
+        "write -P 0x22 64k 512",
+        // Written again after the restart: fine.
+        "write -P 0xcd 8k 4k",
+        "read -P 0xcd 8k 4k",
+        // blkdiscard: the whole device starts over, and reads as zeros.
+        "discard 0 4M",
+        "read -P 0 0 4M",
+        "write -P 0xee 0 4k",
+        "read -P 0xee 0 4k",
+    ];
+    let mut args = vec!["--image-opts"];
+    for c in commands {
+        args.extend(["-c", c]);
+    }
+    args.push(&opts);
+    let session = Command::new("qemu-io")
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("qemu-io (apt-get install qemu-utils)");
+    ramster_cluster_tests::wait_for(Duration::from_secs(20), || (writes() >= 2.0).then_some(()))
+        .expect("qemu-io's writes reached the node");
+    node.restart().unwrap();
+    let out = session.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let all = format!("{stdout}\n{stderr}");
+    // qemu-io prints one line per failed command, in order.
+    let failed: Vec<&str> = all.lines().filter(|l| l.contains("failed")).collect();
+    assert_eq!(
+        failed.len(),
+        3,
+        "exactly the two reads of pages from before the restart and the sub-page \
+         write fail:\n{all}"
+    );
+    assert!(
+        failed
+            .iter()
+            .all(|l| l.contains("Input/output error") && !l.contains("Pattern")),
+        "they fail with EIO, not with zeros:\n{all}"
+    );
+    assert!(failed[0].starts_with("read failed"), "{all}");
+    assert!(failed[2].starts_with("write failed"), "{all}");
+    assert!(
+        node.log()
+            .contains("an earlier run of this export held pages")
+    );
+    // The device was discarded whole: it is fresh again.
+    assert_eq!(
+        node_metric(&node, "ramster_nbd_stale_pages{export=\"swap\"}"),
+        0.0
+    );
+    // And a node that restarts after only that run's writes is stale again,
+    // which a client sees before it sends a request.
+    node.restart().unwrap();
+    let info = tool("nbdinfo", &[&uri(port, "swap")]);
+    assert!(
+        info.contains("1024 pages written before the node restarted"),
+        "{info}"
+    );
+}
+
+fn node_metric(node: &NodeProcess, sample: &str) -> f64 {
+    node.metric(sample).unwrap_or(0.0)
+}
+
 // ------------------------------------------------------------- raw client
 
 /// A client that speaks the protocol by hand, to misbehave on purpose.
@@ -862,4 +955,70 @@ fn a_client_that_reads_nothing_is_dropped_and_stalls_no_one_for_ever() {
         Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
     });
     assert!(ended, "the stalled connection is still open");
+}
+
+/// The resident memory of process `pid`, in bytes.
+fn rss_bytes(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status");
+    kib << 10
+}
+
+/// Clients that send the header of a 32 MiB WRITE and a little of its data,
+/// then nothing: each WRITE's buffer is paid for from the server-wide
+/// budget before it grows, so twelve of them cost the budget (eight of
+/// them), not 384 MiB; and a half-received request is given up after
+/// REQUEST_STALL_TIMEOUT, which hands the budget on.
+#[test]
+fn half_sent_large_writes_are_paid_for_before_they_are_buffered_and_time_out() {
+    use ramster_node::frontend::nbd::server::{LARGE_BYTES_MAX, REQUEST_STALL_TIMEOUT};
+    const BIG: u32 = 32 << 20;
+    let (node, port) = node("64MiB", &["disk:64MiB"]);
+    let before = rss_bytes(node.pid());
+    let mut stalled: Vec<Raw> = (0..12)
+        .map(|h| {
+            let (mut r, _) = Raw::go(port, "disk");
+            r.request(proto::CMD_WRITE, h, 0, BIG, &vec![0x5a; 64 << 10]);
+            r.s.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            r
+        })
+        .collect();
+    // Each header is in at once; what a buffer takes, it takes then.
+    std::thread::sleep(Duration::from_secs(3));
+    let grown = rss_bytes(node.pid()).saturating_sub(before);
+    assert!(
+        grown < LARGE_BYTES_MAX + (64 << 20),
+        "twelve half-sent 32 MiB writes grew the node by {} MiB",
+        grown >> 20
+    );
+    // The eight that hold the budget are dropped after the stall timeout.
+    let deadline = std::time::Instant::now() + REQUEST_STALL_TIMEOUT * 2 + Duration::from_secs(10);
+    let mut ended = vec![false; stalled.len()];
+    let mut buf = [0u8; 4096];
+    while ended.iter().filter(|e| **e).count() < 8 && std::time::Instant::now() < deadline {
+        for (i, r) in stalled.iter_mut().enumerate() {
+            if !ended[i] {
+                ended[i] = match r.s.read(&mut buf) {
+                    Ok(0) => true,
+                    Ok(_) => false,
+                    Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+                };
+            }
+        }
+    }
+    assert!(
+        ended.iter().filter(|e| **e).count() >= 8,
+        "stalled writes kept their connections: {ended:?}"
+    );
+    // And a client that sends its whole large WRITE is served at once.
+    let (mut good, _) = Raw::go(port, "disk");
+    good.request(proto::CMD_WRITE, 99, 1 << 20, 1 << 20, &vec![0xa5; 1 << 20]);
+    let (handle, error, _) = good.reply(|_| 0);
+    assert_eq!((handle, error), (99, 0));
+    assert!(node.log().contains("did not come within"), "{}", node.log());
 }

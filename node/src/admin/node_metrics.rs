@@ -204,6 +204,10 @@ static NBD_PAGES: Family = Family::gauge(
     "ramster_nbd_pages",
     "Export pages by where their only copy is: the store or the backing file.",
 );
+static NBD_STALE_PAGES: Family = Family::gauge(
+    "ramster_nbd_stale_pages",
+    "Export pages an earlier run of the node may have held: they read as errors until written again.",
+);
 static NBD_STORE_REJECTS: Family = Family::counter(
     "ramster_nbd_store_rejects_total",
     "Export pages the store refused, which went to the backing file.",
@@ -264,6 +268,7 @@ pub(super) static FAMILIES: &[&Family] = &[
     &NBD_READ_BYTES,
     &NBD_WRITTEN_BYTES,
     &NBD_PAGES,
+    &NBD_STALE_PAGES,
     &NBD_STORE_REJECTS,
     &NBD_ERRORS,
     &NBD_POLLS,
@@ -369,7 +374,7 @@ fn write_cluster_counters(out: &mut MetricsWriter, metrics: &NodeMetrics) {
 /// Each family over all exports, so that a family's samples stay together.
 fn write_exports(out: &mut MetricsWriter, exports: &[ExportStats]) {
     type Field = fn(&ExportStats) -> u64;
-    let plain: [(&'static Family, Field); 9] = [
+    let plain: [(&'static Family, Field); 10] = [
         (&NBD_SIZE, |e| e.size_bytes),
         (&NBD_READS, |e| e.reads),
         (&NBD_WRITES, |e| e.writes),
@@ -379,6 +384,7 @@ fn write_exports(out: &mut MetricsWriter, exports: &[ExportStats]) {
         (&NBD_READ_BYTES, |e| e.read_bytes),
         (&NBD_WRITTEN_BYTES, |e| e.written_bytes),
         (&NBD_ERRORS, |e| e.errors),
+        (&NBD_STALE_PAGES, |e| e.stale_pages),
     ];
     for (family, field) in plain {
         for e in exports {

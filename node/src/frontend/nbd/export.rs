@@ -5,7 +5,9 @@
 //! - the page store (frontswap accepted it): its bit in `in_store` is set;
 //! - the sparse backing file (the store rejected it, as the kernel then wrote
 //!   the page to the swap device): its bit in `in_backing` is set;
-//! - nowhere: never written, trimmed, or zeroed; it reads as zeros.
+//! - nowhere: never written, trimmed, or zeroed; it reads as zeros, unless
+//!   an earlier run of the export may have held it (see [`run`](super::run)):
+//!   then it reads as an error.
 //!
 //! Both bits are never set at once. Each page has a lock (striped), held for
 //! the whole of one page's load/modify/store, so that concurrent sub-page
@@ -18,8 +20,8 @@
 //!
 //! The export starts empty every time the node starts: its store pages live
 //! in RAM and die with the process, so the backing file alone would be a
-//! stale half of the device. It is truncated on open, as `mkswap` would be
-//! run on a fresh swap device.
+//! stale half of the device. It is truncated on open, and the pages an
+//! earlier run held answer EIO until they are written again.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -32,6 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::{Mutex, MutexGuard};
 use serde::Serialize;
 
+use super::run::{Run, record_path};
 use crate::frontend::frontswap::{AREA_ID_MAX, AreaId};
 use crate::frontend::{Frontend, LoadResult, OpError, Reject, StoreResult};
 use crate::store::{PAGE_BYTES, Page};
@@ -120,12 +123,22 @@ pub enum ExportError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("export run record {path}: {source}")]
+    RunRecord {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("page {page}: the store's copy failed its checksum")]
     Corrupt { page: u64 },
     #[error("page {page}: the store has no copy though it accepted one")]
     Lost { page: u64 },
     #[error("page {page}: the store's copy is unavailable")]
     Unavailable { page: u64 },
+    #[error(
+        "page {page}: may have been written before the node restarted, and that data is gone; \
+         swapoff, then blkdiscard the device (or write every page) before using it again"
+    )]
+    LostToRestart { page: u64 },
     #[error("frontswap: {0}")]
     Op(#[from] OpError),
 }
@@ -192,6 +205,10 @@ pub struct ExportStats {
     pub errors: u64,
     pub polls_found: u64,
     pub polls_slept: u64,
+    /// This run's id, in hex.
+    pub run: String,
+    /// Pages that read as errors: an earlier run may have held them.
+    pub stale_pages: u64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -200,21 +217,21 @@ fn bump(c: &AtomicU64, n: u64) {
 
 /// One bit per page. Bits are only changed under the page's lock; the
 /// atomics make reading them from stats safe, not the page protocol.
-struct Bitmap {
+pub(super) struct Bitmap {
     words: Box<[AtomicU64]>,
 }
 
 impl Bitmap {
-    fn new(pages: u64) -> Bitmap {
+    pub(super) fn new(pages: u64) -> Bitmap {
         Bitmap {
             words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
         }
     }
-    fn get(&self, page: u64) -> bool {
+    pub(super) fn get(&self, page: u64) -> bool {
         self.words[(page / 64) as usize].load(Ordering::Relaxed) & (1 << (page % 64)) != 0
     }
     /// Sets the bit; whether it was clear.
-    fn set(&self, page: u64) -> bool {
+    pub(super) fn set(&self, page: u64) -> bool {
         let bit = 1 << (page % 64);
         self.words[(page / 64) as usize].fetch_or(bit, Ordering::Relaxed) & bit == 0
     }
@@ -267,13 +284,14 @@ pub struct Export {
     backing_path: PathBuf,
     in_store: Bitmap,
     in_backing: Bitmap,
+    run: Run,
     page_locks: Box<[Mutex<()>]>,
     metrics: ExportMetrics,
 }
 
 impl Export {
     /// Creates the export's area (empty) and its backing file (truncated to
-    /// a hole of the export's size).
+    /// a hole of the export's size), and begins its run.
     pub fn open(
         spec: &ExportSpec,
         area: AreaId,
@@ -305,6 +323,14 @@ impl Export {
             .with_context(|| format!("sizing backing file {}", backing_path.display()))?;
         frontend.init_area(area, false)?;
         let pages = spec.size_bytes / PAGE_BYTES as u64;
+        let run = Run::begin(record_path(data_dir, &spec.name), pages)?;
+        if run.is_stale() {
+            tracing::warn!(
+                export = %spec.name,
+                "an earlier run of this export held pages that are gone: they read as errors, \
+                 not zeros, until written again (swapoff and blkdiscard the device to start over)"
+            );
+        }
         Ok(Export {
             name: spec.name.clone(),
             area,
@@ -314,6 +340,7 @@ impl Export {
             backing_path,
             in_store: Bitmap::new(pages),
             in_backing: Bitmap::new(pages),
+            run,
             page_locks: (0..PAGE_LOCK_STRIPES).map(|_| Mutex::new(())).collect(),
             metrics: ExportMetrics::default(),
         })
@@ -330,6 +357,17 @@ impl Export {
     }
     pub fn backing_path(&self) -> &Path {
         &self.backing_path
+    }
+    /// What a client is told of the export (NBD_INFO_DESCRIPTION).
+    pub fn description(&self) -> String {
+        let stale = self.run.stale_pages();
+        let mut d = format!("ramster export {}, run {:016x}", self.name, self.run.id());
+        if stale > 0 {
+            d += &format!(
+                "; {stale} pages written before the node restarted are gone and read as errors"
+            );
+        }
+        d
     }
     pub fn metrics(&self) -> &ExportMetrics {
         &self.metrics
@@ -362,6 +400,8 @@ impl Export {
             errors: g(&m.errors),
             polls_found: g(&m.polls_found),
             polls_slept: g(&m.polls_slept),
+            run: format!("{:016x}", self.run.id()),
+            stale_pages: self.run.stale_pages(),
         }
     }
 
@@ -522,6 +562,9 @@ impl Export {
                 .read_exact_at(out, page * PAGE_BYTES as u64)
                 .map_err(|e| self.backing_error(e));
         }
+        if self.run.lost_to_restart(page) {
+            return Err(ExportError::LostToRestart { page });
+        }
         out.fill(0);
         Ok(())
     }
@@ -559,6 +602,19 @@ impl Export {
     /// Stores one whole page; on rejection it goes to the backing file.
     /// Returns whether it went to the backing file. Caller holds the lock.
     fn write_page(&self, page: u64, data: &Page) -> Result<bool, ExportError> {
+        self.run
+            .before_data_write()
+            .map_err(|source| ExportError::RunRecord {
+                path: self.run.path().to_path_buf(),
+                source,
+            })?;
+        let to_backing = self.put_page(page, data)?;
+        self.run.settle(page);
+        Ok(to_backing)
+    }
+
+    /// [`Export::write_page`] once the run is recorded as written.
+    fn put_page(&self, page: u64, data: &Page) -> Result<bool, ExportError> {
         let m = &self.metrics;
         match self.frontend.store_page(self.area, page, data)? {
             StoreResult::Accepted => {
@@ -610,6 +666,7 @@ impl Export {
             m.pages_in_backing.fetch_sub(1, Ordering::Relaxed);
             self.punch_hole(page);
         }
+        self.run.settle(page);
         Ok(())
     }
 
@@ -712,11 +769,25 @@ mod tests {
 
     fn export(capacity: u64, size: u64) -> (tempfile::TempDir, Export) {
         let dir = tempfile::tempdir().unwrap();
+        let e = export_in(dir.path(), capacity, size);
+        (dir, e)
+    }
+
+    /// The export as a node started on `dir` serves it: a fresh store each
+    /// time, as after a restart.
+    fn export_in(dir: &Path, capacity: u64, size: u64) -> Export {
         let store = Arc::new(PageStore::new(StoreConfig::with_capacity(capacity)));
         let fe = Arc::new(Frontend::new("t", store));
         let spec: ExportSpec = format!("t:{size}").parse().unwrap();
-        let e = Export::open(&spec, EXPORT_AREA_FIRST, fe, dir.path()).unwrap();
-        (dir, e)
+        Export::open(&spec, EXPORT_AREA_FIRST, fe, dir).unwrap()
+    }
+
+    fn lost_to_restart(e: &Export, offset: u64, len: usize) -> bool {
+        let mut out = vec![0u8; len];
+        matches!(
+            e.read(offset, &mut out),
+            Err(ExportError::LostToRestart { .. })
+        )
     }
 
     fn random_page(seed: u64) -> Page {
@@ -935,5 +1006,80 @@ mod tests {
         e.read(9 * 4096, &mut out).unwrap();
         assert_eq!(out[..8], old[..8]);
         assert_eq!(out[8..4000], noise[8..4000]);
+    }
+
+    #[test]
+    fn pages_of_an_earlier_run_read_as_errors_never_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = {
+            let mut p = ZERO_PAGE;
+            p.iter_mut()
+                .enumerate()
+                .for_each(|(i, b)| *b = (i % 13) as u8);
+            p
+        };
+        {
+            let e = export_in(dir.path(), 64 << 20, 1 << 20);
+            e.write(3 * 4096, &text, false).unwrap(); // into the store
+            e.write(4 * 4096, &random_page(5), false).unwrap(); // the file
+            assert_eq!(e.stats().stale_pages, 0);
+        }
+        // The node restarts: the client that reconnects gets errors for
+        // what it wrote, and for every page it might have written.
+        let e = export_in(dir.path(), 64 << 20, 1 << 20);
+        assert!(lost_to_restart(&e, 3 * 4096, PAGE_BYTES));
+        assert!(lost_to_restart(&e, 4 * 4096, PAGE_BYTES));
+        assert!(lost_to_restart(&e, 100 * 4096 + 7, 10));
+        assert_eq!(e.stats().stale_pages, 256);
+        assert!(e.description().contains("256 pages written before"));
+        // A sub-page write needs the rest of the page: refused too.
+        assert!(e.write(5 * 4096 + 1, &[1, 2, 3], false).is_err());
+        // What this run writes, zeroes or trims reads back.
+        e.write(3 * 4096, &text, false).unwrap();
+        e.write_zeroes(6 * 4096, 4096, false, false).unwrap();
+        e.trim(7 * 4096, 4096).unwrap();
+        let mut out = vec![0u8; 5 * PAGE_BYTES];
+        e.read(3 * 4096, &mut out[..PAGE_BYTES]).unwrap();
+        assert_eq!(&out[..PAGE_BYTES], &text[..]);
+        e.read(6 * 4096, &mut out[..2 * PAGE_BYTES]).unwrap();
+        assert!(out[..2 * PAGE_BYTES].iter().all(|&b| b == 0));
+        assert!(lost_to_restart(&e, 4 * 4096, PAGE_BYTES));
+        assert_eq!(e.stats().stale_pages, 253);
+        // Discarding the whole device (blkdiscard) makes it fresh.
+        e.trim(0, 1 << 20).unwrap();
+        assert_eq!(e.stats().stale_pages, 0);
+        e.read(0, &mut out).unwrap();
+        assert!(out.iter().all(|&b| b == 0));
+        drop(e);
+        // This run wrote data (page 3): the next one starts stale again.
+        let e = export_in(dir.path(), 64 << 20, 1 << 20);
+        assert!(lost_to_restart(&e, 0, PAGE_BYTES));
+    }
+
+    #[test]
+    fn staleness_outlives_runs_that_write_nothing_and_runs_that_only_trim_do_not_cause_it() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let e = export_in(dir.path(), 64 << 20, 1 << 20);
+            // Reads, trims and holes leave nothing a later run could lose.
+            let mut out = ZERO_PAGE;
+            e.read(0, &mut out).unwrap();
+            e.trim(0, 8192).unwrap();
+            e.write_zeroes(8192, 8192, false, false).unwrap();
+        }
+        {
+            let e = export_in(dir.path(), 64 << 20, 1 << 20);
+            assert_eq!(e.stats().stale_pages, 0);
+            e.write(0, &random_page(1), false).unwrap();
+        }
+        // Two restarts, the first with no writes at all: still stale.
+        drop(export_in(dir.path(), 64 << 20, 1 << 20));
+        let e = export_in(dir.path(), 64 << 20, 1 << 20);
+        assert!(lost_to_restart(&e, 0, PAGE_BYTES));
+        drop(e);
+        // A record nobody can read is taken as the worst case.
+        std::fs::write(record_path(dir.path(), "t"), "garbage = [").unwrap();
+        let e = export_in(dir.path(), 64 << 20, 1 << 20);
+        assert_eq!(e.stats().stale_pages, 256);
     }
 }

@@ -308,6 +308,18 @@ pub fn encode_info_name(out: &mut BytesMut, option: u32, name: &str) {
     encode_option_reply(out, option, REP_INFO, &data);
 }
 
+/// NBD_REP_INFO with NBD_INFO_DESCRIPTION (at most 4 KiB, as the protocol asks).
+pub fn encode_info_description(out: &mut BytesMut, option: u32, description: &str) {
+    let mut end = description.len().min(4096);
+    while !description.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut data = BytesMut::with_capacity(2 + end);
+    data.put_u16(INFO_DESCRIPTION);
+    data.put_slice(&description.as_bytes()[..end]);
+    encode_option_reply(out, option, REP_INFO, &data);
+}
+
 /// Block size constraints, in bytes.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub struct BlockSize {
@@ -386,22 +398,28 @@ impl Request {
     }
 }
 
-/// Parses one request and, for a WRITE, waits for its whole payload.
-pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, ProtoError> {
-    if buf.len() < REQUEST_HEADER_BYTES {
-        return Ok(None);
-    }
+/// The header of the request at the head of `buf`, which holds at least
+/// [`REQUEST_HEADER_BYTES`], whatever of its data has arrived.
+pub fn parse_request_header(buf: &[u8]) -> Result<Request, ProtoError> {
     let magic = be_u32(buf);
     if magic != REQUEST_MAGIC {
         return Err(ProtoError::RequestMagic(magic));
     }
-    let request = Request {
+    Ok(Request {
         flags: be_u16(&buf[4..]),
         command: Command::from_wire(be_u16(&buf[6..])),
         handle: be_u64(&buf[8..]),
         offset: be_u64(&buf[16..]),
         length: be_u32(&buf[24..]),
-    };
+    })
+}
+
+/// Parses one request and, for a WRITE, waits for its whole payload.
+pub fn parse_request(buf: &[u8]) -> Result<Option<(Request, usize)>, ProtoError> {
+    if buf.len() < REQUEST_HEADER_BYTES {
+        return Ok(None);
+    }
+    let request = parse_request_header(buf)?;
     let payload = match request.command {
         Command::Write => {
             if request.length as usize > REQUEST_BYTES_MAX {

@@ -31,7 +31,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{debug, info, warn};
 
-use super::export::{Export, ExportMetrics, Exports};
+use super::export::{Export, Exports};
 use super::proto::{self, Command, OptionRequest, ProtoError, Request};
 use crate::store::PAGE_BYTES;
 
@@ -70,6 +70,19 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// every other connection's large requests waiting. The kernel's NBD
 /// client gives up on a request after 30 s by default too.
 pub const REPLY_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the rest of a request may take to arrive once its first bytes
+/// have: a client that sends half a large WRITE and stops would otherwise
+/// hold its share of [`LARGE_BYTES_MAX`] for ever. Between requests a
+/// connection may be idle as long as it likes: a swap device can go hours
+/// without I/O, and cutting it would fail the host's swap. A client that
+/// is gone without a word is found by TCP keepalive ([`KEEPALIVE_IDLE`]).
+pub const REQUEST_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Silence after which the kernel probes an idle connection's peer, every
+/// [`KEEPALIVE_INTERVAL`], [`KEEPALIVE_PROBES`] times before it gives the
+/// connection (and its slot of [`CONNECTIONS_MAX`]) up.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_PROBES: u32 = 6;
 /// How long shutdown waits for connections to finish what they received.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read from the socket at a time (many requests per read).
@@ -77,6 +90,17 @@ const READ_CHUNK_BYTES: usize = 256 << 10;
 /// Bytes of replies (and of WRITE data) one batch of requests may gather
 /// before its replies are sent in one write.
 const REPLY_BATCH_BYTES_MAX: usize = 256 << 10;
+/// The most each of a connection's threads keeps of its reply buffer
+/// between batches: what a batch of small requests needs (they are under
+/// [`LARGE_BYTES_MIN`] each), so that a client pipelining pages reuses it.
+/// Only a large request's replies, paid from [`LARGE_BYTES_MAX`], outgrow
+/// it. With [`KEPT_REQUEST_BYTES_MAX`] and [`READ_CHUNK_BYTES`] it bounds
+/// what a connection holds outside that budget (the formula is in
+/// docs/swap.md).
+const KEPT_REPLY_BYTES_MAX: usize = REPLY_BATCH_BYTES_MAX + LARGE_BYTES_MIN;
+/// The most each thread keeps of the buffer for requests handed to it:
+/// one small request.
+const KEPT_REQUEST_BYTES_MAX: usize = LARGE_BYTES_MIN + proto::REQUEST_HEADER_BYTES;
 /// Requests at least this long count against [`LARGE_BYTES_MAX`].
 pub const LARGE_BYTES_MIN: usize = 64 << 10;
 
@@ -108,6 +132,8 @@ pub enum ConnError {
     Proto(#[from] ProtoError),
     #[error("client closed the connection in the middle of a message")]
     Truncated,
+    #[error("the rest of a request did not come within {REQUEST_STALL_TIMEOUT:?}")]
+    RequestStalled,
     #[error("handshake took longer than {HANDSHAKE_TIMEOUT:?}")]
     HandshakeTimeout,
     #[error("more than {HANDSHAKE_OPTIONS_MAX} options without picking an export")]
@@ -319,6 +345,15 @@ async fn handshake_on(
     // Per send call: a client that reads slowly is fine, one that reads
     // nothing for this long is gone.
     stream.set_write_timeout(Some(REPLY_STALL_TIMEOUT))?;
+    // Per recv call: bounds how long a request may be half-received (see
+    // `Requests::wait_for_one`); an idle connection just waits again.
+    stream.set_read_timeout(Some(REQUEST_STALL_TIMEOUT))?;
+    socket2::SockRef::from(&stream).set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_PROBES),
+    )?;
     Ok(Some((Inbox::new(&reader.buf), stream, export)))
 }
 
@@ -418,9 +453,34 @@ fn info_reply(
     if req.requests.contains(&proto::INFO_NAME) {
         proto::encode_info_name(out, option, export.name());
     }
+    if req.requests.contains(&proto::INFO_DESCRIPTION) {
+        proto::encode_info_description(out, option, &export.description());
+    }
     proto::encode_info_block_size(out, option, BLOCK_SIZE);
     proto::encode_option_reply(out, option, proto::REP_ACK, &[]);
     Some(export.clone())
+}
+
+/// The share of [`LARGE_BYTES_MAX`] a large request takes, in units of
+/// [`LARGE_BYTES_MIN`]. Only READ and WRITE hold buffers of their length.
+fn budget_units(req: &Request) -> u32 {
+    match req.command {
+        Command::Read | Command::Write => (req.length as usize).div_ceil(LARGE_BYTES_MIN) as u32,
+        _ => 1,
+    }
+}
+
+/// The budget units of the large WRITE whose header heads `buf`, if its
+/// data is still to come (and it will be carried out, not refused).
+fn large_write_arriving(buf: &[u8], export_bytes: u64) -> Option<u32> {
+    if buf.len() < proto::REQUEST_HEADER_BYTES {
+        return None;
+    }
+    let req = proto::parse_request_header(buf).ok()?;
+    (req.command == Command::Write
+        && req.length as usize >= LARGE_BYTES_MIN
+        && proto::check_request(&req, export_bytes).is_ok())
+    .then(|| budget_units(&req))
 }
 
 /// What a connection's threads need from the server around it.
@@ -466,8 +526,9 @@ impl Inbox {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
-            // A large write grew the buffer; give the memory back.
-            if self.buf.len() > 4 * READ_CHUNK_BYTES {
+            // Only a large WRITE grows the buffer, on the budget it has
+            // given back by now: give the memory back too.
+            if self.buf.len() > READ_CHUNK_BYTES {
                 self.buf = vec![0; READ_CHUNK_BYTES];
             }
         }
@@ -546,6 +607,9 @@ impl Inbox {
 struct Requests {
     inbox: Inbox,
     io: std::net::TcpStream,
+    /// The budget granted to the large WRITE at the head of the inbox
+    /// before its data was read: its buffer is paid for before it grows.
+    budget: Option<OwnedSemaphorePermit>,
     /// No more requests will be taken: the stream ended, failed or carried
     /// garbage, or the client said NBD_CMD_DISC.
     done: bool,
@@ -586,14 +650,23 @@ impl Batch {
 impl Requests {
     /// Waits until a request (or garbage) is complete at the head of the
     /// buffer, reading the socket: polling it for `poll` first, then
-    /// blocking. `Ok(false)` once the connection is done.
-    fn wait_for_one(&mut self, poll: Duration, metrics: &ExportMetrics) -> Result<bool, ConnError> {
-        let mut until = (!poll.is_zero()).then(|| Instant::now() + poll);
+    /// blocking. A large WRITE's share of the server-wide budget is taken
+    /// as soon as its header is in, before the buffer grows for its data.
+    /// `Ok(false)` once the connection is done.
+    fn wait_for_one(&mut self, export: &Export, shared: &Shared) -> Result<bool, ConnError> {
+        let metrics = export.metrics();
+        let mut until = (!shared.poll.is_zero()).then(|| Instant::now() + shared.poll);
         // Each pass reads at least one byte of a request bounded by
-        // REQUEST_BYTES_MAX, or ends the poll, so this ends.
+        // REQUEST_BYTES_MAX, or ends the poll, or waits out an idle
+        // timeout on an empty buffer, so this ends when the client ends.
         while !self.done {
             if !matches!(proto::parse_request(self.inbox.data()), Ok(None)) {
                 return Ok(true);
+            }
+            if self.budget.is_none()
+                && let Some(units) = large_write_arriving(self.inbox.data(), export.size_bytes())
+            {
+                self.budget = Some(shared.take_budget(units));
             }
             let want = proto::request_bytes_missing(self.inbox.data());
             let polled = match until {
@@ -621,6 +694,19 @@ impl Requests {
                 }
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // The socket's read timeout: fine between requests, not in
+                // the middle of one.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if !self.inbox.data().is_empty() {
+                        self.done = true;
+                        return Err(ConnError::RequestStalled);
+                    }
+                }
                 Err(e) => {
                     self.done = true;
                     return Err(e.into());
@@ -674,23 +760,13 @@ impl Requests {
                 if !batch.requests.is_empty() {
                     return Ok(true);
                 }
-                // Only READ and WRITE hold buffers of their length;
-                // check_request bounds that by REQUEST_BYTES_MAX, far below
-                // the whole budget, so the grant always comes. Waiting for
-                // it here holds this connection's reading back, as it should.
-                let units = match req.command {
-                    Command::Read | Command::Write => {
-                        (req.length as usize).div_ceil(LARGE_BYTES_MIN) as u32
-                    }
-                    _ => 1,
-                };
-                debug_assert!(units as usize <= LARGE_BYTES_MAX / LARGE_BYTES_MIN);
-                batch.budget = Some(
-                    shared
-                        .runtime
-                        .block_on(shared.large_bytes.clone().acquire_many_owned(units))
-                        .expect("semaphore never closed"),
-                );
+                // A WRITE paid before its data was read; the rest pay now.
+                // Waiting here holds this connection's reading back, as
+                // it should.
+                batch.budget = Some(match self.budget.take() {
+                    Some(paid) => paid,
+                    None => shared.take_budget(budget_units(&req)),
+                });
             }
             let payload = batch.span + proto::REQUEST_HEADER_BYTES..batch.span + used;
             batch.requests.push((req, checked, payload));
@@ -721,6 +797,18 @@ struct Connection {
     failed: StdMutex<Option<ConnError>>,
 }
 
+impl Shared {
+    /// Waits for `units` of the server-wide budget. check_request bounds a
+    /// request by REQUEST_BYTES_MAX, far below the whole budget, so the
+    /// grant always comes once others give theirs back.
+    fn take_budget(&self, units: u32) -> OwnedSemaphorePermit {
+        debug_assert!(units as usize <= LARGE_BYTES_MAX / LARGE_BYTES_MIN);
+        self.runtime
+            .block_on(self.large_bytes.clone().acquire_many_owned(units))
+            .expect("semaphore never closed")
+    }
+}
+
 impl Connection {
     /// One thread's share: take, carry out, reply, until the requests are
     /// done. The thread holding the requests keeps them while it carries
@@ -739,7 +827,7 @@ impl Connection {
         loop {
             let mut requests = Some(self.requests.lock().expect("requests poisoned"));
             while let Some(mut r) = requests.take() {
-                let taken = match r.wait_for_one(shared.poll, self.export.metrics()) {
+                let taken = match r.wait_for_one(&self.export, shared) {
                     Ok(true) => r.take(&self.export, shared, &mut batch),
                     Ok(false) => return,
                     Err(e) => Err(e),
@@ -774,11 +862,12 @@ impl Connection {
                 }
                 // Gives a large request's budget back now, not at the next take.
                 batch.clear();
-                // A large request grew the buffers; give the memory back.
-                if replies.capacity() > 4 * REPLY_BATCH_BYTES_MAX {
+                // A large request's buffers were paid from the budget it
+                // has given back: give the memory back too.
+                if replies.capacity() > KEPT_REPLY_BYTES_MAX {
                     replies = BytesMut::new();
                 }
-                if owned.capacity() > 4 * REPLY_BATCH_BYTES_MAX {
+                if owned.capacity() > KEPT_REQUEST_BYTES_MAX {
                     owned = Vec::new();
                 }
             }
@@ -907,6 +996,7 @@ fn transmission(
         requests: StdMutex::new(Requests {
             inbox,
             io: stream.try_clone()?,
+            budget: None,
             done: false,
         }),
         writer: StdMutex::new(stream),
