@@ -179,6 +179,21 @@ impl NodeProcess {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// Sends `sig` (e.g. "-TERM") to the node, by its PID.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.pid().to_string();
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid} failed");
+    }
+
+    /// How the process ended, once it has (waits at most `timeout`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        wait_for(timeout, || self.child.try_wait().ok().flatten()).ok()
+    }
 }
 
 impl Drop for NodeProcess {

@@ -440,6 +440,59 @@ fn node_metric(node: &NodeProcess, sample: &str) -> f64 {
     node.metric(sample).unwrap_or(0.0)
 }
 
+/// A node asked to stop while a host is connected says so, and keeps
+/// serving (the host may still swapoff, reading its pages back) until the
+/// host disconnects; then it stops at once, cleanly. A second signal stops
+/// it without waiting.
+#[test]
+fn a_node_asked_to_stop_waits_for_connected_clients_and_says_so() {
+    let (mut served, port) = node("64MiB", &["swap:4MiB"]);
+    let (mut host, _) = Raw::go(port, "swap");
+    host.request(proto::CMD_WRITE, 1, 0, PAGE as u32, &page_of(7));
+    assert_eq!(host.reply(|_| 0).1, 0);
+    served.signal("-TERM");
+    ramster_cluster_tests::wait_for(Duration::from_secs(10), || {
+        served
+            .log()
+            .contains("asked to stop while NBD clients are connected")
+            .then_some(())
+    })
+    .expect("the node warns about its connected clients");
+    // Still serving: the host reads its page back.
+    host.request(proto::CMD_READ, 2, 0, PAGE as u32, &[]);
+    let (handle, error, data) = host.reply(|_| PAGE);
+    assert_eq!((handle, error), (2, 0));
+    assert_eq!(data, page_of(7));
+    assert!(served.is_running());
+    // The host disconnects (NBD_CMD_DISC): the node stops, cleanly.
+    host.request(proto::CMD_DISC, 3, 0, 0, &[]);
+    drop(host);
+    let status = served
+        .wait_exit(Duration::from_secs(20))
+        .expect("the node stops once its clients are gone");
+    assert!(status.success(), "{status}: {}", served.log());
+    assert!(served.log().contains("every NBD client has disconnected"));
+
+    // A second signal does not wait.
+    drop(served);
+    let (mut served, port) = node("64MiB", &["swap:4MiB"]);
+    let (_host, _) = Raw::go(port, "swap");
+    served.signal("-TERM");
+    ramster_cluster_tests::wait_for(Duration::from_secs(10), || {
+        served
+            .log()
+            .contains("asked to stop while NBD clients are connected")
+            .then_some(())
+    })
+    .expect("the node warns about its connected clients");
+    served.signal("-INT");
+    let status = served
+        .wait_exit(Duration::from_secs(20))
+        .expect("a second signal stops the node");
+    assert!(status.success(), "{status}: {}", served.log());
+    assert!(served.log().contains("second stop signal"));
+}
+
 // ------------------------------------------------------------- raw client
 
 /// A client that speaks the protocol by hand, to misbehave on purpose.

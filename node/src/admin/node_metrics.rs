@@ -204,6 +204,10 @@ static NBD_PAGES: Family = Family::gauge(
     "ramster_nbd_pages",
     "Export pages by where their only copy is: the store or the backing file.",
 );
+static NBD_CONNECTIONS: Family = Family::gauge(
+    "ramster_nbd_connections",
+    "NBD connections in transmission: hosts that may be swapping into the export.",
+);
 static NBD_STALE_PAGES: Family = Family::gauge(
     "ramster_nbd_stale_pages",
     "Export pages an earlier run of the node may have held: they read as errors until written again.",
@@ -269,6 +273,7 @@ pub(super) static FAMILIES: &[&Family] = &[
     &NBD_WRITTEN_BYTES,
     &NBD_PAGES,
     &NBD_STALE_PAGES,
+    &NBD_CONNECTIONS,
     &NBD_STORE_REJECTS,
     &NBD_ERRORS,
     &NBD_POLLS,
@@ -374,7 +379,7 @@ fn write_cluster_counters(out: &mut MetricsWriter, metrics: &NodeMetrics) {
 /// Each family over all exports, so that a family's samples stay together.
 fn write_exports(out: &mut MetricsWriter, exports: &[ExportStats]) {
     type Field = fn(&ExportStats) -> u64;
-    let plain: [(&'static Family, Field); 10] = [
+    let plain: [(&'static Family, Field); 11] = [
         (&NBD_SIZE, |e| e.size_bytes),
         (&NBD_READS, |e| e.reads),
         (&NBD_WRITES, |e| e.writes),
@@ -385,6 +390,7 @@ fn write_exports(out: &mut MetricsWriter, exports: &[ExportStats]) {
         (&NBD_WRITTEN_BYTES, |e| e.written_bytes),
         (&NBD_ERRORS, |e| e.errors),
         (&NBD_STALE_PAGES, |e| e.stale_pages),
+        (&NBD_CONNECTIONS, |e| e.connections),
     ];
     for (family, field) in plain {
         for e in exports {

@@ -937,7 +937,11 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
             mlock = s.mlock,
             "node ready"
         );
-        wait_for_stop_signal().await;
+        let mut stop = StopSignals::new();
+        stop.next().await;
+        if nbd_server.is_some() {
+            wait_for_nbd_clients(&exports, &mut stop).await;
+        }
         info!("stopping");
         admin_ctx.set_phase(Phase::Stopping);
         let _ = stop_tx.send(true);
@@ -980,12 +984,71 @@ async fn log_export_stats(exports: Arc<Exports>, mut stop: watch::Receiver<bool>
     }
 }
 
-async fn wait_for_stop_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+/// SIGINT and SIGTERM, each time one comes.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> StopSignals {
+        use tokio::signal::unix::{SignalKind, signal};
+        StopSignals {
+            term: signal(SignalKind::terminate()).expect("SIGTERM handler"),
+        }
+    }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = self.term.recv() => {}
+        }
+    }
+}
+
+/// How long a node asked to stop keeps serving while NBD clients are still
+/// connected: long enough for a host to `swapoff` and disconnect once it
+/// sees the node going (the systemd unit orders that), short enough for a
+/// supervisor's stop timeout (the unit gives 90 s).
+pub const NBD_STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// A host still connected to an export may have pages here that die with
+/// the node: say so loudly, and keep serving everything (donors included)
+/// until the hosts have disconnected, [`NBD_STOP_GRACE`] has passed, or a
+/// second signal insists.
+async fn wait_for_nbd_clients(exports: &Exports, stop: &mut StopSignals) {
+    let connected = exports.connections();
+    if connected == 0 {
+        return;
+    }
+    warn!(
+        connections = connected,
+        grace = ?NBD_STOP_GRACE,
+        "asked to stop while NBD clients are connected: the pages they swapped out here will be \
+         lost; run swapoff on those hosts and disconnect them. Serving on until they go, the \
+         grace period ends, or a second signal comes"
+    );
+    let deadline = tokio::time::Instant::now() + NBD_STOP_GRACE;
+    // Bounded by the deadline.
+    loop {
+        tokio::select! {
+            _ = stop.next() => {
+                warn!(connections = exports.connections(), "second stop signal: stopping now");
+                return;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        let connected = exports.connections();
+        if connected == 0 {
+            info!("every NBD client has disconnected");
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            warn!(
+                connections = connected,
+                "NBD clients still connected after the grace period: stopping"
+            );
+            return;
+        }
     }
 }
 

@@ -182,6 +182,8 @@ pub struct ExportMetrics {
     /// that found nothing in their window and went to sleep in `recv`.
     pub polls_found: AtomicU64,
     pub polls_slept: AtomicU64,
+    /// Gauge: connections in transmission on this export.
+    pub connections: AtomicU64,
 }
 
 /// A plain copy of [`ExportMetrics`], for logs and stats replies.
@@ -205,6 +207,7 @@ pub struct ExportStats {
     pub errors: u64,
     pub polls_found: u64,
     pub polls_slept: u64,
+    pub connections: u64,
     /// This run's id, in hex.
     pub run: String,
     /// Pages that read as errors: an earlier run may have held them.
@@ -400,6 +403,7 @@ impl Export {
             errors: g(&m.errors),
             polls_found: g(&m.polls_found),
             polls_slept: g(&m.polls_slept),
+            connections: g(&m.connections),
             run: format!("{:016x}", self.run.id()),
             stale_pages: self.run.stale_pages(),
         }
@@ -759,6 +763,15 @@ impl Exports {
 
     pub fn stats(&self) -> Vec<ExportStats> {
         self.exports.iter().map(|e| e.stats()).collect()
+    }
+
+    /// Connections in transmission, over all exports: hosts that may be
+    /// swapping into this node.
+    pub fn connections(&self) -> u64 {
+        self.exports
+            .iter()
+            .map(|e| e.metrics.connections.load(Ordering::Relaxed))
+            .sum()
     }
 }
 

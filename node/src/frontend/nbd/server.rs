@@ -201,7 +201,10 @@ pub async fn serve(
                             .name("nbd-conn".into())
                             .spawn(move || {
                                 let key = live.add(&stream);
-                                let ended = transmission(inbox, stream, export, shared);
+                                let connections = &export.metrics().connections;
+                                connections.fetch_add(1, Ordering::Relaxed);
+                                let ended = transmission(inbox, stream, export.clone(), shared);
+                                connections.fetch_sub(1, Ordering::Relaxed);
                                 live.remove(key);
                                 log_end(peer, ended);
                                 drop(permit);
