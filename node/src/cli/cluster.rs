@@ -13,10 +13,15 @@
 //!
 //! Taking a donor out without losing a replica: `drain` it (owners move
 //! the copies it holds to other donors; `ramster status` shows it
-//! `draining`, then `drained`), then `remove` it, then stop it. `remove`
-//! refuses a node that still holds peers' pages unless `--force`.
+//! `draining`, then `drained`; `drain --wait` returns once it is), then
+//! `remove` it, then stop it. `remove` refuses a node that still holds
+//! peers' pages unless `--force`.
 
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
 use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
 
 use super::admin_client;
 use super::size::parse_size;
@@ -34,7 +39,17 @@ pub struct ClusterArgs {
 #[derive(Subcommand, Debug)]
 pub enum Change {
     /// Stop placing pages on NODE and move the copies it holds to other donors.
-    Drain { node: String },
+    Drain {
+        node: String,
+        /// Return only once NODE holds no peer's page and no page in the
+        /// cluster is short of copies (a progress bar on a terminal); exit
+        /// 1 if that takes longer than `--timeout`.
+        #[arg(long)]
+        wait: bool,
+        /// How long `--wait` waits, in seconds.
+        #[arg(long, default_value_t = 600, requires = "wait")]
+        timeout: u64,
+    },
     /// Let NODE take pages again (undoes `drain`).
     Activate { node: String },
     /// Take NODE out of the cluster; drain it first.
@@ -64,7 +79,7 @@ impl Change {
     /// The admin path that makes this change.
     fn path(&self) -> String {
         match self {
-            Change::Drain { node } => format!("{MEMBERS_PATH}{node}/drain"),
+            Change::Drain { node, .. } => format!("{MEMBERS_PATH}{node}/drain"),
             Change::Activate { node } => format!("{MEMBERS_PATH}{node}/activate"),
             Change::Remove { node, force } => {
                 let force = if *force { "?force=1" } else { "" };
@@ -79,11 +94,75 @@ impl Change {
 pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
     let answer = admin_client::post(&a.endpoint.endpoint, &a.change.path())?;
     let said = answer.body.trim_end();
-    if answer.status == 200 {
-        println!("{said}");
-        Ok(())
-    } else {
+    if answer.status != 200 {
         anyhow::bail!("{said} (HTTP {})", answer.status)
+    }
+    println!("{said}");
+    if let Change::Drain {
+        node,
+        wait: true,
+        timeout,
+    } = &a.change
+    {
+        wait_drained(&a.endpoint.endpoint, node, Duration::from_secs(*timeout))?;
+    }
+    Ok(())
+}
+
+/// How often `drain --wait` looks at the cluster's status.
+const DRAIN_POLL: Duration = Duration::from_millis(500);
+
+/// Waits until `node` is draining, holds no peer's page, and no page in the
+/// cluster is short of copies (the copies it held were re-created, not
+/// just released), as the status answered by `endpoint` reports it.
+fn wait_drained(endpoint: &str, node: &str, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} pages moved")
+            .expect("a valid template"),
+    );
+    bar.set_message(format!("draining {node}"));
+    let mut first_held = None;
+    // Bounded by the deadline.
+    loop {
+        let last = match super::status::fetch(endpoint) {
+            Ok(status) => {
+                let row = status
+                    .nodes
+                    .iter()
+                    .find(|n| n.name == node)
+                    .with_context(|| format!("no member is named {node:?}"))?;
+                let held = row.held_for_others_pages;
+                let start = *first_held.get_or_insert(held);
+                bar.set_length(start.max(held));
+                bar.set_position(start.saturating_sub(held));
+                let short: u64 = status
+                    .nodes
+                    .iter()
+                    .map(|n| n.degraded_pages.saturating_sub(n.unrecoverable_pages))
+                    .sum();
+                let draining =
+                    row.member_state == crate::cluster::membership::MemberState::Draining;
+                if draining && held == 0 && short == 0 {
+                    bar.finish_and_clear();
+                    println!(
+                        "{node} is drained: it holds no peer's page, and no page is short of copies"
+                    );
+                    return Ok(());
+                }
+                format!(
+                    "{node} is {:?} and holds {held} peers' pages; {short} pages in the cluster are short of copies",
+                    row.member_state
+                )
+            }
+            // The node answering may be busy or electing a leader: ask again.
+            Err(e) => format!("{e:#}"),
+        };
+        if Instant::now() >= deadline {
+            bar.abandon();
+            anyhow::bail!("not drained after {} s: {last}", timeout.as_secs());
+        }
+        std::thread::sleep(DRAIN_POLL);
     }
 }
 
@@ -95,7 +174,12 @@ mod tests {
     fn each_change_has_its_path() {
         let node = || "n2".to_string();
         assert_eq!(
-            Change::Drain { node: node() }.path(),
+            Change::Drain {
+                node: node(),
+                wait: false,
+                timeout: 600
+            }
+            .path(),
             "/v1/members/n2/drain"
         );
         assert_eq!(
