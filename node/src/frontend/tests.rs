@@ -770,14 +770,20 @@ mod ordering {
     const AREA: u32 = 1;
 
     /// The API served on a socket of its own, until this is dropped.
-    struct Served {
-        socket: PathBuf,
+    pub(super) struct Served {
+        pub(super) socket: PathBuf,
         _stop: watch::Sender<bool>,
         _dir: tempfile::TempDir,
     }
 
     /// Serves `fe` from the calling runtime, as a standalone node does.
     fn serve(fe: &Arc<Frontend>) -> Served {
+        serve_within(fe, api::ServeLimits::default())
+    }
+
+    /// Serves `fe` from the calling runtime, each connection within
+    /// `limits`.
+    pub(super) fn serve_within(fe: &Arc<Frontend>, limits: api::ServeLimits) -> Served {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("api.sock");
         let listener = api::bind(&socket).unwrap();
@@ -786,6 +792,7 @@ mod ordering {
             listener,
             fe.clone(),
             Arc::new(NodeMetrics::default()),
+            limits,
             shutdown,
         ));
         Served {
@@ -1015,3 +1022,5 @@ mod ordering {
         });
     }
 }
+
+mod bounds;
