@@ -359,6 +359,24 @@ fn a_store_that_fails_drops_the_old_page() {
     assert_eq!(fe.curr_pages(0), Ok(0));
 }
 
+#[test]
+fn a_put_that_fails_drops_the_old_page() {
+    let fe = frontend(1 << 20);
+    let pool = fe.new_pool(true);
+    let page = make_page(Kind::Compressible, 7);
+    assert_eq!(fe.put_page(pool, 3, 5, &page), Ok(StoreResult::Accepted));
+    assert_eq!(
+        fe.put_page(pool, 3, 5, &page[..PAGE_BYTES - 1]),
+        Err(OpError::PageSize(PAGE_BYTES - 1))
+    );
+    let mut out = Box::new([0u8; PAGE_BYTES]);
+    assert_eq!(
+        fe.get_page(pool, 3, 5, &mut out),
+        Ok(LoadResult::NotFound),
+        "the page a failed put was meant to replace came back"
+    );
+}
+
 /// The API's side of a request: ops in, a response out.
 mod answers {
     use std::sync::Mutex;
