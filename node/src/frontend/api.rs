@@ -275,23 +275,22 @@ async fn serve_connection(stream: UnixStream, served: Served) -> Result<(), Conn
         };
         // What decoding would allocate, counted before it does: a frame of
         // empty ops costs many times its size once decoded.
-        let shape = match shape::request_shape(&body) {
-            Ok(shape) if shape.ops > BATCH_OPS_MAX => {
-                let resp = error_response(
-                    shape.id,
-                    v1::ErrorCode::TooManyOps,
-                    format!(
-                        "{} ops in one request; the limit is {BATCH_OPS_MAX}",
-                        shape.ops
-                    ),
-                );
-                budget.reply(&writer, resp).await;
-                continue;
-            }
-            Ok(shape) => Ok(shape),
-            Err(e) => Err(e),
-        };
-        let request: v1::Request = match shape.and_then(|_| frame::decode(body)) {
+        let counted = shape::request_shape(&body);
+        if let Ok(shape) = counted
+            && shape.ops > BATCH_OPS_MAX
+        {
+            let resp = error_response(
+                shape.id,
+                v1::ErrorCode::TooManyOps,
+                format!(
+                    "{} ops in one request; the limit is {BATCH_OPS_MAX}",
+                    shape.ops
+                ),
+            );
+            budget.reply(&writer, resp).await;
+            continue;
+        }
+        let request: v1::Request = match counted.and_then(|_| frame::decode(body)) {
             Ok(r) => r,
             Err(e) => {
                 // Framing is intact: answer and keep serving.
