@@ -426,7 +426,7 @@ struct AnswerBudget {
 
 /// What an answer holds until it is written: its bytes of the budget, and
 /// for a shrink's, the pages it owes (see [`FrameWriter::owe_pages`]).
-pub struct Held {
+struct Held {
     bytes: OwnedSemaphorePermit,
     _owed: Option<PagesOwed>,
 }
