@@ -169,6 +169,66 @@ fn bad_input_gets_clear_errors_and_other_connections_keep_working() {
     assert!(node.is_running(), "node died: {}", node.log());
 }
 
+/// Peak resident memory of process `pid`, in bytes.
+fn peak_resident_bytes(pid: u32) -> usize {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .expect("a VmHWM line")
+        .trim()
+        .trim_end_matches("kB")
+        .trim();
+    kib.parse::<usize>().unwrap() * 1024
+}
+
+#[test]
+fn a_frame_of_empty_ops_is_refused_before_it_is_decoded() {
+    let node = NodeProcess::start("empty-ops", "64MiB", &[]).unwrap();
+    let mut s = raw(&node);
+    // An id, then as many empty ops (a key and a zero length: 2 bytes
+    // each) as a frame holds.
+    let mut body = vec![0x08, 77];
+    while body.len() + 2 <= FRAME_BYTES_MAX {
+        body.extend_from_slice(&[0x12, 0]);
+    }
+    let ops = (body.len() - 2) / 2;
+    let before = peak_resident_bytes(node.pid());
+    let mut wire = (body.len() as u32).to_le_bytes().to_vec();
+    wire.extend_from_slice(&body);
+    s.write_all(&wire).unwrap();
+    let resp: v1::Response = frame::decode(read_frame(&mut s).unwrap()).unwrap();
+    assert_eq!(resp.id, 77, "the refusal names the request");
+    let e = resp.error.expect("a request-level error");
+    assert_eq!(e.code(), v1::ErrorCode::TooManyOps, "{e:?}");
+    assert!(e.message.contains(&format!("{ops} ops")), "{}", e.message);
+
+    // The frame itself, in a read buffer that at most doubles as it
+    // arrives; decoded, its ops would have taken tens of times more.
+    let grown = peak_resident_bytes(node.pid()).saturating_sub(before);
+    assert!(
+        grown <= 3 * FRAME_BYTES_MAX,
+        "the node grew by {grown} bytes for a frame of {} bytes",
+        wire.len()
+    );
+
+    // The connection goes on.
+    let mut out = BytesMut::new();
+    frame::encode(
+        &v1::Request {
+            id: 78,
+            ops: vec![op(Kind::CurrPages(v1::CurrPages { area: 1 }))],
+        },
+        &mut out,
+    )
+    .unwrap();
+    s.write_all(&out).unwrap();
+    let resp: v1::Response = frame::decode(read_frame(&mut s).unwrap()).unwrap();
+    assert_eq!(resp.id, 78);
+    let mut node = node;
+    assert!(node.is_running(), "node died: {}", node.log());
+}
+
 #[test]
 fn many_requests_in_flight_on_one_connection() {
     let node = NodeProcess::start("pipeline-test", "64MiB", &[]).unwrap();

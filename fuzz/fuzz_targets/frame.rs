@@ -15,7 +15,7 @@ use libfuzzer_sys::fuzz_target;
 use ramster_node::frontend::{Frontend, api};
 use ramster_node::metrics::NodeMetrics;
 use ramster_node::store::{PageStore, StoreConfig};
-use ramster_protocol::{BATCH_OPS_MAX, FRAME_BYTES_MAX, frame, handshake, v1};
+use ramster_protocol::{BATCH_OPS_MAX, FRAME_BYTES_MAX, frame, handshake, shape, v1};
 
 /// Small enough that stores run into `no_capacity` and eviction quickly.
 const STORE_CAPACITY_BYTES: u64 = 256 * 1024;
@@ -58,25 +58,26 @@ fuzz_target!(|data: &[u8]| {
                     if let Ok(hello) = frame::decode::<v1::Hello>(body.clone()) {
                         let _ = handshake::accept(&hello, "fuzz");
                     }
-                    if let Ok(request) = frame::decode::<v1::Request>(body) {
-                        // The server refuses larger batches before executing.
-                        if request.ops.len() <= BATCH_OPS_MAX {
-                            let ops = request.ops.len();
-                            let response = runtime.block_on(api::execute(
-                                frontend.clone(),
-                                metrics.clone(),
-                                runtime.handle().clone(),
-                                request,
-                            ));
-                            // A request is answered op by op, or refused
-                            // whole (its answer could outgrow a frame).
-                            if response.error.is_none() {
-                                assert_eq!(response.results.len(), ops);
-                            }
-                            let mut out = BytesMut::new();
-                            frame::encode(&response, &mut out)
-                                .expect("the reckoning keeps answers under the frame limit");
+                    // The server refuses larger batches before decoding.
+                    let shape = shape::request_shape(&body);
+                    if shape.is_ok_and(|s| s.ops <= BATCH_OPS_MAX)
+                        && let Ok(request) = frame::decode::<v1::Request>(body)
+                    {
+                        let ops = request.ops.len();
+                        let response = runtime.block_on(api::execute(
+                            frontend.clone(),
+                            metrics.clone(),
+                            runtime.handle().clone(),
+                            request,
+                        ));
+                        // A request is answered op by op, or refused
+                        // whole (its answer could outgrow a frame).
+                        if response.error.is_none() {
+                            assert_eq!(response.results.len(), ops);
                         }
+                        let mut out = BytesMut::new();
+                        frame::encode(&response, &mut out)
+                            .expect("the reckoning keeps answers under the frame limit");
                     }
                 }
                 Ok(None) => break,

@@ -9,6 +9,7 @@
 pub mod frame;
 pub mod handshake;
 pub mod peer_handshake;
+pub mod shape;
 
 /// Generated protobuf types of the client API, version 1.
 pub mod v1 {

@@ -925,7 +925,13 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         } else {
             let listener = api::bind(&s.api_socket)
                 .with_context(|| format!("binding the API socket {}", s.api_socket.display()))?;
-            Some(tokio::spawn(api::serve(listener, frontend, metrics, stop_rx)))
+            Some(tokio::spawn(api::serve(
+                listener,
+                frontend,
+                metrics,
+                api::ServeLimits::default(),
+                stop_rx,
+            )))
         };
         admin_ctx.set_phase(Phase::Serving);
         info!(

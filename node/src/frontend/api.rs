@@ -19,24 +19,32 @@
 //! response; a broken frame (bad length) gets one and the connection is
 //! closed, since the stream position is lost. Nothing a client sends can
 //! stop the server from serving its other connections.
+//!
+//! Nothing a client sends, or fails to read, can make its connection hold
+//! more than a bound ([`ServeLimits`]; the sum is in `docs/contract.md`):
+//! a request's ops are counted before it is decoded, every request takes
+//! room for its answer in the connection's [`AnswerBudget`] before it
+//! runs, and a client that is slow to say Hello, or that stops reading its
+//! answers, is closed.
 
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use prost::Message;
 use prost::encoding::encoded_len_varint;
 use ramster_protocol::v1::{self, op::Kind};
-use ramster_protocol::{BATCH_OPS_MAX, FRAME_BYTES_MAX, frame, handshake};
+use ramster_protocol::{BATCH_OPS_MAX, FRAME_BYTES_MAX, frame, handshake, shape};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::runtime::Handle;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{debug, error, info};
 
-use super::conn::{ConnError, FrameReader, FrameWriter, encode_frame};
+use super::conn::{ConnError, FrameReader, FrameWriter, PagesOwed, encode_frame};
 use super::order::{Footprint, Order};
 use super::{Frontend, LoadResult, OpError, Reject, StoreResult, may_block_here};
 use crate::metrics::NodeMetrics;
@@ -51,13 +59,58 @@ pub const REQUESTS_IN_FLIGHT_MAX: usize = 64;
 const INLINE_OPS_MAX: usize = 2;
 /// Connections served at once.
 pub const CONNECTIONS_MAX: usize = 1024;
+/// Bytes of answers one connection holds, computed or waiting to be
+/// written (see [`AnswerBudget`]): two full frames, so that one answer
+/// is written while the next is made.
+pub const ANSWER_BUDGET_BYTES: usize = 2 * (frame::HEADER_BYTES + FRAME_BYTES_MAX);
+/// How long a client has to complete the handshake after connecting.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a write of answers may make no progress, the client reading
+/// nothing, before the connection is closed: long enough for a client
+/// paused by its own memory pressure, short enough to free a connection
+/// that stopped reading for good.
+pub const ANSWER_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection with nothing in flight stays open: for ever. A
+/// client that dies closes its end of a Unix socket, so an idle
+/// connection is a live client (a kernel module, a pooled client library)
+/// that would have to notice the cut and connect again; it holds only its
+/// read buffer and a connection slot, both bounded. Redis and PostgreSQL
+/// keep idle clients by default, for the same reasons.
+pub const IDLE_TIMEOUT: Option<Duration> = None;
 
-/// Serves the API on `listener` until `shutdown` turns true; store and
-/// load latencies go to `metrics`.
+const _: () = assert!(
+    ANSWER_BUDGET_BYTES >= frame::HEADER_BYTES + FRAME_BYTES_MAX,
+    "the largest answer must fit the budget, or its request would wait for ever"
+);
+
+/// Bounds on each connection; see `docs/contract.md` for the memory they
+/// add up to.
+#[derive(Clone, Copy, Debug)]
+pub struct ServeLimits {
+    pub handshake_timeout: Duration,
+    pub stall_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub answer_budget_bytes: usize,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            stall_timeout: ANSWER_STALL_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
+            answer_budget_bytes: ANSWER_BUDGET_BYTES,
+        }
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` turns true, each
+/// connection within `limits`; store and load latencies go to `metrics`.
 pub async fn serve(
     listener: UnixListener,
     frontend: Arc<Frontend>,
     metrics: Arc<NodeMetrics>,
+    limits: ServeLimits,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let limit = Arc::new(Semaphore::new(CONNECTIONS_MAX));
@@ -71,6 +124,7 @@ pub async fn serve(
             metrics: metrics.clone(),
             workers: workers.clone(),
             poll: client_thread.as_ref().and_then(|t| t.poll.clone()),
+            limits,
         };
         let serve = |stream| async move {
             if let Err(e) = serve_connection(stream, served).await {
@@ -142,6 +196,7 @@ struct Served {
     workers: Handle,
     /// The client thread's poll window, if it polls.
     poll: Option<Arc<PollWindow>>,
+    limits: ServeLimits,
 }
 
 /// Serves one connection on the runtime it is polled on: the workers', or
@@ -152,23 +207,29 @@ async fn serve_connection(stream: UnixStream, served: Served) -> Result<(), Conn
         metrics,
         workers,
         poll,
+        limits,
     } = served;
     let (rd, wr) = stream.into_split();
     let mut reader = FrameReader::new(rd, FRAME_BYTES_MAX);
-    let writer = FrameWriter::spawn(wr);
-    let send = |resp: v1::Response| {
-        let writer = writer.clone();
-        async move {
-            writer.send(encode_answer(resp)).await;
-        }
-    };
+    let writer = FrameWriter::spawn(wr, Some(limits.stall_timeout));
+    let budget = AnswerBudget::new(limits.answer_budget_bytes);
 
     // Handshake.
-    let hello = match reader.read_frame().await {
-        Ok(Some(body)) => frame::decode::<v1::Hello>(body),
-        Ok(None) => return Ok(()),
-        Err(ConnError::Frame(e)) => Err(e),
-        Err(e) => return Err(e),
+    let hello = match tokio::time::timeout(limits.handshake_timeout, reader.read_frame()).await {
+        Ok(Ok(Some(body))) => frame::decode::<v1::Hello>(body),
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Err(ConnError::Frame(e))) => Err(e),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            let waited = limits.handshake_timeout;
+            let resp = error_response(
+                0,
+                v1::ErrorCode::HandshakeRequired,
+                format!("no Hello within {waited:?} of connecting"),
+            );
+            budget.reply(&writer, resp).await;
+            return Ok(());
+        }
     };
     let welcome = hello
         .map_err(|e| {
@@ -184,10 +245,12 @@ async fn serve_connection(stream: UnixStream, served: Served) -> Result<(), Conn
         });
     match welcome {
         Ok(w) => {
-            writer.send(encode_frame(&w).expect("small")).await;
+            budget
+                .queue(&writer, encode_frame(&w).expect("small"), None)
+                .await
         }
         Err(resp) => {
-            send(resp).await;
+            budget.reply(&writer, resp).await;
             return Ok(());
         }
     }
@@ -195,7 +258,7 @@ async fn serve_connection(stream: UnixStream, served: Served) -> Result<(), Conn
     let in_flight = Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
     let order = Order::default();
     loop {
-        let body = match reader.read_frame().await {
+        let body = match next_frame(&mut reader, &writer, &budget, limits.idle_timeout).await {
             Ok(Some(body)) => body,
             Ok(None) => break,
             Err(ConnError::Frame(e)) => {
@@ -203,36 +266,44 @@ async fn serve_connection(stream: UnixStream, served: Served) -> Result<(), Conn
                     frame::FrameError::TooLarge { .. } => v1::ErrorCode::FrameTooLarge,
                     _ => v1::ErrorCode::MalformedFrame,
                 };
-                send(error_response(0, code, e.to_string())).await;
+                budget
+                    .reply(&writer, error_response(0, code, e.to_string()))
+                    .await;
                 break;
             }
             Err(e) => return Err(e),
         };
-        let request: v1::Request = match frame::decode(body) {
-            Ok(r) => r,
-            Err(e) => {
-                // Framing is intact: answer and keep serving.
-                send(error_response(
-                    0,
-                    v1::ErrorCode::MalformedFrame,
-                    e.to_string(),
-                ))
-                .await;
-                continue;
-            }
-        };
-        if request.ops.len() > BATCH_OPS_MAX {
-            send(error_response(
-                request.id,
+        // What decoding would allocate, counted before it does: a frame of
+        // empty ops costs many times its size once decoded.
+        let counted = shape::request_shape(&body);
+        if let Ok(shape) = counted
+            && shape.ops > BATCH_OPS_MAX
+        {
+            let resp = error_response(
+                shape.id,
                 v1::ErrorCode::TooManyOps,
                 format!(
                     "{} ops in one request; the limit is {BATCH_OPS_MAX}",
-                    request.ops.len()
+                    shape.ops
                 ),
-            ))
-            .await;
+            );
+            budget.reply(&writer, resp).await;
             continue;
         }
+        let request: v1::Request = match counted.and_then(|_| frame::decode(body)) {
+            Ok(r) => r,
+            Err(e) => {
+                // Framing is intact: answer and keep serving.
+                let resp = error_response(0, v1::ErrorCode::MalformedFrame, e.to_string());
+                budget.reply(&writer, resp).await;
+                continue;
+            }
+        };
+        // Room for its answer before it runs: while answers fill the
+        // budget, nothing more is read.
+        let Some(held) = budget.hold_for(&frontend, &writer, &request.ops).await else {
+            break;
+        };
         // Its place in the connection's order, taken in the order requests
         // are read: it starts once every earlier request it conflicts
         // with has finished.
@@ -264,7 +335,8 @@ async fn serve_connection(stream: UnixStream, served: Served) -> Result<(), Conn
                 .poll(&mut Context::from_waker(Waker::noop()));
             if let Poll::Ready(resp) = polled {
                 drop(pass);
-                send(resp).await;
+                let (frame, held) = held.fit(encode_answer(resp));
+                let _ = writer.send(frame, held).await;
                 continue;
             }
         }
@@ -279,15 +351,15 @@ async fn serve_connection(stream: UnixStream, served: Served) -> Result<(), Conn
             pass.ready().await;
             let resp = answer.await;
             drop(pass);
-            let frame = encode_answer(resp);
+            let (frame, held) = held.fit(encode_answer(resp));
             if inline {
-                writer.write_now(frame).await;
+                writer.write_now(frame, held).await;
                 // The client's next request comes soon after its answer.
                 if let Some(p) = poll {
                     p.touch();
                 }
             } else {
-                writer.send(frame).await;
+                let _ = writer.send(frame, held).await;
             }
             drop(permit);
         };
@@ -303,6 +375,133 @@ async fn serve_connection(stream: UnixStream, served: Served) -> Result<(), Conn
         }
     }
     Ok(())
+}
+
+/// The write side of an API connection: each answer holds its share of
+/// the answer budget until it is written.
+type Writer = FrameWriter<OwnedWriteHalf, Held>;
+
+/// The next frame from the client; `Ok(None)` at a clean end of stream,
+/// once the connection is closed (its client stalled), or once it has had
+/// nothing in flight for `idle_timeout`.
+async fn next_frame(
+    reader: &mut FrameReader<OwnedReadHalf>,
+    writer: &Writer,
+    budget: &AnswerBudget,
+    idle_timeout: Option<Duration>,
+) -> Result<Option<Bytes>, ConnError> {
+    // Reading a frame keeps what has arrived in the reader's buffer, so it
+    // can be given up and taken on again.
+    let read = reader.read_frame();
+    tokio::pin!(read);
+    loop {
+        let idle = async {
+            match idle_timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            frame = &mut read => return frame,
+            () = writer.closed() => return Ok(None),
+            // A request in flight holds budget until its answer is
+            // written: the connection is idle only when the budget is
+            // whole, then and a whole timeout later.
+            () = idle => if budget.is_whole() {
+                debug!(?idle_timeout, "closing an idle connection");
+                return Ok(None);
+            },
+        }
+    }
+}
+
+/// A connection's budget of answer bytes: every request takes room for
+/// the largest answer it could get before it runs, and gives it back once
+/// that answer is written. A client that reads nothing fills it, and then
+/// nothing more of what it sends is read.
+struct AnswerBudget {
+    bytes: Arc<Semaphore>,
+    max: usize,
+}
+
+/// What an answer holds until it is written: its bytes of the budget, and
+/// for a shrink's, the pages it owes (see [`FrameWriter::owe_pages`]).
+struct Held {
+    bytes: OwnedSemaphorePermit,
+    _owed: Option<PagesOwed>,
+}
+
+impl AnswerBudget {
+    fn new(max: usize) -> Self {
+        AnswerBudget {
+            bytes: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    /// Whether no answer holds any of it: nothing is in flight.
+    fn is_whole(&self) -> bool {
+        self.bytes.available_permits() == self.max
+    }
+
+    /// Takes `n` bytes, waiting while answers fill the budget; `None` if
+    /// the connection closes meanwhile.
+    async fn take(&self, n: usize, writer: &Writer) -> Option<OwnedSemaphorePermit> {
+        let n = u32::try_from(n).expect("a budget fits a semaphore");
+        tokio::select! {
+            permit = self.bytes.clone().acquire_many_owned(n) => Some(permit.expect("never closed")),
+            () = writer.closed() => None,
+        }
+    }
+
+    /// Room for the largest answer `ops` could get ([`answer_bytes_max`],
+    /// never past a frame); a whole frame for stats, which can grow with
+    /// areas made while the request waits.
+    async fn hold_for(&self, fe: &Frontend, writer: &Writer, ops: &[v1::Op]) -> Option<Held> {
+        let stats = ops
+            .iter()
+            .any(|o| matches!(o.kind, Some(Kind::GetStats(_))));
+        let body = if stats {
+            FRAME_BYTES_MAX
+        } else {
+            answer_bytes_max(fe, ops).min(FRAME_BYTES_MAX)
+        };
+        let bytes = self.take(frame::HEADER_BYTES + body, writer).await?;
+        let shrinks = ops.iter().any(|o| matches!(o.kind, Some(Kind::Shrink(_))));
+        Some(Held {
+            bytes,
+            _owed: shrinks.then(|| writer.owe_pages()),
+        })
+    }
+
+    /// Queues `frame`, holding its bytes of the budget (and `owed`) until
+    /// it is written.
+    async fn queue(&self, writer: &Writer, frame: BytesMut, owed: Option<PagesOwed>) {
+        if let Some(bytes) = self.take(frame.len(), writer).await {
+            let _ = writer.send(frame, Held { bytes, _owed: owed }).await;
+        }
+    }
+
+    /// Queues an answer that no request's room was taken for: an error.
+    async fn reply(&self, writer: &Writer, resp: v1::Response) {
+        self.queue(writer, encode_answer(resp), None).await;
+    }
+}
+
+impl Held {
+    /// Gives back the room the answer did not need.
+    fn fit(mut self, frame: BytesMut) -> (BytesMut, Held) {
+        let held = self.bytes.num_permits();
+        debug_assert!(
+            frame.len() <= held,
+            "an answer of {} bytes outgrew the {held} held for it",
+            frame.len()
+        );
+        if held > frame.len() {
+            drop(self.bytes.split(held - frame.len()));
+        }
+        (frame, self)
+    }
 }
 
 /// Applies one request to the front end, timing its stores and loads into

@@ -78,7 +78,16 @@ impl Frontend {
         index: u64,
         page: &[u8],
     ) -> Result<StoreResult, OpError> {
-        let page = as_page(page)?;
+        let page = match as_page(page) {
+            Ok(page) => page,
+            Err(e) => {
+                // A put that fails drops the page it was meant to replace,
+                // as a refused one does: a later get must miss, never
+                // return the older version of the file's page.
+                let _ = self.with_pool(pool, |_| self.store.invalidate(key(pool, object, index)));
+                return Err(e);
+            }
+        };
         self.with_pool(pool, |p| {
             let result =
                 match self

@@ -6,15 +6,16 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use hashbrown::HashMap;
 use parking_lot::Mutex;
 use ramster_protocol::v1::{self, op::Kind};
 use ramster_protocol::{FRAME_BYTES_MAX, frame, handshake};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::oneshot;
 
-use super::conn::{ConnError, FrameReader, encode_frame, spawn_writer};
+use super::conn::{ConnError, FrameReader, FrameWriter, encode_frame};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -42,7 +43,7 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<v1::Response>>>>;
 
 /// An async, pipelined API client. Cheap to share behind an `Arc`.
 pub struct Client {
-    writer: mpsc::Sender<BytesMut>,
+    writer: FrameWriter<OwnedWriteHalf>,
     pending: Pending,
     next_id: AtomicU64,
     welcome: v1::Welcome,
@@ -58,9 +59,12 @@ impl Client {
             })?;
         let (rd, wr) = stream.into_split();
         let mut reader = FrameReader::new(rd, FRAME_BYTES_MAX);
-        let writer = spawn_writer(wr);
+        let writer = FrameWriter::spawn(wr, None);
         let hello = encode_frame(&handshake::hello("ramster-client")).expect("small");
-        writer.send(hello).await.map_err(|_| ClientError::Closed)?;
+        writer
+            .send(hello, ())
+            .await
+            .map_err(|_| ClientError::Closed)?;
         let body = reader.read_frame().await?.ok_or(ClientError::Closed)?;
         let welcome = match frame::decode::<v1::Welcome>(body.clone()) {
             Ok(w) if w.version != 0 => w,
@@ -93,7 +97,7 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         self.pending.lock().insert(id, tx);
         let frame = encode_frame(&v1::Request { id, ops }).map_err(ConnError::from)?;
-        if self.writer.send(frame).await.is_err() {
+        if self.writer.send(frame, ()).await.is_err() {
             self.pending.lock().remove(&id);
             return Err(ClientError::Closed);
         }

@@ -5,11 +5,13 @@
 
 use std::io::IoSlice;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use ramster_protocol::frame::{self, FrameError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 /// Frames queued to one writer before senders wait: back-pressure.
 pub const WRITE_QUEUE_FRAMES_MAX: usize = 256;
@@ -64,88 +66,182 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
-/// Starts a task writing queued frames to `io`; dropping every sender ends it
-/// after the queue drains. Frames already encoded (length prefix included).
-pub fn spawn_writer<W: AsyncWrite + Unpin + Send + 'static>(io: W) -> mpsc::Sender<BytesMut> {
-    FrameWriter::spawn(io).queue
-}
-
 /// The write side of a connection. Frames are queued to a task that writes
 /// whatever is queued with one vectored write (no copy into a coalescing
 /// buffer: a response of 16 pages is 64 KiB), or written at once by a task
 /// that has one ready on another thread, where handing it to the queue
 /// would first wake this runtime. A lock keeps frames whole between the two.
-pub struct FrameWriter<W> {
-    queue: mpsc::Sender<BytesMut>,
-    io: Arc<tokio::sync::Mutex<W>>,
+///
+/// Each frame comes with something it holds until it is written (`H`: the
+/// API server's share of its answer budget), dropped once the frame is out
+/// or the connection is closed. A writer with a stall timeout closes the
+/// connection when a write makes no progress for that long (the peer reads
+/// nothing), unless pages are owed (see [`owe_pages`](Self::owe_pages)).
+pub struct FrameWriter<W, H = ()> {
+    queue: mpsc::Sender<(BytesMut, H)>,
+    shared: Arc<Shared<W>>,
 }
 
-impl<W> Clone for FrameWriter<W> {
+struct Shared<W> {
+    io: tokio::sync::Mutex<W>,
+    /// How long one write may wait on a peer that reads nothing; `None`:
+    /// for ever.
+    stall: Option<Duration>,
+    /// Answers that hand pages back and are not written yet.
+    owed: Arc<AtomicUsize>,
+    /// Turns true when the connection is closed for a stall or an error.
+    closed: watch::Sender<bool>,
+}
+
+impl<W, H> Clone for FrameWriter<W, H> {
     fn clone(&self) -> Self {
         FrameWriter {
             queue: self.queue.clone(),
-            io: self.io.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
 
-impl<W: AsyncWrite + Unpin + Send + 'static> FrameWriter<W> {
+/// The connection is closed: the frame was dropped.
+#[derive(Debug)]
+pub struct WriterClosed;
+
+impl<W: AsyncWrite + Unpin + Send + 'static, H: Send + 'static> FrameWriter<W, H> {
     /// Starts the queue's task; it ends, and shuts `io` down, once every
-    /// clone is dropped and the queue has drained.
-    pub fn spawn(io: W) -> Self {
-        let (queue, mut rx) = mpsc::channel::<BytesMut>(WRITE_QUEUE_FRAMES_MAX);
-        let io = Arc::new(tokio::sync::Mutex::new(io));
-        let writing = io.clone();
+    /// clone is dropped and the queue has drained, or once the connection
+    /// is closed.
+    pub fn spawn(io: W, stall: Option<Duration>) -> Self {
+        let (queue, mut rx) = mpsc::channel::<(BytesMut, H)>(WRITE_QUEUE_FRAMES_MAX);
+        let shared = Arc::new(Shared {
+            io: tokio::sync::Mutex::new(io),
+            stall,
+            owed: Arc::default(),
+            closed: watch::Sender::new(false),
+        });
+        let writing = shared.clone();
         tokio::spawn(async move {
+            let mut closed = writing.closed.subscribe();
             let mut batch: Vec<BytesMut> = Vec::new();
-            while let Some(first) = rx.recv().await {
+            let mut held: Vec<H> = Vec::new();
+            loop {
+                let (first, h) = tokio::select! {
+                    queued = rx.recv() => match queued {
+                        Some(q) => q,
+                        None => break,
+                    },
+                    _ = closed.wait_for(|c| *c) => break,
+                };
                 let mut bytes = first.len();
                 batch.push(first);
+                held.push(h);
                 while bytes < WRITE_COALESCE_BYTES_MAX && batch.len() < WRITE_COALESCE_FRAMES_MAX {
                     match rx.try_recv() {
-                        Ok(more) => {
+                        Ok((more, h)) => {
                             bytes += more.len();
                             batch.push(more);
+                            held.push(h);
                         }
                         Err(_) => break,
                     }
                 }
-                if write_all_vectored(&mut *writing.lock().await, &mut batch)
-                    .await
-                    .is_err()
-                {
+                if writing.write(&mut batch).await.is_err() {
                     break;
                 }
                 batch.clear();
+                held.clear();
             }
-            let _ = writing.lock().await.shutdown().await;
+            writing.closed.send_replace(true);
+            // Frames still queued go, and what they hold with them.
+            drop(rx);
+            let _ = writing.io.lock().await.shutdown().await;
         });
-        FrameWriter { queue, io }
+        FrameWriter { queue, shared }
     }
 
-    /// Queues `frame`; waits while the queue is full. A closed connection
-    /// drops it.
-    pub async fn send(&self, frame: BytesMut) {
-        let _ = self.queue.send(frame).await;
+    /// Queues `frame`; waits while the queue is full.
+    pub async fn send(&self, frame: BytesMut, held: H) -> Result<(), WriterClosed> {
+        if *self.shared.closed.borrow() {
+            return Err(WriterClosed);
+        }
+        self.queue
+            .send((frame, held))
+            .await
+            .map_err(|_| WriterClosed)
     }
 
     /// Writes `frame` from the calling task, between two of the queue's
     /// writes. A closed connection drops it.
-    pub async fn write_now(&self, frame: BytesMut) {
+    pub async fn write_now(&self, frame: BytesMut, held: H) {
+        if !*self.shared.closed.borrow() {
+            let _ = self.shared.write(&mut [frame]).await;
+        }
+        drop(held);
+    }
+
+    /// Resolves once the connection is closed for a stall or an error.
+    pub async fn closed(&self) {
+        let _ = self.shared.closed.subscribe().wait_for(|c| *c).await;
+    }
+
+    /// Notes an answer that will hand pages back, until the returned guard
+    /// is dropped (with the written frame): while one is owed, a stall does
+    /// not close the connection, since closing would lose pages that are
+    /// nowhere else now.
+    pub fn owe_pages(&self) -> PagesOwed {
+        self.shared.owed.fetch_add(1, Ordering::Relaxed);
+        PagesOwed(self.shared.owed.clone())
+    }
+}
+
+impl<W: AsyncWrite + Unpin> Shared<W> {
+    /// Writes every frame under the lock; on a stall or an error, closes
+    /// the connection.
+    async fn write(&self, frames: &mut [BytesMut]) -> std::io::Result<()> {
         let mut io = self.io.lock().await;
-        let _ = write_all_vectored(&mut *io, &mut [frame]).await;
+        if *self.closed.borrow() {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
+        let written = write_all_vectored(&mut *io, frames, self.stall, &self.owed).await;
+        if written.is_err() {
+            self.closed.send_replace(true);
+        }
+        written
+    }
+}
+
+/// An answer that will hand pages back, not yet written.
+pub struct PagesOwed(Arc<AtomicUsize>);
+
+impl Drop for PagesOwed {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// Writes every frame, in order, with as few syscalls as the kernel allows.
+/// A write that makes no progress within `stall` fails with `TimedOut`,
+/// unless pages are `owed`: then it waits on.
 async fn write_all_vectored<W: AsyncWrite + Unpin>(
     io: &mut W,
     frames: &mut [BytesMut],
+    stall: Option<Duration>,
+    owed: &AtomicUsize,
 ) -> std::io::Result<()> {
     let mut first = 0;
     while first < frames.len() {
         let slices: Vec<IoSlice<'_>> = frames[first..].iter().map(|f| IoSlice::new(f)).collect();
-        let mut written = io.write_vectored(&slices).await?;
+        let write = io.write_vectored(&slices);
+        let mut written = match stall {
+            None => write.await?,
+            Some(stall) => match tokio::time::timeout(stall, write).await {
+                Ok(written) => written?,
+                Err(_) if owed.load(Ordering::Relaxed) == 0 => {
+                    return Err(std::io::ErrorKind::TimedOut.into());
+                }
+                // A write that did not finish wrote nothing: try again.
+                Err(_) => continue,
+            },
+        };
         if written == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }

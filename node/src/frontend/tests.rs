@@ -359,6 +359,24 @@ fn a_store_that_fails_drops_the_old_page() {
     assert_eq!(fe.curr_pages(0), Ok(0));
 }
 
+#[test]
+fn a_put_that_fails_drops_the_old_page() {
+    let fe = frontend(1 << 20);
+    let pool = fe.new_pool(true);
+    let page = make_page(Kind::Compressible, 7);
+    assert_eq!(fe.put_page(pool, 3, 5, &page), Ok(StoreResult::Accepted));
+    assert_eq!(
+        fe.put_page(pool, 3, 5, &page[..PAGE_BYTES - 1]),
+        Err(OpError::PageSize(PAGE_BYTES - 1))
+    );
+    let mut out = Box::new([0u8; PAGE_BYTES]);
+    assert_eq!(
+        fe.get_page(pool, 3, 5, &mut out),
+        Ok(LoadResult::NotFound),
+        "the page a failed put was meant to replace came back"
+    );
+}
+
 /// The API's side of a request: ops in, a response out.
 mod answers {
     use std::sync::Mutex;
@@ -770,14 +788,20 @@ mod ordering {
     const AREA: u32 = 1;
 
     /// The API served on a socket of its own, until this is dropped.
-    struct Served {
-        socket: PathBuf,
+    pub(super) struct Served {
+        pub(super) socket: PathBuf,
         _stop: watch::Sender<bool>,
         _dir: tempfile::TempDir,
     }
 
     /// Serves `fe` from the calling runtime, as a standalone node does.
     fn serve(fe: &Arc<Frontend>) -> Served {
+        serve_within(fe, api::ServeLimits::default())
+    }
+
+    /// Serves `fe` from the calling runtime, each connection within
+    /// `limits`.
+    pub(super) fn serve_within(fe: &Arc<Frontend>, limits: api::ServeLimits) -> Served {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("api.sock");
         let listener = api::bind(&socket).unwrap();
@@ -786,6 +810,7 @@ mod ordering {
             listener,
             fe.clone(),
             Arc::new(NodeMetrics::default()),
+            limits,
             shutdown,
         ));
         Served {
@@ -1015,3 +1040,5 @@ mod ordering {
         });
     }
 }
+
+mod bounds;
