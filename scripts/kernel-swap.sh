@@ -166,7 +166,9 @@ exec </dev/console >/dev/console 2>&1
 export PATH=/bin:/usr/sbin:/sbin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
-end() { echo "KSWAP: \$*"; sync; poweroff -f; }
+# Seconds since boot, for the console's timeline.
+up() { cut -d' ' -f1 /proc/uptime; }
+end() { echo "KSWAP: \$* (\$(up) s)"; sync; poweroff -f; }
 for m in ${loadable[*]}; do
     insmod /modules/\$m.ko || end "FAILED: insmod \$m"
 done
@@ -185,10 +187,10 @@ mkswap /dev/nbd0 || end "FAILED: mkswap"
 # With discard, swap slots the kernel frees reach the export as TRIMs,
 # which drop the pages from the cluster.
 swapon -d /dev/nbd0 || end "FAILED: swapon"
-echo "KSWAP: swapon ok: \$(tail -n 1 /proc/swaps)"
+echo "KSWAP: swapon ok (\$(up) s): \$(tail -n 1 /proc/swaps)"
 swap-workload --mib $work_mib --passes $passes --seed $seed ${corrupt[*]}
-echo "KSWAP: workload exit \$?"
-if swapoff /dev/nbd0; then echo "KSWAP: swapoff ok"; else echo "KSWAP: swapoff FAILED"; fi
+echo "KSWAP: workload exit \$? (\$(up) s)"
+if swapoff /dev/nbd0; then echo "KSWAP: swapoff ok (\$(up) s)"; else echo "KSWAP: swapoff FAILED"; fi
 grep -E '^pswp(in|out) ' /proc/vmstat | sed 's/^/KSWAP: vmstat /'
 nbd-client -d /dev/nbd0
 end "done"
@@ -254,7 +256,8 @@ progress() {
         /^ramster_remote_loads_total/ { l += $2 } /^ramster_remotified_pages_total/ { m += $2 }
         /^ramster_suctioned_pages_total/ { s += $2 } /^ramster_store_throttles_total/ { th += $2 }
         /^ramster_store_remote_pages/ { rp += $2 } /^ramster_store_pages/ { sp += $2 }
-        END { printf "%4d s: nbd reads %d writes %d; remote loads %d; remotified %d suctioned %d; throttles %d; store pages %d (remote %d)\n", t, r, w, l, m, s, th, sp, rp }
+        /^ramster_nbd_trims_total/ { tr += $2 }
+        END { printf "%4d s: nbd reads %d writes %d trims %d; remote loads %d; remotified %d suctioned %d; throttles %d; store pages %d (remote %d)\n", t, r, w, tr, l, m, s, th, sp, rp }
     ' <<<"$text" >>"$out/progress.log"
 }
 tick=0
