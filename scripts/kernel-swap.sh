@@ -11,9 +11,9 @@
 # mkswap and swapon (with discard), and the workload touches twice the
 # guest's RAM in pages of mixed content (zero, one repeated word,
 # compressible, random), verifying every page over several passes and
-# rewriting some. Once the guest reports pass KILL_AFTER_PASS, a donor is
-# SIGKILLed. Then swapoff must succeed and the guest prints /proc/vmstat's
-# pswpin and pswpout.
+# rewriting some. Once the guest reports pass KILL_AFTER_PASS, the donor
+# holding the most pages is SIGKILLed. Then swapoff must succeed and the
+# guest prints /proc/vmstat's pswpin and pswpout.
 #
 # Fails on: a page that reads back wrong, the workload exiting non-zero, a
 # swap read or write error, any I/O error, oops or hung task in the guest
@@ -243,9 +243,18 @@ qemu_pid=$!
 pids+=("$qemu_pid")
 guest_started=$(date +%s)
 
-victim=donor2
+victim=""
 killed_at=""
 loads_at_kill=0
+# The donor holding the most pages for others (only the owner stores):
+# "NAME PAGES", from the owner's view of the cluster.
+fullest_donor() {
+    "$ramster" status --endpoint "$owner_admin" -o json | python3 -c '
+import json, sys
+nodes = [n for n in json.load(sys.stdin)["nodes"] if n["name"] != "owner"]
+n = max(nodes, key=lambda n: n["held_for_others_pages"])
+print(n["name"], n["held_for_others_pages"])'
+}
 # The owner's counters every 10 s, to see where a slow or failed run spent
 # its time.
 progress() {
@@ -267,10 +276,12 @@ for _ in $(seq 1 "$timeout_s"); do
     if ((tick % 10 == 0)); then progress; fi
     if [[ -z "$killed_at" ]] && grep -q "^swap-workload: pass $kill_after_pass:" "$console"; then
         loads_at_kill="$(metric ramster_remote_loads_total)"
+        read -r victim victim_pages < <(fullest_donor) || fail "no cluster status from the owner"
+        [[ "$victim_pages" -gt 0 ]] || fail "no donor holds pages after pass $kill_after_pass"
         kill -9 "${pid_of[$victim]}"
         wait "${pid_of[$victim]}" 2>/dev/null || true
         killed_at=$(($(date +%s) - guest_started))
-        say "killed $victim (SIGKILL) after pass $kill_after_pass, ${killed_at} s into the guest's run; $loads_at_kill remote loads so far"
+        say "killed $victim (SIGKILL; it held $victim_pages pages) after pass $kill_after_pass, ${killed_at} s into the guest's run; $loads_at_kill remote loads so far"
     fi
     sleep 1
 done
@@ -327,6 +338,6 @@ cat >&2 <<EOF
 == kernel-swap passed in $(($(date +%s) - started)) s (guest $guest_secs s, kernel $kver)
    workload: $(grep -o 'OK: .*' "$console" | tr -d '\r')
    guest vmstat: pswpin $pswpin, pswpout $pswpout
-   owner: $trims TRIMs, $remotified pages remotified, $remote_loads remote loads ($loads_at_kill before $victim was killed ${killed_at} s in, after pass $kill_after_pass), $load_errors remote load errors, $repaired repaired, 0 lost
+   owner: $trims TRIMs, $remotified pages remotified, $remote_loads remote loads ($loads_at_kill before $victim, holding $victim_pages pages, was killed ${killed_at} s in, after pass $kill_after_pass), $load_errors remote load errors, $repaired repaired, 0 lost
    logs: $out
 EOF
