@@ -177,8 +177,8 @@ ip addr add 10.0.2.15/24 dev eth0 || end "FAILED: no eth0"
 ip link set eth0 up
 ip route add default via 10.0.2.2
 # Swapping over the network needs memory to swap: the NIC's receive
-# buffers, TCP's. The default reserve of a small machine (about 1 MiB
-# here) runs dry under swap pressure and the NBD connection stalls.
+# buffers, TCP's. The default reserve of a small machine (about 1.3 MiB
+# here) can run dry under swap pressure: the NBD connection then stalls.
 echo 16384 >/proc/sys/vm/min_free_kbytes
 echo "KSWAP: network up; RAM \$(grep MemTotal /proc/meminfo)"
 # The export is a swap device: 4 KiB blocks, nbd-client locked in memory.
