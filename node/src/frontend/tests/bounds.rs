@@ -295,10 +295,14 @@ fn a_client_that_reads_nothing_gets_no_more_answers_than_its_budget_then_is_clos
         }
 
         // What ran: the answers the budget held, and those that went into
-        // the socket's buffer (the kernel may overfill it by one send).
+        // the socket's buffer. The kernel's accounting of that buffer is
+        // coarse (it may overfill it by a send, and a busy machine was
+        // seen to fit one answer more than twice its size): one answer of
+        // slack. Without the budget, every request runs.
         let answer_bytes_min = PAGES as usize * PAGE_BYTES;
         let ran = fe.counters().loads_hit.load(Relaxed) / PAGES;
-        let held_max = limits.answer_budget_bytes + 2 * send_buffer_bytes(&raw.wr);
+        let held_max =
+            limits.answer_budget_bytes + 2 * send_buffer_bytes(&raw.wr) + answer_bytes_min;
         assert!(
             ran as usize * answer_bytes_min <= held_max,
             "{ran} of {REQUESTS} requests ran for a client that read nothing: {} bytes of \
