@@ -451,13 +451,7 @@ fn a_node_asked_to_stop_waits_for_connected_clients_and_says_so() {
     host.request(proto::CMD_WRITE, 1, 0, PAGE as u32, &page_of(7));
     assert_eq!(host.reply(|_| 0).1, 0);
     served.signal("-TERM");
-    ramster_cluster_tests::wait_for(Duration::from_secs(10), || {
-        served
-            .log()
-            .contains("asked to stop while NBD clients are connected")
-            .then_some(())
-    })
-    .expect("the node warns about its connected clients");
+    wait_for_stop_warning(&served);
     // Still serving: the host reads its page back.
     host.request(proto::CMD_READ, 2, 0, PAGE as u32, &[]);
     let (handle, error, data) = host.reply(|_| PAGE);
@@ -478,19 +472,23 @@ fn a_node_asked_to_stop_waits_for_connected_clients_and_says_so() {
     let (mut served, port) = node("64MiB", &["swap:4MiB"]);
     let (_host, _) = Raw::go(port, "swap");
     served.signal("-TERM");
-    ramster_cluster_tests::wait_for(Duration::from_secs(10), || {
-        served
-            .log()
-            .contains("asked to stop while NBD clients are connected")
-            .then_some(())
-    })
-    .expect("the node warns about its connected clients");
+    wait_for_stop_warning(&served);
     served.signal("-INT");
     let status = served
         .wait_exit(Duration::from_secs(20))
         .expect("a second signal stops the node");
     assert!(status.success(), "{status}: {}", served.log());
     assert!(served.log().contains("second stop signal"));
+}
+
+/// Waits until `node`, asked to stop, warns about its connected clients.
+fn wait_for_stop_warning(node: &NodeProcess) {
+    ramster_cluster_tests::wait_for(Duration::from_secs(10), || {
+        node.log()
+            .contains("asked to stop while NBD clients are connected")
+            .then_some(())
+    })
+    .expect("the node warns about its connected clients");
 }
 
 // ------------------------------------------------------------- raw client
