@@ -69,6 +69,33 @@ fn noise() -> Bytes {
     Bytes::from(p)
 }
 
+/// Prometheus' own check of a scrape (`promtool check metrics`, from
+/// Debian's `prometheus` package): the format and its lint rules.
+fn promtool_check_metrics(text: &str) {
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = child.unwrap_or_else(|e| {
+        panic!("promtool is needed to check /metrics ({e}); apt-get install prometheus")
+    });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// One sample: its metric name (with suffix) and labels.
 type SampleKey = (String, BTreeMap<String, String>);
 
@@ -106,7 +133,11 @@ fn parse_metrics(text: &str) -> HashMap<SampleKey, f64> {
             }
             continue;
         }
-        assert!(!line.is_empty() && !line.starts_with('#'), "{line:?}");
+        // Families are set apart by blank lines.
+        if line.is_empty() {
+            continue;
+        }
+        assert!(!line.starts_with('#'), "{line:?}");
         let (name, labels, value) = parse_sample(line);
         let family = ["_bucket", "_sum", "_count"]
             .iter()
@@ -276,13 +307,14 @@ fn metrics_probes_status_and_health_of_a_real_node() {
     // /metrics: valid, and it counts what was done.
     let a = get(addr, "/metrics");
     assert_eq!(a.status, 200);
+    let head = a.head.to_ascii_lowercase();
     assert!(
-        a.head
-            .contains("\r\nContent-Type: text/plain; version=0.0.4"),
+        head.contains("\r\ncontent-type: text/plain; version=0.0.4"),
         "{}",
         a.head
     );
-    assert!(a.head.contains("\r\nConnection: close"), "{}", a.head);
+    assert!(head.contains("\r\nconnection: close"), "{}", a.head);
+    promtool_check_metrics(&a.body);
     let m = parse_metrics(&a.body);
     let stored = STORED as f64;
     assert_eq!(
@@ -342,9 +374,15 @@ fn metrics_probes_status_and_health_of_a_real_node() {
     assert_eq!((a.status, a.body.as_str()), (200, "ok\n"));
     assert_eq!(get(addr, "/health/ready").status, 200);
     assert_eq!(get(addr, "/no/such/page").status, 404);
-    let a = request(addr, "POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+    let a = request(
+        addr,
+        "POST /metrics HTTP/1.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
     assert_eq!(a.status, 405);
-    let a = request(addr, "HEAD /health/live HTTP/1.1\r\n\r\n");
+    let a = request(
+        addr,
+        "HEAD /health/live HTTP/1.1\r\nConnection: close\r\n\r\n",
+    );
     assert_eq!((a.status, a.body.as_str()), (200, ""));
     assert_eq!(request(addr, "nonsense\r\n\r\n").status, 400);
 

@@ -1,9 +1,17 @@
 //! Node-wide figures that are not the frontswap counters: latency histograms
 //! and the cluster's movement counters. Updated lock-free on the page path;
 //! read by the admin endpoint (`/metrics`) and by `ramster status`.
+//!
+//! The latency histograms go through the `metrics` facade
+//! ([`crate::admin::exposition::Latencies`]). [`Histogram`] stays for what
+//! the node itself reads back: the hedge delay of a remote load is twice
+//! the recent p99 of peer RPCs.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use crate::admin::exposition::{Latencies, Latency};
+use crate::admin::node_metrics;
 
 /// Upper bounds of the latency buckets, in nanoseconds: 5 µs (a local load)
 /// to 5 s (an RPC at its deadline).
@@ -150,17 +158,59 @@ impl ClusterCounters {
 
 /// Everything of a node that `/metrics` shows beyond the frontswap counters,
 /// the store and the donor.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct NodeMetrics {
     /// One frontswap store / cleancache put, as the front end sees it.
-    pub store_latency: Histogram,
+    pub store_latency: Latency,
     /// One load / get answered from this node's memory.
-    pub load_latency: Histogram,
+    pub load_latency: Latency,
     /// One load answered from a donor (fetch, checksum, decompress).
-    pub remote_load_latency: Histogram,
+    pub remote_load_latency: Latency,
     /// One peer RPC, request sent to answer read.
-    pub rpc_latency: Histogram,
+    rpc_latency: Latency,
+    /// The same RPCs in fixed buckets, for the hedge delay.
+    rpc_buckets: Histogram,
     pub cluster: ClusterCounters,
+    latencies: Latencies,
+}
+
+impl Default for NodeMetrics {
+    fn default() -> Self {
+        let latencies = Latencies::new();
+        NodeMetrics {
+            store_latency: latencies.register(&node_metrics::STORE_LATENCY),
+            load_latency: latencies.register(&node_metrics::LOAD_LATENCY),
+            remote_load_latency: latencies.register(&node_metrics::REMOTE_LOAD_LATENCY),
+            rpc_latency: latencies.register(&node_metrics::RPC_LATENCY),
+            rpc_buckets: Histogram::default(),
+            cluster: ClusterCounters::default(),
+            latencies,
+        }
+    }
+}
+
+impl NodeMetrics {
+    /// One peer RPC took `d`.
+    pub fn observe_rpc(&self, d: Duration) {
+        self.rpc_latency.observe(d);
+        self.rpc_buckets.observe(d);
+    }
+
+    /// The peer RPCs' latencies so far, as the hedge delay reads them.
+    pub fn rpc_latency(&self) -> HistogramSnapshot {
+        self.rpc_buckets.snapshot()
+    }
+
+    /// The latency histograms' Prometheus text.
+    pub fn render_latencies(&self) -> String {
+        self.latencies.render()
+    }
+
+    /// Folds recorded latencies into their buckets; the node calls it every
+    /// few seconds so that samples never pile up between scrapes.
+    pub fn upkeep(&self) {
+        self.latencies.upkeep();
+    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@
 pub mod exposition;
 pub mod http;
 pub mod node_metrics;
+mod process;
 mod routes;
 
 use std::future::Future;
@@ -158,7 +159,9 @@ impl AdminContext {
         if let Some(c) = &self.cluster {
             c.write_metrics(&mut out);
         }
-        out.finish()
+        let mut text = out.finish();
+        text.push_str(&self.metrics.render_latencies());
+        text
     }
 
     /// Changes a member; a node outside any cluster has none to change.
@@ -255,13 +258,21 @@ impl AdminContext {
     }
 }
 
+impl AdminContext {
+    /// The answer to one request: changes (POST) may wait on the cluster,
+    /// reads never.
+    pub async fn answer(&self, req: &http::Request) -> http::Response {
+        routes::answer(self, req).await
+    }
+}
+
 /// Serves the admin endpoint on `listener` until `shutdown` turns true.
 pub async fn serve(listener: TcpListener, ctx: Arc<AdminContext>, shutdown: watch::Receiver<bool>) {
     http::serve(
         listener,
         move |req| {
             let ctx = ctx.clone();
-            async move { routes::answer(&ctx, &req).await }
+            async move { ctx.answer(&req).await }
         },
         shutdown,
     )

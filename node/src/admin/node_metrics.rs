@@ -162,19 +162,19 @@ static LAST_REPAIR: Family = Family::gauge(
     "Time the last repair took, from the first degraded page to full redundancy.",
 );
 
-static STORE_LATENCY: Family = Family::histogram(
+pub static STORE_LATENCY: Family = Family::histogram(
     "ramster_store_latency_seconds",
     "One frontswap store or cleancache put, as the front end sees it.",
 );
-static LOAD_LATENCY: Family = Family::histogram(
+pub static LOAD_LATENCY: Family = Family::histogram(
     "ramster_load_latency_seconds",
     "One frontswap load or cleancache get answered by this node.",
 );
-static REMOTE_LOAD_LATENCY: Family = Family::histogram(
+pub static REMOTE_LOAD_LATENCY: Family = Family::histogram(
     "ramster_remote_load_latency_seconds",
     "One load answered from a donor: fetch, checksum, decompress.",
 );
-static RPC_LATENCY: Family = Family::histogram(
+pub static RPC_LATENCY: Family = Family::histogram(
     "ramster_rpc_latency_seconds",
     "One peer RPC, from request sent to answer read.",
 );
@@ -279,7 +279,8 @@ pub(super) static FAMILIES: &[&Family] = &[
     &NBD_POLLS,
 ];
 
-/// Writes every family of this node.
+/// Writes every counter and gauge of this node, the process's included;
+/// the latency histograms are rendered from [`NodeMetrics`] on their own.
 pub fn write(
     out: &mut MetricsWriter,
     frontend: &Frontend,
@@ -290,15 +291,8 @@ pub fn write(
     write_frontswap(out, frontend);
     write_store(out, frontend);
     write_cluster_counters(out, metrics);
-    out.histogram(&STORE_LATENCY, &[], &metrics.store_latency.snapshot());
-    out.histogram(&LOAD_LATENCY, &[], &metrics.load_latency.snapshot());
-    out.histogram(
-        &REMOTE_LOAD_LATENCY,
-        &[],
-        &metrics.remote_load_latency.snapshot(),
-    );
-    out.histogram(&RPC_LATENCY, &[], &metrics.rpc_latency.snapshot());
     write_exports(out, &exports.stats());
+    super::process::write(out);
 }
 
 fn get(c: &AtomicU64) -> u64 {
@@ -439,9 +433,16 @@ mod tests {
     #[test]
     fn family_names_follow_prometheus_rules() {
         let mut seen = std::collections::HashSet::new();
-        for f in FAMILIES {
+        let process = super::super::process::FAMILIES;
+        for f in FAMILIES.iter().chain(process) {
             assert!(is_valid_name(f.name), "{}", f.name);
-            assert!(f.name.starts_with("ramster_"), "{}", f.name);
+            // The process's families keep the names every client uses.
+            let prefix = if process.iter().any(|p| p.name == f.name) {
+                "process_"
+            } else {
+                "ramster_"
+            };
+            assert!(f.name.starts_with(prefix), "{}", f.name);
             assert!(seen.insert(f.name), "{} is declared twice", f.name);
             assert!(!f.help.is_empty(), "{} has no help", f.name);
             match f.kind {
@@ -468,7 +469,7 @@ mod tests {
 
         let mut out = MetricsWriter::new();
         write(&mut out, &fe, &metrics, &exports);
-        let text = out.finish();
+        let text = out.finish() + &metrics.render_latencies();
         for f in FAMILIES {
             assert!(
                 text.contains(&format!("# TYPE {} ", f.name)),
@@ -489,7 +490,10 @@ mod tests {
         assert!(text.contains("\nramster_store_latency_seconds_count 1\n"));
         assert!(text.contains("\nramster_nbd_export_size_bytes{export=\"swap0\"} 1048576\n"));
         assert!(text.contains("\nramster_nbd_pages{export=\"swap0\",location=\"backing\"} 0\n"));
-        assert!(text.starts_with("# HELP ramster_build_info "));
+        assert!(
+            text.contains("\n# HELP ramster_build_info ")
+                || text.starts_with("# HELP ramster_build_info ")
+        );
         assert!(text.contains(&format!(
             "\nramster_build_info{{version=\"{}\"}} 1\n",
             env!("CARGO_PKG_VERSION")

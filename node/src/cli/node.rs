@@ -919,6 +919,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
             )));
             tokio::spawn(log_export_stats(exports.clone(), stop_rx.clone()));
         }
+        tokio::spawn(keep_latencies(metrics.clone(), stop_rx.clone()));
         // A memory server serves no local clients.
         let server = if memory_server {
             None
@@ -987,6 +988,19 @@ async fn log_export_stats(exports: Arc<Exports>, mut stop: watch::Receiver<bool>
             }
         }
         last = now;
+    }
+}
+
+/// How often recorded latencies are folded into their buckets: a node
+/// nobody scrapes keeps a few seconds of samples at most.
+const LATENCY_UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+async fn keep_latencies(metrics: Arc<NodeMetrics>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(LATENCY_UPKEEP_INTERVAL) => metrics.upkeep(),
+            _ = stop.changed() => return,
+        }
     }
 }
 

@@ -1386,8 +1386,7 @@ impl Inner {
     fn hedge_delay(&self) -> Duration {
         let p99 = self
             .metrics
-            .rpc_latency
-            .snapshot()
+            .rpc_latency()
             .quantile_bound_ns(0.99)
             .unwrap_or(0);
         Duration::from_nanos(p99.saturating_mul(2)).clamp(HEDGE_AFTER_MIN, HEDGE_AFTER_MAX)

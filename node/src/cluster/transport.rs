@@ -1106,7 +1106,7 @@ impl PeerSession {
                 ms: deadline.as_millis() as u64,
             }),
         };
-        self.metrics.rpc_latency.observe(started.elapsed());
+        self.metrics.observe_rpc(started.elapsed());
         if r.is_err() {
             self.metrics
                 .cluster
