@@ -259,6 +259,7 @@ fn ramster(args: &[&str]) -> Output {
     Command::new(ramster_bin())
         .args(args)
         .env_remove("RAMSTER_ENDPOINT")
+        .env_remove("RAMSTER_ENDPOINTS")
         .output()
         .expect("running ramster")
 }
@@ -428,6 +429,49 @@ fn metrics_probes_status_and_health_of_a_real_node() {
     );
     let out = ramster(&["status", "--endpoint", &closed]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+#[test]
+fn endpoints_fall_over_from_a_dead_one_to_a_live_node() {
+    // The live node's admin endpoint given by name: it listens on loopback.
+    let port = free_loopback_port();
+    let node = NodeProcess::start(
+        "endpoints-test",
+        "16MiB",
+        &["--admin-listen", &format!("localhost:{port}")],
+    )
+    .unwrap();
+    let live = format!("127.0.0.1:{port}");
+    wait_ready(live.parse().unwrap());
+    let dead = format!("127.0.0.1:{}", free_loopback_port());
+    let both = format!("{dead},{live}");
+
+    let out = ramster(&["status", "--endpoints", &both, "-o", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    let status: ClusterStatus = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status.answered_by, node.name);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&dead) && err.contains(&live), "{err}");
+
+    let out = Command::new(ramster_bin())
+        .arg("health")
+        .env_remove("RAMSTER_ENDPOINT")
+        .env("RAMSTER_ENDPOINTS", &both)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "HEALTH_OK\n");
+
+    // The old single flag, given twice, is the same list.
+    let out = ramster(&["probe", "--endpoint", &dead, "--endpoint", &live]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+
+    // None answers: each is named, and health says 1.
+    let dead2 = format!("127.0.0.1:{}", free_loopback_port());
+    let out = ramster(&["health", "--endpoints", &format!("{dead},{dead2}")]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&dead) && err.contains(&dead2), "{err}");
 }
 
 #[test]

@@ -47,31 +47,81 @@ fn resolve(endpoint: &str) -> anyhow::Result<Vec<SocketAddr>> {
 
 /// GETs `path` from `endpoint`.
 pub fn get(endpoint: &str, path: &str) -> anyhow::Result<Answer> {
-    request("GET", endpoint, path, READ_TIMEOUT)
+    get_first(&[endpoint.to_string()], path).map(|(_, a)| a)
 }
 
 /// POSTs to `path` (no body) at `endpoint`.
 pub fn post(endpoint: &str, path: &str) -> anyhow::Result<Answer> {
-    request("POST", endpoint, path, CHANGE_TIMEOUT)
+    post_first(&[endpoint.to_string()], path).map(|(_, a)| a)
 }
 
-fn request(method: &str, endpoint: &str, path: &str, timeout: Duration) -> anyhow::Result<Answer> {
+/// GETs `path` from the first of `endpoints` that takes a connection; that
+/// endpoint and its answer.
+pub fn get_first(endpoints: &[String], path: &str) -> anyhow::Result<(String, Answer)> {
+    let (endpoint, stream) = connect_first(endpoints)?;
+    let answer = exchange(stream, "GET", &endpoint, path, READ_TIMEOUT)?;
+    Ok((endpoint, answer))
+}
+
+/// POSTs to `path` (no body) at the first of `endpoints` that takes a
+/// connection; that endpoint and its answer. Only a refused connection
+/// moves on to the next: a request sent may have been carried out, even
+/// when its answer never came.
+pub fn post_first(endpoints: &[String], path: &str) -> anyhow::Result<(String, Answer)> {
+    let (endpoint, stream) = connect_first(endpoints)?;
+    let answer = exchange(stream, "POST", &endpoint, path, CHANGE_TIMEOUT)?;
+    Ok((endpoint, answer))
+}
+
+/// A connection to the first of `endpoints` that takes one, and that
+/// endpoint.
+fn connect_first(endpoints: &[String]) -> anyhow::Result<(String, TcpStream)> {
+    let mut failures = Vec::new();
+    for endpoint in endpoints {
+        match connect(endpoint) {
+            Ok(stream) => {
+                for f in &failures {
+                    eprintln!("ramster: {f}; asked {endpoint} instead");
+                }
+                return Ok((endpoint.clone(), stream));
+            }
+            Err(e) => failures.push(e),
+        }
+    }
+    match failures.len() {
+        0 => bail!("no endpoint to ask"),
+        1 => Err(failures.pop().expect("one")),
+        _ => bail!(
+            "no endpoint answered: {}",
+            failures
+                .iter()
+                .map(|e| format!("{e:#}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+    }
+}
+
+fn connect(endpoint: &str) -> anyhow::Result<TcpStream> {
     let mut last_error = None;
-    let mut stream = None;
     for addr in resolve(endpoint)? {
         match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
-            Ok(s) => {
-                stream = Some(s);
-                break;
-            }
+            Ok(s) => return Ok(s),
             Err(e) => {
                 last_error = Some(anyhow::Error::new(e).context(format!("connecting to {addr}")))
             }
         }
     }
-    let Some(mut stream) = stream else {
-        return Err(last_error.expect("at least one address was tried"));
-    };
+    Err(last_error.expect("at least one address was tried"))
+}
+
+fn exchange(
+    mut stream: TcpStream,
+    method: &str,
+    endpoint: &str,
+    path: &str,
+    timeout: Duration,
+) -> anyhow::Result<Answer> {
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(READ_TIMEOUT))?;
     let request = format!(
@@ -167,5 +217,49 @@ mod tests {
             .port();
         let e = get(&format!("127.0.0.1:{port}"), "/health/live").unwrap_err();
         assert!(format!("{e:#}").contains("connecting to"), "{e:#}");
+    }
+
+    #[test]
+    fn the_first_endpoint_that_takes_a_connection_answers() {
+        let closed = || {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            format!("127.0.0.1:{port}")
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let live = listener.local_addr().unwrap().to_string();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                s.read_exact(&mut byte).unwrap();
+                head.push(byte[0]);
+            }
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+                .unwrap();
+            String::from_utf8(head).unwrap()
+        });
+        let endpoints = [closed(), "nonsense".to_string(), live.clone()];
+        let (who, answer) = get_first(&endpoints, "/health/live").unwrap();
+        assert_eq!(
+            (who, answer.status, answer.body.as_str()),
+            (live, 200, "ok\n")
+        );
+        assert!(
+            server
+                .join()
+                .unwrap()
+                .starts_with("GET /health/live HTTP/1.1\r\n")
+        );
+
+        let (a, b) = (closed(), closed());
+        let e = get_first(&[a.clone(), b.clone()], "/").unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.starts_with("no endpoint answered"), "{e}");
+        assert!(e.contains(&a) && e.contains(&b), "{e}");
     }
 }

@@ -92,7 +92,8 @@ impl Change {
 }
 
 pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
-    let answer = admin_client::post(&a.endpoint.endpoint, &a.change.path())?;
+    let endpoints = a.endpoint.list();
+    let (answered, answer) = admin_client::post_first(&endpoints, &a.change.path())?;
     let said = answer.body.trim_end();
     if answer.status != 200 {
         anyhow::bail!("{said} (HTTP {})", answer.status)
@@ -104,7 +105,10 @@ pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
         timeout,
     } = &a.change
     {
-        wait_drained(&a.endpoint.endpoint, node, Duration::from_secs(*timeout))?;
+        // The node that made the change first, the others should it go.
+        let mut ask = vec![answered.clone()];
+        ask.extend(endpoints.into_iter().filter(|e| *e != answered));
+        wait_drained(&ask, node, Duration::from_secs(*timeout))?;
     }
     Ok(())
 }
@@ -114,8 +118,9 @@ const DRAIN_POLL: Duration = Duration::from_millis(500);
 
 /// Waits until `node` is draining, holds no peer's page, and no page in the
 /// cluster is short of copies (the copies it held were re-created, not
-/// just released), as the status answered by `endpoint` reports it.
-fn wait_drained(endpoint: &str, node: &str, timeout: Duration) -> anyhow::Result<()> {
+/// just released), as the status answered by the first of `endpoints`
+/// that answers reports it.
+fn wait_drained(endpoints: &[String], node: &str, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} pages moved")
@@ -125,7 +130,7 @@ fn wait_drained(endpoint: &str, node: &str, timeout: Duration) -> anyhow::Result
     let mut first_held = None;
     // Bounded by the deadline.
     loop {
-        let last = match super::status::fetch(endpoint) {
+        let last = match super::status::fetch_first(endpoints) {
             Ok(status) => {
                 let row = status
                     .nodes

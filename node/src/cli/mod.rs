@@ -8,12 +8,14 @@ pub mod corpus;
 pub mod demo;
 pub mod nbd_bench;
 pub mod node;
+pub mod print_config;
 pub mod size;
 pub mod status;
+pub mod values;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -51,10 +53,18 @@ pub enum Command {
 /// Runs the command line; the process exit code. Errors are for the
 /// caller to report; `health` answers with exit codes of its own.
 pub fn run() -> anyhow::Result<ExitCode> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let done = match cli.command {
         Command::Demo(a) => demo::run(a),
-        Command::Node(a) => node::run(*a),
+        Command::Node(mut a) => {
+            // `--print-config` tells the environment from the flags by
+            // where clap found each value.
+            if let Some(m) = matches.subcommand_matches("node") {
+                a.given = print_config::CliSources::of(m);
+            }
+            node::run(*a)
+        }
         Command::Status(a) => status::run_status(a),
         Command::Health(a) => return Ok(status::run_health(a)),
         Command::Probe(a) => return Ok(status::run_probe(a)),

@@ -3,6 +3,7 @@
 //! Settings come from, lowest precedence first: built-in defaults, the TOML
 //! file given by `--config`, `RAMSTER_*` environment variables, flags.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -10,12 +11,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::Args;
+use clap::{ArgMatches, Args, FromArgMatches};
 use serde::Deserialize;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+pub use super::print_config::{CliSources, SettingSources, Source};
 use super::size::{format_size, parse_size};
+use super::values::{FileBool, parse_bool, parse_listen};
 use crate::admin::{self, ADMIN_LISTEN_DEFAULT, AdminContext, Phase};
 use crate::cluster::liveness::LivenessTimings;
 use crate::cluster::membership::Role;
@@ -58,118 +61,146 @@ const IDENTITY_FILE: &str = "identity.json";
 pub struct NodeArgs {
     /// TOML file with the node's settings (keys as the flags: name,
     /// data-dir, capacity, api-socket, nbd-listen, nbd-export = [...], mlock,
-    /// admin-listen).
-    #[arg(long, env = "RAMSTER_CONFIG")]
+    /// admin-listen, ...) [default: none].
+    #[arg(long, env = "RAMSTER_CONFIG", help_heading = "Node")]
     pub config: Option<PathBuf>,
-    /// This node's name, unique in the cluster.
-    #[arg(long, env = "RAMSTER_NAME")]
+    /// Print the settings the node would run with and where each came
+    /// from (default, file, environment, flag), then exit.
+    #[arg(long, help_heading = "Node")]
+    pub print_config: bool,
+    /// This node's name, unique in the cluster [required].
+    #[arg(long, env = "RAMSTER_NAME", help_heading = "Node")]
     pub name: Option<String>,
-    /// Where the node keeps its state (identity, sockets, NBD backing files).
-    #[arg(long, env = "RAMSTER_DATA_DIR")]
+    /// Where the node keeps its state (identity, sockets, NBD backing
+    /// files) [required].
+    #[arg(long, env = "RAMSTER_DATA_DIR", help_heading = "Node")]
     pub data_dir: Option<PathBuf>,
+    /// Lock all of the node's memory (mlockall), so that a host swapping
+    /// into this node never has the node's own pages swapped out
+    /// [default: false].
+    #[arg(long, env = "RAMSTER_MLOCK", num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL", value_parser = parse_bool, help_heading = "Node")]
+    pub mlock: Option<bool>,
     /// Most memory the page store may hold (e.g. 512MiB, 4GiB), or `auto`:
     /// sized from the cgroup memory limit (see [`AUTO_MEMORY_FRACTION`])
     /// [default: auto].
-    #[arg(long, env = "RAMSTER_CAPACITY", value_parser = parse_capacity)]
+    #[arg(long, env = "RAMSTER_CAPACITY", value_parser = parse_capacity, help_heading = "Store")]
     pub capacity: Option<Capacity>,
     /// Unix socket of the native API [default: DATA_DIR/api.sock].
-    #[arg(long, env = "RAMSTER_API_SOCKET")]
+    #[arg(long, env = "RAMSTER_API_SOCKET", help_heading = "Front ends")]
     pub api_socket: Option<PathBuf>,
-    /// Address of the NBD server [default: 127.0.0.1:10809 when an export is given].
-    #[arg(long, env = "RAMSTER_NBD_LISTEN")]
+    /// Address of the NBD server, HOST:PORT [default: 127.0.0.1:10809 when
+    /// an export is given].
+    #[arg(long, env = "RAMSTER_NBD_LISTEN", value_parser = parse_listen, help_heading = "Front ends")]
     pub nbd_listen: Option<SocketAddr>,
     /// An NBD export, NAME:SIZE[:BACKING_PATH] (repeatable; comma-separated
     /// in the environment). The backing file defaults to DATA_DIR/nbd/NAME.swap
-    /// and is truncated at start: exports start empty.
-    #[arg(long = "nbd-export", env = "RAMSTER_NBD_EXPORT", value_delimiter = ',')]
+    /// and is truncated at start: exports start empty [default: none].
+    #[arg(
+        long = "nbd-export",
+        env = "RAMSTER_NBD_EXPORT",
+        value_delimiter = ',',
+        help_heading = "Front ends"
+    )]
     pub nbd_exports: Vec<ExportSpec>,
     /// Threads serving each NBD connection, taking turns at reading; more
     /// make one request in flight faster on a multi-core host, each costs
     /// an idle thread's stack [default: 32].
-    #[arg(long, env = "RAMSTER_NBD_THREADS", value_parser = parse_nbd_threads)]
+    #[arg(long, env = "RAMSTER_NBD_THREADS", value_parser = parse_nbd_threads, help_heading = "Front ends")]
     pub nbd_threads: Option<usize>,
     /// Microseconds an NBD connection's reading thread polls its socket for
     /// the next request before it sleeps, 0 to 1000; it spends up to that
     /// much of a core after each reply to answer the next request sooner.
     /// 0 never polls [default: 50].
-    #[arg(long, env = "RAMSTER_NBD_POLL_US", value_parser = parse_poll_us)]
+    #[arg(long, env = "RAMSTER_NBD_POLL_US", value_parser = parse_poll_us, help_heading = "Front ends")]
     pub nbd_poll_us: Option<u64>,
-    /// Lock all of the node's memory (mlockall), so that a host swapping
-    /// into this node never has the node's own pages swapped out.
-    #[arg(long, env = "RAMSTER_MLOCK", num_args = 0..=1, default_missing_value = "true")]
-    pub mlock: Option<bool>,
-    /// Where peers reach this node (QUIC, UDP) [default: 0.0.0.0:7800 when
-    /// --join is given]. Giving it makes the node a cluster member.
-    #[arg(long, env = "RAMSTER_LISTEN")]
+    /// Where peers reach this node (QUIC, UDP), HOST:PORT [default:
+    /// 0.0.0.0:7800 when --join is given]. Giving it makes the node a
+    /// cluster member.
+    #[arg(long, env = "RAMSTER_LISTEN", value_parser = parse_listen, help_heading = "Cluster")]
     pub listen: Option<SocketAddr>,
     /// The HOST:PORT peers are told to use [default: the listen address,
     /// or this host's name with its port when listening on 0.0.0.0].
-    #[arg(long, env = "RAMSTER_ADVERTISE")]
+    #[arg(long, env = "RAMSTER_ADVERTISE", help_heading = "Cluster")]
     pub advertise: Option<String>,
     /// Seed nodes, HOST:PORT,... (the same list on every node). The first
-    /// seed forms the cluster when no seed knows one; everyone else joins.
-    #[arg(long, env = "RAMSTER_JOIN", value_delimiter = ',')]
+    /// seed forms the cluster when no seed knows one; everyone else joins
+    /// [default: none, a standalone node].
+    #[arg(
+        long,
+        env = "RAMSTER_JOIN",
+        value_delimiter = ',',
+        help_heading = "Cluster"
+    )]
     pub join: Vec<String>,
     /// Directory with ca.crt, node.crt and node.key (`ramster cert`)
     /// [default: DATA_DIR/certs].
-    #[arg(long, env = "RAMSTER_CERTS_DIR")]
+    #[arg(long, env = "RAMSTER_CERTS_DIR", help_heading = "Cluster")]
     pub certs_dir: Option<PathBuf>,
-    /// Peers are NOT authenticated (encrypted only). For a laptop demo.
-    #[arg(long, env = "RAMSTER_INSECURE", num_args = 0..=1, default_missing_value = "true")]
+    /// Peers are NOT authenticated (encrypted only). For a laptop demo
+    /// [default: false].
+    #[arg(long, env = "RAMSTER_INSECURE", num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL", value_parser = parse_bool, help_heading = "Cluster")]
     pub insecure: Option<bool>,
     /// peer (uses and donates), memory-server (donates its whole capacity,
-    /// serves no local clients) or client (never donates).
-    #[arg(long, env = "RAMSTER_ROLE", value_parser = parse_role_arg)]
+    /// serves no local clients) or client (never donates) [default: peer].
+    #[arg(long, env = "RAMSTER_ROLE", value_parser = parse_role_arg, help_heading = "Cluster")]
     pub role: Option<Role>,
     /// Most memory held for other nodes' pages [default: the capacity;
     /// 0 for a client].
-    #[arg(long, env = "RAMSTER_DONATE", value_parser = parse_size)]
+    #[arg(long, env = "RAMSTER_DONATE", value_parser = parse_size, help_heading = "Cluster")]
     pub donate: Option<u64>,
-    /// Failure-domain label; replicas go to distinct zones.
-    #[arg(long, env = "RAMSTER_ZONE")]
+    /// Failure-domain label; replicas go to distinct zones [default: none].
+    #[arg(long, env = "RAMSTER_ZONE", help_heading = "Cluster")]
     pub zone: Option<String>,
-    /// Donors holding each remotified page (1..=3).
-    #[arg(long, env = "RAMSTER_REPLICAS")]
+    /// Donors holding each remotified page (1..=3) [default: 2].
+    #[arg(long, env = "RAMSTER_REPLICAS", help_heading = "Cluster")]
     pub replicas: Option<usize>,
     /// Seconds a donor stays down before its copies are re-created on
     /// other donors; one back within them keeps its copies [default: 10].
-    #[arg(long, env = "RAMSTER_OUT_AFTER", value_parser = parse_out_after)]
+    #[arg(long, env = "RAMSTER_OUT_AFTER", value_parser = parse_out_after, help_heading = "Cluster")]
     pub out_after: Option<u64>,
     /// Seconds between two audits of what donors hold for this node (a
     /// walk over every donor; copies no page names are released)
     /// [default: 60].
-    #[arg(long, env = "RAMSTER_AUDIT_EVERY", value_parser = parse_audit_every)]
+    #[arg(long, env = "RAMSTER_AUDIT_EVERY", value_parser = parse_audit_every, help_heading = "Cluster")]
     pub audit_every: Option<u64>,
     /// Remotify starts above this fraction of capacity and stops at the
     /// second: START,STOP [default: 0.85,0.75].
-    #[arg(long, env = "RAMSTER_REMOTIFY_WATERMARKS", value_parser = parse_pair)]
+    #[arg(long, env = "RAMSTER_REMOTIFY_WATERMARKS", value_parser = parse_pair, help_heading = "Watermarks")]
     pub remotify_watermarks: Option<(f64, f64)>,
     /// Suction starts below this fraction and stops at the second:
     /// START,STOP [default: 0.60,0.70].
-    #[arg(long, env = "RAMSTER_SUCTION_WATERMARKS", value_parser = parse_pair)]
+    #[arg(long, env = "RAMSTER_SUCTION_WATERMARKS", value_parser = parse_pair, help_heading = "Watermarks")]
     pub suction_watermarks: Option<(f64, f64)>,
     /// Largest UDP payload this node takes from peers, and the most its
     /// path-MTU discovery probes for (1200..=65527) [default: 6550, the
     /// most with which GSO batches fit a UDP send; discovery settles lower
     /// by itself on a 1500-byte path]. Above 6550 (8952 for jumbo frames,
     /// say), GSO is off.
-    #[arg(long, env = "RAMSTER_MAX_UDP_PAYLOAD")]
+    #[arg(long, env = "RAMSTER_MAX_UDP_PAYLOAD", help_heading = "Transport")]
     pub max_udp_payload: Option<u16>,
     /// UDP segmentation offload (GSO) for peer traffic; `--gso false` for
     /// virtual NICs or kernels that drop GSO batches [default: true].
-    #[arg(long, env = "RAMSTER_GSO", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, env = "RAMSTER_GSO", num_args = 0..=1, default_missing_value = "true",
+          value_name = "BOOL", value_parser = parse_bool, help_heading = "Transport")]
     pub gso: Option<bool>,
     /// Microseconds the transport thread, which serves API clients on a
     /// cluster node, keeps polling after a client's request (for the
     /// donors' answers and the client's next request) before it sleeps, 0
     /// to 1000; it spends up to that much of a core after each request to
     /// answer sooner. 0 never polls [default: 200].
-    #[arg(long, env = "RAMSTER_POLL_US", value_parser = parse_poll_us)]
+    #[arg(long, env = "RAMSTER_POLL_US", value_parser = parse_poll_us, help_heading = "Transport")]
     pub poll_us: Option<u64>,
     /// Address of the admin endpoint (/metrics, /health/live,
-    /// /health/ready, /v1/status), or `off` [default: 127.0.0.1:7801].
-    #[arg(long, env = "RAMSTER_ADMIN_LISTEN")]
+    /// /health/ready, /v1/status), HOST:PORT, or `off` [default:
+    /// 127.0.0.1:7801].
+    #[arg(long, env = "RAMSTER_ADMIN_LISTEN", help_heading = "Admin")]
     pub admin_listen: Option<AdminListen>,
+    /// Which of the fields above the environment or the command line set,
+    /// by config key; filled by [`NodeArgs::from_matches`].
+    #[arg(skip)]
+    pub given: CliSources,
 }
 
 /// Where the admin endpoint listens: an address, or `off`.
@@ -179,12 +210,12 @@ pub struct AdminListen(pub Option<SocketAddr>);
 impl FromStr for AdminListen {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.eq_ignore_ascii_case("off") {
+        if s.trim().eq_ignore_ascii_case("off") {
             return Ok(AdminListen(None));
         }
-        s.parse()
+        parse_listen(s)
             .map(|a| AdminListen(Some(a)))
-            .map_err(|_| format!("{s:?} is not HOST:PORT (an IP address and port) or `off`"))
+            .map_err(|e| format!("{e}, or `off`"))
     }
 }
 
@@ -356,18 +387,18 @@ struct ConfigFile {
     data_dir: Option<PathBuf>,
     capacity: Option<SizeValue>,
     api_socket: Option<PathBuf>,
-    nbd_listen: Option<SocketAddr>,
+    nbd_listen: Option<String>,
     #[serde(default)]
     nbd_export: Vec<String>,
     nbd_threads: Option<usize>,
     nbd_poll_us: Option<u64>,
-    mlock: Option<bool>,
-    listen: Option<SocketAddr>,
+    mlock: Option<FileBool>,
+    listen: Option<String>,
     advertise: Option<String>,
     #[serde(default)]
     join: Vec<String>,
     certs_dir: Option<PathBuf>,
-    insecure: Option<bool>,
+    insecure: Option<FileBool>,
     role: Option<String>,
     donate: Option<SizeValue>,
     zone: Option<String>,
@@ -377,7 +408,7 @@ struct ConfigFile {
     remotify_watermarks: Option<[f64; 2]>,
     suction_watermarks: Option<[f64; 2]>,
     max_udp_payload: Option<u16>,
-    gso: Option<bool>,
+    gso: Option<FileBool>,
     poll_us: Option<u64>,
     admin_listen: Option<String>,
 }
@@ -428,7 +459,8 @@ pub struct NodeSettings {
     pub admin_listen: Option<SocketAddr>,
 }
 
-fn read_config(path: &Path) -> anyhow::Result<ConfigFile> {
+/// The config file, and the keys it sets (for `--print-config`).
+fn read_config(path: &Path) -> anyhow::Result<(ConfigFile, BTreeSet<String>)> {
     let len = std::fs::metadata(path)
         .with_context(|| format!("reading config {}", path.display()))?
         .len();
@@ -440,16 +472,49 @@ fn read_config(path: &Path) -> anyhow::Result<ConfigFile> {
     }
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("config {}", path.display()))
+    let file: ConfigFile =
+        toml::from_str(&text).with_context(|| format!("config {}", path.display()))?;
+    let keys = toml::from_str::<toml::Table>(&text)
+        .with_context(|| format!("config {}", path.display()))?
+        .keys()
+        .cloned()
+        .collect();
+    Ok((file, keys))
+}
+
+/// A listen address from the config file, named by its key when it is
+/// not one.
+fn file_listen(text: Option<String>, key: &str) -> anyhow::Result<Option<SocketAddr>> {
+    text.map(|t| parse_listen(&t).map_err(|e| anyhow::anyhow!("config `{key}`: {e}")))
+        .transpose()
 }
 
 impl NodeArgs {
+    /// The `node` subcommand's arguments from its matches, noting which
+    /// settings the environment and the command line gave.
+    pub fn from_matches(m: &ArgMatches) -> Result<NodeArgs, clap::Error> {
+        let mut args = <NodeArgs as FromArgMatches>::from_arg_matches(m)?;
+        args.given = CliSources::of(m);
+        Ok(args)
+    }
+
     /// Merges flags and environment (already in `self`, flags winning, as
     /// clap does) over the config file over defaults.
     pub fn settings(self) -> anyhow::Result<NodeSettings> {
-        let file = match &self.config {
+        self.settings_and_sources().map(|(s, _)| s)
+    }
+
+    /// The merged settings and where each came from.
+    pub fn settings_and_sources(mut self) -> anyhow::Result<(NodeSettings, SettingSources)> {
+        let (file, file_keys) = match &self.config {
             Some(path) => read_config(path)?,
-            None => ConfigFile::default(),
+            None => Default::default(),
+        };
+        let mut origin = SettingSources {
+            config: self.config.clone(),
+            given: std::mem::take(&mut self.given),
+            file_keys,
+            capacity_auto: false,
         };
         let missing = |flag: &str, key: &str, env: &str| {
             anyhow::anyhow!("--{flag} is required (or `{key}` in the config file, or {env})")
@@ -470,8 +535,12 @@ impl NodeArgs {
             (None, Some(v)) => Capacity::Bytes(v.bytes("capacity")?),
             (None, None) => Capacity::Auto,
         };
+        origin.capacity_auto = capacity == Capacity::Auto;
         let sources = ClusterSources {
-            listen: self.listen.or(file.listen),
+            listen: match self.listen {
+                Some(a) => Some(a),
+                None => file_listen(file.listen, "listen")?,
+            },
             advertise: self.advertise.or(file.advertise),
             join: if self.join.is_empty() {
                 file.join
@@ -479,7 +548,7 @@ impl NodeArgs {
                 self.join
             },
             certs_dir: self.certs_dir.or(file.certs_dir),
-            insecure: self.insecure.or(file.insecure),
+            insecure: self.insecure.or(file.insecure.map(|b| b.0)),
             role: match (self.role, file.role) {
                 (Some(r), _) => Some(r),
                 (None, Some(r)) => {
@@ -513,7 +582,7 @@ impl NodeArgs {
                 .suction_watermarks
                 .or(file.suction_watermarks.map(|[a, b]| (a, b))),
             max_udp_payload: self.max_udp_payload.or(file.max_udp_payload),
-            gso: self.gso.or(file.gso),
+            gso: self.gso.or(file.gso.map(|b| b.0)),
             poll_us: match (self.poll_us, file.poll_us) {
                 (Some(us), _) => Some(us),
                 (None, Some(us)) => Some(
@@ -561,7 +630,11 @@ impl NodeArgs {
         } else {
             self.nbd_exports
         };
-        let nbd_listen = match self.nbd_listen.or(file.nbd_listen) {
+        let nbd_listen = match self.nbd_listen {
+            Some(a) => Some(a),
+            None => file_listen(file.nbd_listen, "nbd-listen")?,
+        };
+        let nbd_listen = match nbd_listen {
             Some(addr) if nbd_exports.is_empty() => {
                 bail!("--nbd-listen {addr} given but no --nbd-export to serve")
             }
@@ -590,7 +663,7 @@ impl NodeArgs {
                 .map_err(|e| anyhow::anyhow!("config `admin-listen`: {e}"))?,
             (None, None) => ADMIN_LISTEN_DEFAULT.parse().expect("valid default"),
         };
-        Ok(NodeSettings {
+        let settings = NodeSettings {
             name,
             data_dir,
             capacity,
@@ -601,10 +674,11 @@ impl NodeArgs {
                 threads: nbd_threads,
                 poll: nbd_poll,
             },
-            mlock: self.mlock.or(file.mlock).unwrap_or(false),
+            mlock: self.mlock.or(file.mlock.map(|b| b.0)).unwrap_or(false),
             cluster,
             admin_listen: admin_listen.0,
-        })
+        };
+        Ok((settings, origin))
     }
 }
 
@@ -795,6 +869,13 @@ fn lock_memory() -> anyhow::Result<()> {
 }
 
 pub fn run(args: NodeArgs) -> anyhow::Result<()> {
+    if args.print_config {
+        // No logging: the output is the settings alone, and the merge's
+        // one log line (an auto capacity) is said in the output instead.
+        let (s, sources) = args.settings_and_sources()?;
+        print!("{}", super::print_config::render(&s, &sources));
+        return Ok(());
+    }
     init_logging();
     let s = args.settings()?;
     if s.mlock {
@@ -1099,6 +1180,308 @@ mod tests {
             .node
     }
 
+    /// The arguments as `ramster node` takes them: with where each came from.
+    fn noted_args(argv: &[&str]) -> NodeArgs {
+        use clap::CommandFactory;
+        let m = Cmd::command()
+            .try_get_matches_from(std::iter::once("node").chain(argv.iter().copied()))
+            .unwrap();
+        NodeArgs::from_matches(&m).unwrap()
+    }
+
+    /// `--print-config`'s line for `key`: its text before the source, and
+    /// the source.
+    fn printed<'a>(text: &'a str, key: &str) -> (&'a str, &'a str) {
+        let line = text
+            .lines()
+            .find(|l| {
+                let l = l.trim_start_matches("# ");
+                l.starts_with(&format!("{key} =")) || l.starts_with(&format!("{key}:"))
+            })
+            .unwrap_or_else(|| panic!("no line for {key} in\n{text}"));
+        let (setting, source) = line.rsplit_once("  # ").expect("a source");
+        (setting.trim_end(), source)
+    }
+
+    #[test]
+    fn print_config_says_where_each_setting_came_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("node.toml");
+        std::fs::write(
+            &cfg,
+            "name = \"from-file\"\ncapacity = \"1GiB\"\nmlock = \"yes\"\nreplicas = 3\n\
+             nbd-export = [\"swap0:64MiB\"]\n",
+        )
+        .unwrap();
+        let cfg = cfg.to_str().unwrap();
+        let (s, src) = noted_args(&[
+            "--config",
+            cfg,
+            "--data-dir",
+            "/x",
+            "--listen",
+            "127.0.0.1:7800",
+            "--gso",
+            "off",
+            "--admin-listen",
+            "localhost:7901",
+        ])
+        .settings_and_sources()
+        .unwrap();
+        let text = super::super::print_config::render(&s, &src);
+        let flag = |f: &str| format!("flag --{f}");
+        assert_eq!(
+            printed(&text, "config"),
+            (format!("# config: {cfg}").as_str(), flag("config").as_str())
+        );
+        assert_eq!(printed(&text, "name"), ("name = \"from-file\"", "file"));
+        assert_eq!(
+            printed(&text, "data-dir"),
+            ("data-dir = \"/x\"", flag("data-dir").as_str())
+        );
+        assert_eq!(printed(&text, "capacity"), ("capacity = \"1GiB\"", "file"));
+        assert_eq!(printed(&text, "mlock"), ("mlock = true", "file"));
+        assert_eq!(printed(&text, "replicas"), ("replicas = 3", "file"));
+        assert_eq!(
+            printed(&text, "nbd-export"),
+            ("nbd-export = [\"swap0:64MiB\"]", "file")
+        );
+        assert_eq!(
+            printed(&text, "nbd-listen"),
+            ("nbd-listen = \"127.0.0.1:10809\"", "default")
+        );
+        assert_eq!(
+            printed(&text, "api-socket"),
+            ("api-socket = \"/x/api.sock\"", "default")
+        );
+        assert_eq!(printed(&text, "gso"), ("gso = false", flag("gso").as_str()));
+        assert_eq!(
+            printed(&text, "admin-listen"),
+            (
+                "admin-listen = \"127.0.0.1:7901\"",
+                flag("admin-listen").as_str()
+            )
+        );
+        assert_eq!(printed(&text, "donate"), ("donate = \"1GiB\"", "default"));
+        assert_eq!(printed(&text, "zone"), ("# zone: none", "default"));
+        assert_eq!(printed(&text, "out-after"), ("out-after = 10", "default"));
+        assert_eq!(
+            printed(&text, "remotify-watermarks"),
+            ("remotify-watermarks = [0.85, 0.75]", "default")
+        );
+
+        // What it prints is a config file that gives the same settings.
+        let again = dir.path().join("printed.toml");
+        std::fs::write(&again, &text).unwrap();
+        let (s2, src2) = noted_args(&["--config", again.to_str().unwrap()])
+            .settings_and_sources()
+            .unwrap();
+        assert_eq!(s2, s);
+        assert_eq!(src2.of("data-dir"), Source::File);
+        assert_eq!(src2.of("config"), Source::Flag("--config".into()));
+
+        // A standalone node has no cluster settings to print; one the file
+        // sets anyway is shown as unused.
+        std::fs::write(dir.path().join("alone.toml"), "replicas = 3\n").unwrap();
+        let alone = dir.path().join("alone.toml");
+        let (s, src) = noted_args(&[
+            "--config",
+            alone.to_str().unwrap(),
+            "--name",
+            "n",
+            "--data-dir",
+            "/x",
+            "--capacity",
+            "4096",
+            "--admin-listen",
+            "off",
+        ])
+        .settings_and_sources()
+        .unwrap();
+        let text = super::super::print_config::render(&s, &src);
+        assert_eq!(
+            printed(&text, "replicas"),
+            ("# replicas: unused, not a cluster member", "file")
+        );
+        assert_eq!(
+            printed(&text, "capacity"),
+            ("capacity = \"4KiB\"", "flag --capacity")
+        );
+        assert_eq!(printed(&text, "nbd-listen").1, "default");
+        assert!(
+            printed(&text, "nbd-listen")
+                .0
+                .starts_with("# nbd-listen: off"),
+            "{text}"
+        );
+        assert_eq!(
+            printed(&text, "admin-listen"),
+            ("admin-listen = \"off\"", "flag --admin-listen")
+        );
+    }
+
+    #[test]
+    fn boolean_flags_and_file_keys_take_the_usual_words() {
+        for (argv, want) in [
+            (&["--mlock"][..], Some(true)),
+            (&["--mlock", "yes"], Some(true)),
+            (&["--mlock=on"], Some(true)),
+            (&["--mlock", "1"], Some(true)),
+            (&["--mlock", "no"], Some(false)),
+            (&["--mlock=OFF"], Some(false)),
+            (&["--mlock", "0"], Some(false)),
+            (&[], None),
+        ] {
+            assert_eq!(args(argv).mlock, want, "{argv:?}");
+        }
+        assert_eq!(args(&["--insecure", "--gso", "no"]).insecure, Some(true));
+        assert_eq!(args(&["--insecure", "--gso", "no"]).gso, Some(false));
+        for flag in ["--mlock", "--insecure", "--gso"] {
+            let e = Cmd::try_parse_from(["node", flag, "maybe"]).unwrap_err();
+            assert!(e.to_string().contains("yes/no"), "{e}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("node.toml");
+        let base =
+            "name = \"n\"\ndata-dir = \"/x\"\ncapacity = 4096\njoin = [\"127.0.0.1:7800\"]\n";
+        std::fs::write(
+            &cfg,
+            format!("{base}mlock = \"on\"\ninsecure = 1\ngso = \"no\"\n"),
+        )
+        .unwrap();
+        let s = args(&["--config", cfg.to_str().unwrap()])
+            .settings()
+            .unwrap();
+        let c = s.cluster.unwrap();
+        assert!(s.mlock);
+        assert!(c.insecure);
+        assert!(!c.transport.segmentation_offload);
+        std::fs::write(&cfg, format!("{base}gso = \"maybe\"\n")).unwrap();
+        let e = args(&["--config", cfg.to_str().unwrap()])
+            .settings()
+            .unwrap_err();
+        let e = format!("{e:#}");
+        assert!(e.contains("yes/no") && e.contains("gso"), "{e}");
+    }
+
+    #[test]
+    fn listen_addresses_take_names() {
+        let s = args(&[
+            "--name",
+            "n",
+            "--data-dir",
+            "/x",
+            "--capacity",
+            "4096",
+            "--admin-listen",
+            "localhost:7901",
+            "--nbd-listen",
+            "localhost:10900",
+            "--nbd-export",
+            "e:1MiB",
+            "--listen",
+            "localhost:7900",
+        ])
+        .settings()
+        .unwrap();
+        assert_eq!(s.admin_listen, Some("127.0.0.1:7901".parse().unwrap()));
+        assert_eq!(s.nbd_listen, Some("127.0.0.1:10900".parse().unwrap()));
+        let c = s.cluster.unwrap();
+        assert_eq!(c.listen, "127.0.0.1:7900".parse().unwrap());
+        assert_eq!(
+            c.advertise, "127.0.0.1:7900",
+            "what it listens on, as before"
+        );
+        let s = args(&[
+            "--name",
+            "n",
+            "--data-dir",
+            "/x",
+            "--capacity",
+            "4096",
+            "--admin-listen",
+            "[::1]:7901",
+        ])
+        .settings()
+        .unwrap();
+        assert_eq!(s.admin_listen, Some("[::1]:7901".parse().unwrap()));
+
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("node.toml");
+        std::fs::write(
+            &cfg,
+            "name = \"n\"\ndata-dir = \"/x\"\ncapacity = 4096\nadmin-listen = \"localhost:7902\"\n\
+             listen = \"localhost:7903\"\n",
+        )
+        .unwrap();
+        let s = args(&["--config", cfg.to_str().unwrap()])
+            .settings()
+            .unwrap();
+        assert_eq!(s.admin_listen, Some("127.0.0.1:7902".parse().unwrap()));
+        assert_eq!(s.cluster.unwrap().listen, "127.0.0.1:7903".parse().unwrap());
+        std::fs::write(
+            &cfg,
+            "name = \"n\"\ndata-dir = \"/x\"\ncapacity = 4096\nlisten = \"nowhere\"\n",
+        )
+        .unwrap();
+        let e = args(&["--config", cfg.to_str().unwrap()])
+            .settings()
+            .unwrap_err();
+        assert!(format!("{e:#}").contains("config `listen`"), "{e:#}");
+    }
+
+    #[test]
+    fn help_groups_flags_under_headings_and_shows_defaults() {
+        use clap::CommandFactory;
+        let help = Cmd::command().render_long_help().to_string();
+        for heading in [
+            "Node:",
+            "Store:",
+            "Front ends:",
+            "Cluster:",
+            "Watermarks:",
+            "Transport:",
+            "Admin:",
+        ] {
+            assert!(help.contains(heading), "no {heading} in\n{help}");
+        }
+        let flat = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        let d = Watermarks::default();
+        for default in [
+            format!("[default: {}]", nbd::server::THREADS_PER_CONNECTION),
+            format!("[default: {}]", nbd::server::POLL_DEFAULT.as_micros()),
+            format!("[default: {ADMIN_LISTEN_DEFAULT}]"),
+            format!("[default: {NBD_LISTEN_DEFAULT} when an export is given]"),
+            format!("[default: {PEER_LISTEN_DEFAULT} when --join is given]"),
+            format!("[default: {REPLICAS_DEFAULT}]"),
+            format!(
+                "[default: {}]",
+                crate::cluster::liveness::OUT_AFTER_MS / 1000
+            ),
+            format!("[default: {}]", AuditPace::NODE.pass_every.as_secs()),
+            format!("[default: {}]", crate::cluster::transport::POLL_WINDOW_US),
+            format!("[default: {}", TransportConfig::default().mtu_upper_bound),
+            format!("[default: {:.2},{:.2}]", d.remotify_start, d.remotify_stop),
+            format!("[default: {:.2},{:.2}]", d.suction_start, d.suction_stop),
+        ] {
+            assert!(flat.contains(&default), "no {default} in\n{help}");
+        }
+        // Every setting says its default (or that it has none).
+        let cmd = Cmd::command();
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if long == "print-config" {
+                continue;
+            }
+            let text = arg.get_long_help().or(arg.get_help()).unwrap().to_string();
+            assert!(
+                text.contains("[default: ") || text.contains("[required]"),
+                "--{long}: {text}"
+            );
+            assert!(arg.get_help_heading().is_some(), "--{long} has no heading");
+        }
+    }
+
     /// The cluster settings of a member started with `extra` flags.
     fn cluster_settings(extra: &[&str]) -> anyhow::Result<ClusterArgs> {
         let mut a = vec![
@@ -1345,8 +1728,11 @@ admin-listen = "0.0.0.0:9100"
             let e = Cmd::try_parse_from(["node", flag, "1001"]).unwrap_err();
             assert!(e.to_string().contains("from 0 to 1000"), "{e}");
         }
-        let e = Cmd::try_parse_from(["node", "--admin-listen", "localhost"]).unwrap_err();
-        assert!(e.to_string().contains("HOST:PORT"), "{e}");
+        for bad in ["localhost", "127.0.0.1", "everywhere:http"] {
+            let e = Cmd::try_parse_from(["node", "--admin-listen", bad]).unwrap_err();
+            assert!(e.to_string().contains("HOST:PORT"), "{e}");
+            assert!(e.to_string().contains("`off`"), "{e}");
+        }
         for (line, key) in [
             ("admin-listen = \"everywhere\"", "admin-listen"),
             ("nbd-threads = 0", "nbd-threads"),

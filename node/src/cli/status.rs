@@ -22,11 +22,53 @@ pub mod exit {
     pub const ERR: u8 = 4;
 }
 
-#[derive(Args, Debug, Clone)]
+/// The variable that named one endpoint before `RAMSTER_ENDPOINTS` named
+/// several; still read when that one is not set.
+pub const ENDPOINT_ENV_SINGLE: &str = "RAMSTER_ENDPOINT";
+
+#[derive(Args, Debug, Clone, Default)]
 pub struct Endpoint {
-    /// A node's admin endpoint, HOST:PORT.
-    #[arg(long, global = true, env = "RAMSTER_ENDPOINT", default_value = ADMIN_LISTEN_DEFAULT)]
-    pub endpoint: String,
+    /// Nodes' admin endpoints, HOST:PORT,... (repeatable), asked in order
+    /// until one answers; `--endpoint` and RAMSTER_ENDPOINT also work
+    /// [default: 127.0.0.1:7801].
+    #[arg(
+        long = "endpoints",
+        visible_alias = "endpoint",
+        global = true,
+        env = "RAMSTER_ENDPOINTS",
+        value_delimiter = ',',
+        value_name = "HOST:PORT"
+    )]
+    pub endpoints: Vec<String>,
+}
+
+impl Endpoint {
+    /// The endpoints to ask, in order: the flag's or RAMSTER_ENDPOINTS',
+    /// else RAMSTER_ENDPOINT's, else the default.
+    pub fn list(&self) -> Vec<String> {
+        endpoints_or(&self.endpoints, std::env::var(ENDPOINT_ENV_SINGLE).ok())
+    }
+}
+
+/// `given` without empty entries, else `single` (a comma-separated list
+/// too), else the default endpoint.
+fn endpoints_or(given: &[String], single: Option<String>) -> Vec<String> {
+    let clean = |items: &mut dyn Iterator<Item = &str>| -> Vec<String> {
+        items
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(String::from)
+            .collect()
+    };
+    let list = clean(&mut given.iter().map(String::as_str));
+    if !list.is_empty() {
+        return list;
+    }
+    let list = clean(&mut single.as_deref().unwrap_or_default().split(','));
+    if !list.is_empty() {
+        return list;
+    }
+    vec![ADMIN_LISTEN_DEFAULT.to_string()]
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -62,9 +104,9 @@ pub struct ProbeArgs {
 /// GETs one path of the admin endpoint; exit 0 on a 2xx answer, else 1.
 /// The container image has no shell and no curl: health checks run this.
 pub fn run_probe(args: ProbeArgs) -> ExitCode {
-    let endpoint = &args.endpoint.endpoint;
-    match admin_client::get(endpoint, &args.path) {
-        Ok(a) => {
+    let endpoints = args.endpoint.list();
+    match admin_client::get_first(&endpoints, &args.path) {
+        Ok((_, a)) => {
             let line = a.body.lines().next().unwrap_or_default();
             println!("{} {line}", a.status);
             if (200..300).contains(&a.status) {
@@ -74,7 +116,7 @@ pub fn run_probe(args: ProbeArgs) -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("ramster probe: {endpoint}{}: {e:#}", args.path);
+            eprintln!("ramster probe: {}: {e:#}", args.path);
             ExitCode::from(exit::UNREACHABLE)
         }
     }
@@ -96,8 +138,31 @@ pub fn fetch(endpoint: &str) -> anyhow::Result<ClusterStatus> {
     })
 }
 
+/// Asks each of `endpoints` in turn for the cluster's status; the first
+/// status answered. One that does not answer, or answers with something
+/// else than a status, is said on stderr before the next is asked.
+pub fn fetch_first(endpoints: &[String]) -> anyhow::Result<ClusterStatus> {
+    let mut failures = Vec::new();
+    for endpoint in endpoints {
+        match fetch(endpoint) {
+            Ok(status) => {
+                for f in &failures {
+                    eprintln!("ramster: {f}; asked {endpoint} instead");
+                }
+                return Ok(status);
+            }
+            Err(e) => failures.push(format!("{e:#}")),
+        }
+    }
+    match failures.len() {
+        0 => bail!("no endpoint to ask"),
+        1 => bail!("{}", failures[0]),
+        _ => bail!("no endpoint answered: {}", failures.join("; ")),
+    }
+}
+
 pub fn run_status(args: StatusArgs) -> anyhow::Result<()> {
-    let status = fetch(&args.endpoint.endpoint)?;
+    let status = fetch_first(&args.endpoint.list())?;
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
         Output::Table => print!("{}", table(&status)),
@@ -108,8 +173,7 @@ pub fn run_status(args: StatusArgs) -> anyhow::Result<()> {
 /// Prints one line and exits 0 (HEALTH_OK), 3 (HEALTH_WARN), 4
 /// (HEALTH_ERR), or 1 when no node answers as a node should.
 pub fn run_health(args: HealthArgs) -> ExitCode {
-    let endpoint = &args.endpoint.endpoint;
-    match fetch(endpoint) {
+    match fetch_first(&args.endpoint.list()) {
         Ok(status) => {
             println!("{}", health_line(&status));
             ExitCode::from(match status.health.status {
@@ -375,6 +439,46 @@ mod tests {
         assert_eq!(&lines[9][at..at + 6], "leader");
         assert_eq!(&row[at..at + 8], "follower");
         assert!(lines[9].contains(" - "), "no RTT for itself: {t}");
+    }
+
+    #[test]
+    fn endpoints_come_from_the_list_then_the_single_variable_then_the_default() {
+        let list = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            endpoints_or(&list(&["a:1", " b:2 ", ""]), Some("c:3".into())),
+            list(&["a:1", "b:2"])
+        );
+        assert_eq!(
+            endpoints_or(&[], Some("c:3, d:4".into())),
+            list(&["c:3", "d:4"])
+        );
+        assert_eq!(
+            endpoints_or(&[], Some(" ".into())),
+            list(&[ADMIN_LISTEN_DEFAULT])
+        );
+        assert_eq!(endpoints_or(&[], None), list(&[ADMIN_LISTEN_DEFAULT]));
+    }
+
+    #[test]
+    fn endpoints_is_a_list_and_endpoint_still_works() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cmd {
+            #[command(flatten)]
+            endpoint: Endpoint,
+        }
+        let parse = |argv: &[&str]| {
+            Cmd::try_parse_from(std::iter::once("ramster").chain(argv.iter().copied()))
+                .unwrap()
+                .endpoint
+                .endpoints
+        };
+        assert_eq!(parse(&["--endpoints", "a:1,b:2"]), ["a:1", "b:2"]);
+        assert_eq!(parse(&["--endpoint", "a:1"]), ["a:1"]);
+        assert_eq!(
+            parse(&["--endpoint", "a:1", "--endpoints", "b:2"]),
+            ["a:1", "b:2"]
+        );
     }
 
     #[test]
