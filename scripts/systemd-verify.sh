@@ -9,7 +9,7 @@ ramster="${RAMSTER_BIN:-$PWD/target/release/ramster}"
 units="$(mktemp -d)"
 trap 'rm -rf "$units"' EXIT
 for u in systemd/*.service; do
-    sed "s|/usr/local/bin/ramster|$ramster|" "$u" >"$units/$(basename "$u")"
+    sed "s|/usr/bin/ramster|$ramster|" "$u" >"$units/$(basename "$u")"
 done
 # A template is verified through an instance of it.
 ln -s 'ramster-swap@.service' "$units/ramster-swap@swap0.service"

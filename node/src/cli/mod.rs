@@ -6,6 +6,7 @@ pub mod cert;
 pub mod cluster;
 pub mod corpus;
 pub mod demo;
+pub mod generate;
 pub mod nbd_bench;
 pub mod node;
 pub mod print_config;
@@ -48,6 +49,10 @@ pub enum Command {
     Cert(cert::CertArgs),
     /// Write and read back pages through any NBD server; pages/s, latency, memory per page.
     BenchNbd(nbd_bench::BenchNbdArgs),
+    /// Print the completion script for a shell (bash, zsh, fish, elvish, powershell).
+    Completions(generate::CompletionsArgs),
+    /// Print the man page, or write one per subcommand into --out-dir.
+    Man(generate::ManArgs),
 }
 
 /// Runs the command line; the process exit code. Errors are for the
@@ -72,6 +77,8 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Bench(a) => bench::run(a),
         Command::Cert(a) => cert::run(a),
         Command::BenchNbd(a) => nbd_bench::run(a),
+        Command::Completions(a) => generate::run_completions(a),
+        Command::Man(a) => generate::run_man(a),
     };
     done.map(|()| ExitCode::SUCCESS)
 }
