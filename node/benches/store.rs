@@ -102,5 +102,34 @@ fn lz4_ceiling(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, page_store, lz4_ceiling);
+/// What observing one latency costs a page op: the node's histograms go
+/// through the `metrics` facade; the fixed-bucket atomic histogram (which
+/// the hedge delay still reads) is the baseline.
+fn latency_recording(c: &mut Criterion) {
+    const OPS: u64 = 10_000;
+    let mut group = c.benchmark_group("latency_observe");
+    group.throughput(Throughput::Elements(OPS));
+    let atomic = ramster_node::metrics::Histogram::default();
+    group.bench_function("fixed_buckets", |b| {
+        b.iter(|| {
+            for i in 0..OPS {
+                atomic.observe(std::time::Duration::from_nanos(5_000 + i));
+            }
+        })
+    });
+    let node = ramster_node::metrics::NodeMetrics::default();
+    group.bench_function("metrics_facade", |b| {
+        b.iter(|| {
+            for i in 0..OPS {
+                node.store_latency
+                    .observe(std::time::Duration::from_nanos(5_000 + i));
+            }
+            // As the node does every few seconds.
+            node.upkeep();
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, page_store, lz4_ceiling, latency_recording);
 criterion_main!(benches);

@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::{Body as _, Incoming};
-use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::header::{ALLOW, CONTENT_TYPE, HeaderValue, ORIGIN};
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
@@ -89,6 +89,7 @@ pub enum Status {
     BadRequest,
     NotFound,
     MethodNotAllowed,
+    Forbidden,
     Conflict,
     PayloadTooLarge,
     Unavailable,
@@ -101,6 +102,7 @@ impl Status {
             Status::BadRequest => 400,
             Status::NotFound => 404,
             Status::MethodNotAllowed => 405,
+            Status::Forbidden => 403,
             Status::Conflict => 409,
             Status::PayloadTooLarge => 413,
             Status::Unavailable => 503,
@@ -138,6 +140,15 @@ fn accept(req: &hyper::Request<Incoming>) -> Result<Request, Response> {
             ));
         }
     };
+    // A browser sends Origin with every POST it makes for a page, and
+    // `ramster cluster` and curl send none: so a page a browser opened on
+    // any site cannot change the cluster through a node on localhost.
+    if method == Method::Post && req.headers().contains_key(ORIGIN) {
+        return Err(Response::text(
+            Status::Forbidden,
+            "changes are not taken from browsers (the request has an Origin header)\n",
+        ));
+    }
     // Parameters travel in the query; a body would be read by nobody.
     if !req.body().is_end_stream() && req.body().size_hint().upper() != Some(0) {
         return Err(Response::text(
@@ -343,6 +354,10 @@ mod tests {
                 a.starts_with("HTTP/1.1 200 "),
                 "an empty body is no body: {a}"
             );
+            let a = ask(b"POST /v1/donate?bytes=1 HTTP/1.1\r\nHost: localhost\r\nOrigin: http://example.com\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            assert!(a.starts_with("HTTP/1.1 403 "), "a browser's POST: {a}");
+            let a = ask(b"GET /x HTTP/1.1\r\nHost: y\r\nOrigin: http://example.com\r\nConnection: close\r\n\r\n");
+            assert!(a.starts_with("HTTP/1.1 200 "), "reads change nothing: {a}");
             let a = ask(b"HEAD /x HTTP/1.1\r\nHost: y\r\nConnection: close\r\n\r\n");
             assert!(a.starts_with("HTTP/1.1 200 "), "{a}");
             assert!(a.ends_with("\r\n\r\n"), "HEAD has no body: {a}");
