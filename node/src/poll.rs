@@ -2,14 +2,15 @@
 //!
 //! At one request in flight most of a round trip on a small host is spent
 //! waking threads: a thread that sleeps in `epoll_wait` on an idle core is
-//! woken by an interrupt, and the core first has to leave its idle state
-//! (about 28 µs on a two-core VM, where a whole request takes a few). A
-//! thread still running when the next event comes needs no wake. A
-//! [`PollWindow`] keeps a single-threaded runtime running for a while after
-//! the last touch: its task yields again and again, and each time the
-//! runtime finds no other task ready it polls its I/O driver without
-//! blocking. Touches come from clients' requests only, so an idle node, or
-//! one that only moves pages in the background, sleeps as before.
+//! woken by an interrupt, and the core first has to leave its idle state,
+//! which on a small VM takes longer than the request itself (the figures
+//! are in docs/benchmarks.md). A thread still running when the next event
+//! comes needs no wake. A [`PollWindow`] keeps a single-threaded runtime
+//! running for a while after the last touch: its task yields again and
+//! again, and each time the runtime finds no other task ready it polls its
+//! I/O driver without blocking. Touches come from clients' requests only,
+//! so an idle node, or one that only moves pages in the background, sleeps
+//! as before.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -13,7 +13,7 @@
 //!   bidirectional streams once and sends every request on one of them as a
 //!   length-delimited frame with a request id; answers come back on the same
 //!   stream and are matched by id, so many batches are in flight at once. A
-//!   stream per request measured ~2.5× slower on loopback.
+//!   stream per request was measured slower on loopback.
 //! - **Limits.** Every RPC has a deadline (connecting included); a session
 //!   has at most `in_flight_requests_max` requests outstanding (callers wait
 //!   for a slot: back-pressure); a peer may open at most
@@ -66,8 +66,8 @@ pub const KEEP_ALIVE_INTERVAL_MS: u64 = 2_500;
 pub const RPC_DEADLINE_MS: u64 = 5_000;
 /// How long the transport thread polls after a client's request before it
 /// sleeps (see [`crate::poll`]): long enough for a donor's answer on a
-/// local network (60-100 µs on loopback here) and for the client's next
-/// request after an answer.
+/// local network and for the client's next request after an answer (the
+/// cluster benchmarks in docs/benchmarks.md).
 pub const POLL_WINDOW_US: u64 = 200;
 /// UDP socket buffers: 4 MiB cut loopback loss sharply under page batches.
 pub const UDP_BUFFER_BYTES: usize = 4 << 20;

@@ -115,11 +115,12 @@ pub const SUCTION_BATCH_PAGES: usize = 128;
 pub const SUCTION_BUSY_BATCH_PAGES: usize = 8;
 /// While clients are active, suction rests this many times as long as its
 /// last batch took before the next one: it takes at most a seventeenth of
-/// the time, so few of the clients' requests meet a batch at all. (On the
-/// cluster benchmark, 32-page batches resting 8× put the clients' p99 at
-/// 2.0-2.5× idle; 8-page batches resting 16×, at 1.6-1.8×, while suction
-/// under a busy client slowed from about 2,500 to 650 pages/s. An idle
-/// node still gets full batches back to back.)
+/// the time, so few of the clients' requests meet a batch at all. Larger
+/// batches with shorter rests raised the clients' p99 during suction
+/// further above idle on the cluster benchmark; smaller ones slow suction
+/// under a busy client, which matters little: pages not home yet still
+/// load from donors (docs/benchmarks.md has the figures). An idle node
+/// still gets full batches back to back.
 pub const SUCTION_BUSY_REST_FACTOR: u32 = 16;
 /// The longest rest: suction always moves.
 pub const SUCTION_REST_MAX: Duration = Duration::from_millis(50);

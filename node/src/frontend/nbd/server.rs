@@ -40,11 +40,11 @@ pub const CONNECTIONS_MAX: usize = 256;
 /// Threads serving one connection by default (`--nbd-threads`), taking
 /// turns at reading (as nbdkit's 16 per connection do). Without polling, at
 /// one request in flight the more there are, the likelier the next reader
-/// was last woken on the client's core: measured on two cores, 16 halved
-/// the p50 that one gave and 8 did less; 32 took another 2–9 µs off every
-/// pair of runs against 16 and 64 no more. With polling they carry out the
-/// requests that may wait while the next is read. Idle ones wait on a lock
-/// and cost only their stacks' touched pages.
+/// was last woken on the client's core, where it runs at once; 32 answered
+/// faster than 16, and 64 no faster than 32 (the NBD benchmark in
+/// docs/benchmarks.md). With polling they carry out the requests that may
+/// wait while the next is read. Idle ones wait on a lock and cost only
+/// their stacks' touched pages.
 pub const THREADS_PER_CONNECTION: usize = 32;
 /// The most threads a connection may be given: with [`CONNECTIONS_MAX`]
 /// connections, 16,384 threads.
@@ -53,9 +53,9 @@ pub const THREADS_PER_CONNECTION_MAX: usize = 64;
 /// for the next one before it blocks (`--nbd-poll-us`). At one request in
 /// flight the client's next request then finds a thread running instead of
 /// one to wake, which on an idle core costs more than the request itself
-/// (see [`transmission`]). Long enough for a client to take its reply and
-/// send again (25-40 µs measured here); an idle connection costs one
-/// window of a core after its last request.
+/// (see [`transmission`]). Long enough for a client on the same host to
+/// take its reply and send again (docs/benchmarks.md); an idle connection
+/// costs one window of a core after its last request.
 pub const POLL_DEFAULT: Duration = Duration::from_micros(50);
 /// Bytes of large requests being carried out at once, over all
 /// connections: what their buffers may take, whatever clients send.
@@ -977,10 +977,11 @@ fn write_within(
 /// loop that then polls the connection. At one request in flight the wakes
 /// are most of the latency, and what a wake costs depends on where it
 /// lands: a thread woken on the core the client is leaving runs at once,
-/// one woken on an idle core waits for it to come out of its idle state
-/// (about 28 µs on a two-core VM, against a 13 µs round trip when both
-/// share a core). Polling the socket for a while after the replies avoids
-/// the wake altogether when the next request comes within the window.
+/// one woken on an idle core waits for it to come out of its idle state,
+/// longer than a whole round trip takes when both share a core (the
+/// figures are in docs/benchmarks.md). Polling the socket for a while
+/// after the replies avoids the wake altogether when the next request
+/// comes within the window.
 /// With polling off, handing the reading to the next thread before a lone
 /// request is carried out wakes that thread while the client sleeps, so
 /// it last ran on the client's core, where the client's next request then
