@@ -881,7 +881,7 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     if s.mlock {
         lock_memory()?;
     }
-    std::fs::create_dir_all(&s.data_dir)
+    crate::private_dir(&s.data_dir)
         .with_context(|| format!("creating data dir {}", s.data_dir.display()))?;
     let memory_server = s
         .cluster

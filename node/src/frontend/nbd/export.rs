@@ -24,7 +24,7 @@
 //! earlier run held answer EIO until they are written again.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -312,15 +312,21 @@ impl Export {
             .clone()
             .unwrap_or_else(|| data_dir.join("nbd").join(format!("{}.swap", spec.name)));
         if let Some(dir) = backing_path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            crate::private_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
+        // Pages the store refuses are written here as they are: the
+        // host's swapped-out memory, for the node's user alone.
         let backing = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(0o600)
             .open(&backing_path)
             .with_context(|| format!("opening backing file {}", backing_path.display()))?;
+        backing
+            .set_permissions(std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("making backing file {} private", backing_path.display()))?;
         backing
             .set_len(spec.size_bytes)
             .with_context(|| format!("sizing backing file {}", backing_path.display()))?;
@@ -813,6 +819,25 @@ mod tests {
             *b = x as u8;
         }
         p
+    }
+
+    #[test]
+    fn backing_files_and_their_folder_are_the_node_users_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        // A backing file left readable by an older node is made private.
+        std::fs::create_dir_all(data.join("nbd")).unwrap();
+        let old = data.join("nbd").join("t.swap");
+        std::fs::write(&old, b"old").unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let _e = export_in(&data, 1 << 20, 1 << 20);
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&old), 0o600);
+
+        let fresh = dir.path().join("fresh");
+        let _e = export_in(&fresh, 1 << 20, 1 << 20);
+        assert_eq!(mode(&fresh.join("nbd")), 0o700);
+        assert_eq!(mode(&fresh.join("nbd").join("t.swap")), 0o600);
     }
 
     #[test]
