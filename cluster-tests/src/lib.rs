@@ -27,41 +27,60 @@ pub fn ramster_bin() -> &'static Path {
             assert!(bin.is_file(), "RAMSTER_BIN={} is not a file", bin.display());
             return bin;
         }
-        let exe = std::env::current_exe().expect("test executable path");
-        // target/<profile>/deps/<test> -> target/<profile>
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>");
-        let release = profile_dir.file_name().is_some_and(|n| n == "release");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "ramster-node", "--bin", "ramster"]);
-        // cargo describes the test's own package to the test process; a
-        // build script that watches those variables (ring's does) would see
-        // them change between this build and the workspace's, and rebuild
-        // half the tree each time a test binary starts.
-        for (var, _) in std::env::vars_os() {
-            let name = var.to_string_lossy();
-            if name.starts_with("CARGO_PKG_")
-                || name.starts_with("CARGO_MANIFEST_")
-                || [
-                    "CARGO_CRATE_NAME",
-                    "CARGO_PRIMARY_PACKAGE",
-                    "CARGO_TARGET_TMPDIR",
-                ]
-                .contains(&name.as_ref())
-            {
-                cmd.env_remove(&var);
-            }
-        }
-        if release {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("running cargo build");
-        assert!(status.success(), "building the ramster binary failed");
-        profile_dir.join("ramster")
+        cargo_build(&["-p", "ramster-node", "--bin", "ramster"]).join("ramster")
     })
+}
+
+/// The `store_load` example of `ramster-client`, built (once per test
+/// process) in the same profile as the tests: cargo sets no path to an
+/// example for tests, as it does for binaries.
+pub fn client_example_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        cargo_build(&["-p", "ramster-client", "--example", "store_load"])
+            .join("examples")
+            .join("store_load")
+    })
+}
+
+/// Runs `cargo build` with `args` in the profile this test was built in,
+/// and returns that profile's target directory.
+fn cargo_build(args: &[&str]) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf();
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--quiet"]).args(args);
+    // cargo describes the test's own package to the test process; a
+    // build script that watches those variables (ring's does) would see
+    // them change between this build and the workspace's, and rebuild
+    // half the tree each time a test binary starts.
+    for (var, _) in std::env::vars_os() {
+        let name = var.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+            ]
+            .contains(&name.as_ref())
+        {
+            cmd.env_remove(&var);
+        }
+    }
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("running cargo build");
+    assert!(status.success(), "cargo build {args:?} failed");
+    profile_dir
 }
 
 /// A running `ramster node`.
@@ -421,7 +440,7 @@ impl Member {
     /// that does not come within `timeout`.
     pub fn wait_for_copies(
         &self,
-        client: &ramster_node::frontend::client::BlockingClient,
+        client: &ramster_client::BlockingClient,
         copies: u64,
         at_least: u64,
         timeout: Duration,
@@ -688,7 +707,7 @@ impl TestCluster {
 /// per request; the offsets accepted (incompressible pages are refused,
 /// anything else refused fails the test).
 pub fn store_pages(
-    client: &ramster_node::frontend::client::BlockingClient,
+    client: &ramster_client::BlockingClient,
     area: u32,
     pages: &ramster_node::cli::corpus::Pages,
 ) -> Vec<u64> {
@@ -701,7 +720,7 @@ pub fn store_pages(
 /// and so may be pages with a status in `may_refuse`; any other refusal
 /// fails the test.
 pub fn store_into(
-    client: &ramster_node::frontend::client::BlockingClient,
+    client: &ramster_client::BlockingClient,
     area: u32,
     pages: &ramster_node::cli::corpus::Pages,
     may_refuse: &[ramster_protocol::v1::Status],
@@ -728,7 +747,7 @@ pub fn store_into(
 /// Loads `offsets` of `area` back, 256 at a time, and panics unless each
 /// is byte for byte the corpus page it was stored from.
 pub fn verify_pages(
-    client: &ramster_node::frontend::client::BlockingClient,
+    client: &ramster_client::BlockingClient,
     area: u32,
     pages: &ramster_node::cli::corpus::Pages,
     offsets: &[u64],

@@ -9,9 +9,9 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use ramster_client::BlockingClient;
 use ramster_cluster_tests::{NodeProcess, free_loopback_port, ramster_bin, wait_for};
 use ramster_node::cluster::status::{ClusterStatus, HealthLevel, Liveness};
-use ramster_node::frontend::client::BlockingClient;
 use ramster_protocol::{PAGE_BYTES, v1};
 
 /// Pages stored (all compressible) and offsets asked for that were never stored.

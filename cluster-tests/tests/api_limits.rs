@@ -8,11 +8,11 @@ use std::ops::Range;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use ramster_client::{BlockingClient, ClientError, op};
 use ramster_cluster_tests::{
     Member, MemberSpec, NodeProcess, TestCluster, store_into, verify_pages,
 };
 use ramster_node::cli::corpus::Pages;
-use ramster_node::frontend::client::{BlockingClient, ClientError, op};
 use ramster_protocol::BATCH_OPS_MAX;
 use ramster_protocol::v1::{self, Status, op::Kind};
 

@@ -1,13 +1,15 @@
 //! The native API against a real `ramster node` process: bad input gets a
-//! clear error, and other connections keep being served.
+//! clear error, and other connections keep being served; and the client
+//! crate's example runs against it.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::process::Command;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use ramster_cluster_tests::NodeProcess;
-use ramster_node::frontend::client::{BlockingClient, ClientError, op};
+use ramster_client::{BlockingClient, ClientError, op};
+use ramster_cluster_tests::{NodeProcess, client_example_bin};
 use ramster_protocol::v1::{self, op::Kind};
 use ramster_protocol::{FRAME_BYTES_MAX, PAGE_BYTES, frame, handshake};
 
@@ -237,11 +239,7 @@ fn many_requests_in_flight_on_one_connection() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let c = std::sync::Arc::new(
-            ramster_node::frontend::client::Client::connect(&node.socket)
-                .await
-                .unwrap(),
-        );
+        let c = std::sync::Arc::new(ramster_client::Client::connect(&node.socket).await.unwrap());
         c.init_area(3, false).await.unwrap();
         let mut tasks = Vec::new();
         for t in 0..32u64 {
@@ -295,4 +293,43 @@ fn a_store_that_fails_drops_the_page_it_was_meant_to_replace() {
             .collect::<Vec<_>>()
     );
     assert_eq!(c.curr_pages(1).unwrap(), 0);
+}
+
+/// The client crate's example, built as its users build it, against a real
+/// node: a page stored, loaded back identical, invalidated, then a miss.
+#[test]
+fn the_client_example_stores_loads_and_invalidates() {
+    let node = NodeProcess::start("example", "64MiB", &[]).unwrap();
+    let out = Command::new(client_example_bin())
+        .arg("--socket")
+        .arg(&node.socket)
+        .args(["--area", "3"])
+        .output()
+        .expect("running the store_load example");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}\n{stdout}{stderr}", out.status);
+    for line in [
+        "connected to node example",
+        "store area 3 offset 42: OK",
+        "identical to what was stored",
+        "1 page dropped",
+        "after invalidate: NOT_FOUND",
+    ] {
+        assert!(stdout.contains(line), "no {line:?} in:\n{stdout}{stderr}");
+    }
+
+    // The socket may come from the environment instead; and a socket with
+    // no node behind it is an error, in the exit code too.
+    let out = Command::new(client_example_bin())
+        .env("RAMSTER_API_SOCKET", &node.socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = Command::new(client_example_bin())
+        .arg("--socket")
+        .arg(node.dir.path().join("no-such.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
 }

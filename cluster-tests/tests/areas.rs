@@ -11,12 +11,12 @@
 
 use std::time::Duration;
 
+use ramster_client::{BlockingClient, ClientError};
 use ramster_cluster_tests::{
     OWNER_MEMSRV_TWO_PEERS, TestCluster, store_into, verify_pages, wait_for,
 };
 use ramster_node::cli::corpus::Pages;
 use ramster_node::cluster::status::Liveness;
-use ramster_node::frontend::client::{BlockingClient, ClientError};
 use ramster_protocol::v1::{AreaStats, Status};
 
 const PERSISTENT: u32 = 1;

@@ -41,11 +41,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use ramster_client::BlockingClient;
 use ramster_cluster_tests::{Member, MemberSpec, Rng, TestCluster, wait_for};
 use ramster_node::cli::corpus::Pages;
 use ramster_node::cluster::membership::MemberState;
 use ramster_node::cluster::status::{Liveness, NodeStatus};
-use ramster_node::frontend::client::BlockingClient;
 use ramster_protocol::v1;
 
 const AREA: u32 = 1;

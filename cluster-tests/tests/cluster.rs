@@ -6,12 +6,12 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use ramster_client::{BlockingClient, Client};
 use ramster_cluster_tests::{
     MemberSpec, TestCluster, small_and_two_donors, verify_pages, wait_for,
 };
 use ramster_node::cli::corpus::Pages;
 use ramster_node::cluster::status::{ClusterStatus, HealthLevel, Liveness};
-use ramster_node::frontend::client::{BlockingClient, Client};
 use ramster_protocol::v1;
 
 const AREA: u32 = 1;

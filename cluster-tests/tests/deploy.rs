@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use ramster_client::BlockingClient;
 use ramster_cluster_tests::{
     MemberSpec, NodeProcess, TestCluster, free_loopback_port, ramster_bin,
 };
 use ramster_node::cli::admin_client;
-use ramster_node::frontend::client::BlockingClient;
 
 fn repo_file(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)

@@ -18,10 +18,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use ramster_client::BlockingClient;
 use ramster_cluster_tests::{MemberSpec, Rng, TestCluster, wait_for};
 use ramster_node::cli::corpus::Pages;
 use ramster_node::cluster::status::Liveness;
-use ramster_node::frontend::client::BlockingClient;
 use ramster_protocol::v1;
 
 const AREA: u32 = 1;

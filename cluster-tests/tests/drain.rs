@@ -6,13 +6,13 @@
 
 use std::time::Duration;
 
+use ramster_client::BlockingClient;
 use ramster_cluster_tests::{
     Member, OWNER_MEMSRV_TWO_PEERS, TestCluster, store_pages, verify_pages, wait_for,
 };
 use ramster_node::cli::corpus::Pages;
 use ramster_node::cluster::membership::MemberState;
 use ramster_node::cluster::status::NodeStatus;
-use ramster_node::frontend::client::BlockingClient;
 
 const AREA: u32 = 1;
 const FORM_TIMEOUT: Duration = Duration::from_secs(30);

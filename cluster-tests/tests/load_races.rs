@@ -14,9 +14,9 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use bytes::Bytes;
+use ramster_client::BlockingClient;
 use ramster_cluster_tests::{MemberSpec, TestCluster, wait_for};
 use ramster_node::cli::corpus::Pages;
-use ramster_node::frontend::client::BlockingClient;
 use ramster_protocol::v1;
 
 const AREA: u32 = 1;

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use ramster_client::BlockingClient;
 use ramster_cluster_tests::{NodeProcess, TestCluster, free_loopback_port, small_and_two_donors};
 use ramster_node::cli::corpus::Pages;
-use ramster_node::frontend::client::BlockingClient;
 use ramster_node::frontend::frontswap::AREA_ID_MAX;
 use ramster_node::frontend::nbd::proto::{self, REQUEST_MAGIC};
 

@@ -12,12 +12,12 @@
 
 use std::time::{Duration, Instant};
 
+use ramster_client::BlockingClient;
 use ramster_cluster_tests::{
     Member, OWNER_MEMSRV_TWO_PEERS, TestCluster, netns, store_pages, verify_pages, wait_for,
 };
 use ramster_node::cli::corpus::Pages;
 use ramster_node::cluster::status::Liveness;
-use ramster_node::frontend::client::BlockingClient;
 use ramster_protocol::v1::Status;
 
 const AREA: u32 = 1;

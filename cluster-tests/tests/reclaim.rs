@@ -7,12 +7,12 @@
 
 use std::time::Duration;
 
+use ramster_client::BlockingClient;
 use ramster_cluster_tests::{
     MemberSpec, OWNER_MEMSRV_TWO_PEERS, TestCluster, store_into, store_pages, verify_pages,
     wait_for,
 };
 use ramster_node::cli::corpus::Pages;
-use ramster_node::frontend::client::BlockingClient;
 use ramster_protocol::v1::Status;
 
 const AREA: u32 = 1;

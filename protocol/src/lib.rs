@@ -4,10 +4,14 @@
 //! sides enforce.
 //!
 //! There are no sockets here: every function works on byte buffers, so the
-//! decoders can be tested and fuzzed on plain slices.
+//! decoders can be tested and fuzzed on plain slices. The `io` feature adds
+//! the `io` module: reading and writing frames on any tokio byte stream, shared by
+//! the node and `ramster-client`.
 
 pub mod frame;
 pub mod handshake;
+#[cfg(feature = "io")]
+pub mod io;
 pub mod peer_handshake;
 pub mod shape;
 

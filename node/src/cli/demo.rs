@@ -24,7 +24,7 @@ use super::size::{format_size, parse_size};
 use super::status;
 use crate::cluster::status::ClusterStatus;
 use crate::cluster::tls;
-use crate::frontend::client::{Client, op};
+use ramster_client::{Client, op};
 
 const AREA: u32 = 1;
 /// Pages per request.

@@ -23,9 +23,9 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::Semaphore;
 
 use super::corpus::Pages;
-use crate::frontend::client::BlockingClient;
 use crate::frontend::nbd::proto;
 use crate::store::PAGE_BYTES;
+use ramster_client::BlockingClient;
 
 /// Requests one bench connection keeps in flight at most.
 pub const DEPTH_MAX: usize = 1024;

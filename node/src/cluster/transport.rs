@@ -37,6 +37,7 @@ use hashbrown::HashMap;
 use parking_lot::Mutex;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, RecvStream, SendStream, VarInt};
+use ramster_protocol::io::{ConnError, FrameReader, encode_frame};
 use ramster_protocol::peer::{
     self as wire, PeerErrorCode, PeerHello, PeerRequest, PeerResponse, PeerWelcome, peer_request,
     peer_response,
@@ -50,7 +51,6 @@ use super::net_thread::NetThread;
 use super::rpc::{self, RpcRefusal};
 use super::tls::{self, CertError, NodeIdentity};
 use crate::frontend::ClientThread;
-use crate::frontend::conn::{ConnError, FrameReader, encode_frame};
 use crate::metrics::NodeMetrics;
 
 /// ALPN of the peer protocol: a client of some other protocol on the same

@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use prost::Message;
 use prost::encoding::encoded_len_varint;
+use ramster_protocol::io::{ConnError, FrameReader, FrameWriter, PagesOwed, encode_frame};
 use ramster_protocol::v1::{self, op::Kind};
 use ramster_protocol::{BATCH_OPS_MAX, FRAME_BYTES_MAX, frame, handshake, shape};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -44,7 +45,6 @@ use tokio::runtime::Handle;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{debug, error, info};
 
-use super::conn::{ConnError, FrameReader, FrameWriter, PagesOwed, encode_frame};
 use super::order::{Footprint, Order};
 use super::{Frontend, LoadResult, OpError, Reject, StoreResult, may_block_here};
 use crate::metrics::NodeMetrics;

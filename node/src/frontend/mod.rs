@@ -6,8 +6,6 @@
 
 pub mod api;
 pub mod cleancache;
-pub mod client;
-pub(crate) mod conn;
 pub mod counters;
 pub mod frontswap;
 pub mod nbd;

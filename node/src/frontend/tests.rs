@@ -382,11 +382,11 @@ mod answers {
     use std::sync::Mutex;
 
     use bytes::Bytes;
+    use ramster_protocol::io::encode_frame;
     use ramster_protocol::v1::{self, op::Kind as Op};
     use ramster_protocol::{BATCH_OPS_MAX, FRAME_BYTES_MAX};
 
     use super::super::api::{self, SHRINK_PAGES_MAX, answer_bytes_max};
-    use super::super::conn::encode_frame;
     use super::*;
     use crate::metrics::NodeMetrics;
     use crate::store::RemoteRef;
@@ -772,6 +772,7 @@ mod ordering {
     use std::time::Duration;
 
     use bytes::Bytes;
+    use ramster_protocol::io::{FrameReader, encode_frame};
     use ramster_protocol::v1::{self, op::Kind as Op};
     use ramster_protocol::{FRAME_BYTES_MAX, frame, handshake};
     use tokio::io::AsyncWriteExt;
@@ -780,7 +781,6 @@ mod ordering {
     use tokio::sync::watch;
 
     use super::super::api;
-    use super::super::conn::{FrameReader, encode_frame};
     use super::*;
     use crate::metrics::NodeMetrics;
     use crate::store::RemoteRef;

@@ -42,8 +42,8 @@ use super::{
 use crate::admin::CAPACITY_PATH;
 use crate::cli::admin_client;
 use crate::cli::corpus::Pages;
-use crate::frontend::client::Client;
 use crate::store::PAGE_BYTES;
+use ramster_client::Client;
 
 /// How often the node's stats are read while pages move.
 const POLL: Duration = Duration::from_millis(20);

@@ -34,9 +34,9 @@ pub use peers::Peer;
 
 use super::corpus::Pages;
 use super::size::{format_size, parse_size};
-use crate::frontend::client::Client;
 use crate::frontend::{Frontend, LoadResult, StoreResult};
 use crate::store::{PAGE_BYTES, PageStore, StoreConfig};
+use ramster_client::Client;
 
 /// Synthetic pages when `--pages` is not given: 128 MiB, the corpus's size.
 const SYNTHETIC_PAGES_DEFAULT: usize = 32 * 1024;

@@ -11,6 +11,7 @@ use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use ramster_protocol::io::{FrameReader, encode_frame};
 use ramster_protocol::v1::{self, op::Kind as Op};
 use ramster_protocol::{FRAME_BYTES_MAX, frame, handshake};
 use tokio::io::AsyncWriteExt;
@@ -18,7 +19,6 @@ use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
 use super::super::api::ServeLimits;
-use super::super::conn::{FrameReader, encode_frame};
 use super::ordering::{Served, serve_within};
 use super::*;
 use crate::store::RemoteRef;

@@ -1,15 +1,18 @@
-//! One place for frame I/O on a byte stream, shared by the API server and the
-//! client: a reader that owns the read buffer ("parse what is buffered, else
-//! read more") and a writer whose task coalesces queued frames into few
-//! syscalls.
+//! Frame I/O on an async byte stream (a Unix socket, a QUIC stream), one
+//! place for the node's API server, its peer transport and the client: a
+//! reader that owns the read buffer ("parse what is buffered, else read
+//! more") and a writer whose task coalesces queued frames into few syscalls.
+//!
+//! Behind the `io` feature: the rest of the crate needs no runtime, and the
+//! decoders stay testable on plain slices.
 
 use std::io::IoSlice;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::frame::{self, FrameError};
 use bytes::{Buf, Bytes, BytesMut};
-use ramster_protocol::frame::{self, FrameError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
@@ -20,12 +23,16 @@ const WRITE_COALESCE_BYTES_MAX: usize = 4 << 20;
 const WRITE_COALESCE_FRAMES_MAX: usize = 64;
 const READ_CHUNK_BYTES: usize = 256 * 1024;
 
+/// Why a stream of frames could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
+    /// The stream ended inside a frame.
     #[error("connection closed mid-frame")]
     Truncated,
+    /// A frame was too large, empty or not the message expected.
     #[error(transparent)]
     Frame(#[from] FrameError),
+    /// The stream itself failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -38,6 +45,7 @@ pub struct FrameReader<R> {
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Reads frames off `io`, refusing any longer than `max` bytes.
     pub fn new(io: R, max: usize) -> Self {
         FrameReader {
             io,
