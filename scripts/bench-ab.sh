@@ -7,8 +7,10 @@
 #
 #   scripts/bench-ab.sh BIN_A BIN_B [CORPUS]
 #
-# Environment: ROUNDS (3), DEPTH (16), PAGES (all of the corpus), OUT (a
-# temp dir for the JSON reports and node logs). Every process this script
+# Environment: ROUNDS (3), DEPTH (16), PAGES (all of the corpus), CLIENT
+# (one binary whose bench client drives both nodes, so that only the
+# servers differ; by default each binary drives its own node), OUT (a temp
+# dir for the JSON reports and node logs). Every process this script
 # starts is stopped by its PID on exit.
 
 set -euo pipefail
@@ -43,9 +45,10 @@ run() {
         kill -0 "$pid" 2>/dev/null || { echo "$label node exited; see $dir/node.log" >&2; exit 1; }
         sleep 0.1
     done
-    "$bin" bench "${source_args[@]}" --json --socket "$dir/api.sock" \
+    local client="${CLIENT:-$bin}"
+    "$client" bench "${source_args[@]}" --json --socket "$dir/api.sock" \
         --depth "$depth" --batch 16 --area 1 >"$out/$label.b16.$round.json"
-    "$bin" bench "${source_args[@]}" --json --socket "$dir/api.sock" \
+    "$client" bench "${source_args[@]}" --json --socket "$dir/api.sock" \
         --depth "$depth" --batch 1 --area 2 >"$out/$label.b1.$round.json"
     kill "$pid"
     wait "$pid" 2>/dev/null || true
