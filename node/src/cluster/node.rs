@@ -1688,7 +1688,7 @@ impl RemotePages for ClusterNode {
 
     fn make_room(&self) -> bool {
         let inner = &self.inner;
-        if !inner.any_donor() {
+        if !inner.any_donor() || !inner.store.remotify_can_make_room() {
             return false;
         }
         ClusterCounters::add(&inner.metrics.cluster.store_throttles, 1);

@@ -1339,6 +1339,18 @@ impl PageStore {
         Ok(())
     }
 
+    /// Whether remotify could make room for one more page: shipping a page
+    /// frees its slab slot, but its index entry stays, so when the index
+    /// alone (with a page's worth of slack) fills the capacity, or no page
+    /// is held compressed here, every page leaving still leaves the store
+    /// full. A store that waited for room then would only wait. Reads
+    /// counters only: the index is what the budget holds beyond the slabs.
+    pub fn remotify_can_make_room(&self) -> bool {
+        let arena = self.arena.totals();
+        let index_bytes = self.budget.used().saturating_sub(arena.slab_bytes);
+        arena.slots > 0 && index_bytes + PAGE_BYTES as u64 <= self.budget.capacity()
+    }
+
     /// [`StoreStats::lost_pages`], without walking the shards.
     pub fn lost_pages(&self) -> u64 {
         self.lost_pages.load(Ordering::Relaxed)

@@ -729,3 +729,44 @@ fn an_area_may_want_its_own_number_of_copies() {
     assert_eq!(s.remote_on(&[], &[], 2, 10).1, 0);
     s.audit();
 }
+
+#[test]
+fn remotify_cannot_make_room_once_the_index_alone_fills_the_store() {
+    let s = PageStore::new(StoreConfig::with_capacity(MIN_CAPACITY_BYTES));
+    assert!(
+        !s.remotify_can_make_room(),
+        "an empty store has nothing to ship"
+    );
+    s.store(key(0), &page_of(0, true), Retention::Persistent);
+    assert!(s.remotify_can_make_room());
+    // Store, and ship every page that fits, until a store is refused with
+    // every page remote: only the index is left to hold.
+    let mut next = 1;
+    loop {
+        for o in s.begin_remotify(usize::MAX) {
+            assert!(s.finish_remotify(o.key, o.version, donors(&[1, 2])));
+        }
+        if s.store(key(next), &page_of(next, true), Retention::Persistent) != StoreOutcome::Accepted
+        {
+            break;
+        }
+        next += 1;
+        assert!(next < 1_000_000, "the index never filled the store");
+    }
+    for o in s.begin_remotify(usize::MAX) {
+        assert!(s.finish_remotify(o.key, o.version, donors(&[1, 2])));
+    }
+    let st = s.stats();
+    assert_eq!(st.compressed_pages, 0, "{st:?}");
+    assert!(st.remote_pages > 1_000, "{st:?}");
+    assert!(
+        !s.remotify_can_make_room(),
+        "nothing here to ship, and the index fills the store: {st:?}"
+    );
+    // Freeing pages gives room back, to new stores and to remotify alike.
+    for i in 0..next {
+        s.invalidate(key(i));
+    }
+    s.store(key(0), &page_of(0, true), Retention::Persistent);
+    assert!(s.remotify_can_make_room());
+}
