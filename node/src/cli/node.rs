@@ -82,7 +82,8 @@ pub struct NodeArgs {
           value_name = "BOOL", value_parser = parse_bool, help_heading = "Node")]
     pub mlock: Option<bool>,
     /// Most memory the page store may hold (e.g. 512MiB, 4GiB), or `auto`:
-    /// sized from the cgroup memory limit (see [`AUTO_MEMORY_FRACTION`])
+    /// 80% of the cgroup memory limit (v2 memory.max or v1
+    /// memory.limit_in_bytes), shared with the donation on a peer
     /// [default: auto].
     #[arg(long, env = "RAMSTER_CAPACITY", value_parser = parse_capacity, help_heading = "Store")]
     pub capacity: Option<Capacity>,
