@@ -102,8 +102,90 @@ fn write_stdout(bytes: &[u8]) -> anyhow::Result<()> {
         .context("writing to stdout")
 }
 
+/// The node's settings as a markdown reference (docs/configuration.md),
+/// from the same `Command` that parses them: heading by heading, each
+/// flag with its environment variable, config-file key and help (which
+/// states the default). A test keeps the page equal to this.
+pub fn configuration_reference() -> String {
+    let node = command()
+        .find_subcommand("node")
+        .expect("ramster has a node subcommand")
+        .clone();
+    let mut out = String::from(
+        "# Configuration reference\n\n\
+         Every setting of `ramster node`, generated from its command line\n\
+         (`ramster node --help` prints the same). A setting comes from, in\n\
+         order: the flag, the environment variable, the key in the `--config`\n\
+         TOML file (the flag's name without `--`), the default;\n\
+         `ramster node --print-config` shows the merged settings and where\n\
+         each came from. Booleans take true/false, yes/no, on/off or 1/0.\n",
+    );
+    let mut headings: Vec<Option<&str>> = Vec::new();
+    for arg in node.get_arguments() {
+        if !headings.contains(&arg.get_help_heading()) {
+            headings.push(arg.get_help_heading());
+        }
+    }
+    for heading in headings {
+        out.push_str(&format!("\n## {}\n\n", heading.unwrap_or("Other")));
+        out.push_str("| flag | environment | file key | what, and its default |\n");
+        out.push_str("|---|---|---|---|\n");
+        for arg in node
+            .get_arguments()
+            .filter(|a| a.get_help_heading() == heading)
+        {
+            let Some(long) = arg.get_long() else { continue };
+            if long == "help" {
+                continue;
+            }
+            let env = arg
+                .get_env()
+                .map(|e| format!("`{}`", e.to_string_lossy()))
+                .unwrap_or_default();
+            // The file and the flags that are about the command itself.
+            let key = if matches!(long, "config" | "print-config") {
+                String::new()
+            } else {
+                format!("`{long}`")
+            };
+            let help = arg
+                .get_long_help()
+                .or(arg.get_help())
+                .map(|h| h.to_string())
+                .unwrap_or_default()
+                .replace('\n', " ")
+                .replace('|', "\\|");
+            out.push_str(&format!("| `--{long}` | {env} | {key} | {help} |\n"));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+
+    /// docs/configuration.md is what the command line says; after a flag
+    /// changes, `RAMSTER_BLESS=1 cargo test -p ramster-node --lib
+    /// configuration_reference` writes it again.
+    #[test]
+    fn the_configuration_reference_is_the_command_lines() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join("docs")
+            .join("configuration.md");
+        let want = configuration_reference();
+        if std::env::var_os("RAMSTER_BLESS").is_some() {
+            std::fs::write(&path, &want).unwrap();
+        }
+        let have = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            have == want,
+            "{} is not the command line's; RAMSTER_BLESS=1 cargo test -p ramster-node \
+             --lib configuration_reference writes it",
+            path.display()
+        );
+    }
+
     use super::*;
 
     /// Every visible subcommand's path below `ramster`, nested ones
