@@ -23,7 +23,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use metrics::{Key, Label, Metadata, Recorder, SharedString, Unit};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
 /// The `Content-Type` of a scrape answer.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -187,7 +187,6 @@ impl MetricsWriter {
 /// The node's latency histograms: facade handles recorded on the page path,
 /// rendered with fixed buckets so that scrapes aggregate across nodes.
 pub struct Latencies {
-    handle: PrometheusHandle,
     recorder: metrics_exporter_prometheus::PrometheusRecorder,
 }
 
@@ -197,10 +196,7 @@ impl Latencies {
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &LATENCY_BUCKETS_SECONDS)
             .expect("the bucket list is not empty")
             .build_recorder();
-        Latencies {
-            handle: recorder.handle(),
-            recorder,
-        }
+        Latencies { recorder }
     }
 
     /// A histogram of `family`, described; its handle records from any
@@ -216,13 +212,13 @@ impl Latencies {
 
     /// The histograms' text; drains what was recorded since the last call.
     pub fn render(&self) -> String {
-        self.handle.render()
+        self.recorder.handle().render()
     }
 
     /// Folds the samples recorded since the last call into the buckets, so
     /// a node nobody scrapes does not keep every sample.
     pub fn upkeep(&self) {
-        self.handle.run_upkeep();
+        self.recorder.handle().run_upkeep();
     }
 }
 
