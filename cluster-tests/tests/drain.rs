@@ -59,6 +59,7 @@ fn a_drained_donor_is_removed_without_losing_a_copy() {
         "{said}\nthe owner's log ends:\n{}",
         owner.log_tail(40)
     );
+    eprintln!("{said}");
     assert!(said.contains("memsrv is drained"), "{said}");
     let drained = row(owner, "memsrv").unwrap();
     assert_eq!(drained.member_state, MemberState::Draining);

@@ -19,7 +19,6 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -27,6 +26,7 @@ use super::admin_client;
 use super::size::parse_size;
 use super::status::Endpoint;
 use crate::admin::{CAPACITY_PATH, DONATE_PATH, MEMBERS_PATH};
+use crate::cluster::status::DrainProgress;
 
 #[derive(Args, Debug)]
 pub struct ClusterArgs {
@@ -93,6 +93,7 @@ impl Change {
 
 pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
     let endpoints = a.endpoint.list();
+    let began = Instant::now();
     let (answered, answer) = admin_client::post_first(&endpoints, &a.change.path())?;
     let said = answer.body.trim_end();
     if answer.status != 200 {
@@ -108,7 +109,7 @@ pub fn run(a: ClusterArgs) -> anyhow::Result<()> {
         // The node that made the change first, the others should it go.
         let mut ask = vec![answered.clone()];
         ask.extend(endpoints.into_iter().filter(|e| *e != answered));
-        wait_drained(&ask, node, Duration::from_secs(*timeout))?;
+        wait_drained(&ask, node, began, Duration::from_secs(*timeout))?;
     }
     Ok(())
 }
@@ -119,8 +120,13 @@ const DRAIN_POLL: Duration = Duration::from_millis(500);
 /// Waits until `node` is draining, holds no peer's page, and no page in the
 /// cluster is short of copies (the copies it held were re-created, not
 /// just released), as the status answered by the first of `endpoints`
-/// that answers reports it.
-fn wait_drained(endpoints: &[String], node: &str, timeout: Duration) -> anyhow::Result<()> {
+/// that answers reports it, on reports made after `began`.
+fn wait_drained(
+    endpoints: &[String],
+    node: &str,
+    began: Instant,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     let bar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} pages moved")
@@ -131,35 +137,26 @@ fn wait_drained(endpoints: &[String], node: &str, timeout: Duration) -> anyhow::
     // Bounded by the deadline.
     loop {
         let last = match super::status::fetch_first(endpoints) {
-            Ok(status) => {
-                let row = status
-                    .nodes
-                    .iter()
-                    .find(|n| n.name == node)
-                    .with_context(|| format!("no member is named {node:?}"))?;
-                let held = row.held_for_others_pages;
-                let start = *first_held.get_or_insert(held);
-                bar.set_length(start.max(held));
-                bar.set_position(start.saturating_sub(held));
-                let short: u64 = status
-                    .nodes
-                    .iter()
-                    .map(|n| n.degraded_pages.saturating_sub(n.unrecoverable_pages))
-                    .sum();
-                let draining =
-                    row.member_state == crate::cluster::membership::MemberState::Draining;
-                if draining && held == 0 && short == 0 {
+            Ok(status) => match status
+                .drain_progress(node, began.elapsed())
+                .map_err(anyhow::Error::msg)?
+            {
+                DrainProgress::Drained => {
                     bar.finish_and_clear();
                     println!(
                         "{node} is drained: it holds no peer's page, and no page is short of copies"
                     );
                     return Ok(());
                 }
-                format!(
-                    "{node} is {:?} and holds {held} peers' pages; {short} pages in the cluster are short of copies",
-                    row.member_state
-                )
-            }
+                DrainProgress::Pending { held, why } => {
+                    if let Some(held) = held {
+                        let start = *first_held.get_or_insert(held);
+                        bar.set_length(start.max(held));
+                        bar.set_position(start.saturating_sub(held));
+                    }
+                    why
+                }
+            },
             // The node answering may be busy or electing a leader: ask again.
             Err(e) => format!("{e:#}"),
         };

@@ -140,7 +140,85 @@ impl NodeStatus {
     }
 }
 
+/// How far a drain has come, as one status answer shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DrainProgress {
+    /// Draining, holds no peer's page, and no page is short of copies.
+    Drained,
+    /// Not yet; `held` is the drained node's pages for others as last
+    /// reported (`None` until a report made after the drain began).
+    Pending { held: Option<u64>, why: String },
+}
+
 impl ClusterStatus {
+    /// Whether `node` is drained, judged only from rows reported after the
+    /// drain began `since` ago: a heartbeat from before it (or none at all,
+    /// which reads as zero pages) would call a node drained that has not
+    /// moved a page. The answering node's own row is always current.
+    pub fn drain_progress(
+        &self,
+        node: &str,
+        since: std::time::Duration,
+    ) -> Result<DrainProgress, String> {
+        let row = self
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .ok_or_else(|| format!("no member is named {node:?}"))?;
+        let since_ms = u64::try_from(since.as_millis()).unwrap_or(u64::MAX);
+        let current = |n: &NodeStatus| {
+            n.name == self.answered_by || n.last_seen_ms.is_some_and(|ms| ms < since_ms)
+        };
+        if !current(row) {
+            return Ok(DrainProgress::Pending {
+                held: None,
+                why: format!(
+                    "{} has sent {} no report since the drain began ({})",
+                    node,
+                    self.answered_by,
+                    row.last_seen()
+                ),
+            });
+        }
+        let held = row.held_for_others_pages;
+        if row.member_state != MemberState::Draining {
+            return Ok(DrainProgress::Pending {
+                held: Some(held),
+                why: format!("{node} is {:?}", row.member_state),
+            });
+        }
+        // A node that is down reports nothing; the others must be current,
+        // since their counts of pages short of copies are what says the
+        // copies were re-created rather than only released.
+        let stale: Vec<&str> = self
+            .nodes
+            .iter()
+            .filter(|n| n.state != Liveness::Down && !current(n))
+            .map(|n| n.name.as_str())
+            .collect();
+        let short: u64 = self
+            .nodes
+            .iter()
+            .map(|n| n.degraded_pages.saturating_sub(n.unrecoverable_pages))
+            .sum();
+        if held == 0 && short == 0 && stale.is_empty() {
+            return Ok(DrainProgress::Drained);
+        }
+        let mut why = format!(
+            "{node} holds {held} peers' pages; {short} pages in the cluster are short of copies"
+        );
+        if !stale.is_empty() {
+            why.push_str(&format!(
+                "; no report since the drain began from {}",
+                stale.join(", ")
+            ));
+        }
+        Ok(DrainProgress::Pending {
+            held: Some(held),
+            why,
+        })
+    }
+
     /// The rows as one node sees them, with `health` what that node knows
     /// of itself; the totals are zero until [`Self::assess`] fills them and
     /// judges the rows.
@@ -309,6 +387,56 @@ mod tests {
         );
         s.assess();
         s
+    }
+
+    #[test]
+    fn a_drain_is_judged_only_on_reports_made_after_it_began() {
+        use std::time::Duration;
+        let mut memsrv = node("m");
+        memsrv.member_state = MemberState::Draining;
+        // Never heard from by the node answering: the row says 0 pages,
+        // which is no news at all.
+        memsrv.last_seen_ms = None;
+        let mut s = cluster(vec![node("a"), memsrv.clone(), node("b")]);
+        let since = Duration::from_millis(1_000);
+        assert!(matches!(
+            s.drain_progress("m", since),
+            Ok(DrainProgress::Pending { held: None, .. })
+        ));
+        // Heard from, but before the drain began.
+        s.nodes[1].last_seen_ms = Some(1_500);
+        assert!(matches!(
+            s.drain_progress("m", since),
+            Ok(DrainProgress::Pending { held: None, .. })
+        ));
+        // A report after it: drained once the other nodes are current too.
+        s.nodes[1].last_seen_ms = Some(100);
+        s.nodes[2].last_seen_ms = Some(4_000);
+        let Ok(DrainProgress::Pending { held: Some(0), why }) = s.drain_progress("m", since) else {
+            panic!("a stale row counted");
+        };
+        assert!(why.contains("from b"), "{why}");
+        // A node that is down reports nothing and holds nothing up.
+        s.nodes[2].state = Liveness::Down;
+        assert_eq!(s.drain_progress("m", since), Ok(DrainProgress::Drained));
+        // Pages still held, or pages short of copies, are not drained.
+        s.nodes[1].held_for_others_pages = 7;
+        assert!(matches!(
+            s.drain_progress("m", since),
+            Ok(DrainProgress::Pending { held: Some(7), .. })
+        ));
+        s.nodes[1].held_for_others_pages = 0;
+        s.nodes[0].degraded_pages = 3;
+        assert!(matches!(
+            s.drain_progress("m", since),
+            Ok(DrainProgress::Pending { held: Some(0), .. })
+        ));
+        // The answering node's own row is always current.
+        s.nodes[0].degraded_pages = 0;
+        s.nodes[1].last_seen_ms = None;
+        s.answered_by = "m".into();
+        assert_eq!(s.drain_progress("m", since), Ok(DrainProgress::Drained));
+        assert!(s.drain_progress("x", since).is_err());
     }
 
     #[test]
