@@ -392,6 +392,57 @@ async fn sessions_are_redialled_after_a_peer_restarts_and_old_incarnations_are_d
     .await
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_run_never_replaces_the_session_with_a_newer_one() {
+    guarded(async {
+        let cluster = Cluster::new(&["donor-a", "owner-b"]);
+        let store = donor(1 << 20);
+        let donor_ep = bind(&cluster, "donor-a", store.clone());
+        let newer = bind_incarnation(&cluster, "owner-b", 7);
+        let s_new = newer
+            .session("donor-a", donor_ep.local_addr())
+            .await
+            .unwrap();
+        s_new.put_pages(&[donated(1, 1, false)]).await.unwrap();
+        let served = || {
+            donor_ep
+                .live_session("owner-b")
+                .map(|s| s.peer_incarnation())
+        };
+        assert_eq!(served(), Some(7));
+
+        // A run older than the one the donor serves (a process paused
+        // across its own restart, say) says hello: refused, and the donor
+        // keeps serving the newer run.
+        let older = bind_incarnation(&cluster, "owner-b", 6);
+        let err = match older.session("donor-a", donor_ep.local_addr()).await {
+            Ok(s) => s.put_pages(&[donated(2, 1, false)]).await.unwrap_err(),
+            Err(e) => e,
+        };
+        refused_not_timed_out(&err);
+        assert_eq!(served(), Some(7));
+        assert!(s_new.is_alive());
+        assert_eq!(store.lock().owner_incarnation("owner-b"), Some(7));
+
+        // Dialled by the donor, the older run's welcome is refused too.
+        let err = donor_ep
+            .session_at(older.local_addr())
+            .await
+            .map(|_| ())
+            .unwrap_err();
+        refused_not_timed_out(&err);
+        assert_eq!(served(), Some(7));
+        assert_eq!(
+            s_new.put_pages(&[donated(3, 1, false)]).await.unwrap(),
+            [PageStatus::Ok]
+        );
+        older.close().await;
+        newer.close().await;
+        donor_ep.close().await;
+    })
+    .await
+}
+
 /// Connects as `node` with `tls` and tries to put a page; returns the error.
 async fn intruder_put(node: &str, tls: PeerTls, target: SocketAddr) -> PeerError {
     let ep = bind_with(node, tls, TransportConfig::default(), donor(0));

@@ -34,7 +34,7 @@ use super::donor::{DonatedPage, DonorConfig, DonorStore, PageRef};
 use super::liveness::{LivenessTimings, PeerTable};
 use super::membership::{
     self, Command, CommandResult, MemberState, Membership, MembershipError, NodeId, RaftReply,
-    RaftRequest, RaftTransport, Role,
+    RaftRequest, RaftTransport, Role, raft_addr, split_raft_addr,
 };
 use super::owner::audit::AuditPace;
 use super::owner::fetch::{LookAgain, RELOOKS_MAX, ReplicaWalk, look_again, replica_order};
@@ -226,15 +226,6 @@ const HEDGE_AFTER_MAX: Duration = Duration::from_millis(250);
 
 fn unavailable(msg: impl Into<String>) -> RpcRefusal {
     RpcRefusal::new(PeerErrorCode::Unavailable, msg)
-}
-
-/// A member's Raft address: `NAME@HOST:PORT` (the name is what TLS checks).
-pub fn raft_addr(name: &str, advertise: &str) -> String {
-    format!("{name}@{advertise}")
-}
-
-fn split_raft_addr(addr: &str) -> Option<(&str, &str)> {
-    addr.split_once('@')
 }
 
 impl ClusterNode {
@@ -1612,6 +1603,10 @@ impl ControlHandler for Control {
                         .ok_or_else(|| unavailable("membership not started"))?;
                     let req: RaftRequest = serde_json::from_slice(&msg.body).map_err(|e| {
                         RpcRefusal::new(PeerErrorCode::Malformed, format!("raft message: {e}"))
+                    })?;
+                    m.check_sender(&peer, &req).map_err(|why| {
+                        warn!(peer = %peer, %why, "Raft request refused");
+                        RpcRefusal::new(PeerErrorCode::NotOwner, why)
                     })?;
                     let reply = membership::network::handle(m.raft(), req).await;
                     let body = serde_json::to_vec(&reply)

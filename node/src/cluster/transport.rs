@@ -287,6 +287,10 @@ struct Shared {
     sessions: Mutex<HashMap<String, SessionSlot>>,
     /// Node names learnt from welcomes of seeds dialled by address.
     seed_names: Mutex<HashMap<SocketAddr, String>>,
+    /// The newest run of each peer that a hello or welcome has shown: an
+    /// older run (a process paused or partitioned across its own restart)
+    /// is refused, so it never replaces the session with the newer one.
+    newest_runs: Mutex<HashMap<String, u64>>,
     control: OnceLock<Arc<dyn ControlHandler>>,
     metrics: Arc<NodeMetrics>,
     /// The next placement number our puts carry (see the donor module):
@@ -298,6 +302,21 @@ struct Shared {
 impl Shared {
     fn slot(&self, peer: &str) -> SessionSlot {
         self.sessions.lock().entry_ref(peer).or_default().clone()
+    }
+
+    /// Records that `peer`'s run `incarnation` is speaking, or refuses it if
+    /// a newer run of that peer has been seen: only one run of a node is
+    /// real, and it is the newest.
+    fn admit_run(&self, peer: &str, incarnation: u64) -> Result<(), String> {
+        let mut newest = self.newest_runs.lock();
+        let seen = newest.entry_ref(peer).or_insert(incarnation);
+        if incarnation < *seen {
+            return Err(format!(
+                "{peer} speaks as its run {incarnation}, older than its run {seen} seen already"
+            ));
+        }
+        *seen = incarnation;
+        Ok(())
     }
 }
 
@@ -413,6 +432,7 @@ impl PeerEndpoint {
             donor,
             sessions: Mutex::new(HashMap::new()),
             seed_names: Mutex::new(HashMap::new()),
+            newest_runs: Mutex::new(HashMap::new()),
             control: OnceLock::new(),
             metrics: opts.metrics,
             placements: Arc::new(AtomicU64::new(1)),
@@ -479,6 +499,10 @@ impl PeerEndpoint {
                     "the certificate at {addr} is not valid for the node {:?} it claims to be",
                     welcome.node
                 )));
+            }
+            if let Err(why) = self.shared.admit_run(&welcome.node, welcome.incarnation) {
+                conn.close(CLOSE_REFUSED.into(), why.as_bytes());
+                return Err(fail(why));
             }
             Ok((conn, writer, reader, welcome))
         };
@@ -674,6 +698,10 @@ impl PeerEndpoint {
                 welcome.node
             )));
         }
+        if let Err(why) = self.shared.admit_run(peer, welcome.incarnation) {
+            conn.close(CLOSE_REFUSED.into(), why.as_bytes());
+            return Err(fail(why));
+        }
         debug!(peer, %addr, incarnation = welcome.incarnation, "peer session up");
         self.shared.net.spawn(serve_streams(
             conn.clone(),
@@ -788,6 +816,9 @@ async fn accept_peer(incoming: quinn::Incoming, shared: Arc<Shared>) -> Result<(
                 hello.node
             )));
         }
+        shared
+            .admit_run(&hello.node, hello.incarnation)
+            .map_err(refuse)?;
         let mut send = send;
         let welcome = encode_frame(&welcome).map_err(|e| e.to_string())?;
         send.write_all(&welcome)

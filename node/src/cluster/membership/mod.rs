@@ -19,7 +19,9 @@ use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers};
 use tokio::sync::watch;
 
-pub use network::{RaftReply, RaftRequest, RaftTransport, TransportError};
+pub use network::{
+    RaftReply, RaftRequest, RaftTransport, TransportError, raft_addr, split_raft_addr,
+};
 pub use state::{ClusterConfig, Command, CommandResult, MemberState, NodeId, NodeInfo, Role};
 
 openraft::declare_raft_types!(
@@ -174,6 +176,12 @@ impl Membership {
         }
         self.change(ChangeMembers::RemoveNodes(ids)).await?;
         Ok(())
+    }
+
+    /// Refuses a Raft request `peer` sends in another node's name (see
+    /// [`network::check_sender`]).
+    pub fn check_sender(&self, peer: &str, request: &RaftRequest) -> Result<(), String> {
+        network::check_sender(&self.raft_membership(), peer, request)
     }
 
     /// Whether Raft already knows the node (as voter or learner).

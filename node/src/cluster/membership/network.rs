@@ -6,7 +6,6 @@
 use std::future::Future;
 use std::time::Duration;
 
-use openraft::BasicNode;
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -15,6 +14,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use openraft::{BasicNode, Membership};
 use serde::{Deserialize, Serialize};
 
 use super::state::NodeId;
@@ -58,6 +58,70 @@ pub trait RaftTransport: Clone + Send + Sync + 'static {
         request: RaftRequest,
         deadline: Duration,
     ) -> impl Future<Output = Result<RaftReply, TransportError>> + Send;
+}
+
+/// A member's Raft address: `NAME@HOST:PORT` (the name is what TLS checks).
+pub fn raft_addr(name: &str, advertise: &str) -> String {
+    format!("{name}@{advertise}")
+}
+
+/// The name and the peer address of a Raft address.
+pub fn split_raft_addr(addr: &str) -> Option<(&str, &str)> {
+    addr.split_once('@')
+}
+
+impl RaftRequest {
+    /// The node this request speaks for: the leader sending entries or a
+    /// snapshot, or the candidate asking for a vote.
+    pub fn sender(&self) -> Option<NodeId> {
+        match self {
+            RaftRequest::AppendEntries(r) => r.vote.leader_id().voted_for(),
+            RaftRequest::InstallSnapshot(r) => r.vote.leader_id().voted_for(),
+            RaftRequest::Vote(r) => r.vote.leader_id().voted_for(),
+        }
+    }
+}
+
+/// Refuses a request that `peer` (the name its certificate proves) sends
+/// in the name of another node: a certificate lets a node speak for
+/// itself, not lead or campaign as a member it is not.
+///
+/// A member's name may speak only as its own id, and a member's id only
+/// from its name. A name the membership does not list may send entries
+/// under an id it does not list either: a node that missed the change
+/// adding its new leader must still hear from it to catch up. It may not
+/// ask for votes: a candidate that is a voter is known to the majority
+/// that committed it.
+pub fn check_sender(
+    membership: &Membership<NodeId, BasicNode>,
+    peer: &str,
+    request: &RaftRequest,
+) -> Result<(), String> {
+    let sender = request
+        .sender()
+        .ok_or_else(|| format!("{peer} sent a Raft request in nobody's name"))?;
+    let name_of = |id: NodeId| {
+        membership
+            .get_node(&id)
+            .map(|n| split_raft_addr(&n.addr).map_or(n.addr.as_str(), |(name, _)| name))
+    };
+    let peer_id = membership
+        .nodes()
+        .map(|(id, _)| *id)
+        .find(|id| name_of(*id) == Some(peer));
+    match (peer_id, name_of(sender)) {
+        (Some(id), _) if id == sender => Ok(()),
+        (Some(id), _) => Err(format!(
+            "{peer} (node {id}) sent a Raft request as node {sender}"
+        )),
+        (None, Some(name)) => Err(format!(
+            "{peer} sent a Raft request as node {sender}, which is {name}"
+        )),
+        (None, None) if matches!(request, RaftRequest::Vote(_)) => {
+            Err(format!("{peer} is not a member and may not ask for votes"))
+        }
+        (None, None) => Ok(()),
+    }
 }
 
 /// Applies an incoming RPC to the local Raft.
@@ -168,5 +232,70 @@ impl<T: RaftTransport> RaftNetwork<TypeConfig> for PeerClient<T> {
             RaftReply::Vote(r) => r.map_err(|e| self.remote(e)),
             _ => Err(self.protocol()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use openraft::Vote;
+    use openraft::raft::{AppendEntriesRequest, VoteRequest};
+
+    use super::*;
+
+    /// Voters a (1) and b (2), learner c (3).
+    fn membership() -> Membership<NodeId, BasicNode> {
+        let nodes: BTreeMap<NodeId, BasicNode> = [(1, "a"), (2, "b"), (3, "c")]
+            .into_iter()
+            .map(|(id, name)| (id, BasicNode::new(raft_addr(name, "127.0.0.1:7800"))))
+            .collect();
+        Membership::new(vec![BTreeSet::from([1, 2])], nodes)
+    }
+
+    fn vote(candidate: NodeId) -> RaftRequest {
+        RaftRequest::Vote(VoteRequest::new(Vote::new(7, candidate), None))
+    }
+
+    fn entries(leader: NodeId) -> RaftRequest {
+        RaftRequest::AppendEntries(AppendEntriesRequest {
+            vote: Vote::new_committed(7, leader),
+            prev_log_id: None,
+            entries: Vec::new(),
+            leader_commit: None,
+        })
+    }
+
+    #[test]
+    fn members_speak_only_as_themselves() {
+        let m = membership();
+        assert_eq!(check_sender(&m, "a", &vote(1)), Ok(()));
+        assert_eq!(check_sender(&m, "b", &entries(2)), Ok(()));
+        // A learner speaks as itself too (Raft refuses it a vote anyway).
+        assert_eq!(check_sender(&m, "c", &entries(3)), Ok(()));
+        let err = check_sender(&m, "c", &vote(1)).unwrap_err();
+        assert!(
+            err.contains("c (node 3) sent a Raft request as node 1"),
+            "{err}"
+        );
+        assert!(check_sender(&m, "a", &entries(2)).is_err());
+        // Nor as an id no member has.
+        assert!(check_sender(&m, "a", &entries(9)).is_err());
+    }
+
+    #[test]
+    fn a_stranger_cannot_speak_as_a_member_nor_campaign() {
+        let m = membership();
+        let err = check_sender(&m, "mallory", &entries(1)).unwrap_err();
+        assert!(err.contains("which is a"), "{err}");
+        let err = check_sender(&m, "mallory", &vote(9)).unwrap_err();
+        assert!(err.contains("not a member"), "{err}");
+        // A leader this node has not heard of yet (it missed the change
+        // that added it) must reach it to bring it up to date.
+        assert_eq!(check_sender(&m, "d", &entries(4)), Ok(()));
+        // A node that is not initialised knows nobody.
+        let empty = Membership::new(vec![BTreeSet::new()], BTreeMap::<NodeId, BasicNode>::new());
+        assert_eq!(check_sender(&empty, "a", &entries(1)), Ok(()));
+        assert!(check_sender(&empty, "a", &vote(1)).is_err());
     }
 }
