@@ -25,10 +25,9 @@ for values in "$chart"/ci/*.yaml; do
   "$helm" lint --strict "$chart" -f "$values" >/dev/null
 done
 
-echo "== helm template + kubernetes-validate (Kubernetes $kube_version)"
-for values in "$chart"/ci/*.yaml; do
-  name=$(basename "$values" .yaml)
-  "$helm" template ramster "$chart" -n swap -f "$values" >"$out/$name.yaml"
+# Validates "$out/NAME.yaml" against the Kubernetes schemas.
+validate() {
+  local name=$1 kinds report
   kinds=$(grep -c '^kind:' "$out/$name.yaml")
   # --strict: unknown fields are errors. Kinds without a schema (the CRDs
   # above) are warnings; anything else that fails fails the run.
@@ -43,6 +42,13 @@ for values in "$chart"/ci/*.yaml; do
     exit 1
   fi
   echo "ok   $name: $kinds objects"
+}
+
+echo "== helm template + kubernetes-validate (Kubernetes $kube_version)"
+for values in "$chart"/ci/*.yaml; do
+  name=$(basename "$values" .yaml)
+  "$helm" template ramster "$chart" -n swap -f "$values" >"$out/$name.yaml"
+  validate "$name"
 done
 
 echo "== values the schema or the chart refuses"
@@ -60,6 +66,36 @@ refuse "replicas is above 3" --set cluster.replicas=4
 refuse "two certificate sources" --set tls.existingSecret=x
 refuse "auto capacity without a memory limit" --set peers.resources.limits=null
 refuse "cert-manager without an issuer" --set tls.generate.enabled=false --set tls.certManager.enabled=true
+refuse "a lowercase m (milli to Kubernetes) in a capacity" --set peers.capacity=512m
+refuse "donate is not a size" --set peers.donate=half
+
+echo "== values the chart takes"
+# Renders with the values after the name into "$out/NAME.yaml", and
+# validates that.
+render() {
+  local name=$1
+  shift
+  "$helm" template ramster "$chart" -n swap "$@" >"$out/$name.yaml" || {
+    echo "FAIL: did not render with $*"
+    exit 1
+  }
+  validate "$name"
+}
+# Kubernetes memory quantities, as a pod's resources write them.
+render gi --set peers.capacity=2Gi --set peers.donate=512Mi \
+  --set memoryServers.enabled=true --set memoryServers.capacity=1.5Gi
+python3 - "$out/gi.yaml" <<'PY'
+import sys, yaml
+env = {}
+for doc in yaml.safe_load_all(open(sys.argv[1])):
+    if doc and doc["kind"] == "StatefulSet":
+        for e in doc["spec"]["template"]["spec"]["containers"][0]["env"]:
+            env[(doc["metadata"]["name"], e["name"])] = e.get("value")
+assert env[("ramster", "RAMSTER_CAPACITY")] == "2Gi", env
+assert env[("ramster", "RAMSTER_DONATE")] == "512Mi", env
+assert env[("ramster-memory", "RAMSTER_CAPACITY")] == "1.5Gi", env
+print("ok   capacity 2Gi, donate 512Mi, 1.5Gi reach the nodes as given")
+PY
 
 echo "== the pods as a restricted namespace wants them"
 for name in default-values memory-servers-values; do
