@@ -25,6 +25,11 @@
 {{- printf "%s-peers" (include "ramster.fullname" .) }}
 {{- end }}
 
+{{/* The DNS domain of the headless Service; a pod's name is NAME.this. */}}
+{{- define "ramster.headlessDomain" -}}
+{{- printf "%s.%s.svc.%s" (include "ramster.headless" .) .Release.Namespace .Values.clusterDomain }}
+{{- end }}
+
 {{- define "ramster.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{ include "ramster.selectorLabels" . }}
@@ -36,6 +41,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "ramster.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "ramster.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* The one Service a ServiceMonitor scrapes: the headless one. */}}
+{{- define "ramster.scrapeLabel" -}}
+ramster/scrape: "true"
 {{- end }}
 
 {{- define "ramster.serviceAccountName" -}}
@@ -79,7 +89,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $seeds := list }}
 {{- $n := min (int .Values.cluster.seeds) (int .Values.peers.replicas) }}
 {{- range $i := until (int $n) }}
-{{- $seeds = append $seeds (printf "%s-%d.%s.%s.svc.cluster.local:%d" (include "ramster.fullname" $) $i (include "ramster.headless" $) $.Release.Namespace (int $.Values.ports.peer)) }}
+{{- $seeds = append $seeds (printf "%s-%d.%s:%d" (include "ramster.fullname" $) $i (include "ramster.headlessDomain" $) (int $.Values.ports.peer)) }}
 {{- end }}
 {{- join "," $seeds }}
 {{- end }}
@@ -144,7 +154,13 @@ spec:
             fieldRef:
               fieldPath: metadata.name
         - name: RAMSTER_ADVERTISE
-          value: "$(RAMSTER_NAME).{{ include "ramster.headless" $root }}.{{ $root.Release.Namespace }}.svc.cluster.local:{{ $root.Values.ports.peer }}"
+          value: "$(RAMSTER_NAME).{{ include "ramster.headlessDomain" $root }}:{{ $root.Values.ports.peer }}"
+        # The image sets these two for docker; the environment wins over
+        # the config file, so the chart's values must come this way too.
+        - name: RAMSTER_DATA_DIR
+          value: /data
+        - name: RAMSTER_ADMIN_LISTEN
+          value: "0.0.0.0:{{ $root.Values.ports.admin }}"
         - name: RAMSTER_ROLE
           value: {{ .role }}
         - name: RAMSTER_CAPACITY
@@ -229,10 +245,20 @@ spec:
   tolerations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- with $set.topologySpreadConstraints }}
   topologySpreadConstraints:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
+    {{- if $set.topologySpreadConstraints }}
+    {{- toYaml $set.topologySpreadConstraints | nindent 4 }}
+    {{- else }}
+    # A page's copies go to other nodes than its owner, peers and memory
+    # servers alike: spread all of them, so that one host going down takes
+    # as few copies of a page as the hosts allow. A preference only.
+    - maxSkew: 1
+      topologyKey: kubernetes.io/hostname
+      whenUnsatisfiable: ScheduleAnyway
+      labelSelector:
+        matchLabels:
+          {{- include "ramster.selectorLabels" $root | nindent 10 }}
+    {{- end }}
 {{- end }}
 
 {{- define "ramster.volumeClaimTemplates" -}}

@@ -118,7 +118,14 @@ pub fn configuration_reference() -> String {
          order: the flag, the environment variable, the key in the `--config`\n\
          TOML file (the flag's name without `--`), the default;\n\
          `ramster node --print-config` shows the merged settings and where\n\
-         each came from. Booleans take true/false, yes/no, on/off or 1/0.\n",
+         each came from. Booleans take true/false, yes/no, on/off or 1/0.\n\n\
+         Sizes (capacity, donate, an export's size) read as Kubernetes reads\n\
+         memory quantities: `Ki`, `Mi`, `Gi`, `Ti` (or `KiB`, `MiB`, ...) are\n\
+         powers of 1024, `k`, `M`, `G`, `T` (or `KB`, `MB`, ...) powers of\n\
+         1000, and a bare number is bytes; `1.5Gi` is fine. So `2Gi` is\n\
+         2147483648 bytes and `2G` is 2000000000. Units ignore case, except\n\
+         that a lone `m` is refused: Kubernetes reads `512m` as thousandths\n\
+         of a byte.\n",
     );
     let mut headings: Vec<Option<&str>> = Vec::new();
     for arg in node.get_arguments() {
