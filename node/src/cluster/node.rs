@@ -134,6 +134,8 @@ pub struct ClusterNode {
 }
 
 pub(super) struct Inner {
+    /// When this run started.
+    started: Instant,
     pub(super) name: String,
     pub(super) id: NodeId,
     pub(super) advertise: String,
@@ -261,6 +263,7 @@ impl ClusterNode {
             donor.clone(),
         )?;
         let inner = Arc::new(Inner {
+            started: Instant::now(),
             name: s.name.clone(),
             id: s.id,
             advertise: s.advertise.clone(),
@@ -334,14 +337,19 @@ impl ClusterNode {
         self.inner.endpoint.close().await;
     }
 
-    /// Ready when this run is registered and a leader is known.
+    /// Ready when this run is registered, a leader is known, and no page
+    /// in the cluster is short of copies as far as this node has heard
+    /// ([`ClusterStatus::settled`]): a node restarted in a rolling restart
+    /// is ready once what its restart cost is repaired, not before.
     pub fn ready(&self) -> Result<(), String> {
         self.inner.registered_or_why()?;
         let m = self.inner.membership();
         if m.raft().metrics().borrow().current_leader.is_none() {
             return Err("no Raft leader known".into());
         }
-        Ok(())
+        let down_after = self.inner.peers.lock().timings().down_after;
+        self.status()
+            .settled(self.inner.started.elapsed(), down_after)
     }
 
     /// Keeps asking to join until this run is registered.

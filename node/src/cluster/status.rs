@@ -219,6 +219,42 @@ impl ClusterStatus {
         })
     }
 
+    /// Whether the cluster, as the answering node sees it, has every page
+    /// at its wanted copies: what readiness waits for, so that a rolling
+    /// restart takes the next node only once the copies the last one
+    /// lost are re-created. Pages with no copy left are not waited for
+    /// (nothing will bring them back; health reports them).
+    ///
+    /// A node that has just started has heard from nobody (a row never
+    /// heard from reads as no pages short), and the owners whose copies
+    /// its restart lost count them only once they have heard it is a new
+    /// run: for `down_after`, the time after which a silent member counts
+    /// as down, it is not settled, whatever the rows say.
+    pub fn settled(
+        &self,
+        up_for: std::time::Duration,
+        down_after: std::time::Duration,
+    ) -> Result<(), String> {
+        if up_for < down_after {
+            return Err(format!(
+                "started {:.1} s ago; waiting {:.1} s for every member's report",
+                up_for.as_secs_f64(),
+                down_after.as_secs_f64()
+            ));
+        }
+        let short: u64 = self
+            .nodes
+            .iter()
+            .map(|n| n.degraded_pages.saturating_sub(n.unrecoverable_pages))
+            .sum();
+        if short > 0 {
+            return Err(format!(
+                "{short} pages in the cluster are short of copies (being repaired)"
+            ));
+        }
+        Ok(())
+    }
+
     /// The rows as one node sees them, with `health` what that node knows
     /// of itself; the totals are zero until [`Self::assess`] fills them and
     /// judges the rows.
@@ -387,6 +423,27 @@ mod tests {
         );
         s.assess();
         s
+    }
+
+    #[test]
+    fn settled_waits_for_reports_and_for_repair() {
+        use std::time::Duration;
+        let down_after = Duration::from_secs(3);
+        let mut s = cluster(vec![node("a"), node("b"), node("c")]);
+        assert_eq!(s.settled(down_after, down_after), Ok(()));
+        // Just started: nobody's report can be trusted to count its restart.
+        s.nodes[1].last_seen_ms = None;
+        let e = s.settled(Duration::from_secs(1), down_after).unwrap_err();
+        assert!(e.contains("started 1.0 s ago"), "{e}");
+        // Up for longer than it takes to call a silent node down.
+        assert_eq!(s.settled(down_after, down_after), Ok(()));
+        // Pages short of copies anywhere: not settled until repaired.
+        s.nodes[2].degraded_pages = 5;
+        let e = s.settled(down_after, down_after).unwrap_err();
+        assert!(e.contains("5 pages"), "{e}");
+        // Pages with no copy left are reported by health, not waited for.
+        s.nodes[2].unrecoverable_pages = 5;
+        assert_eq!(s.settled(down_after, down_after), Ok(()));
     }
 
     #[test]
