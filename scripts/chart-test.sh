@@ -191,6 +191,26 @@ grep -q 'svc\.example\.internal:7800' "$out/domain.yaml" || {
 }
 echo "ok   clusterDomain=example.internal: every name under it"
 
+# A stopping pod drains first: SIGKILL must not come before the drain and
+# the NBD grace are over, and the node must be told the same drain time.
+for drain in 60 0 300; do
+  render "stop-drain-$drain" --set cluster.stopDrainSeconds=$drain --set memoryServers.enabled=true
+  python3 - "$out/stop-drain-$drain.yaml" "$drain" <<'PY'
+import sys, yaml
+drain = int(sys.argv[2])
+sets = 0
+for doc in yaml.safe_load_all(open(sys.argv[1])):
+    if doc and doc["kind"] == "StatefulSet":
+        grace = doc["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert grace == drain + 45, (doc["metadata"]["name"], grace)
+        sets += 1
+    if doc and doc["kind"] == "ConfigMap" and "node.toml" in doc["data"]:
+        assert f"stop-drain = {drain}\n" in doc["data"]["node.toml"], doc["data"]["node.toml"]
+assert sets == 2, sets
+PY
+  echo "ok   stopDrainSeconds=$drain: the node drains $drain s, the pods get $((drain + 45)) s"
+done
+
 echo "== the pods as a restricted namespace wants them"
 for name in default-values memory-servers-values; do
   python3 - "$out/$name.yaml" <<'PY'

@@ -177,7 +177,8 @@ step_netsplit() {
 
 step_restart() {
   log "restart: memory1"
-  timeout 60 "${compose[@]}" restart memory1
+  # The memory server drains before it stops (up to 60 s), then starts.
+  timeout 150 "${compose[@]}" restart memory1
   wait_healthy "memory1 restarted"
   verify "restart memory1 (healed)"
 }

@@ -313,7 +313,9 @@ impl Member {
         )
     }
 
-    /// SIGTERM, then waits for a clean exit (SIGKILL after 20 s).
+    /// SIGTERM, then waits for a clean exit: the node drains first (at
+    /// most `--stop-drain`, 60 s unless the test says otherwise), so
+    /// SIGKILL only after 90 s.
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
@@ -321,7 +323,7 @@ impl Member {
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(90);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
                 return;

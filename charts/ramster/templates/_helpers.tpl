@@ -140,9 +140,10 @@ spec:
   {{- end }}
   securityContext:
     {{- toYaml $root.Values.podSecurityContext | nindent 4 }}
-  # Pages live in RAM: a node stopping drops what it holds for peers, so
-  # give it time to finish what is in flight.
-  terminationGracePeriodSeconds: 30
+  # A node asked to stop first drains: owners move the copies it holds to
+  # other donors (at most cluster.stopDrainSeconds), then NBD clients get
+  # their grace (30 s), then it stops; SIGKILL must not come before.
+  terminationGracePeriodSeconds: {{ add (int $root.Values.cluster.stopDrainSeconds) 45 }}
   containers:
     - name: ramster
       image: {{ include "ramster.image" $root }}

@@ -184,6 +184,10 @@ fn run_in(args: &DemoArgs, dir: &Path) -> anyhow::Result<()> {
             &peers.join(","),
             "--admin-listen",
             &admin,
+            // The demo ends by stopping every node at once: nowhere to
+            // drain to, so no drain (a restart is where it matters).
+            "--stop-drain",
+            "0",
         ] {
             node_args.push(a.to_string());
         }

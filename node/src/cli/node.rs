@@ -25,6 +25,7 @@ use crate::cluster::membership::Role;
 use crate::cluster::node::{ClusterNode, ClusterSettings, PeerAuth, parse_role};
 use crate::cluster::owner::audit::AuditPace;
 use crate::cluster::pressure;
+use crate::cluster::stopping::{STOP_DRAIN_SECS_DEFAULT, StopDrain};
 use crate::cluster::tls::NodeIdentity;
 use crate::cluster::transport::TransportConfig;
 use crate::cluster::watermarks::Watermarks;
@@ -166,6 +167,11 @@ pub struct NodeArgs {
     /// [default: 60].
     #[arg(long, env = "RAMSTER_AUDIT_EVERY", value_parser = parse_audit_every, help_heading = "Cluster")]
     pub audit_every: Option<u64>,
+    /// Seconds a node asked to stop (SIGTERM) waits for owners to move the
+    /// copies it holds for them to other donors before it stops; 0 stops
+    /// at once [default: 60].
+    #[arg(long, env = "RAMSTER_STOP_DRAIN", value_parser = parse_stop_drain, help_heading = "Cluster")]
+    pub stop_drain: Option<u64>,
     /// Remotify starts above this fraction of capacity and stops at the
     /// second: START,STOP [default: 0.85,0.75].
     #[arg(long, env = "RAMSTER_REMOTIFY_WATERMARKS", value_parser = parse_pair, help_heading = "Watermarks")]
@@ -299,6 +305,22 @@ fn parse_out_after(s: &str) -> Result<u64, String> {
     parse_number(s).and_then(out_after_in_range)
 }
 
+fn parse_stop_drain(s: &str) -> Result<u64, String> {
+    parse_number(s).and_then(stop_drain_in_range)
+}
+
+/// The longest stop drain: an hour, past any orchestrator's grace period.
+const STOP_DRAIN_SECS_MAX: u64 = 3_600;
+
+fn stop_drain_in_range(secs: u64) -> Result<u64, String> {
+    if secs > STOP_DRAIN_SECS_MAX {
+        return Err(format!(
+            "{secs} seconds: at most {STOP_DRAIN_SECS_MAX} (0 stops without draining)"
+        ));
+    }
+    Ok(secs)
+}
+
 fn parse_audit_every(s: &str) -> Result<u64, String> {
     parse_number(s).and_then(audit_every_in_range)
 }
@@ -406,6 +428,7 @@ struct ConfigFile {
     replicas: Option<usize>,
     out_after: Option<u64>,
     audit_every: Option<u64>,
+    stop_drain: Option<u64>,
     remotify_watermarks: Option<[f64; 2]>,
     suction_watermarks: Option<[f64; 2]>,
     max_udp_payload: Option<u16>,
@@ -438,6 +461,8 @@ pub struct ClusterArgs {
     pub watermarks: Watermarks,
     pub liveness: LivenessTimings,
     pub audit: AuditPace,
+    /// How long a stopping node drains first ([`crate::cluster::stopping`]).
+    pub stop_drain: Duration,
     pub transport: TransportConfig,
 }
 
@@ -576,6 +601,12 @@ impl NodeArgs {
                 "audit-every",
                 audit_every_in_range,
             )?,
+            stop_drain: flag_or_checked_file(
+                self.stop_drain,
+                file.stop_drain,
+                "stop-drain",
+                stop_drain_in_range,
+            )?,
             remotify: self
                 .remotify_watermarks
                 .or(file.remotify_watermarks.map(|[a, b]| (a, b))),
@@ -697,6 +728,7 @@ struct ClusterSources {
     replicas: Option<usize>,
     out_after: Option<u64>,
     audit_every: Option<u64>,
+    stop_drain: Option<u64>,
     remotify: Option<(f64, f64)>,
     suction: Option<(f64, f64)>,
     max_udp_payload: Option<u16>,
@@ -802,6 +834,7 @@ fn cluster_args(
         watermarks,
         liveness,
         audit,
+        stop_drain: Duration::from_secs(c.stop_drain.unwrap_or(STOP_DRAIN_SECS_DEFAULT)),
         transport,
     }))
 }
@@ -951,6 +984,10 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
                 )
                 .await?;
                 frontend.set_remote(Arc::new(node.clone()));
+                tokio::spawn(
+                    node.clone()
+                        .activate_after_stop_drain(s.data_dir.clone(), stop_rx.clone()),
+                );
                 Some(node)
             }
             None => None,
@@ -1028,6 +1065,14 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         );
         let mut stop = StopSignals::new();
         stop.next().await;
+        if let (Some(node), Some(c)) = (&cluster, &s.cluster) {
+            tokio::select! {
+                d = node.drain_before_stop(&s.data_dir, c.stop_drain) => report_stop_drain(&d),
+                _ = stop.next() => warn!(
+                    "a second signal: stopping before every copy held here has moved"
+                ),
+            }
+        }
         if nbd_server.is_some() {
             wait_for_nbd_clients(&exports, &mut stop).await;
         }
@@ -1053,6 +1098,27 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })
+}
+
+fn report_stop_drain(d: &StopDrain) {
+    match d {
+        StopDrain::NothingHeld => {}
+        StopDrain::Drained { pages, took } => info!(
+            pages,
+            took = ?took,
+            "drained: every copy held here moved to another donor"
+        ),
+        StopDrain::TimedOut { held } => warn!(
+            held,
+            "--stop-drain ran out: the copies still held here are lost with this stop, \
+             and owners re-create them from their other copies"
+        ),
+        StopDrain::NotDrained { why } => warn!(
+            %why,
+            "could not drain before stopping: the copies held here are lost with this stop, \
+             and owners re-create them from their other copies"
+        ),
+    }
 }
 
 /// Logs each export's counters now and then, when they changed.
@@ -1110,7 +1176,7 @@ impl StopSignals {
 /// How long a node asked to stop keeps serving while NBD clients are still
 /// connected: long enough for a host to `swapoff` and disconnect once it
 /// sees the node going (the systemd unit orders that), short enough for a
-/// supervisor's stop timeout (the unit gives 90 s).
+/// supervisor's stop timeout (the unit gives 120 s, the stop drain included).
 pub const NBD_STOP_GRACE: Duration = Duration::from_secs(30);
 
 /// A host still connected to an export may have pages here that die with
@@ -1460,6 +1526,7 @@ mod tests {
                 crate::cluster::liveness::OUT_AFTER_MS / 1000
             ),
             format!("[default: {}]", AuditPace::NODE.pass_every.as_secs()),
+            format!("[default: {STOP_DRAIN_SECS_DEFAULT}]"),
             format!("[default: {}]", crate::cluster::transport::POLL_WINDOW_US),
             format!("[default: {}", TransportConfig::default().mtu_upper_bound),
             format!("[default: {:.2},{:.2}]", d.remotify_start, d.remotify_stop),
@@ -1622,6 +1689,30 @@ admin-listen = "0.0.0.0:9100"
         let bad = dir.path().join("bad.toml");
         let e = every(&["--config", bad.to_str().unwrap()]).unwrap_err();
         assert!(e.to_string().contains("audit-every"), "{e}");
+    }
+
+    #[test]
+    fn stop_drain_comes_from_the_flag_or_the_file_within_an_hour() {
+        let drain = |extra: &[&str]| cluster_settings(extra).map(|c| c.stop_drain);
+        assert_eq!(
+            drain(&[]).unwrap(),
+            Duration::from_secs(STOP_DRAIN_SECS_DEFAULT)
+        );
+        assert_eq!(drain(&["--stop-drain", "0"]).unwrap(), Duration::ZERO);
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("ramster.toml");
+        std::fs::write(&cfg, "stop-drain = 120\n").unwrap();
+        let cfg = cfg.to_str().unwrap();
+        assert_eq!(drain(&["--config", cfg]).unwrap(), Duration::from_secs(120));
+        assert_eq!(
+            drain(&["--config", cfg, "--stop-drain", "5"]).unwrap(),
+            Duration::from_secs(5)
+        );
+        assert!(Cmd::try_parse_from(["node", "--stop-drain", "3601"]).is_err());
+        std::fs::write(dir.path().join("bad.toml"), "stop-drain = 7200\n").unwrap();
+        let bad = dir.path().join("bad.toml");
+        let e = drain(&["--config", bad.to_str().unwrap()]).unwrap_err();
+        assert!(e.to_string().contains("stop-drain"), "{e}");
     }
 
     #[test]

@@ -204,6 +204,7 @@ pub fn render(s: &NodeSettings, src: &SettingSources) -> String {
             set("replicas", c.replicas as i64),
             set("out-after", c.liveness.out_after.as_secs() as i64),
             set("audit-every", c.audit.pass_every.as_secs() as i64),
+            set("stop-drain", c.stop_drain.as_secs() as i64),
             set(
                 "remotify-watermarks",
                 pair((c.watermarks.remotify_start, c.watermarks.remotify_stop)),
@@ -232,6 +233,7 @@ pub fn render(s: &NodeSettings, src: &SettingSources) -> String {
                 "replicas",
                 "out-after",
                 "audit-every",
+                "stop-drain",
                 "remotify-watermarks",
                 "suction-watermarks",
                 "max-udp-payload",

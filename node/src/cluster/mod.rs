@@ -8,6 +8,7 @@
 //! - [`owner`]: what an owner decides about its pages on donors (sans-IO);
 //!   [`movers`], [`repair`] and [`node`] carry it out.
 //! - [`rpc`]: peer requests checked and applied to the donor (sans-IO).
+//! - [`stopping`]: a stopping node hands back what it holds for others.
 //! - [`tls`]: the cluster CA, node certificates and the mutual-TLS configs.
 //! - [`transport`]: QUIC connections between peers, page batches on
 //!   long-lived streams, the serve side that feeds the donor store.
@@ -27,6 +28,7 @@ pub mod rpc;
 #[cfg(test)]
 mod sim;
 pub mod status;
+pub mod stopping;
 pub mod tls;
 pub mod transport;
 pub mod view;

@@ -170,7 +170,7 @@ pub(super) struct Inner {
     donation: std::sync::atomic::AtomicU64,
     resolved: Mutex<HashMap<String, SocketAddr>>,
     /// Whether this run is registered (joined) in the cluster.
-    registered: watch::Sender<bool>,
+    pub(super) registered: watch::Sender<bool>,
     heartbeats_in_flight: Mutex<HashSet<NodeId>>,
     /// Donors holding copies of our pages, with the incarnation those
     /// copies live in: a donor back with another one came back empty.
