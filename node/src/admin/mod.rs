@@ -75,6 +75,9 @@ pub enum MemberAction {
     /// Out of the cluster. Refused while it holds peers' pages, unless
     /// `force`.
     Remove { force: bool },
+    /// Out of the cluster because it lost its data: only while it is
+    /// down; a new run under the name may then join.
+    Replace,
 }
 
 /// Why a change was not made.

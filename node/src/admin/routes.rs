@@ -56,7 +56,7 @@ async fn change(ctx: &AdminContext, req: &Request) -> Response {
         return Response::text(
             Status::NotFound,
             format!(
-                "not found; changes are POST {MEMBERS_PATH}NAME/drain, /activate or /remove[?force]\n"
+                "not found; changes are POST {MEMBERS_PATH}NAME/drain, /activate, /remove[?force] or /replace\n"
             ),
         );
     };
@@ -87,6 +87,7 @@ fn member_action(req: &Request) -> Option<(&str, MemberAction)> {
         "remove" => MemberAction::Remove {
             force: req.flag("force"),
         },
+        "replace" => MemberAction::Replace,
         _ => return None,
     };
     Some((node, action))
@@ -243,6 +244,10 @@ mod tests {
         assert_eq!(
             text(answer(&ctx, &post("/v1/members/n2/remove?force=1")).await),
             (Status::Ok, "n2: Remove { force: true }\n".into())
+        );
+        assert_eq!(
+            text(answer(&ctx, &post("/v1/members/n2/replace")).await),
+            (Status::Ok, "n2: Replace\n".into())
         );
         assert_eq!(
             answer(&ctx, &post("/v1/members/n2/remove")).await.status,

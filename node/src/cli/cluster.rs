@@ -61,6 +61,10 @@ pub enum Change {
         #[arg(long)]
         force: bool,
     },
+    /// Take NODE out of the cluster because its data dir is gone, so that
+    /// a node started under its name with a fresh data dir can join;
+    /// refused while NODE is up. Owners re-create the copies it held.
+    Replace { node: String },
     /// Donate SIZE (up to `--donate`) on the node answering; what it holds
     /// above that, its owners take back.
     Donate {
@@ -85,6 +89,7 @@ impl Change {
                 let force = if *force { "?force=1" } else { "" };
                 format!("{MEMBERS_PATH}{node}/remove{force}")
             }
+            Change::Replace { node } => format!("{MEMBERS_PATH}{node}/replace"),
             Change::Donate { size } => format!("{DONATE_PATH}?bytes={size}"),
             Change::Capacity { size } => format!("{CAPACITY_PATH}?bytes={size}"),
         }

@@ -625,6 +625,15 @@ impl Inner {
                 j.id, other.name
             )));
         }
+        // Refused before Raft hears of the new id: a node whose data dir
+        // was lost must not leave a learner behind each time it asks.
+        if let Some((by, _)) = config
+            .nodes
+            .iter()
+            .find(|(id, n)| **id != j.id && n.name == j.name)
+        {
+            return Ok(refused(name_taken(&j.name, *by)));
+        }
         if !m.has_raft_node(j.id) {
             m.add_node(j.id, raft_addr(&j.name, &j.advertise))
                 .await
@@ -652,9 +661,7 @@ impl Inner {
                     ..Default::default()
                 }
             }
-            CommandResult::NameTaken { name, by } => {
-                refused(format!("the name {name:?} is taken by node id {by}"))
-            }
+            CommandResult::NameTaken { name, by } => refused(name_taken(&name, by)),
             other => refused(format!("registration: {other:?}")),
         })
     }
@@ -802,6 +809,35 @@ impl Inner {
                     Err(e) => Err(e),
                 }
             }
+            Action::Replace => {
+                // Only a node that is gone: replacing a live one would
+                // strand its copies and let anyone take over its name.
+                let state = self.peers.lock().state(name, Instant::now());
+                if id == self.id || state != Liveness::Down {
+                    return answer(
+                        ChangeOutcome::Refused,
+                        format!(
+                            "{name} is {}: replace is for a member whose data dir is gone; \
+                             stop it first, or drain and remove it",
+                            if id == self.id {
+                                "answering this request"
+                            } else {
+                                "up"
+                            }
+                        ),
+                    );
+                }
+                match m.propose(Command::Remove { id }).await {
+                    Ok(_) => m.remove_node(id).await.map(|()| {
+                        format!(
+                            "{name} (node id {id}) is no longer a member: a node started as \
+                             {name} with a fresh data dir joins in its place, and owners \
+                             re-create the copies it held from other replicas"
+                        )
+                    }),
+                    Err(e) => Err(e),
+                }
+            }
             Action::Unspecified => {
                 return answer(ChangeOutcome::Refused, "no action given".into());
             }
@@ -818,6 +854,21 @@ impl Inner {
             },
             Err(e) => answer(ChangeOutcome::Refused, e.to_string()),
         }
+    }
+
+    /// Whether a heartbeat from `name` saying node id `node_id` speaks for
+    /// the member of that name: not when the member has another id (a
+    /// node started under the name with a fresh data dir, before `ramster
+    /// cluster replace`), or its liveness and run would be the new one's.
+    fn speaks_as_member(&self, name: &str, node_id: NodeId) -> bool {
+        node_id == 0
+            || self
+                .membership()
+                .config()
+                .nodes
+                .iter()
+                .find(|(_, n)| n.name == name)
+                .is_none_or(|(&id, _)| id == node_id)
     }
 
     /// What we tell peer `to` about ourselves.
@@ -842,6 +893,7 @@ impl Inner {
         hb.raft_role = self.raft_role().into();
         hb.version = env!("CARGO_PKG_VERSION").into();
         hb.incarnation = self.endpoint.incarnation();
+        hb.node_id = self.id;
         hb
     }
 
@@ -870,6 +922,9 @@ impl Inner {
         }
         .await;
         if let Ok(hb) = answer {
+            if !self.speaks_as_member(name, hb.node_id) {
+                return;
+            }
             let now = Instant::now();
             self.owner_heard(name, hb.incarnation);
             self.peers.lock().record(name, now, hb, Some(now - started));
@@ -1571,6 +1626,14 @@ pub(super) fn decode_checked(compressed: bool, data: &[u8], checksum: u64, out: 
     decoded && xxh3_64(out) == checksum
 }
 
+/// Why a join under a member's name is refused, and the way out.
+fn name_taken(name: &str, by: NodeId) -> String {
+    format!(
+        "the name {name:?} is taken by node id {by}; if that node lost its data dir, \
+         `ramster cluster replace {name}` on a member lets this one join in its place"
+    )
+}
+
 pub fn role_name(r: Role) -> &'static str {
     match r {
         Role::Peer => "peer",
@@ -1600,8 +1663,10 @@ impl ControlHandler for Control {
                 .ok_or_else(|| unavailable("node stopping"))?;
             match request {
                 peer_request::Kind::Heartbeat(hb) => {
-                    inner.owner_heard(&peer, hb.incarnation);
-                    inner.peers.lock().record(&peer, Instant::now(), hb, None);
+                    if inner.speaks_as_member(&peer, hb.node_id) {
+                        inner.owner_heard(&peer, hb.incarnation);
+                        inner.peers.lock().record(&peer, Instant::now(), hb, None);
+                    }
                     Ok(peer_response::Kind::Heartbeat(inner.own_heartbeat(&peer)))
                 }
                 peer_request::Kind::Raft(msg) => {

@@ -98,6 +98,7 @@ impl ClusterView for ClusterNode {
             MemberAction::Drain => (Action::Drain, false),
             MemberAction::Activate => (Action::Activate, false),
             MemberAction::Remove { force } => (Action::Remove, force),
+            MemberAction::Replace => (Action::Replace, false),
         };
         let change = wire::ChangeNode {
             node: node.to_string(),

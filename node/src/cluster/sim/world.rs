@@ -71,7 +71,8 @@ struct Message {
 }
 
 enum Event {
-    Deliver(Message),
+    /// Boxed: a message is several times any other event.
+    Deliver(Box<Message>),
     Timer(SlotRef<()>),
     RpcDeadline(u64),
     Restart(usize),
@@ -344,7 +345,7 @@ impl World {
             order,
             body,
         };
-        self.schedule(self.now + delay, Event::Deliver(m));
+        self.schedule(self.now + delay, Event::Deliver(Box::new(m)));
     }
 
     pub fn sleep(&mut self, ms: u64) -> Filled<()> {
@@ -377,7 +378,7 @@ impl World {
                     fill(&s, Err("deadline passed".into()));
                 }
             }
-            Event::Deliver(m) => self.deliver(m),
+            Event::Deliver(m) => self.deliver(*m),
             Event::Limit(n, bytes) => {
                 self.nodes[n].donor.set_limit(bytes);
             }
