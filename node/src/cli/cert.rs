@@ -35,6 +35,13 @@ pub enum CertCommand {
         /// Another DNS name or IP address the node is reached at (repeat).
         #[arg(long = "host")]
         hosts: Vec<String>,
+        /// Days the certificate is valid [default: 825].
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=3650))]
+        days: Option<u64>,
+        /// Replace the certificate and key in DIR/NAME (same CA); a running
+        /// node presents them on SIGHUP, or within 30 s on its own.
+        #[arg(long)]
+        renew: bool,
     },
     /// A whole cluster in one go, safe to run again (a container's init
     /// step): the CA in CA_DIR unless it is there, and CERTS_DIR/NAME/
@@ -72,10 +79,20 @@ pub fn run(args: CertArgs) -> anyhow::Result<()> {
             name,
             certs_dir,
             hosts,
+            days,
+            renew,
         } => {
-            let dir = tls::create_node(&certs_dir, &name, &hosts)
+            let options = tls::NodeCertOptions { hosts, days, renew };
+            let dir = tls::issue_node(&certs_dir, &certs_dir, &name, &options)
                 .with_context(|| format!("issuing a certificate for node {name:?}"))?;
-            println!("node {name}: certificate written to {}", dir.display());
+            if renew {
+                println!(
+                    "node {name}: certificate renewed in {}; `kill -HUP` the node to present it now",
+                    dir.display()
+                );
+            } else {
+                println!("node {name}: certificate written to {}", dir.display());
+            }
         }
         CertCommand::CreateCluster {
             names,

@@ -27,6 +27,7 @@ use crate::cluster::owner::audit::AuditPace;
 use crate::cluster::pressure;
 use crate::cluster::stopping::{STOP_DRAIN_SECS_DEFAULT, StopDrain};
 use crate::cluster::tls::NodeIdentity;
+use crate::cluster::tls::Replaced;
 use crate::cluster::transport::TransportConfig;
 use crate::cluster::watermarks::Watermarks;
 use crate::frontend::nbd::{self, ExportSpec, Exports};
@@ -988,6 +989,13 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
                     node.clone()
                         .activate_after_stop_drain(s.data_dir.clone(), stop_rx.clone()),
                 );
+                if !c.insecure {
+                    tokio::spawn(reload_certificates(
+                        node.clone(),
+                        c.certs_dir.clone(),
+                        stop_rx.clone(),
+                    ));
+                }
                 Some(node)
             }
             None => None,
@@ -1098,6 +1106,69 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })
+}
+
+/// How often the certs dir is read again for a renewed certificate;
+/// SIGHUP reads it at once. A renewed Kubernetes Secret reaches the pod's
+/// files within a minute or so, and is presented within this after that.
+const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Presents a renewed node certificate without a restart: on SIGHUP, and
+/// whenever the files change. A certificate that would not pass the checks
+/// made at start is refused and the current one kept (said once per error).
+async fn reload_certificates(
+    node: ClusterNode,
+    certs_dir: std::path::PathBuf,
+    mut stop: watch::Receiver<bool>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "no SIGHUP handler: certificates are reloaded only on file change");
+            return;
+        }
+    };
+    let mut last_error: Option<String> = None;
+    loop {
+        let asked = tokio::select! {
+            _ = hangup.recv() => true,
+            _ = tokio::time::sleep(CERT_CHECK_INTERVAL) => false,
+            _ = stop.changed() => return,
+        };
+        match node.reload_certificate(&certs_dir) {
+            Ok(Replaced::Renewed { not_after }) => {
+                let days = not_after.map(|t| {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs() as i64);
+                    (t - now) / 86_400
+                });
+                info!(
+                    certs_dir = %certs_dir.display(),
+                    valid_days = ?days,
+                    "certificate renewed: presented from the next handshake on; sessions already up keep theirs"
+                );
+                last_error = None;
+            }
+            Ok(Replaced::Unchanged) => {
+                if asked {
+                    info!(certs_dir = %certs_dir.display(), "SIGHUP: the certificate there is the one presented already");
+                }
+                last_error = None;
+            }
+            Err(e) => {
+                if asked || last_error.as_deref() != Some(e.as_str()) {
+                    warn!(
+                        certs_dir = %certs_dir.display(),
+                        error = %e,
+                        "the certificate there was not taken; the current one stays"
+                    );
+                }
+                last_error = Some(e);
+            }
+        }
+    }
 }
 
 fn report_stop_drain(d: &StopDrain) {

@@ -42,6 +42,7 @@ use super::owner::repair;
 use super::placement::DonorView;
 use super::rpc::{self, RpcRefusal};
 use super::status::{ClusterStatus, Health, Liveness, NodeStatus};
+use super::tls::{NodeIdentity, Replaced};
 use super::transport::{
     ControlFuture, ControlHandler, EndpointOptions, PeerEndpoint, PeerSession, PeerTls,
     TransportConfig,
@@ -64,7 +65,7 @@ const CHANGE_ATTEMPTS: usize = 10;
 /// How peers are authenticated.
 pub enum PeerAuth {
     /// Mutual TLS under the cluster CA (certs dir with ca.crt, node.crt, node.key).
-    Mutual(super::tls::NodeIdentity),
+    Mutual(NodeIdentity),
     /// `--insecure`: encrypted, not authenticated.
     Insecure,
 }
@@ -329,6 +330,19 @@ impl ClusterNode {
 
     pub fn metrics(&self) -> &Arc<NodeMetrics> {
         &self.inner.metrics
+    }
+
+    /// Reads `certs_dir` again and presents its certificate from the next
+    /// handshake on; sessions already up keep theirs. Refused (the current
+    /// one kept) unless it passes the checks made at start, under the CA
+    /// the node started with.
+    pub fn reload_certificate(&self, certs_dir: &std::path::Path) -> Result<Replaced, String> {
+        let Some(key) = self.inner.endpoint.node_key() else {
+            return Err("--insecure: there is no certificate to reload".into());
+        };
+        let identity = NodeIdentity::load(certs_dir).map_err(|e| e.to_string())?;
+        key.replace(&identity, &self.inner.name)
+            .map_err(|e| e.to_string())
     }
 
     /// Stops Raft and closes peer connections.

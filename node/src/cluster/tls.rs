@@ -26,12 +26,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use parking_lot::RwLock;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -91,6 +93,15 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CertError + '_ {
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// Replaces `path` with `contents` in one rename, so that a reader sees the
+/// old file or the new one, never half of one.
+fn write_replacing(path: &Path, contents: &str, secret: bool) -> Result<(), CertError> {
+    let tmp = path.with_extension("new");
+    let _ = fs::remove_file(&tmp);
+    write_new(&tmp, contents, secret)?;
+    fs::rename(&tmp, path).map_err(io_err(path))
 }
 
 /// Writes `contents` to a new file; `secret` files are readable by the owner
@@ -169,6 +180,19 @@ pub fn create_node(dir: &Path, name: &str, hosts: &[String]) -> Result<PathBuf, 
     create_node_from(dir, dir, name, hosts)
 }
 
+/// How a node certificate is issued.
+#[derive(Debug, Clone, Default)]
+pub struct NodeCertOptions {
+    /// More DNS names or IP addresses besides the node's name.
+    pub hosts: Vec<String>,
+    /// Valid for this many days ([`NODE_VALIDITY_DAYS`] if `None`).
+    pub days: Option<u64>,
+    /// Replace the certificate and key already there (a renewal): each file
+    /// is swapped in whole, the key first; a running node presents the new
+    /// pair on SIGHUP or at its next check of the files.
+    pub renew: bool,
+}
+
 /// [`create_node`] with the CA read from `ca_dir` and the node's directory
 /// made in `out_dir`, so that the CA key can live apart from what nodes see.
 pub fn create_node_from(
@@ -177,6 +201,25 @@ pub fn create_node_from(
     name: &str,
     hosts: &[String],
 ) -> Result<PathBuf, CertError> {
+    issue_node(
+        ca_dir,
+        out_dir,
+        name,
+        &NodeCertOptions {
+            hosts: hosts.to_vec(),
+            ..Default::default()
+        },
+    )
+}
+
+/// [`create_node_from`] with every option.
+pub fn issue_node(
+    ca_dir: &Path,
+    out_dir: &Path,
+    name: &str,
+    options: &NodeCertOptions,
+) -> Result<PathBuf, CertError> {
+    let hosts = &options.hosts;
     check_node_name(name)?;
     let ca_cert_path = ca_dir.join(CA_CERT_FILE);
     let ca_key_path = ca_dir.join(CA_KEY_FILE);
@@ -223,15 +266,28 @@ pub fn create_node_from(
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     params.use_authority_key_identifier_extension = true;
-    validity(&mut params, NODE_VALIDITY_DAYS);
+    validity(&mut params, options.days.unwrap_or(NODE_VALIDITY_DAYS));
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer, &ca_key)?;
 
     let node_dir = out_dir.join(name);
     fs::create_dir_all(&node_dir).map_err(io_err(&node_dir))?;
-    write_new(&node_dir.join(NODE_KEY_FILE), &key.serialize_pem(), true)?;
-    write_new(&node_dir.join(NODE_CERT_FILE), &cert.pem(), false)?;
-    write_new(&node_dir.join(CA_CERT_FILE), &ca_pem, false)?;
+    if options.renew {
+        let have_ca = node_dir.join(CA_CERT_FILE);
+        let have = fs::read_to_string(&have_ca).map_err(io_err(&have_ca))?;
+        if have != ca_pem {
+            return Err(CertError::BadFile {
+                path: have_ca,
+                reason: "another CA's certificate: a renewal keeps the node's CA".into(),
+            });
+        }
+        write_replacing(&node_dir.join(NODE_KEY_FILE), &key.serialize_pem(), true)?;
+        write_replacing(&node_dir.join(NODE_CERT_FILE), &cert.pem(), false)?;
+    } else {
+        write_new(&node_dir.join(NODE_KEY_FILE), &key.serialize_pem(), true)?;
+        write_new(&node_dir.join(NODE_CERT_FILE), &cert.pem(), false)?;
+        write_new(&node_dir.join(CA_CERT_FILE), &ca_pem, false)?;
+    }
     Ok(node_dir)
 }
 
@@ -398,21 +454,54 @@ impl NodeIdentity {
         Ok(Arc::new(roots))
     }
 
+    /// When the node certificate stops being valid, in seconds since the
+    /// Unix epoch; `None` if it cannot be read.
+    pub fn not_after(&self) -> Option<i64> {
+        let (_, cert) = x509_parser::parse_x509_certificate(&self.chain[0]).ok()?;
+        Some(cert.validity().not_after.timestamp())
+    }
+
+    /// The certificate and key as handshakes present them, swappable
+    /// later ([`NodeKey::replace`]).
+    pub fn node_key(&self) -> Result<Arc<NodeKey>, CertError> {
+        Ok(Arc::new(NodeKey {
+            ca: self.ca.clone(),
+            current: RwLock::new(self.certified()?),
+        }))
+    }
+
+    fn certified(&self) -> Result<(Arc<CertifiedKey>, Option<i64>), CertError> {
+        // from_der refuses a key that is not the certificate's: files read
+        // while being rewritten can pair a new certificate with an old key.
+        let key = CertifiedKey::from_der(self.chain.clone(), self.key.clone_key(), &provider())?;
+        Ok((Arc::new(key), self.not_after()))
+    }
+
     /// The accepting side: TLS 1.3 only (QUIC requires it), and a client
     /// certificate issued by the cluster CA is mandatory.
     pub fn server_config(&self) -> Result<ServerConfig, CertError> {
+        self.server_config_with(self.node_key()?)
+    }
+
+    /// [`NodeIdentity::server_config`], presenting what `key` holds at
+    /// each handshake.
+    pub fn server_config_with(&self, key: Arc<NodeKey>) -> Result<ServerConfig, CertError> {
         let verifier =
             WebPkiClientVerifier::builder_with_provider(self.roots()?, provider()).build()?;
         Ok(ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain.clone(), self.key.clone_key())?)
+            .with_cert_resolver(key))
     }
 
     /// Dialling a seed by address: the server must hold a certificate of
     /// the cluster CA (for any node; the name is checked after the hello),
     /// and we present ours.
     pub fn seed_client_config(&self) -> Result<ClientConfig, CertError> {
+        self.seed_client_config_with(self.node_key()?)
+    }
+
+    pub fn seed_client_config_with(&self, key: Arc<NodeKey>) -> Result<ClientConfig, CertError> {
         Ok(ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
@@ -420,16 +509,99 @@ impl NodeIdentity {
                 ca: self.ca.clone(),
                 provider: provider(),
             }))
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?)
+            .with_client_cert_resolver(key))
     }
 
     /// The dialling side: the server must prove the name we dial with a
     /// certificate from the cluster CA, and we present ours.
     pub fn client_config(&self) -> Result<ClientConfig, CertError> {
+        self.client_config_with(self.node_key()?)
+    }
+
+    pub fn client_config_with(&self, key: Arc<NodeKey>) -> Result<ClientConfig, CertError> {
         Ok(ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(self.roots()?)
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?)
+            .with_client_cert_resolver(key))
+    }
+}
+
+/// The node's certificate and key as every handshake presents them, both
+/// accepting and dialling. Replacing them (a renewed certificate, read on
+/// SIGHUP or when the files change) takes effect at the next handshake;
+/// connections already up keep their session.
+pub struct NodeKey {
+    /// The CA the configs trust: a replacement must come from it, since
+    /// the verifiers built at start trust nothing else.
+    ca: CertificateDer<'static>,
+    current: RwLock<(Arc<CertifiedKey>, Option<i64>)>,
+}
+
+/// What [`NodeKey::replace`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replaced {
+    /// The files hold the certificate presented already.
+    Unchanged,
+    /// Presented from the next handshake on; valid until `not_after`.
+    Renewed { not_after: Option<i64> },
+}
+
+impl NodeKey {
+    /// Presents `identity` from now on, once it passes the checks a peer
+    /// makes (chains to the same CA, usable both ways, names `node`).
+    pub fn replace(&self, identity: &NodeIdentity, node: &str) -> Result<Replaced, CertError> {
+        if identity.ca != self.ca {
+            return Err(CertError::BadFile {
+                path: PathBuf::from(CA_CERT_FILE),
+                reason: "another CA than the one this node started with; a new CA needs a \
+                         restart (and every peer to trust it)"
+                    .into(),
+            });
+        }
+        if self.current.read().0.cert == identity.chain {
+            return Ok(Replaced::Unchanged);
+        }
+        identity.check(node)?;
+        let (key, not_after) = identity.certified()?;
+        *self.current.write() = (key, not_after);
+        Ok(Replaced::Renewed { not_after })
+    }
+
+    /// When the certificate presented stops being valid (Unix seconds).
+    pub fn not_after(&self) -> Option<i64> {
+        self.current.read().1
+    }
+
+    fn key(&self) -> Arc<CertifiedKey> {
+        self.current.read().0.clone()
+    }
+}
+
+impl std::fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeKey")
+            .field("not_after", &self.not_after())
+            .finish_non_exhaustive()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for NodeKey {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.key())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for NodeKey {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.key())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
     }
 }
 
@@ -593,5 +765,131 @@ pub fn cert_names_node(cert: &CertificateDer<'_>, name: &str) -> bool {
     match webpki::EndEntityCert::try_from(cert) {
         Ok(ee) => ee.verify_is_valid_for_subject_name(&server_name).is_ok(),
         Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One TLS handshake in memory; the certificate the server presented.
+    fn presented(server: &Arc<ServerConfig>, client: &Arc<ClientConfig>, name: &str) -> Vec<u8> {
+        let mut c = rustls::ClientConnection::new(
+            client.clone(),
+            ServerName::try_from(name.to_string()).unwrap(),
+        )
+        .unwrap();
+        let mut s = rustls::ServerConnection::new(server.clone()).unwrap();
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            c.write_tls(&mut buf).unwrap();
+            s.read_tls(&mut &buf[..]).unwrap();
+            s.process_new_packets().unwrap();
+            let mut buf = Vec::new();
+            s.write_tls(&mut buf).unwrap();
+            c.read_tls(&mut &buf[..]).unwrap();
+            c.process_new_packets().unwrap();
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return c.peer_certificates().unwrap()[0].to_vec();
+            }
+        }
+        panic!("the handshake did not finish");
+    }
+
+    #[test]
+    fn a_renewed_certificate_is_presented_from_the_next_handshake_on() {
+        install_default_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path();
+        create_ca(ca).unwrap();
+        let node_dir = create_node(ca, "n1", &[]).unwrap();
+        let first = NodeIdentity::load(&node_dir).unwrap();
+        let key = first.node_key().unwrap();
+        let server = Arc::new(first.server_config_with(key.clone()).unwrap());
+        let client = Arc::new(first.client_config().unwrap());
+        assert_eq!(presented(&server, &client, "n1"), first.chain[0].to_vec());
+        assert_eq!(key.replace(&first, "n1").unwrap(), Replaced::Unchanged);
+
+        let renew = NodeCertOptions {
+            days: Some(30),
+            renew: true,
+            ..Default::default()
+        };
+        issue_node(ca, ca, "n1", &renew).unwrap();
+        let renewed = NodeIdentity::load(&node_dir).unwrap();
+        assert_ne!(renewed.chain, first.chain);
+        let Replaced::Renewed { not_after } = key.replace(&renewed, "n1").unwrap() else {
+            panic!("not renewed");
+        };
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let days = (not_after.unwrap() - now) / 86_400;
+        assert!((29..=30).contains(&days), "{days} days");
+        assert_eq!(key.not_after(), not_after);
+        // The same server config: its resolver answers with the new pair.
+        // (A fresh client: one that resumes its earlier session gets no
+        // certificate in the handshake.)
+        let client = Arc::new(first.client_config().unwrap());
+        assert_eq!(presented(&server, &client, "n1"), renewed.chain[0].to_vec());
+    }
+
+    #[test]
+    fn a_renewal_that_would_not_pass_at_start_is_refused_and_the_key_kept() {
+        install_default_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, other_ca) = (dir.path().join("ca"), dir.path().join("other"));
+        create_ca(&ca).unwrap();
+        create_ca(&other_ca).unwrap();
+        let node_dir = create_node(&ca, "n1", &[]).unwrap();
+        let first = NodeIdentity::load(&node_dir).unwrap();
+        let key = first.node_key().unwrap();
+        let before = key.not_after();
+
+        // Another CA: the verifiers built at start trust only the first.
+        let foreign = NodeIdentity::load(&create_node(&other_ca, "n1", &[]).unwrap()).unwrap();
+        let e = key.replace(&foreign, "n1").unwrap_err();
+        assert!(e.to_string().contains("another CA"), "{e}");
+        // Another node's certificate under the same CA.
+        let n2 = NodeIdentity::load(&create_node(&ca, "n2", &[]).unwrap()).unwrap();
+        let e = key.replace(&n2, "n1").unwrap_err();
+        assert!(e.to_string().contains("not issued for node"), "{e}");
+        // A key that is not the certificate's (files caught mid-rewrite).
+        let mixed = NodeIdentity {
+            key: n2.key.clone_key(),
+            ..first.clone()
+        };
+        let renewed = NodeIdentity {
+            chain: NodeIdentity::load(&{
+                issue_node(
+                    &ca,
+                    &ca,
+                    "n1",
+                    &NodeCertOptions {
+                        renew: true,
+                        ..Default::default()
+                    },
+                )
+                .unwrap()
+            })
+            .unwrap()
+            .chain,
+            ..mixed
+        };
+        assert!(key.replace(&renewed, "n1").is_err());
+        assert_eq!(key.not_after(), before);
+        // A renewal refuses a directory holding another CA's certificate.
+        let e = issue_node(
+            &other_ca,
+            &ca,
+            "n1",
+            &NodeCertOptions {
+                renew: true,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("another CA"), "{e}");
     }
 }

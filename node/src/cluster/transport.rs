@@ -196,6 +196,8 @@ pub struct PeerTls {
     /// the certificate must chain to the CA; the name is checked against
     /// the peer's welcome afterwards.
     seed_client: Option<rustls::ClientConfig>,
+    /// What the configs present, for reloads; `None` with `--insecure`.
+    key: Option<Arc<tls::NodeKey>>,
     insecure: bool,
 }
 
@@ -203,11 +205,16 @@ impl PeerTls {
     /// Mutual TLS under the cluster CA (the only mode a node runs with,
     /// short of `--insecure`).
     pub fn mutual(identity: &NodeIdentity) -> Result<Self, CertError> {
-        let mut seed = identity.seed_client_config()?;
+        let key = identity.node_key()?;
+        let mut seed = identity.seed_client_config_with(key.clone())?;
         seed.alpn_protocols = vec![PEER_ALPN.to_vec()];
         Ok(PeerTls {
             seed_client: Some(seed),
-            ..PeerTls::from_rustls(identity.server_config()?, identity.client_config()?)
+            key: Some(key.clone()),
+            ..PeerTls::from_rustls(
+                identity.server_config_with(key.clone())?,
+                identity.client_config_with(key)?,
+            )
         })
     }
 
@@ -219,6 +226,7 @@ impl PeerTls {
             server,
             client,
             seed_client: None,
+            key: None,
             insecure: false,
         }
     }
@@ -329,6 +337,7 @@ pub struct PeerEndpoint {
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
     seed_client_config: Option<quinn::ClientConfig>,
+    node_key: Option<Arc<tls::NodeKey>>,
     shared: Arc<Shared>,
 }
 
@@ -366,6 +375,7 @@ impl PeerEndpoint {
             );
         }
         let insecure = opts.tls.insecure;
+        let node_key = opts.tls.key.clone();
         let transport = Arc::new(quic_transport(cfg)?);
         let server_crypto = QuicServerConfig::try_from(opts.tls.server)
             .map_err(|e| TransportError::Config(e.to_string()))?;
@@ -445,8 +455,15 @@ impl PeerEndpoint {
             endpoint,
             client_config,
             seed_client_config,
+            node_key,
             shared,
         })
+    }
+
+    /// The certificate and key this endpoint presents (`None` when
+    /// insecure): replacing them reaches every later handshake.
+    pub fn node_key(&self) -> Option<&Arc<tls::NodeKey>> {
+        self.node_key.as_ref()
     }
 
     /// Installs the handler of heartbeats, Raft and joins (once; later

@@ -78,6 +78,10 @@ static TRANSPORT_POLLS: Family = Family::counter(
     "ramster_transport_polls_total",
     "Times the transport thread polled its sockets instead of sleeping, after clients' requests (--poll-us).",
 );
+static TLS_CERT_EXPIRY: Family = Family::gauge(
+    "ramster_tls_cert_expiry_seconds",
+    "Seconds until the node certificate presented to peers expires (negative once expired); renew it and send SIGHUP, or wait for the next check of the files.",
+);
 static RELEASE_BACKLOG: Family = Family::gauge(
     "ramster_release_backlog_pages",
     "Donor copies waiting to be released (their donor unreachable).",
@@ -128,6 +132,12 @@ impl ClusterView for ClusterNode {
     fn write_metrics(&self, out: &mut MetricsWriter) {
         if let Some(poll) = self.inner.endpoint.client_thread().poll {
             out.sample(&TRANSPORT_POLLS, &[], poll.spins());
+        }
+        if let Some(not_after) = self.inner.endpoint.node_key().and_then(|k| k.not_after()) {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            out.sample(&TLS_CERT_EXPIRY, &[], (not_after - now) as f64);
         }
         let donor = self.inner.donor.lock();
         let usage = donor.usage(None);
