@@ -826,7 +826,25 @@ impl Inner {
             Action::Replace => {
                 // Only a node that is gone: replacing a live one would
                 // strand its copies and let anyone take over its name.
-                let state = self.peers.lock().state(name, Instant::now());
+                let (state, down_after) = {
+                    let peers = self.peers.lock();
+                    (
+                        peers.state(name, Instant::now()),
+                        peers.timings().down_after,
+                    )
+                };
+                // A leader up for less than the down timeout has not heard
+                // from every live member yet: all of them read down.
+                if self.started.elapsed() < down_after {
+                    return answer(
+                        ChangeOutcome::Refused,
+                        format!(
+                            "this leader started {:.1} s ago and may not have heard from {name} \
+                             yet; ask again in a few seconds",
+                            self.started.elapsed().as_secs_f64()
+                        ),
+                    );
+                }
                 if id == self.id || state != Liveness::Down {
                     return answer(
                         ChangeOutcome::Refused,
