@@ -26,8 +26,7 @@ use crate::cluster::node::{ClusterNode, ClusterSettings, PeerAuth, parse_role};
 use crate::cluster::owner::audit::AuditPace;
 use crate::cluster::pressure;
 use crate::cluster::stopping::{STOP_DRAIN_SECS_DEFAULT, StopDrain};
-use crate::cluster::tls::NodeIdentity;
-use crate::cluster::tls::Replaced;
+use crate::cluster::tls::{self, NodeIdentity, Replaced};
 use crate::cluster::transport::TransportConfig;
 use crate::cluster::watermarks::Watermarks;
 use crate::frontend::nbd::{self, ExportSpec, Exports};
@@ -1138,12 +1137,7 @@ async fn reload_certificates(
         };
         match node.reload_certificate(&certs_dir) {
             Ok(Replaced::Renewed { not_after }) => {
-                let days = not_after.map(|t| {
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs() as i64);
-                    (t - now) / 86_400
-                });
+                let days = not_after.map(|t| tls::seconds_until(t) / 86_400);
                 info!(
                     certs_dir = %certs_dir.display(),
                     valid_days = ?days,

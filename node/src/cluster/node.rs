@@ -641,12 +641,8 @@ impl Inner {
         }
         // Refused before Raft hears of the new id: a node whose data dir
         // was lost must not leave a learner behind each time it asks.
-        if let Some((by, _)) = config
-            .nodes
-            .iter()
-            .find(|(id, n)| **id != j.id && n.name == j.name)
-        {
-            return Ok(refused(name_taken(&j.name, *by)));
+        if let Some(by) = config.name_taken(&j.name, j.id) {
+            return Ok(refused(name_taken(&j.name, by)));
         }
         if !m.has_raft_node(j.id) {
             m.add_node(j.id, raft_addr(&j.name, &j.advertise))
@@ -813,15 +809,9 @@ impl Inner {
                         ),
                     );
                 }
-                // The configuration first: owners stop using it as a donor
-                // at once, whatever happens to the Raft change after.
-                match m.propose(Command::Remove { id }).await {
-                    Ok(_) => m
-                        .remove_node(id)
-                        .await
-                        .map(|()| format!("{name} is no longer a member")),
-                    Err(e) => Err(e),
-                }
+                remove_member(m, id)
+                    .await
+                    .map(|()| format!("{name} is no longer a member"))
             }
             Action::Replace => {
                 // Only a node that is gone: replacing a live one would
@@ -859,16 +849,13 @@ impl Inner {
                         ),
                     );
                 }
-                match m.propose(Command::Remove { id }).await {
-                    Ok(_) => m.remove_node(id).await.map(|()| {
-                        format!(
-                            "{name} (node id {id}) is no longer a member: a node started as \
-                             {name} with a fresh data dir joins in its place, and owners \
-                             re-create the copies it held from other replicas"
-                        )
-                    }),
-                    Err(e) => Err(e),
-                }
+                remove_member(m, id).await.map(|()| {
+                    format!(
+                        "{name} (node id {id}) is no longer a member: a node started as \
+                         {name} with a fresh data dir joins in its place, and owners \
+                         re-create the copies it held from other replicas"
+                    )
+                })
             }
             Action::Unspecified => {
                 return answer(ChangeOutcome::Refused, "no action given".into());
@@ -1656,6 +1643,13 @@ pub(super) fn decode_checked(compressed: bool, data: &[u8], checksum: u64, out: 
         false
     };
     decoded && xxh3_64(out) == checksum
+}
+
+/// Takes member `id` out: the configuration first, so that owners stop
+/// using it as a donor at once, whatever happens to the Raft change after.
+async fn remove_member(m: &Membership, id: NodeId) -> Result<(), MembershipError> {
+    m.propose(Command::Remove { id }).await?;
+    m.remove_node(id).await
 }
 
 /// Why a join under a member's name is refused, and the way out.

@@ -73,13 +73,7 @@ impl ClusterNode {
         }
         let began = Instant::now();
         let deadline = began + limit;
-        let state = inner
-            .membership()
-            .config()
-            .nodes
-            .get(&inner.id)
-            .map(|n| n.state);
-        match state {
+        match self.own_state() {
             None => {
                 return StopDrain::NotDrained {
                     why: "this node is not a member".into(),
@@ -97,26 +91,9 @@ impl ClusterNode {
                     };
                 }
                 info!(held = pages, limit = ?limit, "stopping: draining first, so that every copy held here moves to another donor");
-                let change = wire::ChangeNode {
-                    node: inner.name.clone(),
-                    action: Action::Drain as i32,
-                    force: false,
-                };
-                let asked = tokio::time::timeout_at(
-                    deadline.min(began + CHANGE_DEADLINE),
-                    inner.change_node(change),
-                )
-                .await;
-                match asked {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(ChangeError::Refused(why) | ChangeError::Unavailable(why))) => {
-                        return StopDrain::NotDrained { why };
-                    }
-                    Err(_) => {
-                        return StopDrain::NotDrained {
-                            why: "no answer from the leader".into(),
-                        };
-                    }
+                let within = deadline.min(began + CHANGE_DEADLINE);
+                if let Err(why) = self.change_own_state(Action::Drain, within).await {
+                    return StopDrain::NotDrained { why };
                 }
             }
         }
@@ -161,32 +138,20 @@ impl ClusterNode {
         let mut registered = inner.registered.subscribe();
         loop {
             if *registered.borrow() {
-                let state = inner
-                    .membership()
-                    .config()
-                    .nodes
-                    .get(&inner.id)
-                    .map(|n| n.state);
-                let done = match state {
+                let done = match self.own_state() {
                     Some(MemberState::Draining) => {
-                        let change = wire::ChangeNode {
-                            node: inner.name.clone(),
-                            action: Action::Activate as i32,
-                            force: false,
-                        };
-                        match tokio::time::timeout(CHANGE_DEADLINE, inner.change_node(change)).await
-                        {
-                            Ok(Ok(_)) => {
+                        let within = Instant::now() + CHANGE_DEADLINE;
+                        match self.change_own_state(Action::Activate, within).await {
+                            Ok(()) => {
                                 info!(
                                     "active again: this node drained itself when it last stopped"
                                 );
                                 true
                             }
-                            Ok(Err(ChangeError::Refused(e) | ChangeError::Unavailable(e))) => {
+                            Err(e) => {
                                 warn!(error = %e, "asking to be active again after the stop's drain");
                                 false
                             }
-                            Err(_) => false,
                         }
                     }
                     // Active already (an operator, or a removal and a new
@@ -210,6 +175,32 @@ impl ClusterNode {
                     _ = stop.changed() => return,
                 }
             }
+        }
+    }
+
+    /// This run's member state in the configuration; `None` if not a member.
+    fn own_state(&self) -> Option<MemberState> {
+        let inner = &self.inner;
+        inner
+            .membership()
+            .config()
+            .nodes
+            .get(&inner.id)
+            .map(|n| n.state)
+    }
+
+    /// Asks the leader to drain or activate this node, waiting no later
+    /// than `within`; why not, if it was not done.
+    async fn change_own_state(&self, action: Action, within: Instant) -> Result<(), String> {
+        let change = wire::ChangeNode {
+            node: self.inner.name.clone(),
+            action: action as i32,
+            force: false,
+        };
+        match tokio::time::timeout_at(within, self.inner.change_node(change)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(ChangeError::Refused(why) | ChangeError::Unavailable(why))) => Err(why),
+            Err(_) => Err("no answer from the leader".into()),
         }
     }
 }

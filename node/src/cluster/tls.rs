@@ -537,6 +537,14 @@ pub struct NodeKey {
     current: RwLock<(Arc<CertifiedKey>, Option<i64>)>,
 }
 
+/// Seconds from now until the Unix time `t` (negative once past).
+pub fn seconds_until(t: i64) -> i64 {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    t - now
+}
+
 /// What [`NodeKey::replace`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Replaced {
@@ -570,6 +578,11 @@ impl NodeKey {
     /// When the certificate presented stops being valid (Unix seconds).
     pub fn not_after(&self) -> Option<i64> {
         self.current.read().1
+    }
+
+    /// Seconds until the certificate presented expires (negative after).
+    pub fn seconds_left(&self) -> Option<i64> {
+        self.not_after().map(seconds_until)
     }
 
     fn key(&self) -> Arc<CertifiedKey> {
@@ -821,11 +834,7 @@ mod tests {
         let Replaced::Renewed { not_after } = key.replace(&renewed, "n1").unwrap() else {
             panic!("not renewed");
         };
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64;
-        let days = (not_after.unwrap() - now) / 86_400;
+        let days = seconds_until(not_after.unwrap()) / 86_400;
         assert!((29..=30).contains(&days), "{days} days");
         assert_eq!(key.not_after(), not_after);
         // The same server config: its resolver answers with the new pair.

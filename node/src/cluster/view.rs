@@ -133,11 +133,13 @@ impl ClusterView for ClusterNode {
         if let Some(poll) = self.inner.endpoint.client_thread().poll {
             out.sample(&TRANSPORT_POLLS, &[], poll.spins());
         }
-        if let Some(not_after) = self.inner.endpoint.node_key().and_then(|k| k.not_after()) {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs() as i64);
-            out.sample(&TLS_CERT_EXPIRY, &[], (not_after - now) as f64);
+        if let Some(left) = self
+            .inner
+            .endpoint
+            .node_key()
+            .and_then(|k| k.seconds_left())
+        {
+            out.sample(&TLS_CERT_EXPIRY, &[], left as f64);
         }
         let donor = self.inner.donor.lock();
         let usage = donor.usage(None);

@@ -136,11 +136,7 @@ impl ClusterConfig {
                 donate_bytes,
                 zone,
             } => {
-                if let Some((&by, _)) = self
-                    .nodes
-                    .iter()
-                    .find(|(other, n)| **other != *id && n.name == *name)
-                {
+                if let Some(by) = self.name_taken(name, *id) {
                     return CommandResult::NameTaken {
                         name: name.clone(),
                         by,
@@ -186,6 +182,15 @@ impl ClusterConfig {
                 CommandResult::Done
             }
         }
+    }
+
+    /// The member other than `id` that goes by `name`, if any: names are
+    /// what certificates prove, so each belongs to one node id.
+    pub fn name_taken(&self, name: &str, id: NodeId) -> Option<NodeId> {
+        self.nodes
+            .iter()
+            .find(|(other, n)| **other != id && n.name == name)
+            .map(|(&by, _)| by)
     }
 
     fn update(&mut self, id: NodeId, f: impl FnOnce(&mut NodeInfo)) -> CommandResult {
